@@ -1,0 +1,11 @@
+# The two commands of README.md. Both (re)create .venv through one recipe.
+.PHONY: setup demo test
+
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup
+	.venv/bin/python -m vllm_omni_plugin.demo
+
+test: setup
+	.venv/bin/python -m pytest -q tests

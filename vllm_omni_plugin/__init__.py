@@ -1,0 +1,8 @@
+"""vllm-omni-plugin: image, video and multi-stage generation for vLLM.
+
+Importing this package is cheap and never imports vLLM: the plugin entry point
+(`vllm_omni_plugin.plugin:register`) is what vLLM calls, and the offline API
+(`Omni`) is loaded lazily.
+"""
+
+__version__ = "0.1.0"

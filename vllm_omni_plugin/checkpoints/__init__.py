@@ -1,0 +1,50 @@
+"""Checkpoint factory: seeded random checkpoints in each family's real on-disk format.
+
+No model hub is reachable where tests and CI run, so every test builds its
+weights here. Each family module writes exactly the directory layout the real
+checkpoint has (HF / diffusers folders, safetensors, config.json /
+model_index.json, tokenizer and processor files), and the code that reads them
+back is the loader real checkpoints go through.
+
+Presets:
+  tiny  small dimensions, runs on a CPU in seconds (head_dim >= 64 wherever the
+        vLLM CPU attention kernels see it)
+  full  the real architecture dimensions with random weights, for GPU
+        benchmarks; `build_in_memory` can skip the disk.
+
+The same (family, preset, seed) gives the same bytes.
+
+This module must not import vLLM: the GPU benchmark machine has none.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+PRESETS = ("tiny", "full")
+
+# family name -> module (under this package) that has
+#   build(out: Path, preset: str, seed: int) -> None
+FAMILIES: dict[str, str] = {
+    "bagel": "bagel",
+    "qwen-image": "qwen_image",
+    "qwen-image-edit": "qwen_image",
+    "qwen-image-layered": "qwen_image",
+    "wan2.2-t2v": "wan",
+    "wan2.2-i2v": "wan",
+    "glm-image": "glm_image",
+}
+
+
+def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0) -> Path:
+    """Write a `family` checkpoint of `preset` size into `out` and return the path."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown checkpoint family {family!r}; known: {', '.join(FAMILIES)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"{__name__}.{FAMILIES[family]}")
+    module.build(out, family=family, preset=preset, seed=seed)
+    return out

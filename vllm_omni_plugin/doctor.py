@@ -1,0 +1,79 @@
+"""What the plugin looks like from inside one process: `vllm-omni doctor`.
+
+`collect()` only reads state, so it answers the same question from a shell
+(after running the plugin's `register()` the way vLLM would) and from inside a
+running engine or worker (e.g. through `LLM.collective_rpc`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Report:
+    pid: int
+    plugin_version: str
+    vllm_version: str
+    vllm_platform: str
+    python: str
+    entry_point: str
+    patches: list[dict] = field(default_factory=list)
+    architectures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(p["status"] in ("applied", "already applied") for p in self.patches) and all(
+            a["registered"] for a in self.architectures
+        )
+
+    def as_text(self) -> str:
+        lines = [
+            f"vllm-omni-plugin {self.plugin_version} (pid {self.pid}, Python {self.python})",
+            f"vLLM {self.vllm_version}, platform {self.vllm_platform}",
+            f"entry point: {self.entry_point}",
+            "patches:",
+        ]
+        for p in self.patches:
+            detail = f" -- {p['detail']}" if p["detail"] else ""
+            lines.append(f"  {p['name']:<20} {p['status']:<16} {p['target']}{detail}")
+        lines.append("architectures:")
+        for a in self.architectures:
+            state = "registered" if a["registered"] else "NOT registered"
+            lines.append(f"  {a['architecture']:<36} {state:<15} {a['target']}")
+        lines.append("status: " + ("ok" if self.ok else "PROBLEMS (see above)"))
+        return "\n".join(lines)
+
+
+def _entry_point() -> str:
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("vllm_omni_plugin")]
+    return ", ".join(f"{ep.name} -> {ep.value}" for ep in found) or "NOT FOUND (is the package installed?)"
+
+
+def collect() -> Report:
+    import vllm
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    import vllm_omni_plugin
+    from vllm_omni_plugin.model_registry import OMNI_MODELS
+    from vllm_omni_plugin.patches import status
+
+    supported = set(ModelRegistry.get_supported_archs())
+    return Report(
+        pid=os.getpid(),
+        plugin_version=vllm_omni_plugin.__version__,
+        vllm_version=vllm.__version__,
+        vllm_platform=f"{type(current_platform).__name__} ({current_platform.device_type})",
+        python=platform.python_version(),
+        entry_point=_entry_point(),
+        patches=[asdict(r) for r in status()],
+        architectures=[
+            {"architecture": m.architecture, "target": m.target, "registered": m.architecture in supported}
+            for m in OMNI_MODELS
+        ],
+    )
