@@ -34,8 +34,10 @@ PATCH_MODULES: tuple[str, ...] = (
     "is_mm_prefix_lm",
 )
 
-# Marks a replacement installed by us, so a second apply is recognised.
+# Marks a replacement installed by us, so a second apply is recognised; the
+# upstream attribute it replaced stays reachable for delegation and tests.
 _MARK = "__vllm_omni_patch__"
+ORIGINAL = "__vllm_omni_original__"
 _lock = threading.Lock()
 
 
@@ -114,6 +116,7 @@ def _apply(patch: Patch) -> PatchResult:
         patch.resolve(required)
     replacement = patch.make_replacement(current)
     setattr(replacement, _MARK, patch.name)
+    setattr(replacement, ORIGINAL, current)
     setattr(owner, name, replacement)
     if hasattr(replacement, "__set_name__"):  # descriptors such as cached_property
         replacement.__set_name__(owner, name)
