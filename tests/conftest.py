@@ -21,6 +21,8 @@ import pytest  # noqa: E402
 
 from vllm_omni_plugin.checkpoints import make_checkpoint  # noqa: E402
 
+pytest_plugins = ["engine_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Callable[..., Path]:
