@@ -1,0 +1,1 @@
+"""Multi-stage pipelines: stage configs -> stages -> outputs."""

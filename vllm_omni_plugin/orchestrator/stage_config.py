@@ -1,0 +1,187 @@
+"""Stage configs: which stages a model runs, where, and with what defaults.
+
+A stage config is a YAML file (the plugin ships one per model family in
+`stage_configs/`; users pass their own with `--stage-config` or
+`Omni(stage_config=...)`). The schema is the pydantic model below; unknown
+keys are errors, and every error names the file, the field and what to write
+instead, because a typo in a deployment file must not silently fall back to
+a default.
+
+    name: bagel
+    architectures: [BagelForConditionalGeneration, OmniBagelForConditionalGeneration]
+    stages:
+      - id: ar                      # unique; referenced by `inputs_from`
+        type: llm                   # llm: vLLM engine | diffusion: our engine
+        engine_args: {...}          # passed to the stage's engine as-is
+        devices: "0"                # device ids, comma separated
+        max_batch_size: 16
+        default_sampling_params: {...}
+        connector: omni_kv          # how this stage's output reaches the next
+      - id: dit
+        type: diffusion
+        inputs_from: ar
+        input_processor: bagel_context   # a registered processor name
+        final_output: true
+
+Exactly one stage is final. Stage order is the list order; `inputs_from`
+must name an earlier stage.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Names a stage may use; each maps to a typed object in its family's code.
+INPUT_PROCESSORS = ("bagel_context",)
+CONNECTORS = ("omni_kv", "inline")
+
+
+class StageConfigError(ValueError):
+    """A stage config file is invalid; the message names the file, the field and the fix."""
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    type: Literal["llm", "diffusion"]
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    devices: str = "0"
+    max_batch_size: int = Field(default=1, ge=1)
+    default_sampling_params: dict[str, Any] = Field(default_factory=dict)
+    inputs_from: str | None = None
+    input_processor: str | None = None
+    connector: str | None = None
+    final_output: bool = False
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"devices must be comma-separated device ids like \"0\" or \"0,1\", got {v!r}")
+        return ",".join(parts)
+
+    @field_validator("input_processor")
+    @classmethod
+    def _processor(cls, v: str | None) -> str | None:
+        if v is not None and v not in INPUT_PROCESSORS:
+            raise ValueError(f"unknown input_processor {v!r}; known: {', '.join(INPUT_PROCESSORS)}")
+        return v
+
+    @field_validator("connector")
+    @classmethod
+    def _connector(cls, v: str | None) -> str | None:
+        if v is not None and v not in CONNECTORS:
+            raise ValueError(f"unknown connector {v!r}; known: {', '.join(CONNECTORS)}")
+        return v
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    architectures: tuple[str, ...] = Field(min_length=1)
+    stages: tuple[StageSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _topology(self) -> "StageConfig":
+        ids = [s.id for s in self.stages]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"stage ids must be unique, got {ids}")
+        finals = [s.id for s in self.stages if s.final_output]
+        if len(finals) != 1:
+            raise ValueError(f"exactly one stage must set final_output: true, got {finals or 'none'}")
+        for i, stage in enumerate(self.stages):
+            earlier = ids[:i]
+            if stage.inputs_from is not None and stage.inputs_from not in earlier:
+                raise ValueError(
+                    f"stage {stage.id!r}: inputs_from {stage.inputs_from!r} must name an earlier stage "
+                    f"({', '.join(earlier) or 'none before it'})"
+                )
+            if i > 0 and stage.inputs_from is None:
+                raise ValueError(f"stage {stage.id!r}: set inputs_from to the stage that feeds it")
+        return self
+
+    def stage(self, stage_id: str) -> StageSpec:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        raise KeyError(stage_id)
+
+    @property
+    def final_stage(self) -> StageSpec:
+        return next(s for s in self.stages if s.final_output)
+
+
+def _location(loc: tuple[Any, ...], data: Any) -> str:
+    """`stages[1].max_batch_size`, naming a stage by its id where it has one."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            sid = node[part].get("id") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None
+            out += f"[{part}]" + (f" (id {sid!r})" if sid else "")
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += ("." if out else "") + str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "<top level>"
+
+
+def parse_stage_config(text: str, source: str) -> StageConfig:
+    """Parse YAML text; errors name `source`, the field and the fix."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StageConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise StageConfigError(f"{source}: the top level must be a mapping with name, architectures, stages")
+    try:
+        return StageConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = _location(err["loc"], data)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                allowed = StageSpec.model_fields if "stages" in err["loc"] else StageConfig.model_fields
+                msg = f"unknown field; allowed here: {', '.join(allowed)}"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            lines.append(f"  {where}: {msg}")
+        raise StageConfigError(f"{source}: invalid stage config\n" + "\n".join(lines)) from e
+
+
+def load_stage_config(path: str | Path) -> StageConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise StageConfigError(f"{path}: cannot read stage config: {e.strerror}") from e
+    return parse_stage_config(text, str(path))
+
+
+@functools.cache
+def builtin_stage_configs() -> dict[str, StageConfig]:
+    """The stage configs shipped in `stage_configs/` (package data), by name."""
+    configs = {}
+    for entry in resources.files("vllm_omni_plugin.stage_configs").iterdir():
+        if entry.name.endswith(".yaml"):
+            config = parse_stage_config(entry.read_text(), f"stage_configs/{entry.name}")
+            configs[config.name] = config
+    return configs
+
+
+def stage_config_for(architectures: list[str] | tuple[str, ...]) -> StageConfig | None:
+    """The shipped stage config whose architectures include the checkpoint's, if any."""
+    for config in builtin_stage_configs().values():
+        if set(config.architectures) & set(architectures):
+            return config
+    return None
