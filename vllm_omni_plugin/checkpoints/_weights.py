@@ -1,11 +1,12 @@
 """Seeded random weights, created directly on the target device and dtype.
 
-`random_model(factory, seed=..., dtype=..., device=...)` builds a module with
-its parameters on the meta device (no memory, no default init: a 20B DiT costs
-nothing on the host), then allocates each parameter where it will live and
-fills it from a generator seeded by (seed, parameter name). The values thus
-depend only on the seed and the name, not on construction order, and the same
-(seed, CPU) gives the same bytes in every process.
+`random_model(factory, seed=..., component=..., dtype=..., device=...)` builds a
+module with its parameters on the meta device (no memory, no default init: a
+20B DiT costs nothing on the host), then allocates each parameter where it will
+live and fills it from a generator seeded by (seed, component, parameter name).
+The values thus depend only on those, not on construction order, and the same
+(seed, CPU) gives the same bytes in every process. `component` (the pipeline
+folder name) keeps two same-shaped models, e.g. Wan's two experts, apart.
 
 Init scale: normal(0, 1/fan_in) for matrices, convolutions and embeddings
 (activations keep roughly unit scale through pre-norm residual stacks, so a
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
+
+# dtype of the files `build` writes: tiny runs on CPUs in float32; full is bf16 like the released weights.
+SAVE_DTYPE = {"tiny": torch.float32, "full": torch.bfloat16}
 
 
 @contextmanager
@@ -47,7 +51,9 @@ def _stream_seed(seed: int, name: str) -> int:
 
 
 def _fill(shape: torch.Size, name: str, in_norm: bool, seed: int, device: torch.device) -> torch.Tensor:
-    """float32 values for one parameter."""
+    """float32 values for one parameter (shape only on the meta device, to inspect `full` without memory)."""
+    if device.type == "meta":
+        return torch.empty(shape, device=device)
     if in_norm or len(shape) <= 1:
         # Norm scales (weight/gamma) -> 1, biases and norm shifts -> 0.
         value = 0.0 if name.rsplit(".", 1)[-1] == "bias" else 1.0
@@ -61,6 +67,7 @@ def random_model(
     factory: Callable[[], M],
     *,
     seed: int,
+    component: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> M:
@@ -82,7 +89,7 @@ def random_model(
             if id(param) not in done:
                 full_name = f"{mod_name}.{p_name}" if mod_name else p_name
                 fp32 = any(part in keep_fp32 for part in full_name.split("."))
-                values = _fill(param.shape, full_name, in_norm, seed, device)
+                values = _fill(param.shape, f"{component}/{full_name}", in_norm, seed, device)
                 done[id(param)] = nn.Parameter(values.to(torch.float32 if fp32 else dtype), requires_grad=False)
             module._parameters[p_name] = done[id(param)]
     return model.to(device).eval()  # moves the buffers; parameters are there already

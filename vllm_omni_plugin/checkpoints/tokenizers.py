@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 # Text the vocabularies are learnt from. It contains the prompt templates the
@@ -85,6 +85,13 @@ QWEN2_CHAT_TEMPLATE = (
 )
 
 
+def _qwen2_pre_tokenizer():
+    """Qwen2's pre-tokenizer (regex split + byte level), taken from a throw-away Qwen2Tokenizer."""
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer()._tokenizer.pre_tokenizer
+
+
 def _byte_level_bpe(vocab_size: int, pre_tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Learn a byte-level BPE (vocab, merges) from CORPUS; deterministic."""
     tok = Tokenizer(models.BPE())
@@ -109,9 +116,7 @@ def write_qwen2_tokenizer(out: Path, *, extra_special_tokens: Sequence[str] = ()
     """
     from transformers import Qwen2Tokenizer
 
-    # A throw-away Qwen2Tokenizer only to reuse its exact pre-tokenizer (regex split + byte level).
-    pre = Qwen2Tokenizer()._tokenizer.pre_tokenizer
-    vocab, merges = _byte_level_bpe(QWEN2_BPE_VOCAB, pre)
+    vocab, merges = _byte_level_bpe(QWEN2_BPE_VOCAB, _qwen2_pre_tokenizer())
     tok = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -169,3 +174,82 @@ def write_t5_tokenizer(out: Path) -> PreTrainedTokenizerBase:
     vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
     tok = T5Tokenizer(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=512)
     return _save_and_reload(tok, out, T5_MODEL_VOCAB)
+
+
+# ------------------------------------------------------------------ GLM-Image
+
+# GLM-4 special tokens in the real order (GLM-4 ids 151329...; in GLM-Image
+# shifted by the vision vocabulary: <|endoftext|> 167841, <sop> 167845,
+# <|image|> 167855, as in zai-org/GLM-Image's vision_language_encoder config).
+GLM_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+)
+GLM_VISION_SPECIALS = 128  # <|dit_token_{codebook}|>... after the codes: image start (bos), image end (eos), spare
+GLM_BPE_VOCAB = 512
+
+# GLM-Image's AR prompt is the bare text (no role markers); a source image is
+# <image start><|image|><image end>, the markers get_rope_index looks for.
+GLM_IMAGE_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part -%}{{- bos_token + '<|image|>' + eos_token -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def glm_image_vocab_size(codebook_size: int) -> int:
+    """len() of the GLM-Image tokenizer for a VQ codebook of `codebook_size` (the AR model's vocab_size floor)."""
+    return codebook_size + GLM_VISION_SPECIALS + GLM_BPE_VOCAB + len(GLM_SPECIAL_TOKENS)
+
+
+def write_glm_image_tokenizer(out: Path, *, codebook_size: int) -> PreTrainedTokenizerBase:
+    """Write GLM-Image's AR tokenizer (processor/ tokenizer files) into `out`.
+
+    Layout of the real one: ids [0, codebook + 128) are the vision tokens
+    <|dit_token_i|> (codes, then bos = image start = <|dit_token_{codebook}|>,
+    eos = image end = the next one), then the text BPE, then the GLM-4
+    special tokens. <|image|>, <sop>, <eop> are the processor's image and grid
+    tokens.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    n_vision = codebook_size + GLM_VISION_SPECIALS
+    vision = [f"<|dit_token_{i}|>" for i in range(n_vision)]
+    bpe_vocab, merges = _byte_level_bpe(GLM_BPE_VOCAB, _qwen2_pre_tokenizer())
+    vocab = {tok: i for i, tok in enumerate(vision)}
+    vocab.update({tok: n_vision + i for tok, i in bpe_vocab.items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = _qwen2_pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    bos, eos = vision[codebook_size], vision[codebook_size + 1]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        image_token="<|image|>",
+        grid_bos_token="<sop>",
+        grid_eos_token="<eop>",
+        chat_template=GLM_IMAGE_CHAT_TEMPLATE,
+        model_max_length=131072,
+    )
+    tok.add_special_tokens({"additional_special_tokens": vision + list(GLM_SPECIAL_TOKENS)})
+    return _save_and_reload(tok, out, glm_image_vocab_size(codebook_size))
