@@ -32,6 +32,9 @@ from typing import Any, Callable, Literal
 
 PATCH_MODULES: tuple[str, ...] = (
     "is_mm_prefix_lm",
+    "cpu_mm_prefix_metadata",
+    "cpu_mm_prefix_attention",
+    "cpu_mm_prefix_no_chunking",
 )
 
 # Marks a replacement installed by us, so a second apply is recognised; the
