@@ -36,9 +36,10 @@ class Report:
             f"entry point: {self.entry_point}",
             "patches:",
         ]
+        width = max((len(p["name"]) for p in self.patches), default=0)
         for p in self.patches:
             detail = f" -- {p['detail']}" if p["detail"] else ""
-            lines.append(f"  {p['name']:<20} {p['status']:<16} {p['target']}{detail}")
+            lines.append(f"  {p['name']:<{width}}  {p['status']:<16} {p['target']}{detail}")
         lines.append("architectures:")
         for a in self.architectures:
             state = "registered" if a["registered"] else "NOT registered"
