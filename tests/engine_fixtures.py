@@ -34,3 +34,37 @@ def bagel_llm(checkpoint):
     )
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+# Small steps, so that a long prompt's prefill spans several chunks.
+BAGEL_KV_BATCHED_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def bagel_kv_llm(checkpoint, tmp_path_factory):
+    """`vllm.LLM` on the tiny BAGEL as OmniBagelForConditionalGeneration with OmniKVConnector.
+
+    Yields (llm, transfer_dir). Chunked prefill with BAGEL_KV_BATCHED_TOKENS
+    tokens per step, so the connector is exercised across prefill chunks.
+    """
+    from vllm import LLM
+
+    transfer_dir = tmp_path_factory.mktemp("kv-transfer")
+    llm = LLM(
+        model=str(checkpoint("bagel")),
+        hf_overrides={"architectures": ["OmniBagelForConditionalGeneration"]},
+        dtype="float32",
+        max_model_len=BAGEL_MAX_MODEL_LEN,
+        max_num_batched_tokens=BAGEL_KV_BATCHED_TOKENS,
+        enable_chunked_prefill=True,
+        enforce_eager=True,
+        seed=0,
+        limit_mm_per_prompt={"image": 1},
+        kv_transfer_config={
+            "kv_connector": "OmniKVConnector",
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"transfer_dir": str(transfer_dir)},
+        },
+    )
+    yield llm, transfer_dir
+    llm.llm_engine.engine_core.shutdown()

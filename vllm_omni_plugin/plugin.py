@@ -33,6 +33,9 @@ def register() -> None:
         # vLLM version: running with a silently unpatched vLLM is worse.
         results = apply_all()
         archs = register_models()
+        from vllm_omni_plugin.kv import register_connector
+
+        register_connector()  # "OmniKVConnector" for --kv-transfer-config
         _done = True
     logger.info(
         "vllm-omni-plugin loaded in pid %d: patches %s; architectures %s",

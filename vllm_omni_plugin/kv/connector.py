@@ -1,0 +1,233 @@
+"""OmniKVConnector: hands the AR stage's prompt KV + per-request model metadata over.
+
+Selected like any vLLM connector:
+
+    LLM(..., kv_transfer_config={"kv_connector": "OmniKVConnector", "kv_role": "kv_producer",
+                                 "kv_connector_extra_config": {"transfer_dir": "/dev/shm/x"}})
+    vllm serve ... --kv-transfer-config '{"kv_connector":"OmniKVConnector","kv_role":"kv_producer"}'
+
+A request opts in through its sampling params
+(`extra_args={"kv_transfer_params": store.request_params()}`); others are
+untouched. For an opted-in request:
+
+  scheduler side  tracks the request's block ids across steps (chunked prefill,
+                  preemption) and, in the step that computes its last prompt
+                  token, tells the workers to save it (`SaveSpec`).
+  worker side     after that step's forward (`wait_for_save`), gathers every
+                  layer's K/V of exactly the prompt's tokens from the paged
+                  cache (`layout.gather_kv`), adds the model's metadata for the
+                  request (`get_kv_transfer_metadata(req_id)`), writes it to the
+                  transfer store keyed by request id.
+  request output  kv_transfer_params = {"omni_kv": {"status": "saved", "request_id": ...,
+                  "path": ..., "num_tokens": ...}}; `store.take_transferred` reads and
+                  frees it. The id is the engine's (vLLM suffixes the caller's id).
+
+The save is synchronous: it finishes inside the step that completes the
+prefill, before that step's output reaches the scheduler, so the request's
+blocks are never needed after it finishes (request_finished frees them at
+once) and `status: saved` in the output is always true. Only rank 0 of a
+tensor-parallel group writes (each rank holds a slice of the heads; this
+connector is for single-rank AR stages, as BAGEL's is).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from .layout import gather_kv, layout_for_backend, slot_mapping
+from .store import PARAMS_KEY, KVTransferStore, TransferredKV
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """One request whose prompt is complete in the cache at the end of this step."""
+
+    req_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int  # the prompt's length: exactly these tokens are handed over
+    prompt_token_ids: tuple[int, ...]
+    # (modality, offset, length) of each multimodal placeholder in the prompt
+    mm_ranges: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclass
+class OmniKVMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+class MetadataSource(Protocol):
+    """What a model offers the connector (OmniBagelForConditionalGeneration does)."""
+
+    def get_kv_transfer_metadata(self, req_id: str) -> dict[str, Any] | None: ...
+
+
+def wants_transfer(kv_transfer_params: dict[str, Any] | None) -> bool:
+    report = (kv_transfer_params or {}).get(PARAMS_KEY)
+    return isinstance(report, dict) and bool(report.get("transfer"))
+
+
+def active_connector() -> "OmniKVConnector | None":
+    """This process's worker-side OmniKVConnector while a step's metadata is bound, else None.
+
+    Dummy / profiling forwards run without it, so whatever a model records
+    through it belongs to a real scheduled request.
+    """
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    connector = get_kv_transfer_group()
+    if isinstance(connector, OmniKVConnector) and connector.has_connector_metadata():
+        return connector
+    return None
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of one opted-in request."""
+
+    request: "Request"
+    block_ids: list[int] = field(default_factory=list)
+    saved: bool = False
+
+
+class OmniKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.store = KVTransferStore(self._kv_transfer_config.get_from_extra_config("transfer_dir", None))
+        self._block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._tracked: dict[str, _Tracked] = {}
+        # worker side: layer name -> (cache, layout, head_dim), in layer order
+        self._layers: list[tuple[str, torch.Tensor, str, int]] = []
+        self._source: weakref.ReferenceType[MetadataSource] | None = None
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+        self._writes = role != KVConnectorRole.WORKER or not model_parallel_is_initialized() or get_tensor_model_parallel_rank() == 0
+
+    # ------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        return 0, False  # a producer never loads
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        return
+
+    def on_new_request(self, request: "Request") -> None:
+        if wants_transfer(request.kv_transfer_params):
+            self._tracked[request.request_id] = _Tracked(request)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> OmniKVMetadata:
+        meta = OmniKVMetadata()
+        steps: list[tuple[str, int]] = []  # (req_id, tokens computed by the end of this step)
+        for new in scheduler_output.scheduled_new_reqs:
+            if (t := self._tracked.get(new.req_id)) is not None:
+                t.block_ids = list(new.block_ids[0])
+                steps.append((new.req_id, new.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if (t := self._tracked.get(req_id)) is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # resumed after preemption: the full block list
+                t.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                t.block_ids.extend(new_blocks[0])
+            steps.append((req_id, cached.num_computed_tokens[i]))
+        for req_id, computed in steps:
+            t = self._tracked[req_id]
+            prompt_len = t.request.num_prompt_tokens
+            if t.saved or computed + scheduler_output.num_scheduled_tokens[req_id] < prompt_len:
+                continue
+            t.saved = True
+            meta.saves.append(SaveSpec(
+                req_id=req_id,
+                block_ids=tuple(t.block_ids[: -(-prompt_len // self._block_size)]),
+                num_tokens=prompt_len,
+                prompt_token_ids=tuple(t.request.prompt_token_ids or ()),
+                mm_ranges=tuple((f.modality, f.mm_position.offset, f.mm_position.length) for f in t.request.mm_features),
+            ))
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        t = self._tracked.pop(request.request_id, None)
+        if t is None:
+            return False, None
+        if not t.saved:
+            return False, {PARAMS_KEY: {"status": "not_saved", "reason": "finished before its prompt was prefilled"}}
+        report = {
+            "status": "saved",
+            "request_id": request.request_id,  # the engine's id: the store's key
+            "path": str(self.store.path(request.request_id)),
+            "num_tokens": request.num_prompt_tokens,
+        }
+        return False, {PARAMS_KEY: report}
+
+    # ------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        attention = self._vllm_config.compilation_config.static_forward_context
+        layers = []
+        for name, cache in kv_caches.items():
+            layer = attention[name]
+            layout = layout_for_backend(layer.attn_backend.get_name(), getattr(layer, "isa", None))
+            layers.append((name, cache.view(layer.kv_cache_torch_dtype) if cache.dtype == torch.int8 else cache,
+                           layout, layer.head_size))
+        self._layers = sorted(layers, key=lambda x: extract_layer_index(x[0]))
+
+    def attach_metadata_source(self, source: MetadataSource) -> None:
+        """The model that answers get_kv_transfer_metadata(req_id) (held weakly)."""
+        if self._source is None or self._source() is not source:
+            self._source = weakref.ref(source)
+
+    def saves_this_step(self) -> list[SaveSpec]:
+        meta = self._get_connector_metadata()
+        return list(meta.saves) if isinstance(meta, OmniKVMetadata) else []
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        return
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        # Nothing per layer: the whole prompt is read once, in wait_for_save of the
+        # step that completes it (earlier chunks are already in the paged cache).
+        return
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        source = self._source() if self._source is not None else None
+        for spec in self.saves_this_step():
+            # Always ask, so the model's record for the request is consumed on every rank.
+            facts = (source.get_kv_transfer_metadata(spec.req_id) if source is not None else None) or {}
+            if not self._writes:
+                continue
+            slots = slot_mapping(spec.block_ids, self._block_size, spec.num_tokens)
+            pairs = [gather_kv(cache, layout, head_dim, slots) for _, cache, layout, head_dim in self._layers]
+            self.store.put(TransferredKV(
+                request_id=spec.req_id,
+                keys=tuple(k for k, _ in pairs),
+                values=tuple(v for _, v in pairs),
+                metadata={**facts, "num_tokens": spec.num_tokens},
+            ))
