@@ -6,3 +6,12 @@ Importing this package is cheap and never imports vLLM: the plugin entry point
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `from vllm_omni_plugin import Omni` loads torch/diffusers only when asked.
+    if name == "Omni":
+        from .omni import Omni
+
+        return Omni
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

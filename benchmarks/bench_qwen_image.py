@@ -1,0 +1,250 @@
+"""Qwen-Image on one GPU: diffusers eager, diffusers + torch.compile, our engine.
+
+The FULL Qwen-Image pipeline (20.4B DiT, Qwen2.5-VL-7B text encoder, VAE) is
+built in memory with random weights by the checkpoint factory (`full` preset),
+in bf16 on the GPU. Needs torch + diffusers + transformers; no vLLM.
+
+Measured (median of timed repeats after warm-up, CUDA-synchronized):
+  step        one true-CFG denoising step at 512 and 1024: diffusers' way (two
+              forwards, cond then uncond, which is our pipeline with
+              batch_cfg=False) vs our engine's step (cond+uncond in one forward)
+  e2e         one request end to end, 50 steps, 1024x1024 (and 512x512):
+              diffusers `pipe(...)` vs our `generate()`
+  throughput  images/s for 1, 4, 8 concurrent 512x512 requests (20 steps):
+              diffusers one request at a time, diffusers' own batched call
+              (`num_images_per_prompt=N`), our engine batching the N requests'
+              steps
+Each part runs eager, then again after `transformer.compile_repeated_blocks`
+(regional torch.compile, shared by diffusers and our engine: same module).
+
+    python benchmarks/bench_qwen_image.py --out results.json
+    python benchmarks/bench_qwen_image.py --preset tiny --device cpu   # smoke test
+
+A table is printed last; results go to --out as JSON after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_omni_plugin.checkpoints.qwen_image import build_in_memory  # noqa: E402
+from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams  # noqa: E402
+from vllm_omni_plugin.diffusion.pipelines.qwen_image import QwenImageStepwise  # noqa: E402
+
+PROMPTS = [
+    "A cat holding a sign that says hello world, studio photo, soft light",
+    "A watercolor painting of a lighthouse on a cliff at dawn",
+    "Futuristic city skyline at night with neon reflections on wet streets",
+    "A bowl of ramen, top-down view, steam rising",
+    "An old oak tree in a foggy field, black and white photograph",
+    "A red vintage car parked by a seaside cafe in the afternoon sun",
+    "Macro shot of a dewdrop on a leaf with a rainbow refraction",
+    "A cozy reading nook with a cat, a lamp and a stack of books",
+]
+NEGATIVE = " "  # Qwen-Image's recommended negative prompt: switches true CFG on
+CFG = 4.0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.results: dict[str, dict] = {}
+        self.out = Path(args.out) if args.out else None
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, repeats: int = 1, warmup: int = 0) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def record(self, key: str, **values) -> None:
+        self.results[key] = values
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {values}", flush=True)
+        if self.out:
+            self.out.write_text(json.dumps({"meta": self.meta, "results": self.results}, indent=1))
+
+    def guarded(self, name: str, fn) -> None:
+        if time.perf_counter() - self.t_start > self.args.budget_s:
+            print(f"skip {name}: time budget spent", flush=True)
+            return
+        try:
+            fn()
+        except Exception:  # a failed variant is reported, the others still run
+            traceback.print_exc()
+            self.record(f"{name}:error", error=traceback.format_exc(limit=3))
+
+    # ---- setup -------------------------------------------------------------------
+    def build(self) -> None:
+        self.t_start = time.perf_counter()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        t0 = time.perf_counter()
+        pipe = build_in_memory("qwen-image", self.args.preset, seed=0, dtype=dtype, device=self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.sync()
+        self.pipe = pipe
+        self.ours = QwenImageStepwise(pipe, model_id=f"qwen-image-{self.args.preset}")
+        n_dit = sum(p.numel() for p in pipe.transformer.parameters())
+        self.meta = {
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "preset": self.args.preset,
+            "dtype": str(dtype),
+            "dit_params_b": round(n_dit / 1e9, 2),
+            "build_s": round(time.perf_counter() - t0, 1),
+        }
+        print("meta", self.meta, flush=True)
+
+    def params(self, size: int, steps: int, prompt: int = 0, seed: int = 0, n: int = 1) -> SamplingParams:
+        return SamplingParams(
+            prompt=PROMPTS[prompt % len(PROMPTS)],
+            negative_prompt=NEGATIVE,
+            true_cfg_scale=CFG,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            seed=seed,
+            num_outputs_per_prompt=n,
+            output_type="pil",
+        )
+
+    def diffusers_call(self, size: int, steps: int, n: int = 1, prompt: int = 0, seed: int = 0):
+        """The same request through diffusers' own __call__ (its `num_images_per_prompt` batching)."""
+        p = self.params(size, steps, prompt, seed, n)
+        return self.pipe(
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            true_cfg_scale=p.true_cfg_scale,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            num_images_per_prompt=n,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
+
+    # ---- parts -------------------------------------------------------------------
+    def part_step(self, mode: str) -> None:
+        reps = self.args.repeats
+        for size in self.args.step_sizes:
+            for label, batch_cfg in (("diffusers-way (2 forwards)", False), ("ours (CFG batched)", True)):
+                self.ours.batch_cfg = batch_cfg
+                state = self.ours.prepare(self.ours.resolve(self.params(size, 50)), "step")
+
+                def one():
+                    preds = self.ours.denoise_step([state])
+                    self.ours.scheduler_step([state], preds)
+
+                t = self.timed(one, repeats=reps, warmup=2)
+                self.record(f"{mode}:step:{size}:{label}", ms=round(t * 1e3, 1), tokens=state.latents.shape[1])
+            self.ours.batch_cfg = True
+
+    def part_e2e(self, mode: str) -> None:
+        steps = self.args.e2e_steps
+        for size in self.args.e2e_sizes:
+            if mode == "compiled":  # compile for these shapes first (not timed)
+                self.diffusers_call(size, 2)
+                self.ours.generate(self.params(size, 2))
+            t = self.timed(lambda: self.diffusers_call(size, steps))
+            self.record(f"{mode}:e2e:{size}:diffusers", s=round(t, 2), steps=steps)
+            t = self.timed(lambda: self.ours.generate(self.params(size, steps)))
+            self.record(f"{mode}:e2e:{size}:ours", s=round(t, 2), steps=steps)
+
+    def engine_run(self, n: int, steps: int) -> None:
+        engine = DiffusionEngine(self.ours, EngineConfig(max_batch_tokens=1 << 20))
+        for i in range(n):
+            engine.add_request(f"r{i}", self.params(512, steps, prompt=i, seed=i))
+        final = engine.run()
+        assert all(e.kind == "finished" for e in final.values()), final
+
+    def part_throughput(self, mode: str) -> None:
+        steps = self.args.tp_steps
+        if mode == "compiled":  # shapes of the batched calls, compiled before timing
+            for n in self.args.concurrency:
+                self.engine_run(n, 2)
+                self.diffusers_call(512, 2, n=n)
+        single = self.timed(lambda: self.diffusers_call(512, steps))
+        for n in self.args.concurrency:
+            # One request at a time: N sequential calls take N x one call.
+            self.record(f"{mode}:tp:{n}:diffusers one-by-one", img_s=round(1 / single, 3), s=round(single * n, 2))
+            if n > 1:
+                t = self.timed(lambda: self.diffusers_call(512, steps, n=n))
+                self.record(f"{mode}:tp:{n}:diffusers num_images_per_prompt", img_s=round(n / t, 3), s=round(t, 2))
+            t = self.timed(lambda: self.engine_run(n, steps))
+            self.record(f"{mode}:tp:{n}:ours step-batched", img_s=round(n / t, 3), s=round(t, 2))
+
+    def run(self) -> None:
+        self.build()
+        parts = self.args.parts
+        for mode in self.args.modes:
+            if mode == "compiled":
+                t0 = time.perf_counter()
+                # Batch sizes, text lengths and masks vary between variants: allow the recompiles.
+                torch._dynamo.config.recompile_limit = 64
+                torch._dynamo.config.accumulated_recompile_limit = 1024
+                self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
+                self.record("compiled:setup", s=round(time.perf_counter() - t0, 1))
+            if "step" in parts:
+                self.guarded(f"{mode}:step", lambda: self.part_step(mode))
+            if "e2e" in parts:
+                self.guarded(f"{mode}:e2e", lambda: self.part_e2e(mode))
+            if "throughput" in parts:
+                self.guarded(f"{mode}:throughput", lambda: self.part_throughput(mode))
+        if self.device.type == "cuda":
+            self.meta["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        self.table()
+
+    def table(self) -> None:
+        print("\n| measurement | eager | compiled |")
+        print("|---|---|---|")
+        keys = sorted({k.split(":", 1)[1] for k in self.results if ":" in k and not k.endswith("error")})
+        for key in keys:
+            cells = []
+            for mode in ("eager", "compiled"):
+                r = self.results.get(f"{mode}:{key}", {})
+                cell = next((f"{r[u]} {u}" for u in ("ms", "s", "img_s") if u in r), "-")
+                if "img_s" in r:
+                    cell = f"{r['img_s']} img/s ({r['s']} s)"
+                cells.append(cell)
+            print(f"| {key} | {cells[0]} | {cells[1]} |")
+        print("meta", json.dumps(self.meta))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="full", choices=["full", "tiny"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--parts", nargs="+", default=["step", "e2e", "throughput"])
+    ap.add_argument("--step-sizes", nargs="+", type=int, default=[512, 1024])
+    ap.add_argument("--e2e-sizes", nargs="+", type=int, default=[1024])
+    ap.add_argument("--e2e-steps", type=int, default=50)
+    ap.add_argument("--tp-steps", type=int, default=20)
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining parts after this many seconds")
+    ap.add_argument("--out", default=None)
+    Bench(ap.parse_args()).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The step-wise pipeline protocol, and `generate()` as the loop over its steps.
+
+    state = pipe.prepare(params, request_id)          # encode, noise, timesteps
+    while not state.done:
+        preds = pipe.denoise_step([state, ...])        # model forward(s), CFG combined
+        pipe.scheduler_step([state, ...], preds)       # x_t -> x_{t-1}, per state
+    output = pipe.decode(state)                        # VAE decode, postprocess
+
+`denoise_step` accepts states that share `batch_key(state)` and runs them in one
+forward; the engine groups states by that key. `generate()` below is the only
+loop: the engine runs the same three calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Hashable, Mapping
+
+import torch
+
+from .output import DiffusionOutput
+from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
+from .state import BatchKey, DiffusionState
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class DiffusionPipelineBase(ABC):
+    """Common ground of step-wise and monolithic pipelines around one diffusers pipeline."""
+
+    #: True when the pipeline can only run a whole request at once (generic fallback).
+    monolithic: bool = False
+    #: name used in docs and logs
+    family: str = "?"
+
+    def __init__(self, pipe: Any, model_id: str = "") -> None:
+        self.pipe = pipe
+        self.model_id = model_id or type(pipe).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @abstractmethod
+    def defaults(self) -> PipelineDefaults:
+        """This family's own defaults and derived-value rule (see params.resolve)."""
+
+    def resolve(
+        self, request: SamplingParams, stage_defaults: SamplingParams | Mapping[str, Any] | None = None
+    ) -> ResolvedParams:
+        return resolve(request, stage_defaults, self.defaults())
+
+    def generate(
+        self,
+        request: SamplingParams | ResolvedParams,
+        stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> DiffusionOutput:
+        """One request, start to end (no batching with others)."""
+        params = request if isinstance(request, ResolvedParams) else self.resolve(request, stage_defaults)
+        return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+
+    @abstractmethod
+    def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
+        """Run one resolved request to its output."""
+
+
+class StepwisePipeline(DiffusionPipelineBase):
+    """prepare -> denoise_step xN -> scheduler_step xN -> decode, on explicit states."""
+
+    monolithic = False
+
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+        super().__init__(pipe, model_id)
+        # Pristine, taken before anything runs; requests deep-copy it, nobody steps it.
+        self._scheduler_template = copy.deepcopy(pipe.scheduler)
+        #: True: rows of all states and CFG branches share forwards (see group_blocks).
+        #: False: one forward for all cond rows and one for all uncond rows, which
+        #: for a single request is exactly diffusers' own sequence of forwards.
+        self.batch_cfg = batch_cfg
+
+    def new_scheduler(self) -> Any:
+        """A private scheduler for one request: a deep copy, never the shared instance."""
+        return copy.deepcopy(self._scheduler_template)
+
+    @staticmethod
+    def make_state(params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras, tokens):
+        """The one place a DiffusionState is built (`tokens`: per row and CFG branch)."""
+        return DiffusionState(
+            request_id=request_id,
+            params=params,
+            latents=latents,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            cfg=cfg,
+            generator=generator,
+            cond=cond,
+            uncond=uncond,
+            extras=extras,
+            tokens_per_row=tokens,
+        )
+
+    @abstractmethod
+    def prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        """Encode prompts and inputs, draw the noise, set the timesteps."""
+
+    @abstractmethod
+    def batch_key(self, state: DiffusionState) -> BatchKey:
+        """States with equal keys can share one forward at their current step."""
+
+    @abstractmethod
+    def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        """One model evaluation for every state (CFG combined); returns one prediction per state."""
+
+    #: A forward with fewer tokens than this is overhead-bound: such row groups are
+    #: merged (text padded + masked) into one forward. Bigger groups keep their own,
+    #: unmasked forward (a mask moves attention off the fastest kernels).
+    small_forward_tokens: int = 4096
+
+    def text_layout(self, state: DiffusionState, branch: int) -> Hashable:
+        """Rows with equal text layout share a forward without padding or mask."""
+        return None
+
+    def group_blocks(self, blocks: list[tuple[DiffusionState, int]]) -> list[list[tuple[DiffusionState, int]]]:
+        """Split (state, branch) blocks into forwards (see `batch_cfg`, `small_forward_tokens`)."""
+        if not self.batch_cfg:
+            return [g for g in ([x for x in blocks if x[1] == b] for b in (0, 1)) if g]
+
+        def tokens(group: list[tuple[DiffusionState, int]]) -> int:
+            return sum(s.tokens_per_row * s.rows for s, _ in group)
+
+        by_layout: dict[Hashable, list[tuple[DiffusionState, int]]] = {}
+        for s, b in blocks:
+            by_layout.setdefault(self.text_layout(s, b), []).append((s, b))
+        groups = sorted(by_layout.values(), key=tokens)
+        big = [g for g in groups if tokens(g) >= self.small_forward_tokens]
+        small = [x for g in groups if tokens(g) < self.small_forward_tokens for x in g]
+        if not small:
+            return big
+        if big and tokens(small) < self.small_forward_tokens:
+            return [big[0] + small, *big[1:]]
+        return [*big, small]
+
+    def run_branches(
+        self, states: list[DiffusionState], forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        """Run `forward` over (state, branch) blocks, grouped by `group_blocks`.
+
+        `forward(blocks)` returns the model output of the blocks' rows stacked in
+        order. Returns, per state, its outputs per branch (0 = cond, 1 = uncond).
+        """
+        blocks = [(s, b) for s in states for b in range(s.cfg.branches)]
+        outs: dict[tuple[int, int], torch.Tensor] = {}
+        for group in self.group_blocks(blocks):
+            result = forward(group)
+            for (s, b), chunk in zip(group, result.split([s.rows for s, _ in group])):
+                outs[(id(s), b)] = chunk
+        return [[outs[(id(s), b)] for b in range(s.cfg.branches)] for s in states]
+
+    def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
+        """Advance each state by one step with its own scheduler."""
+        for state, pred in zip(states, preds):
+            t = state.current_timestep
+            state.latents = state.scheduler.step(pred, t, state.latents, return_dict=False)[0]
+            state.step_index += 1
+
+    @abstractmethod
+    def decode(self, state: DiffusionState) -> DiffusionOutput:
+        """Latents -> images / frames (or the latents themselves for output_type="latent")."""
+
+    def decode_many(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
+        """Decode several finished states (a pipeline may batch their VAE calls)."""
+        return [self.decode(s) for s in states]
+
+    def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
+        state = self.prepare(params, request_id)
+        with torch.no_grad():
+            while not state.done:
+                preds = self.denoise_step([state])
+                self.scheduler_step([state], preds)
+                if progress is not None:
+                    progress(request_id, state.step_index, state.num_steps)
+        return self.decode(state)

@@ -1,0 +1,75 @@
+"""What a diffusion request returns: images, layers or video frames, plus the
+resolved parameters it was made with; mp4 export through PyAV."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class DiffusionOutput:
+    """One request's result.
+
+    kind      "image" | "layers" | "video" | "latent"
+    images    image requests: one PIL image (or HxWx3 array) per output
+    layers    Qwen-Image-Layered: per output, its list of RGBA layers
+    videos    video requests: per output, its list of frames (PIL or HxWx3 arrays)
+    fps       frame rate of `videos`
+    latents   output_type="latent": the final latents
+    params    the ResolvedParams this output was made with
+    """
+
+    request_id: str
+    kind: str
+    params: Any
+    images: list[Any] = field(default_factory=list)
+    layers: list[list[Any]] = field(default_factory=list)
+    videos: list[list[Any]] = field(default_factory=list)
+    fps: int | None = None
+    latents: Any = None
+
+    def save_mp4(self, path: str | Path, index: int = 0, codec: str = "libx264", crf: int = 18) -> Path:
+        """Write video `index` to an mp4 file (H.264, yuv420p) and return its path."""
+        if not self.videos:
+            raise ValueError(f"request {self.request_id} has no video output (kind={self.kind})")
+        return export_mp4(self.videos[index], path, fps=self.fps or 16, codec=codec, crf=crf)
+
+
+def _frame_array(frame: Any) -> np.ndarray:
+    if isinstance(frame, np.ndarray):
+        arr = frame
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return arr[..., :3]
+    return np.asarray(frame.convert("RGB"))
+
+
+def export_mp4(frames: list[Any], path: str | Path, fps: int, codec: str = "libx264", crf: int = 18) -> Path:
+    """Encode frames (PIL images or HxWx3 arrays) into an mp4 file with PyAV."""
+    import av  # local: only video export needs it
+
+    if not frames:
+        raise ValueError("no frames to export")
+    path = Path(path)
+    arrays = [_frame_array(f) for f in frames]
+    height, width = arrays[0].shape[:2]
+    # yuv420p needs even sizes; pad by repeating the last row/column.
+    pad_h, pad_w = height % 2, width % 2
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=int(fps))
+        stream.width, stream.height = width + pad_w, height + pad_h
+        stream.pix_fmt = "yuv420p"
+        if codec.startswith("libx264"):
+            stream.options = {"crf": str(crf)}
+        for arr in arrays:
+            if pad_h or pad_w:
+                arr = np.pad(arr, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

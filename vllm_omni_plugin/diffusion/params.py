@@ -1,0 +1,214 @@
+"""Sampling parameters and the ONE function that resolves them.
+
+`SamplingParams` is what a caller asks for. Every field defaults to `None`,
+which means "unset" -- never a magic number. `resolve()` turns a request into a
+`ResolvedParams` with the precedence
+
+    explicit request value  >  stage-config default  >  the pipeline's own default
+
+and then computes derived values (for example Wan2.2's `guidance_scale_2`, or
+Qwen-Image-Edit's output size from its input image) from the *resolved* values.
+Nothing shared is mutated: each call builds fresh objects.
+
+This module imports neither vLLM nor diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class SamplingParams:
+    """What a request asks for. `None` everywhere means "not set".
+
+    prompt / negative_prompt  text; a negative prompt switches on true CFG for
+                              Qwen-Image (as in diffusers)
+    height, width             output size in pixels
+    num_inference_steps       denoising steps
+    guidance_scale            CFG scale (Wan), or the distilled-guidance input
+                              (guidance-distilled Qwen-Image variants)
+    guidance_scale_2          Wan2.2: CFG scale of the low-noise expert; when
+                              unset it follows the resolved `guidance_scale`
+    true_cfg_scale            Qwen-Image true CFG scale; `cfg_scale` is an alias
+    seed                      `torch.Generator("cpu").manual_seed(seed)` is handed
+                              to the pipeline, exactly as a diffusers user would
+    num_outputs_per_prompt    n outputs from one seed, with diffusers' batch
+                              semantics (one generator draws the noise of all n)
+    num_frames, fps           video length and frame rate
+    layers, resolution        Qwen-Image-Layered: layer count, 640 or 1024 bucket
+    max_sequence_length       text tokens kept
+    images                    input images (edit / layered / image-to-video)
+    output_type               "pil" (default), "np" or "latent"
+    extra                     family-specific knobs (e.g. `cfg_normalize`)
+    """
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    true_cfg_scale: float | None = None
+    seed: int | None = None
+    num_outputs_per_prompt: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    layers: int | None = None
+    resolution: int | None = None
+    max_sequence_length: int | None = None
+    images: list[Any] | None = None
+    output_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    cfg_scale: dataclasses.InitVar[float | None] = None
+
+    def __post_init__(self, cfg_scale: float | None) -> None:
+        if cfg_scale is not None:
+            if self.true_cfg_scale is not None and self.true_cfg_scale != cfg_scale:
+                raise ValueError(
+                    f"cfg_scale={cfg_scale} and true_cfg_scale={self.true_cfg_scale} disagree; "
+                    "cfg_scale is an alias of true_cfg_scale, pass one of them"
+                )
+            self.true_cfg_scale = cfg_scale
+        if self.images is not None and not isinstance(self.images, (list, tuple)):
+            self.images = [self.images]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SamplingParams":
+        """Build from a plain mapping (stage config, JSON body); unknown keys go to `extra`."""
+        known = {f.name for f in dataclasses.fields(cls)} | {"cfg_scale"}
+        kwargs = {k: v for k, v in values.items() if k in known and k != "extra"}
+        extra = dict(values.get("extra") or {})
+        extra.update({k: v for k, v in values.items() if k not in known and k != "extra"})
+        return cls(**kwargs, extra=extra)
+
+    def set_fields(self) -> dict[str, Any]:
+        """The fields this object sets (value not None), `extra` flattened in."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if v is not None}
+        out.update({k: v for k, v in self.extra.items() if v is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """Every value a pipeline runs with, after resolution. Attached to each output."""
+
+    prompt: str
+    negative_prompt: str | None
+    height: int | None
+    width: int | None
+    num_inference_steps: int
+    guidance_scale: float | None
+    guidance_scale_2: float | None
+    true_cfg_scale: float | None
+    seed: int
+    num_outputs_per_prompt: int
+    num_frames: int | None
+    fps: int | None
+    layers: int | None
+    resolution: int | None
+    max_sequence_length: int | None
+    images: tuple[Any, ...] | None
+    output_type: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded the way a diffusers user would seed one."""
+        return torch.Generator("cpu").manual_seed(self.seed)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved values without input images (for logs, responses, outputs)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
+        out["extra"] = dict(self.extra)
+        out["num_input_images"] = len(self.images) if self.images else 0
+        return out
+
+
+# Derivation hook: (values merged by precedence, which names the request/stage set
+# explicitly) -> values to overwrite. Supplied per family by its pipeline.
+DeriveFn = Callable[[dict[str, Any], frozenset[str]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class PipelineDefaults:
+    """A pipeline family's own defaults and its rule for derived values."""
+
+    values: Mapping[str, Any]
+    derive: DeriveFn | None = None
+
+
+_RESOLVED_FIELDS = tuple(f.name for f in dataclasses.fields(ResolvedParams))
+
+
+def _layer(source: SamplingParams | Mapping[str, Any] | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    if isinstance(source, SamplingParams):
+        return source.set_fields()
+    return SamplingParams.from_dict(source).set_fields()
+
+
+def resolve(
+    request: SamplingParams,
+    stage_defaults: SamplingParams | Mapping[str, Any] | None,
+    pipeline_defaults: PipelineDefaults,
+) -> ResolvedParams:
+    """THE resolution: request > stage config > pipeline default; then derived values.
+
+    Returns a new object; `request`, `stage_defaults` and `pipeline_defaults` are
+    left untouched (they may be shared between requests).
+    """
+    explicit_request = _layer(request)
+    explicit_stage = _layer(stage_defaults)
+    merged: dict[str, Any] = {k: v for k, v in pipeline_defaults.values.items() if v is not None}
+    merged.update(explicit_stage)
+    merged.update(explicit_request)
+    explicit = frozenset(explicit_stage) | frozenset(explicit_request)
+
+    if pipeline_defaults.derive is not None:
+        merged.update(pipeline_defaults.derive(dict(merged), explicit))
+
+    if merged.get("seed") is None:
+        # An unseeded request still records the seed it ran with, so it can be replayed.
+        merged["seed"] = secrets.randbits(63)
+    merged.setdefault("num_outputs_per_prompt", 1)
+    merged.setdefault("output_type", "pil")
+    if merged.get("prompt") is None:
+        merged["prompt"] = ""
+    _validate(merged)
+
+    extra = {k: v for k, v in merged.items() if k not in _RESOLVED_FIELDS}
+    values = {k: merged.get(k) for k in _RESOLVED_FIELDS if k != "extra"}
+    if values["images"] is not None:
+        values["images"] = tuple(values["images"])
+    return ResolvedParams(**values, extra=extra)
+
+
+def _validate(v: Mapping[str, Any]) -> None:
+    def positive_int(name: str) -> None:
+        x = v.get(name)
+        if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
+            raise ValueError(f"{name} must be a positive integer, got {x!r}")
+
+    for name in ("height", "width", "num_inference_steps", "num_outputs_per_prompt", "num_frames", "fps", "layers"):
+        positive_int(name)
+    if v.get("num_inference_steps") is None:
+        raise ValueError("num_inference_steps is unset and the pipeline has no default")
+    if v["output_type"] not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}")
+    for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
+        x = v.get(name)
+        if x is not None and not isinstance(x, (int, float)):
+            raise ValueError(f"{name} must be a number, got {x!r}")
+    seed = v["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")

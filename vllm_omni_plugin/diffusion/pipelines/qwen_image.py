@@ -1,0 +1,412 @@
+"""Qwen-Image, Qwen-Image-Edit and Qwen-Image-Layered as step-wise pipelines.
+
+The math follows diffusers 0.42 `QwenImage*Pipeline.__call__` step for step
+(prompt template and encoding, latent packing, `calculate_shift` -> mu, sigmas,
+true CFG with norm rescale, VAE decode); the diffusers pipeline object supplies
+the components and its small helpers (encode_prompt, prepare_latents, packing).
+
+Batching: the transformer takes per-row timesteps, so rows of different
+requests at different steps share one forward as long as their image token
+layout (`img_shapes`) is the same. Text of different lengths is right-padded
+with zeros and masked (`encoder_hidden_states_mask`), which is what diffusers
+does for a batch of prompts; RoPE text positions start after the image grid, so
+padding does not move them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..interface import StepwisePipeline
+from ..output import DiffusionOutput
+from ..params import PipelineDefaults, ResolvedParams
+from ..state import CfgLayout, DiffusionState
+
+PROMPT_CACHE_SIZE = 32
+
+
+def _calculate_shift(image_seq_len: int, config: Any) -> float:
+    # Same formula and config keys as diffusers' qwenimage `calculate_shift`.
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base_shift = config.get("base_shift", 0.5)
+    max_shift = config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+def _dims_for_area(target_area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about `target_area` pixels at aspect `ratio`, multiples of 32."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+class QwenImageStepwise(StepwisePipeline):
+    """Text-to-image (QwenImagePipeline)."""
+
+    family = "qwen-image"
+
+    # ---- parameters -------------------------------------------------------------
+    @property
+    def multiple_of(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    def defaults(self) -> PipelineDefaults:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return PipelineDefaults(
+            values=dict(
+                num_inference_steps=50,
+                true_cfg_scale=4.0,
+                height=size,
+                width=size,
+                max_sequence_length=512,
+            ),
+            derive=self._derive,
+        )
+
+    def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+        m = self.multiple_of
+        # The sizes the latents really have (diffusers rounds down to the packing grid).
+        return {"height": v["height"] // m * m, "width": v["width"] // m * m}
+
+    # ---- prepare ------------------------------------------------------------------
+    def _encode(self, text: str, params: ResolvedParams, **kw: Any) -> dict[str, Any]:
+        """Prompt embeddings; text-only encodings are cached (a shared negative prompt is encoded once)."""
+        key = None if kw else (text, params.num_outputs_per_prompt, params.max_sequence_length)
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        if key is not None and key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=text,
+            device=self.device,
+            num_images_per_prompt=params.num_outputs_per_prompt,
+            max_sequence_length=params.max_sequence_length,
+            **kw,
+        )
+        out = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+        if key is not None:
+            cache[key] = out
+            while len(cache) > PROMPT_CACHE_SIZE:
+                cache.popitem(last=False)
+        return out
+
+    def _cfg(self, params: ResolvedParams, renorm: bool = True) -> CfgLayout:
+        scale = params.true_cfg_scale if params.true_cfg_scale is not None else 1.0
+        if scale > 1 and params.negative_prompt is not None:
+            return CfgLayout("true_cfg", (float(scale),) * params.num_inference_steps, renorm=renorm)
+        return CfgLayout("none")
+
+    def _timesteps(self, params: ResolvedParams, sigmas: np.ndarray, mu: float) -> tuple[Any, torch.Tensor]:
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(params.num_inference_steps, device=self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, scheduler.timesteps
+
+    def _state(self, params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras):
+        image_latents = extras.get("image_latents")
+        image_tokens = latents.shape[1] + (0 if image_latents is None else image_latents.shape[1])
+        extras = {**extras, "guidance": self._guidance(params)}
+        tokens = image_tokens + cond["encoder_hidden_states"].shape[1]
+        return self.make_state(
+            params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras, tokens
+        )
+
+    def _guidance(self, params: ResolvedParams) -> float | None:
+        if self.pipe.transformer.config.guidance_embeds:
+            if params.guidance_scale is None:
+                raise ValueError("guidance_scale is required for a guidance-distilled Qwen-Image model")
+            return float(params.guidance_scale)
+        return None
+
+    def prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        with torch.no_grad():
+            return self._prepare(params, request_id)
+
+    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        pipe, n = self.pipe, params.num_outputs_per_prompt
+        height, width = params.height, params.width
+        cfg = self._cfg(params)
+        generator = params.generator()
+        cond = self._encode(params.prompt, params)
+        uncond = self._encode(params.negative_prompt, params) if cfg.branches == 2 else None
+        channels = pipe.transformer.config.in_channels // 4
+        latents = pipe.prepare_latents(
+            n, channels, height, width, cond["encoder_hidden_states"].dtype, self.device, generator
+        )
+        vsf = pipe.vae_scale_factor
+        sigmas = np.linspace(1.0, 1 / params.num_inference_steps, params.num_inference_steps)
+        scheduler, timesteps = self._timesteps(params, sigmas, _calculate_shift(latents.shape[1], pipe.scheduler.config))
+        extras = {"img_shapes": ((1, height // vsf // 2, width // vsf // 2),)}
+        return self._state(params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras)
+
+    # ---- denoise ------------------------------------------------------------------
+    def batch_key(self, state: DiffusionState) -> Any:
+        ex = state.extras
+        image_latents = ex.get("image_latents")
+        return (
+            self.model_id,
+            ex["img_shapes"],
+            None if image_latents is None else tuple(image_latents.shape[1:]),
+            ex.get("additional_t_cond") is not None,
+            ex.get("guidance") is not None,
+            state.latents.dtype,
+        )
+
+    def text_layout(self, state: DiffusionState, branch: int) -> Any:
+        text = state.cond if branch == 0 else state.uncond
+        return text["encoder_hidden_states"].shape[1], text["encoder_hidden_states_mask"] is None
+
+    def _model_input(self, state: DiffusionState) -> torch.Tensor:
+        image_latents = state.extras.get("image_latents")
+        if image_latents is None:
+            return state.latents
+        return torch.cat([state.latents, image_latents], dim=1)
+
+    def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return self._denoise_step(states)
+
+    def _denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        preds = []
+        for s, outs in zip(states, self.run_branches(states, self._forward)):
+            n_lat = s.latents.shape[1]
+            cond = outs[0][:, :n_lat]
+            if s.uncond is None:
+                preds.append(cond)
+                continue
+            neg = outs[1][:, :n_lat]
+            comb = neg + s.guidance_scale_now() * (cond - neg)
+            if s.cfg.renorm:
+                cond_norm = torch.norm(cond, dim=-1, keepdim=True)
+                noise_norm = torch.norm(comb, dim=-1, keepdim=True)
+                comb = comb * (cond_norm / noise_norm)
+            preds.append(comb)
+        return preds
+
+    def _forward(self, blocks: list[tuple[DiffusionState, int]]) -> torch.Tensor:
+        """One transformer call over the rows of (state, branch) blocks."""
+        hidden, timesteps, texts, guidance, t_cond = [], [], [], [], []
+        for s, branch in blocks:
+            x = self._model_input(s)
+            hidden.append(x)
+            timesteps.append(s.current_timestep.expand(s.rows).to(s.latents.dtype) / 1000)
+            texts.append(s.cond if branch == 0 else s.uncond)
+            if s.extras.get("guidance") is not None:
+                guidance.append(torch.full([s.rows], s.extras["guidance"], device=x.device, dtype=torch.float32))
+            if s.extras.get("additional_t_cond") is not None:
+                t_cond.append(s.extras["additional_t_cond"])
+        embeds, mask = _pad_text(texts)
+        rows = sum(s.rows for s, _ in blocks)
+        return self.pipe.transformer(
+            hidden_states=torch.cat(hidden),
+            timestep=torch.cat(timesteps),
+            guidance=torch.cat(guidance) if guidance else None,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=embeds,
+            img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
+            attention_kwargs={},
+            return_dict=False,
+            **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
+        )[0]
+
+    def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            super().scheduler_step(states, preds)
+
+    # ---- decode -------------------------------------------------------------------
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
+        return latents / inv_std + mean
+
+    def decode(self, state: DiffusionState) -> DiffusionOutput:
+        with torch.no_grad():
+            return self._decode(state)
+
+    def _decode(self, state: DiffusionState) -> DiffusionOutput:
+        return self._decode_images([state])[0]
+
+    def decode_many(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
+        """One VAE call per group of finished states with the same size and output type."""
+        groups: dict[tuple, list[DiffusionState]] = {}
+        for s in states:
+            groups.setdefault((s.params.height, s.params.width, s.params.output_type), []).append(s)
+        outputs = {}
+        with torch.no_grad():
+            for group in groups.values():
+                outputs.update(zip((s.request_id for s in group), self._decode_images(group)))
+        return [outputs[s.request_id] for s in states]
+
+    def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
+        p = states[0].params
+        if p.output_type == "latent":
+            return [DiffusionOutput(s.request_id, "latent", s.params, latents=s.latents) for s in states]
+        latents = torch.cat([s.latents for s in states])
+        latents = self.pipe._unpack_latents(latents, p.height, p.width, self.pipe.vae_scale_factor)
+        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        images = list(self.pipe.image_processor.postprocess(image, output_type=p.output_type))
+        outputs, start = [], 0
+        for s in states:
+            outputs.append(DiffusionOutput(s.request_id, "image", s.params, images=images[start : start + s.rows]))
+            start += s.rows
+        return outputs
+
+
+def _pad_text(branches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack text embeddings of several branches; right-pad with zeros and mask if lengths differ."""
+    embeds = [b["encoder_hidden_states"] for b in branches]
+    masks = [b["encoder_hidden_states_mask"] for b in branches]
+    longest = max(e.shape[1] for e in embeds)
+    if all(e.shape[1] == longest for e in embeds) and all(m is None for m in masks):
+        return torch.cat(embeds), None
+    padded, full_masks = [], []
+    for e, m in zip(embeds, masks):
+        rows, length, dim = e.shape
+        if m is None:
+            m = torch.ones(rows, length, dtype=torch.long, device=e.device)
+        padded.append(torch.cat([e, e.new_zeros(rows, longest - length, dim)], dim=1))
+        full_masks.append(torch.cat([m, m.new_zeros(rows, longest - length)], dim=1))
+    return torch.cat(padded), torch.cat(full_masks)
+
+
+class QwenImageEditStepwise(QwenImageStepwise):
+    """Image + instruction -> image (QwenImageEditPipeline)."""
+
+    family = "qwen-image-edit"
+
+    def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+        images = v.get("images")
+        if not images:
+            raise ValueError("Qwen-Image-Edit needs an input image (`images`)")
+        w, h = images[0].size
+        calc_w, calc_h = _dims_for_area(1024 * 1024, w / h)
+        m = self.multiple_of
+        height = v["height"] if "height" in explicit else calc_h
+        width = v["width"] if "width" in explicit else calc_w
+        return {"height": height // m * m, "width": width // m * m}
+
+    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        pipe, n = self.pipe, params.num_outputs_per_prompt
+        image = params.images[0]
+        calc_w, calc_h = _dims_for_area(1024 * 1024, image.size[0] / image.size[1])
+        height, width = params.height, params.width
+        image = pipe.image_processor.resize(image, calc_h, calc_w)
+        prompt_image = image
+        image = pipe.image_processor.preprocess(image, calc_h, calc_w).unsqueeze(2)
+        cfg = self._cfg(params)
+        generator = params.generator()
+        cond = self._encode(params.prompt, params, image=prompt_image)
+        uncond = self._encode(params.negative_prompt, params, image=prompt_image) if cfg.branches == 2 else None
+        channels = pipe.transformer.config.in_channels // 4
+        latents, image_latents = pipe.prepare_latents(
+            image, n, channels, height, width, cond["encoder_hidden_states"].dtype, self.device, generator
+        )
+        vsf = pipe.vae_scale_factor
+        sigmas = np.linspace(1.0, 1 / params.num_inference_steps, params.num_inference_steps)
+        scheduler, timesteps = self._timesteps(params, sigmas, _calculate_shift(latents.shape[1], pipe.scheduler.config))
+        img_shapes = ((1, height // vsf // 2, width // vsf // 2), (1, calc_h // vsf // 2, calc_w // vsf // 2))
+        extras = {"img_shapes": img_shapes, "image_latents": image_latents}
+        return self._state(params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras)
+
+
+class QwenImageLayeredStepwise(QwenImageStepwise):
+    """Image -> RGBA layers (QwenImageLayeredPipeline). RGB inputs are converted to RGBA."""
+
+    family = "qwen-image-layered"
+
+    def defaults(self) -> PipelineDefaults:
+        return PipelineDefaults(
+            values=dict(
+                num_inference_steps=50,
+                true_cfg_scale=4.0,
+                layers=4,
+                resolution=640,
+                max_sequence_length=512,
+                cfg_normalize=False,
+                use_en_prompt=False,
+            ),
+            derive=self._derive,
+        )
+
+    def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+        images = v.get("images")
+        if not images:
+            raise ValueError("Qwen-Image-Layered needs an input image (`images`)")
+        if v["resolution"] not in (640, 1024):
+            raise ValueError(f"resolution must be 640 or 1024, got {v['resolution']!r}")
+        for name in ("height", "width"):
+            if name in explicit:
+                raise ValueError(f"Qwen-Image-Layered takes its size from `resolution` and the image, not `{name}`")
+        w, h = images[0].size
+        calc_w, calc_h = _dims_for_area(v["resolution"] ** 2, w / h)
+        m = self.multiple_of
+        return {
+            "height": calc_h // m * m,
+            "width": calc_w // m * m,
+            "images": [img if img.mode == "RGBA" else img.convert("RGBA") for img in images],
+        }
+
+    def _cfg(self, params: ResolvedParams, renorm: bool = True) -> CfgLayout:
+        return super()._cfg(params, renorm=bool(params.extra.get("cfg_normalize", False)))
+
+    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        pipe, n, layers = self.pipe, params.num_outputs_per_prompt, params.layers
+        image = params.images[0]
+        calc_w, calc_h = _dims_for_area(params.resolution**2, image.size[0] / image.size[1])
+        height, width = params.height, params.width
+        image = pipe.image_processor.resize(image, calc_h, calc_w)
+        prompt_image = image
+        image = pipe.image_processor.preprocess(image, calc_h, calc_w).unsqueeze(2).to(pipe.text_encoder.dtype)
+        prompt = params.prompt
+        if prompt in ("", " "):
+            prompt = pipe.get_image_caption(prompt_image, use_en_prompt=params.extra["use_en_prompt"], device=self.device)
+        cfg = self._cfg(params)
+        generator = params.generator()
+        cond = self._encode(prompt, params)
+        uncond = self._encode(params.negative_prompt, params) if cfg.branches == 2 else None
+        channels = pipe.transformer.config.in_channels // 4
+        latents, image_latents = pipe.prepare_latents(
+            image, n, channels, height, width, layers, cond["encoder_hidden_states"].dtype, self.device, generator
+        )
+        vsf = pipe.vae_scale_factor
+        steps = params.num_inference_steps
+        sigmas = np.linspace(1.0, 0, steps + 1)[:-1]
+        mu = (image_latents.shape[1] / (256 * 256 / 16 / 16)) ** 0.5
+        scheduler, timesteps = self._timesteps(params, sigmas, mu)
+        layer_shape = (1, height // vsf // 2, width // vsf // 2)
+        img_shapes = (layer_shape,) * (layers + 1) + ((1, calc_h // vsf // 2, calc_w // vsf // 2),)
+        extras = {
+            "img_shapes": img_shapes,
+            "image_latents": image_latents,
+            "additional_t_cond": torch.zeros(latents.shape[0], dtype=torch.long, device=self.device),
+        }
+        return self._state(params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras)
+
+    def decode_many(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
+        return [self.decode(s) for s in states]
+
+    def _decode(self, state: DiffusionState) -> DiffusionOutput:
+        p = state.params
+        if p.output_type == "latent":
+            return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
+        latents = self.pipe._unpack_latents(state.latents, p.height, p.width, p.layers, self.pipe.vae_scale_factor)
+        latents = self._denormalize(latents)
+        b, c, f, h, w = latents.shape
+        latents = latents[:, :, 1:]  # frame 0 is the composite of the input image
+        latents = latents.permute(0, 2, 1, 3, 4).reshape(-1, c, 1, h, w)
+        image = self.pipe.vae.decode(latents, return_dict=False)[0].squeeze(2)
+        image = self.pipe.image_processor.postprocess(image, output_type=p.output_type)
+        per_output = f - 1
+        layers = [list(image[i * per_output : (i + 1) * per_output]) for i in range(b)]
+        return DiffusionOutput(state.request_id, "layers", p, layers=layers)

@@ -1,0 +1,96 @@
+"""Offline API: `Omni(model=PATH).generate(prompts, params)`.
+
+Single-stage diffusion models run inline: one diffusion engine in this process,
+every prompt of a `generate` call submitted at once so their steps batch. A
+multi-stage orchestrator (AR stage in vLLM -> diffusion stage) will sit behind
+the same class; this module imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .diffusion.engine import DiffusionEngine, EngineConfig, EngineEvent
+from .diffusion.loader import load_pipeline
+from .diffusion.output import DiffusionOutput
+from .diffusion.params import SamplingParams
+
+PromptLike = str | Mapping[str, Any] | SamplingParams
+
+
+class GenerationError(RuntimeError):
+    """A request of a `generate` call failed; `__cause__` is the original error."""
+
+
+class Omni:
+    """Generate images / videos with a diffusers-format model directory.
+
+    model           path of a diffusers checkpoint (model_index.json)
+    dtype, device   explicit; default float32 on CPU, bfloat16 on CUDA
+    stage_defaults  defaults between the request and the pipeline's own
+                    (SamplingParams or a mapping), e.g. from a stage config
+    engine_config   token budget / max running requests of the step batcher
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
+        engine_config: EngineConfig | None = None,
+        force_generic: bool = False,
+    ) -> None:
+        self.model = model
+        self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
+        self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_event: Callable[[EngineEvent], None] | None = None,
+    ) -> list[DiffusionOutput]:
+        """One output per prompt, in prompt order; each carries its resolved params."""
+        requests = to_requests(prompts, params)
+        ids = [f"omni-{next(self._ids)}" for _ in requests]
+        for rid, request in zip(ids, requests):
+            self.engine.add_request(rid, request)
+        final = self.engine.run(on_event)
+        outputs = []
+        for rid in ids:
+            event = final[rid]
+            if event.kind != "finished":
+                raise GenerationError(f"request {rid} ended with {event.kind}") from event.error
+            outputs.append(event.output)
+        return outputs
+
+
+def to_requests(
+    prompts: PromptLike | Sequence[PromptLike], params: SamplingParams | Sequence[SamplingParams] | None
+) -> list[SamplingParams]:
+    """Pair prompts with params: one SamplingParams per prompt (shared params are copied)."""
+    single = isinstance(prompts, (str, Mapping, SamplingParams))
+    items = [prompts] if single else list(prompts)
+    if params is None or isinstance(params, SamplingParams):
+        per_item = [params] * len(items)
+    else:
+        per_item = list(params)
+        if len(per_item) != len(items):
+            raise ValueError(f"{len(items)} prompts but {len(per_item)} params")
+    out = []
+    for item, p in zip(items, per_item):
+        base = dataclasses.replace(p, extra=dict(p.extra)) if p is not None else SamplingParams()
+        if isinstance(item, SamplingParams):
+            out.append(dataclasses.replace(item, extra=dict(item.extra)))
+        elif isinstance(item, str):
+            out.append(dataclasses.replace(base, prompt=item))
+        else:
+            out.append(SamplingParams.from_dict({**base.set_fields(), **dict(item)}))
+    return out
