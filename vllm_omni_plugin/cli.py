@@ -2,6 +2,7 @@
 
   vllm-omni doctor [--json]                       is the plugin loaded, what is patched
   vllm-omni make-checkpoint FAMILY --preset tiny|full --out DIR [--seed N]
+  vllm-omni serve MODEL [vllm serve flags] [omni flags]   same as `vllm serve MODEL --omni`
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from vllm_omni_plugin.checkpoints import FAMILIES, PRESETS
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        # vLLM's serve parser (with its --help) takes every flag after `serve`.
+        from vllm_omni_plugin.server.cli import serve_main
+
+        return serve_main(argv[1:])
+
     parser = argparse.ArgumentParser(prog="vllm-omni", description="vllm-omni-plugin tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=_make_checkpoint)
+
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="OpenAI-compatible image/video server: `vllm serve MODEL --omni` without vLLM's --omni hook "
+        "(`vllm-omni serve --help` lists the flags)",
+    )
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,29 +1,98 @@
 """`make demo`: the main job on the embedded default.
 
-Builds the tiny seeded BAGEL checkpoint, loads it with plain `vllm.LLM()` (the
-plugin loads through vLLM's own entry-point machinery) and prints the greedy
-answer to a text prompt and to an image+text prompt. Grows with the product:
-once `vllm serve ... --omni` lands this becomes a served image request.
+1. Builds the tiny seeded Qwen-Image checkpoint, starts `vllm serve <ckpt> --omni`
+   on 127.0.0.1, asks it for one image through the official `openai` client,
+   saves the PNG, prints its path and stops the server.
+2. Builds the tiny seeded BAGEL checkpoint, loads it with plain `vllm.LLM()`
+   (the plugin loads through vLLM's own entry-point machinery) and prints the
+   greedy answer to a text prompt and to an image+text prompt.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+OUT = Path(os.environ.get("OMNI_DEMO_DIR", Path(tempfile.gettempdir()) / "vllm-omni-demo"))
 
-def main() -> int:
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server did not become healthy in {timeout:.0f} s; see {log}")
+
+
+def served_image() -> Path:
+    import openai
+
+    from vllm_omni_plugin.checkpoints import make_checkpoint
+
+    ckpt = make_checkpoint("qwen-image", "tiny", OUT / "qwen-image-tiny", seed=0)
+    print(f"checkpoint: {ckpt}", flush=True)
+    port = _free_port()
+    vllm = Path(sys.executable).with_name("vllm")
+    log = OUT / "server.log"
+    cmd = [str(vllm), "serve", str(ckpt), "--omni", "--host", "127.0.0.1", "--port", str(port)]
+    print("starting:", " ".join(cmd), flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        result = client.images.generate(
+            prompt="a red cat on a blue sofa",
+            size="128x128",
+            extra_body={"seed": 0, "num_inference_steps": 8},
+        )
+        path = OUT / "qwen-image-tiny.png"
+        path.write_bytes(base64.b64decode(result.data[0].b64_json))
+        print(f"image: {path} (resolved: {result.model_extra['omni']['resolved']})", flush=True)
+        return path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        print("server stopped", flush=True)
+
+
+def bagel_text() -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
     from vllm_omni_plugin.checkpoints import make_checkpoint
 
-    out = Path(os.environ.get("OMNI_DEMO_DIR", Path(tempfile.gettempdir()) / "vllm-omni-demo")) / "bagel-tiny"
-    path = make_checkpoint("bagel", "tiny", out, seed=0)
+    path = make_checkpoint("bagel", "tiny", OUT / "bagel-tiny", seed=0)
     print(f"checkpoint: {path}", flush=True)
 
     llm = LLM(model=str(path), dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
@@ -39,6 +108,13 @@ def main() -> int:
     )
     print(f"text2text answer: {text[0].outputs[0].text!r} (token ids {list(text[0].outputs[0].token_ids)})")
     print(f"img2text answer:  {img[0].outputs[0].text!r} (token ids {list(img[0].outputs[0].token_ids)})")
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    served_image()
+    if os.environ.get("OMNI_DEMO_SKIP_BAGEL") != "1":
+        bagel_text()
     return 0
 
 

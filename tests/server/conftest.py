@@ -1,0 +1,158 @@
+"""A real `vllm serve <tiny checkpoint> --omni` on 127.0.0.1, shared by the tests.
+
+At most one server runs at a time (2 CPU cores): `omni_server(family)`
+returns the running server when it serves that family, otherwise stops it
+and starts the one asked for. Test files are ordered so that each family
+starts once per session (edits, then qwen-image, then videos).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM = Path(sys.executable).with_name("vllm")
+OMNI_CLI = Path(sys.executable).with_name("vllm-omni")
+API_KEY = "omni-test-key"
+
+# Stage defaults every test server runs with: keeps omitted-parameter requests
+# cheap on CPU and exercises precedence (request > these > the pipeline's own).
+STAGE_DEFAULTS = {
+    "qwen-image": '{"num_inference_steps": 2, "height": 64, "width": 64}',
+    "qwen-image-edit": '{"num_inference_steps": 2}',
+    "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
+}
+
+
+@dataclass
+class Server:
+    family: str
+    model: Path
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        import openai
+
+        kw.setdefault("api_key", API_KEY)
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 300)
+        return openai.OpenAI(base_url=self.url + "/v1", **kw)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(family: str, model: Path, workdir: Path, extra_args: list[str], use_omni_cli: bool = False) -> Server:
+    port = free_port()
+    log = workdir / f"server-{family}.log"
+    args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+            "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
+    cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    server = Server(family, model, port, proc, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                server.extra["startup_s"] = round(180 - (deadline - time.monotonic()), 1)
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not become healthy in 180 s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def omni_server(checkpoint, tmp_path_factory):
+    """`omni_server(family)` -> the running Server for that tiny checkpoint family."""
+    state: dict[str, Server | None] = {"current": None}
+    workdir = tmp_path_factory.mktemp("omni-servers")
+    media_dir = workdir / "media"
+    media_dir.mkdir()
+    video_dir = workdir / "videos"
+
+    def get(family: str) -> Server:
+        current = state["current"]
+        if current is not None and current.family == family and current.proc.poll() is None:
+            return current
+        if current is not None:
+            current.stop()
+            state["current"] = None
+        extra: list[str] = []
+        if family == "qwen-image":
+            extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image"]
+        elif family == "qwen-image-edit":
+            extra = ["--allowed-local-media-path", str(media_dir)]
+        elif family == "wan2.2-t2v":
+            extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
+        server = start_server(family, checkpoint(family), workdir, extra, use_omni_cli=family == "qwen-image-edit")
+        server.extra.update(media_dir=media_dir, video_dir=video_dir)
+        state["current"] = server
+        return server
+
+    yield get
+    if state["current"] is not None:
+        state["current"].stop()
+
+
+def decoded_md5(data: bytes) -> str:
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()
+
+
+def pil_md5(img) -> str:
+    import hashlib
+
+    return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()

@@ -1,0 +1,95 @@
+"""/v1/images/edits (multipart upload, JSON image URL) and chat with an input
+image vs offline edits: byte-identical pixels. Served through `vllm-omni serve`
+(the collision-free CLI) with --allowed-local-media-path."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import requests
+from PIL import Image
+
+from vllm_omni_plugin.diffusion.params import SamplingParams
+
+from .conftest import decoded_md5, pil_md5
+from .offline import comparable, offline
+
+pytestmark = pytest.mark.engine
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _input_image() -> Image.Image:
+    img = Image.new("RGB", (48, 40), (200, 30, 30))
+    for x in range(0, 48, 6):
+        for y in range(40):
+            img.putpixel((x, y), (20, 200, 40))
+    return img
+
+
+def test_edit_upload_url_chat_offline_identical(omni_server, checkpoint):
+    server = omni_server("qwen-image-edit")
+    client = server.client()
+    image = _input_image()
+    png = _png(image)
+    (server.extra["media_dir"] / "in.png").write_bytes(png)
+
+    upload = client.images.edit(image=("in.png", png, "image/png"), prompt="make it blue", size="64x64",
+                                extra_body={"seed": 4})
+    by_url = requests.post(
+        server.url + "/v1/images/edits", headers=server.headers(), timeout=300,
+        json={"prompt": "make it blue", "size": "64x64", "seed": 4,
+              "images": [{"image_url": f"file://{server.extra['media_dir'] / 'in.png'}"}]},
+    )
+    assert by_url.status_code == 200, by_url.text
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    chat = client.chat.completions.create(
+        model=str(server.model),
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                               {"type": "text", "text": "make it blue"}]}],
+        extra_body={"seed": 4, "size": "64x64"},
+    )
+    off = offline(checkpoint, "qwen-image-edit").generate(
+        "make it blue", SamplingParams(images=[image], seed=4, width=64, height=64)
+    )[0]
+
+    md5 = pil_md5(off.images[0])
+    assert decoded_md5(base64.b64decode(upload.data[0].b64_json)) == md5
+    assert decoded_md5(base64.b64decode(by_url.json()["data"][0]["b64_json"])) == md5
+    url = chat.choices[0].message.content[0]["image_url"]["url"]
+    assert decoded_md5(base64.b64decode(url.split(",", 1)[1])) == md5
+    resolved = comparable(off.params.public_dict())
+    assert resolved["num_inference_steps"] == 2  # the server's stage default, same offline
+    assert upload.model_extra["omni"]["resolved"] == resolved
+    assert chat.model_extra["omni"]["resolved"] == resolved
+
+
+def test_edit_errors(omni_server, tmp_path):
+    server = omni_server("qwen-image-edit")
+    h = server.headers()
+    url = server.url + "/v1/images/edits"
+    png = _png(_input_image())
+    cases = [
+        (dict(data={"prompt": "x"}, files={"image": ("a.png", b"garbage", "image/png")}), 400, "could not be decoded"),
+        (dict(data={"prompt": "x"}), 400, "`image` is required"),
+        (dict(data={"size": "64x64"}, files={"image": ("a.png", png, "image/png")}), 400, "`prompt` is required"),
+        (dict(data={"prompt": "x"}, files={"image": ("a.png", png, "image/png"), "mask": ("m.png", png, "image/png")}),
+         400, "`mask` is not supported"),
+        (dict(data={"prompt": "x", "n": "0"}, files={"image": ("a.png", png, "image/png")}), 400, "positive integer"),
+        # outside --allowed-local-media-path
+        (dict(json={"prompt": "x", "images": [{"image_url": "file:///etc/hostname"}]}), 400, "must be a subpath"),
+        (dict(json={"prompt": "x", "images": [{"image_url": "ftp://example.com/a.png"}]}), 400, "HTTP, data or file"),
+    ]
+    for kwargs, status, fragment in cases:
+        r = requests.post(url, headers=h, timeout=60, **kwargs)
+        assert r.status_code == status, (fragment, r.text)
+        assert fragment in r.json()["error"]["message"], r.text
+    # text-to-image on an edit model: the model's own rule, still a 400
+    r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"}, timeout=60)
+    assert r.status_code == 400 and "needs an input image" in r.json()["error"]["message"]

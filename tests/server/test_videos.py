@@ -1,0 +1,103 @@
+"""/v1/videos on tiny Wan2.2 T2V: job lifecycle, progress, mp4 frames equal to the
+offline frames through the same export, deletion, retention, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from vllm_omni_plugin.diffusion.params import SamplingParams
+
+from .offline import comparable, offline
+
+pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
+
+
+def _frames_md5(mp4_path) -> list[str]:
+    import av
+
+    with av.open(str(mp4_path)) as container:
+        return [hashlib.md5(np.ascontiguousarray(f.to_ndarray(format="rgb24")).tobytes()).hexdigest()
+                for f in container.decode(video=0)]
+
+
+def _wait(client, video_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        v = client.videos.retrieve(video_id)
+        seen.append((v.status, v.progress))
+        if v.status in ("completed", "failed"):
+            return v, seen
+        time.sleep(0.2)
+    raise AssertionError(f"video {video_id} did not finish: {seen[-5:]}")
+
+
+def test_video_matches_offline_then_expires(omni_server, checkpoint, tmp_path):
+    server = omni_server("wan2.2-t2v")
+    client = server.client()
+    job = client.videos.create(prompt="a boat at sea", extra_body={"seed": 9, "negative_prompt": "blur"})
+    assert job.status in ("queued", "in_progress") and job.id.startswith("video_")
+    done, seen = _wait(client, job.id)
+    assert done.status == "completed" and done.progress == 100, done
+    assert done.size == "64x64"
+
+    content = client.videos.download_content(job.id)
+    served = tmp_path / "served.mp4"
+    served.write_bytes(content.read())
+    stored = server.extra["video_dir"] / f"{job.id}.mp4"
+    assert stored.is_file() and stored.read_bytes() == served.read_bytes()
+
+    off = offline(checkpoint, "wan2.2-t2v").generate("a boat at sea", SamplingParams(seed=9, negative_prompt="blur"))[0]
+    assert done.model_extra["omni"]["resolved"] == comparable(off.params.public_dict())
+    local = off.save_mp4(tmp_path / "offline.mp4")
+    assert _frames_md5(served) == _frames_md5(local)
+    assert len(_frames_md5(served)) == off.params.num_frames == 5
+
+    # retention (6 s on this server): the job and its file go away by themselves
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and stored.exists():
+        time.sleep(0.5)
+    assert not stored.exists()
+    r = requests.get(f"{server.url}/v1/videos/{job.id}", headers=server.headers())
+    assert r.status_code == 404
+
+
+def test_video_delete_and_errors(omni_server):
+    server = omni_server("wan2.2-t2v")
+    client = server.client()
+    h = server.headers()
+    job = client.videos.create(prompt="a slow one", extra_body={"num_inference_steps": 150, "seed": 1})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # per-step progress reaches the job
+        v = client.videos.retrieve(job.id)
+        if v.status == "in_progress" and v.progress > 0:
+            break
+        time.sleep(0.1)
+    assert v.status == "in_progress" and 0 < v.progress < 100, v
+    deleted = client.videos.delete(job.id)
+    assert deleted.deleted and deleted.id == job.id
+    r = requests.get(f"{server.url}/v1/videos/{job.id}", headers=h)
+    assert r.status_code == 404
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and server.metrics()["omni_engine_requests_in_flight"]:
+        time.sleep(0.2)
+    assert server.metrics()["omni_engine_requests_in_flight"] == 0  # its engine work was aborted
+    assert not list(server.extra["video_dir"].glob(f"{job.id}*"))
+
+    cases = [
+        ({"prompt": "x", "size": "huge"}, "WIDTHxHEIGHT"),
+        ({"prompt": "x", "num_frames": "1000"}, "--omni-max-frames"),
+        ({"prompt": "x", "seconds": "100"}, "--omni-max-frames"),
+        ({"prompt": "x", "seconds": "1", "num_frames": "5"}, "not both"),
+        ({"size": "64x64"}, "`prompt` is required"),
+    ]
+    for data, fragment in cases:
+        r = requests.post(server.url + "/v1/videos", headers=h, data=data)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"})
+    assert r.status_code == 400 and "/v1/videos" in r.json()["error"]["message"]

@@ -1,0 +1,322 @@
+"""Wire fields -> the canonical request, validated once.
+
+`build_sampling_params(fields, images)` turns the union of fields the OpenAI
+routes accept (already parsed from JSON, a multipart form or a chat message)
+into the `SamplingParams` the offline API also takes. `RequestBuilder.build`
+adds what needs the served model: resolution through the pipeline's own
+`resolve` (request > stage defaults > pipeline defaults, derived values) and
+the limits on *resolved* values (an omitted size still obeys the pixel limit).
+
+Unset stays `None` all the way to `resolve`; nothing here invents a default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from ..diffusion.params import ResolvedParams, SamplingParams
+from .images import decode_image
+from .limits import Limits, RequestError
+
+# Generation fields: wire name -> (SamplingParams field, kind).
+_GENERATION: dict[str, tuple[str, str]] = {
+    "prompt": ("prompt", "str"),
+    "negative_prompt": ("negative_prompt", "str"),
+    "n": ("num_outputs_per_prompt", "int"),
+    "num_inference_steps": ("num_inference_steps", "int"),
+    "guidance_scale": ("guidance_scale", "float"),
+    "guidance_scale_2": ("guidance_scale_2", "float"),
+    "true_cfg_scale": ("true_cfg_scale", "float"),
+    "cfg_scale": ("true_cfg_scale", "float"),
+    "seed": ("seed", "int"),
+    "layers": ("layers", "int"),
+    "resolution": ("resolution", "int"),
+    "num_frames": ("num_frames", "int"),
+    "fps": ("fps", "int"),
+}
+# Handled here but not a SamplingParams field one-to-one.
+_SPECIAL = ("size", "seconds")
+OUTPUT_FIELDS = ("response_format", "output_format", "output_compression", "background")
+# OpenAI fields we accept and do not act on (they do not change the pixels).
+IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "input_fidelity")
+FIELDS = frozenset(_GENERATION) | frozenset(_SPECIAL) | frozenset(OUTPUT_FIELDS) | frozenset(IGNORED_FIELDS)
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+RESPONSE_FORMATS = ("b64_json",)
+BACKGROUNDS = ("auto", "opaque", "transparent")
+TASKS = ("image", "edit", "video")
+
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_INT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How generated images are handed back (does not change the pixels)."""
+
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int | None = None
+    background: str = "auto"
+
+
+@dataclass(frozen=True)
+class CanonicalRequest:
+    """What every route runs: the resolved engine request plus its output spec."""
+
+    params: ResolvedParams
+    output: OutputSpec
+    task: str
+
+
+def parse_size(value: Any, limits: Limits | None = None) -> tuple[int, int] | None:
+    """"WxH" -> (width, height); "auto" or None -> None (model default)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise RequestError(f"size must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {value!r}", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 1 or height < 1:
+        raise RequestError(f"size must have a positive width and height, got {value!r}", "size")
+    if limits is not None and width * height > limits.max_pixels:
+        raise RequestError(
+            f"size {width}x{height} is {width * height} pixels, above this server's limit of "
+            f"{limits.max_pixels} (--omni-max-pixels)",
+            "size",
+        )
+    return width, height
+
+
+def _coerce(name: str, value: Any, kind: str) -> Any:
+    """JSON values as they are; multipart form values arrive as strings."""
+    if kind == "str":
+        if not isinstance(value, str):
+            raise RequestError(f"`{name}` must be a string, got {type(value).__name__}", name)
+        return value
+    if kind == "int":
+        if isinstance(value, bool):
+            raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _INT.match(value):
+            return int(value)
+        raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
+    # float
+    if isinstance(value, bool):
+        raise RequestError(f"`{name}` must be a number, got {value!r}", name)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise RequestError(f"`{name}` must be a number, got {value!r}", name)
+
+
+def _positive(name: str, value: int | None, upper: int | None = None, flag: str = "") -> None:
+    if value is None:
+        return
+    if value < 1:
+        raise RequestError(f"`{name}` must be a positive integer, got {value}", name)
+    if upper is not None and value > upper:
+        raise RequestError(f"`{name}`={value} is above this server's limit of {upper} ({flag})", name)
+
+
+def build_sampling_params(
+    fields: Mapping[str, Any],
+    images: Sequence[Any] = (),
+    limits: Limits | None = None,
+    *,
+    strict: bool = True,
+    require_prompt: bool = True,
+) -> tuple[SamplingParams, OutputSpec, float | None]:
+    """Validate wire fields; return (SamplingParams, OutputSpec, seconds).
+
+    `images` are raw bytes or PIL images (decoded and checked here).
+    strict: unknown fields are an error (images / videos routes); the chat route
+    passes only the fields it knows and sets strict=False.
+    A field sent as null counts as not sent.
+    """
+    limits = limits or Limits()
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if strict:
+        unknown = sorted(set(fields) - FIELDS)
+        if unknown:
+            raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
+    if require_prompt and "prompt" not in fields:
+        raise RequestError("`prompt` is required", "prompt")
+
+    values: dict[str, Any] = {}
+    for wire, (ours, kind) in _GENERATION.items():
+        if wire in fields:
+            value = _coerce(wire, fields[wire], kind)
+            if ours in values and values[ours] != value:
+                raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
+            values[ours] = value
+    _positive("n", values.get("num_outputs_per_prompt"), limits.max_n, "--omni-max-n")
+    _positive("num_inference_steps", values.get("num_inference_steps"), limits.max_steps, "--omni-max-steps")
+    _positive("num_frames", values.get("num_frames"), limits.max_frames, "--omni-max-frames")
+    for name in ("layers", "resolution", "fps"):
+        _positive(name, values.get(name))
+    seed = values.get("seed")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise RequestError(f"`seed` must be in [0, 2**64), got {seed}", "seed")
+
+    size = parse_size(fields.get("size"), limits)
+    if size is not None:
+        values["width"], values["height"] = size
+
+    seconds = None
+    if "seconds" in fields:
+        seconds = _coerce("seconds", fields["seconds"], "float")
+        if not seconds > 0:
+            raise RequestError(f"`seconds` must be positive, got {seconds}", "seconds")
+        if "num_frames" in values:
+            raise RequestError("pass `seconds` or `num_frames`, not both", "seconds")
+
+    if len(images) > limits.max_input_images:
+        raise RequestError(f"{len(images)} input images; this server takes at most {limits.max_input_images}", "image")
+    if images:
+        values["images"] = [decode_image(img, limits, "image") for img in images]
+
+    return SamplingParams(**values), _output_spec(fields), seconds
+
+
+def _output_spec(fields: Mapping[str, Any]) -> OutputSpec:
+    response_format = fields.get("response_format", "b64_json")
+    if response_format == "url":
+        raise RequestError(
+            "response_format=url is not supported by this server (it keeps no image store); use b64_json",
+            "response_format",
+        )
+    if response_format not in RESPONSE_FORMATS:
+        raise RequestError(f"response_format must be b64_json, got {response_format!r}", "response_format")
+    output_format = fields.get("output_format", "png")
+    if output_format == "jpg":
+        output_format = "jpeg"
+    if output_format not in OUTPUT_FORMATS:
+        raise RequestError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}", "output_format")
+    compression = fields.get("output_compression")
+    if compression is not None:
+        compression = _coerce("output_compression", compression, "int")
+        if not 0 <= compression <= 100:
+            raise RequestError(f"output_compression must be in [0, 100], got {compression}", "output_compression")
+    background = fields.get("background", "auto")
+    if background not in BACKGROUNDS:
+        raise RequestError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}", "background")
+    if background == "transparent" and output_format == "jpeg":
+        raise RequestError("background=transparent needs output_format png or webp (jpeg has no alpha)", "background")
+    return OutputSpec(str(response_format), str(output_format), compression, str(background))
+
+
+class RequestBuilder:
+    """Builds and resolves requests for one served model.
+
+    resolve_fn     the pipeline's `resolve(request, stage_defaults)` -- the same
+                   function the engine and the offline API use
+    output_kind    "image" | "layers" | "video": what the model makes
+    takes_images   whether the model takes input images (edit, layered, i2v)
+    """
+
+    def __init__(
+        self,
+        resolve_fn: Callable[[SamplingParams, Any], ResolvedParams],
+        output_kind: str,
+        stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
+        limits: Limits | None = None,
+        takes_images: bool = False,
+    ) -> None:
+        self.resolve_fn = resolve_fn
+        self.output_kind = output_kind
+        self.takes_images = takes_images
+        self.stage_defaults = stage_defaults
+        self.limits = limits or Limits()
+
+    def build(
+        self,
+        fields: Mapping[str, Any],
+        images: Sequence[Any] = (),
+        *,
+        task: str,
+        strict: bool = True,
+    ) -> CanonicalRequest:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self._check_task(task)
+        request, output, seconds = build_sampling_params(fields, images, self.limits, strict=strict)
+        if task == "edit" and not request.images:
+            raise RequestError("`image` is required for an edit", "image")
+        if request.images and not self.takes_images:
+            raise RequestError(
+                "this model does not take input images (text-to-image / text-to-video); send the prompt only",
+                "image",
+            )
+        if output.background == "transparent" and self.output_kind != "layers":
+            raise RequestError(
+                "background=transparent needs a layered model (e.g. Qwen-Image-Layered); this model makes opaque images",
+                "background",
+            )
+        if seconds is not None:
+            request = self._frames_from_seconds(request, seconds)
+        params = self._resolve(request)
+        self._check_resolved(params)
+        return CanonicalRequest(params, output, task)
+
+    def _check_task(self, task: str) -> None:
+        if task == "video" and self.output_kind != "video":
+            raise RequestError("this model generates images, not videos; use /v1/images/generations", "model")
+        if task in ("image", "edit") and self.output_kind == "video":
+            raise RequestError("this model generates videos; use /v1/videos", "model")
+
+    def _resolve(self, request: SamplingParams) -> ResolvedParams:
+        try:
+            return self.resolve_fn(request, self.stage_defaults)
+        except RequestError:
+            raise
+        except (ValueError, TypeError) as e:  # the pipeline's own rules (missing image, bad resolution ...)
+            raise RequestError(str(e)) from e
+
+    def _frames_from_seconds(self, request: SamplingParams, seconds: float) -> SamplingParams:
+        # Derived from the *resolved* fps (principle 2); the pipeline then snaps
+        # num_frames to what its VAE accepts.
+        fps = self._resolve(request).fps
+        if fps is None:
+            raise RequestError("`seconds` needs a video model with a frame rate", "seconds")
+        frames = int(round(seconds * fps)) + 1
+        if frames > self.limits.max_frames:
+            raise RequestError(
+                f"seconds={seconds} at {fps} fps is {frames} frames, above this server's limit of "
+                f"{self.limits.max_frames} (--omni-max-frames)",
+                "seconds",
+            )
+        request.num_frames = frames
+        return request
+
+    def _check_resolved(self, p: ResolvedParams) -> None:
+        lim = self.limits
+        if p.height is not None and p.width is not None and p.height * p.width > lim.max_pixels:
+            raise RequestError(
+                f"the resolved size {p.width}x{p.height} is {p.width * p.height} pixels, above this server's "
+                f"limit of {lim.max_pixels} (--omni-max-pixels)",
+                "size",
+            )
+        if p.num_frames is not None and p.num_frames > lim.max_frames:
+            raise RequestError(
+                f"the resolved num_frames={p.num_frames} is above this server's limit of {lim.max_frames} "
+                "(--omni-max-frames)",
+                "num_frames",
+            )
+        if p.num_inference_steps > lim.max_steps:
+            raise RequestError(
+                f"the resolved num_inference_steps={p.num_inference_steps} is above this server's limit of "
+                f"{lim.max_steps} (--omni-max-steps)",
+                "num_inference_steps",
+            )
+        if p.num_outputs_per_prompt > lim.max_n:
+            raise RequestError(f"n={p.num_outputs_per_prompt} is above this server's limit of {lim.max_n}", "n")

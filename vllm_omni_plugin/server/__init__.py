@@ -1,0 +1,16 @@
+"""`vllm serve MODEL --omni`: OpenAI-compatible image, edit, video and chat-image routes.
+
+    cli.py        argv -> vLLM's own serve parser + the "Omni" argument group
+    config.py     OmniServerConfig: the omni flags, read once from the parsed args
+    launch.py     load the model, build the app, serve it with vLLM's HTTP launcher
+    app.py        the app factory and OmniEndpointPlugin (routes + state)
+    bridge.py     EngineLoop: the diffusion engine in a background thread, asyncio side
+    videos.py     VideoStore: video jobs, their files, retention
+    media.py      image URLs through vLLM's MediaConnector rules
+    encode.py     images -> png / jpeg / webp base64
+    errors.py     OpenAI-format error bodies
+    metrics.py    Prometheus metrics of the omni routes and the engine
+    routes/       images.py, chat.py, videos.py, meta.py (models, health, metrics)
+
+Every route builds its request with `vllm_omni_plugin.request.RequestBuilder`.
+"""

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the omni routes and the diffusion engine (GET /metrics).
+
+A registry of our own: the diffusion-only server has no vLLM engine metrics,
+and the multi-stage server (vLLM's app) can append this registry's output to
+its /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .bridge import EngineLoop
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class OmniMetrics:
+    def __init__(self, bridge: EngineLoop) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "omni_requests", "Omni requests by route and HTTP status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "omni_request_latency_seconds", "Omni request latency by route", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight_route = Gauge("omni_route_requests_in_flight", "Requests being served, by route", ["route"], registry=r)
+        self.step_latency = Histogram(
+            "omni_engine_step_seconds", "Wall time of one diffusion engine step (one batched denoise step)",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.step_batch = Histogram(
+            "omni_engine_step_requests", "Requests advanced by one engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
+        Gauge("omni_engine_requests_in_flight", "Requests in the diffusion engine (waiting + running)",
+              registry=r).set_function(lambda: bridge.in_flight)
+        Gauge("omni_engine_requests_running", "Requests the diffusion engine holds state for",
+              registry=r).set_function(lambda: bridge.running)
+        Gauge("omni_engine_queue_length", "Requests waiting for the diffusion engine to admit them",
+              registry=r).set_function(lambda: max(bridge.in_flight - bridge.running, 0))
+        Gauge("omni_engine_queue_capacity", "--omni-max-queue", registry=r).set_function(lambda: bridge.max_queue)
+        for name in ("submitted", "finished", "failed", "aborted", "rejected"):
+            Gauge(f"omni_engine_requests_{name}", f"Requests {name} since start", registry=r).set_function(
+                (lambda n: lambda: getattr(bridge.stats, n))(name)
+            )
+        bridge.step_observer = self.observe_step
+
+    def observe_step(self, seconds: float, requests: int) -> None:
+        self.step_latency.observe(seconds)
+        self.step_batch.observe(requests)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

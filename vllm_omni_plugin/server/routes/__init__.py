@@ -1,0 +1,1 @@
+"""The omni HTTP routes; each builds its request with the one RequestBuilder."""

@@ -1,0 +1,141 @@
+"""/v1/videos: create (multipart or JSON), retrieve, list, download, delete.
+
+A video is a job: POST validates and queues it (bad input fails right there,
+with a 4xx), the engine runs it in the background, GET reports status and
+progress, GET .../content streams the mp4 once it is completed. Deleting a
+job that is still running aborts its engine work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from ...request import RequestError
+from ..bridge import EngineStopped, GenerationFailed, RequestAborted
+from ..errors import OmniHTTPError
+from ..videos import VideoJob, VideoNotFound
+from .common import check_request, json_body, json_response, omni_route, read_form, runtime
+
+router = APIRouter()
+logger = logging.getLogger("vllm.omni_plugin.server")
+
+
+def _job(request: Request, video_id: str) -> VideoJob:
+    try:
+        return runtime(request).videos.get(video_id)
+    except VideoNotFound:
+        raise OmniHTTPError(404, f"No video found with id {video_id!r}", "video_id") from None
+
+
+async def _video_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
+    omni = runtime(request)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = await json_body(request)
+        ref = body.pop("input_reference", None)
+        if ref is None:
+            return body, []
+        if not isinstance(ref, dict) or "image_url" not in ref:
+            raise RequestError('`input_reference` must be {"image_url": URL} in a JSON body', "input_reference")
+        return body, [await omni.media.fetch_image(ref["image_url"], "input_reference")]
+    return await read_form(request, ("input_reference",), ("input_reference[image_url]",))
+
+
+async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
+    """Background: wait for the engine, write the mp4, settle the job."""
+    omni = request_app_state.omni
+    try:
+        output = await omni.bridge.result(handle)
+        if job.deleted:
+            return
+        path = omni.videos.path_for(job.id)
+        part = omni.videos.partial_path_for(job.id)
+        await asyncio.to_thread(output.save_mp4, part)
+        if job.deleted:
+            part.unlink(missing_ok=True)
+            return
+        part.replace(path)
+        omni.videos.complete(job)
+    except (RequestAborted, EngineStopped) as exc:
+        if not job.deleted:
+            omni.videos.fail(job, "aborted", str(exc))
+    except (GenerationFailed, OSError, ValueError) as exc:  # engine errors, mp4 export errors
+        logger.warning("omni: video %s failed: %s", job.id, exc)
+        if not job.deleted:
+            bad_input = isinstance(exc, GenerationFailed) and isinstance(exc.__cause__, (ValueError, TypeError))
+            omni.videos.fail(job, "invalid_request" if bad_input else "generation_failed", str(exc))
+
+
+@router.post("/v1/videos")
+@omni_route("videos.create")
+async def create_video(request: Request):
+    omni = runtime(request)
+    fields, images = await _video_inputs(request)
+    check_request(request, fields)
+    canon = await asyncio.to_thread(omni.builder.build, fields, images, task="video")
+    p = canon.params
+    seconds = (p.num_frames - 1) / p.fps if p.num_frames and p.fps else 0
+    job = VideoJob(
+        id=omni.videos.new_id(),
+        model=fields.get("model") or omni.model_name,
+        prompt=p.prompt,
+        size=f"{p.width}x{p.height}",
+        seconds=f"{seconds:g}",
+        resolved=p.public_dict(),
+    )
+    handle = omni.bridge.submit(p, job.on_progress, prefix="video")
+    job.request_id = handle.request_id
+    omni.videos.add(job)
+    job.task = asyncio.create_task(_finish(request.app.state, job, handle))
+    return json_response(job.to_json())
+
+
+@router.get("/v1/videos")
+@omni_route("videos.list")
+async def list_videos(request: Request):
+    jobs = sorted(runtime(request).videos.jobs.values(), key=lambda j: j.created_at)
+    data = [j.to_json() for j in jobs]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+@router.get("/v1/videos/{video_id}")
+@omni_route("videos.retrieve")
+async def retrieve_video(request: Request, video_id: str):
+    return json_response(_job(request, video_id).to_json())
+
+
+@router.get("/v1/videos/{video_id}/content")
+@omni_route("videos.content")
+async def video_content(request: Request, video_id: str, variant: str = "video"):
+    job = _job(request, video_id)
+    if variant != "video":
+        raise RequestError(f"variant {variant!r} is not available; this server stores the video only", "variant")
+    if job.status != "completed":
+        raise OmniHTTPError(409, f"video {video_id} is not ready (status {job.status}); poll GET /v1/videos/{video_id}")
+    path = runtime(request).videos.path_for(job.id)
+    if not path.is_file():
+        raise OmniHTTPError(404, f"the file of video {video_id} is gone (expired or deleted)", "video_id")
+    return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+
+
+@router.delete("/v1/videos/{video_id}")
+@omni_route("videos.delete")
+async def delete_video(request: Request, video_id: str):
+    omni = runtime(request)
+    job = _job(request, video_id)
+    if job.status in ("queued", "in_progress") and job.request_id is not None:
+        omni.bridge.abort(job.request_id)
+    omni.videos.delete(job.id)
+    return json_response({"id": job.id, "object": "video.deleted", "deleted": True})
