@@ -68,3 +68,17 @@ def bagel_kv_llm(checkpoint, tmp_path_factory):
     )
     yield llm, transfer_dir
     llm.llm_engine.engine_core.shutdown()
+
+
+# The CPU engine's settings for a multi-stage BAGEL (the stage config's defaults are GPU-sized).
+BAGEL_AR_TEST_ARGS = {"dtype": "float32", "max_model_len": BAGEL_MAX_MODEL_LEN, "enforce_eager": True, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def bagel_omni(checkpoint):
+    """`Omni` on the tiny BAGEL: AR stage on vLLM (OmniBagel + OmniKVConnector), DiT stage inline."""
+    from vllm_omni_plugin import Omni
+
+    omni = Omni(str(checkpoint("bagel")), dtype="float32", device="cpu", ar_engine_args=BAGEL_AR_TEST_ARGS)
+    yield omni
+    omni.shutdown()

@@ -1,13 +1,15 @@
 """Offline API: `Omni(model=PATH).generate(prompts, params)`.
 
 Single-stage diffusion models run inline: one diffusion engine in this process,
-every prompt of a `generate` call submitted at once so their steps batch. A
-multi-stage orchestrator (AR stage in vLLM -> diffusion stage) will sit behind
-the same class; this module imports no vLLM.
+every prompt of a `generate` call submitted at once so their steps batch.
+Multi-stage models (BAGEL: AR stage in vLLM -> DiT stage) run through the
+orchestrator (orchestrator/bagel.py), chosen from the checkpoint's
+architecture by its stage config; only that path imports vLLM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 from typing import Any, Callable, Mapping, Sequence
@@ -45,11 +47,46 @@ class Omni:
         stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
         engine_config: EngineConfig | None = None,
         force_generic: bool = False,
+        stage_config: Any = None,
+        ar_engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
+        self._ids = itertools.count()
+        self._stages = None
+        from .orchestrator.offline import multistage_config
+
+        config = multistage_config(model, stage_config)
+        if config is not None:
+            # Multi-stage (BAGEL): AR stage on vLLM, DiT stage inline; the same
+            # orchestrator the server awaits, run on a private event loop.
+            from .orchestrator.bagel import BagelOrchestrator
+            from .orchestrator.offline import BackgroundLoop
+
+            self._background = BackgroundLoop()
+            self._stages = self._background.run(BagelOrchestrator.create(
+                model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+            self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
+            return
         self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
         self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
-        self._ids = itertools.count()
+
+    def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:
+        """Multi-stage models: text2text / img2text through the AR stage (vLLM RequestOutputs)."""
+        if self._stages is None:
+            raise TypeError(f"{self.model} is a single-stage diffusion model; it has no text output")
+        items = prompts if isinstance(prompts, list) else [prompts]
+
+        async def all_of() -> list[Any]:
+            return await asyncio.gather(*(self._stages.generate_text(p, sampling_params) for p in items))
+
+        return self._background.run(all_of())
+
+    def shutdown(self) -> None:
+        """Stop a multi-stage model's engines (single-stage models hold none)."""
+        if self._stages is not None:
+            self._background.run(self._stages.shutdown())
+            self._background.close()
+            self._stages = None
 
     def generate(
         self,
@@ -59,6 +96,11 @@ class Omni:
     ) -> list[DiffusionOutput]:
         """One output per prompt, in prompt order; each carries its resolved params."""
         requests = to_requests(prompts, params)
+        if self._stages is not None:
+            async def all_of() -> list[DiffusionOutput]:
+                return await asyncio.gather(*(self._stages.generate_image(r) for r in requests))
+
+            return self._background.run(all_of())
         ids = [f"omni-{next(self._ids)}" for _ in requests]
         for rid, request in zip(ids, requests):
             self.engine.add_request(rid, request)

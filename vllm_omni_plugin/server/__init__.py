@@ -4,7 +4,7 @@
     config.py     OmniServerConfig: the omni flags, read once from the parsed args
     launch.py     load the model, build the app, serve it with vLLM's HTTP launcher
     app.py        the app factory and OmniEndpointPlugin (routes + state)
-    bridge.py     EngineLoop: the diffusion engine in a background thread, asyncio side
+    (EngineLoop, the diffusion engine on a background thread, lives in orchestrator/engine_loop.py)
     videos.py     VideoStore: video jobs, their files, retention
     media.py      image URLs through vLLM's MediaConnector rules
     encode.py     images -> png / jpeg / webp base64

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from ..diffusion.engine import DiffusionEngine, EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..request import RequestBuilder
-from .bridge import EngineLoop
+from ..orchestrator.engine_loop import EngineLoop
 from .config import OmniServerConfig
 from .errors import install_error_handlers
 from .media import MediaFetcher

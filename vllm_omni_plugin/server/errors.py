@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..request import RequestError
-from .bridge import EngineStopped, GenerationFailed, QueueFull, RequestAborted
+from ..orchestrator.engine_loop import EngineStopped, GenerationFailed, QueueFull, RequestAborted
 
 _TYPES = {
     400: "BadRequestError",

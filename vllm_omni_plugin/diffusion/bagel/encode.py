@@ -97,8 +97,7 @@ class _Prefill:
         return torch.tensor(tokens, dtype=torch.long, device=self.m.device)
 
     def text(self, text: str) -> None:
-        tok = self.m.tokenizer
-        ids = [self.m.token_id(BOS)] + tok(text, add_special_tokens=False)["input_ids"] + [self.m.token_id(EOS)]
+        ids = text_block_ids(self.m, text)
         positions = torch.arange(self.rope, self.rope + len(ids), device=self.m.device)
         self._run(self.m.embed_tokens(self._ids(ids)), Route.understanding(), positions, causal=True)
         self.rope += len(ids)
@@ -130,6 +129,12 @@ class _Prefill:
             empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=self.m.dtype, device=self.m.device)
             return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
         return BranchKV(tuple(k[0] for k, _ in self.kv), tuple(v[0] for _, v in self.kv), self.rope)
+
+
+def text_block_ids(model: BagelModel, text: str) -> list[int]:
+    """A text block's token ids: [<|im_start|>] + text + [<|im_end|>] (also the AR stage's prompt)."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [model.token_id(BOS), *ids, model.token_id(EOS)]
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import ResolvedParams
 from ...request import RequestError
-from ..bridge import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
+from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
 from ..errors import OmniHTTPError, error_response, to_http_error
 
 _OMNI_ERRORS = (OmniHTTPError, RequestError, QueueFull, EngineStopped, RequestAborted, GenerationFailed)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...request import RequestError
-from ..bridge import EngineStopped, GenerationFailed, RequestAborted
+from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, RequestAborted
 from ..errors import OmniHTTPError
 from ..videos import VideoJob, VideoNotFound
 from .common import check_request, json_body, json_response, omni_route, read_form, runtime

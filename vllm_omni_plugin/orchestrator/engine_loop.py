@@ -116,7 +116,14 @@ class EngineLoop:
         return self.engine.num_running
 
     # ---- requests (event loop thread) --------------------------------------------
-    def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni") -> RequestHandle:
+    def submit(
+        self,
+        params: ResolvedParams,
+        on_progress: ProgressFn | None = None,
+        prefix: str = "omni",
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue a request; `request_id` is for callers that keyed stage inputs by it beforehand."""
         if not self.alive:
             raise EngineStopped("the diffusion engine is not running")
         if len(self._handles) >= self.max_queue:
@@ -125,7 +132,9 @@ class EngineLoop:
                 f"the server is at capacity ({len(self._handles)} requests in the diffusion engine, "
                 f"--omni-max-queue {self.max_queue}); retry later"
             )
-        rid = f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
+        rid = request_id or f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
+        if rid in self._handles:
+            raise ValueError(f"request id {rid!r} is already in the engine")
         handle = RequestHandle(rid, params, self._loop.create_future(), on_progress)
         self._handles[rid] = handle
         self.engine.add_request(rid, params)

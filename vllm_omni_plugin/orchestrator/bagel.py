@@ -1,0 +1,165 @@
+"""BAGEL's two stages in one process: the AR stage on vLLM's AsyncLLM, the DiT stage inline.
+
+    text2text / img2text   the AR stage answers; nothing else runs
+    text2img               AR prefills the prompt context ([<|im_start|>] prompt
+                           [<|im_end|>]) with the OmniKVConnector asking for its KV;
+                           the transfer (K/V per layer + keyed metadata) becomes the
+                           `cond` branch of a BagelContext; the text-CFG branch is
+                           BAGEL's empty context, or a second AR prefill of the
+                           negative prompt; the context is put in the DiT stage's
+                           store under the request id, then the request is queued
+    img2img                the DiT stage prefills its own context (encode_context)
+                           until the AR model class VAE-encodes edit images
+                           (docs/bagel.md says what is missing)
+
+Every hand-over is keyed by request id (principle 6): the AR requests are named
+`<id>:cond` / `<id>:cfg_text`, each transfer is taken from its own output, and
+the context is stored under `<id>` before the DiT request exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..diffusion.bagel.context import BagelContext, BranchKV
+from ..diffusion.bagel.encode import text_block_ids
+from ..diffusion.output import DiffusionOutput
+from ..diffusion.params import ResolvedParams, SamplingParams
+from ..diffusion.pipelines.bagel import load_bagel_pipeline
+from ..diffusion.engine import DiffusionEngine
+from ..kv.store import request_params, take_transferred
+from .engine_loop import EngineLoop, ProgressFn
+from .stage_config import StageConfig
+
+
+@dataclass
+class StageTimings:
+    """Where one image request's wall time went (seconds); for the overhead benchmark."""
+
+    ar_prefill: float = 0.0
+    transfer: float = 0.0
+    diffusion: float = 0.0
+    total: float = 0.0
+    transferred_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BagelOrchestrator:
+    """Create inside a running event loop (`await BagelOrchestrator.create(...)`)."""
+
+    def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
+                 dtype: Any = None, device: Any = None, max_queue: int = 64) -> None:
+        self.model = model
+        self.config = config
+        ar, dit = config.stage("ar"), config.stage("dit")
+        self._transfer_dir = tempfile.mkdtemp(prefix="vllm-omni-kv-")
+        args = {**ar.engine_args, **(ar_engine_args or {})}
+        kv = dict(args.get("kv_transfer_config") or {})
+        kv.setdefault("kv_connector_extra_config", {})
+        kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transfer_dir": self._transfer_dir}
+        args["kv_transfer_config"] = kv
+        self._ar_args = args
+        self.ar_defaults = dict(ar.default_sampling_params)
+        self.pipeline = load_bagel_pipeline(model, dtype=dtype, device=device)
+        self.engine = DiffusionEngine(self.pipeline, stage_defaults=dit.default_sampling_params or None)
+        self.loop = EngineLoop(self.engine, max_queue)
+        self.llm = None
+        self._ids = itertools.count()
+
+    @classmethod
+    async def create(cls, *args, **kwargs) -> "BagelOrchestrator":
+        self = cls(*args, **kwargs)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model, **self._ar_args))
+        self.loop.start()
+        return self
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.loop.stop)
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            # Collect it now: AsyncLLM.__del__ run at interpreter exit, after
+            # module teardown, fails noisily.
+            del llm
+            gc.collect()
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
+
+    # ---- AR only -------------------------------------------------------------------
+    async def generate_text(self, prompt: Any, sampling_params: Any = None, request_id: str | None = None):
+        """text2text / img2text: the AR stage's final RequestOutput (vLLM's type)."""
+        from vllm import SamplingParams as VllmSamplingParams
+
+        params = sampling_params or VllmSamplingParams(**self.ar_defaults)
+        final = None
+        async for out in self.llm.generate(prompt, params, request_id or self.new_id("bagel-text")):
+            final = out
+        return final
+
+    # ---- AR -> DiT ------------------------------------------------------------------
+    def resolve(self, params: SamplingParams) -> ResolvedParams:
+        return self.pipeline.resolve(params, self.engine.stage_defaults)
+
+    async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
+        from vllm import SamplingParams as VllmSamplingParams
+
+        ids = text_block_ids(self.pipeline.model, text)
+        # One token is the least the engine generates; only the prompt's KV is used.
+        params = VllmSamplingParams(max_tokens=1, temperature=0.0,
+                                    extra_args={"kv_transfer_params": request_params()})
+        final = None
+        async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id):
+            final = out
+        started = time.perf_counter()
+        transferred = take_transferred(final.kv_transfer_params)
+        timings.transfer += time.perf_counter() - started
+        timings.transferred_bytes += sum(t.numel() * t.element_size() for t in (*transferred.keys, *transferred.values))
+        if transferred.num_tokens != len(ids):
+            raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {len(ids)}")
+        return BranchKV(transferred.keys, transferred.values, transferred.metadata["latent_position"])
+
+    def _empty_branch(self) -> BranchKV:
+        import torch
+
+        c, m = self.pipeline.model.config, self.pipeline.model
+        empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=m.dtype)
+        return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
+
+    async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
+                             request_id: str | None = None, timings: StageTimings | None = None) -> DiffusionOutput:
+        timings = timings if timings is not None else StageTimings()
+        started = time.perf_counter()
+        resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
+        rid = request_id or self.new_id("bagel-image")
+        if not resolved.images:
+            prefill_started = time.perf_counter()
+            branches = [self._prefill(f"{rid}:cond", resolved.prompt, timings)]
+            if resolved.negative_prompt is not None:
+                branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
+            kvs = await asyncio.gather(*branches)
+            timings.ar_prefill = time.perf_counter() - prefill_started - timings.transfer
+            cfg_text = kvs[1] if len(kvs) > 1 else self._empty_branch()
+            self.pipeline.contexts.put(BagelContext(rid, kvs[0], cfg_text, None, resolved.height, resolved.width))
+        try:
+            diffusion_started = time.perf_counter()
+            handle = self.loop.submit(resolved, on_progress, request_id=rid)
+            try:
+                output = await self.loop.result(handle)
+            except asyncio.CancelledError:
+                self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
+                raise
+            timings.diffusion = time.perf_counter() - diffusion_started
+        finally:
+            self.pipeline.contexts.discard(rid)  # no-op once the stage took it
+        timings.total = time.perf_counter() - started
+        return output
