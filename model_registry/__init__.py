@@ -36,6 +36,12 @@ def register_models() -> list[str]:
     """Register every omni architecture with vLLM's ModelRegistry; idempotent."""
     from vllm import ModelRegistry
 
+    from vllm_omni_plugin.models.bagel_config import register_config_hook
+
+    # OmniBagel's per-architecture config hook (BAGEL positions through vLLM's
+    # M-RoPE path); it must exist where vLLM builds the engine config, and
+    # register() runs before vLLM parses engine arguments.
+    register_config_hook()
     for model in OMNI_MODELS:
         # Re-registering the same lazy string is harmless, but skipping it keeps
         # vLLM's debug log free of "will be overwritten" lines in every process.

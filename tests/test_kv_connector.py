@@ -96,7 +96,9 @@ def test_prompt_kv_and_metadata_keyed_by_request(bagel_kv_llm, checkpoint):
         # keyed by the engine's id for this request (vLLM appends a suffix to ours)
         assert t.request_id == report["request_id"] and t.request_id.startswith(req_id + "-")
         assert t.num_tokens == len(ids)
-        assert t.metadata["latent_position"] == len(ids)  # each request its own, whatever the order
+        # BAGEL positions: each image block (markers included) takes ONE position.
+        expected = len(ids) - sum(n - 1 for _, n in t.metadata["image_token_ranges"])
+        assert t.metadata["latent_position"] == expected  # each request its own, whatever the order
         assert len(t.keys) == len(t.values) == 2  # every layer
         assert t.keys[0].shape == (len(ids), 1, 64)  # (tokens, kv_heads, head_dim)
     assert len(store) == 0  # consumption frees the storage
@@ -107,17 +109,18 @@ def test_prompt_kv_and_metadata_keyed_by_request(bagel_kv_llm, checkpoint):
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
     ids = list(outs["req-image"].prompt_token_ids)
     assert got["req-image"].metadata["image_shapes"] == [[56, 56]]  # the tiny ViT's input
-    assert got["req-image"].metadata["image_token_ranges"] == [[ids.index(pad), ids.count(pad)]]
+    # The range covers the whole block: <|vision_start|>, the pads, <|vision_end|>.
+    assert got["req-image"].metadata["image_token_ranges"] == [[ids.index(pad) - 1, ids.count(pad) + 2]]
 
     for req_id in ("req-long", "req-short"):  # text prompts: exact oracle
         t = got[req_id]
         for layer, (k, v) in enumerate(_reference_kv(reference, list(outs[req_id].prompt_token_ids))):
             torch.testing.assert_close(t.keys[layer], k, rtol=1e-4, atol=1e-4, msg=f"{req_id} K layer {layer}")
             torch.testing.assert_close(t.values[layer], v, rtol=1e-4, atol=1e-4, msg=f"{req_id} V layer {layer}")
-    # The image request's text prefix (before the first image token) is causal text: same oracle.
-    first_pad = ids.index(pad)
-    ref = _reference_kv(reference, ids[:first_pad])
-    torch.testing.assert_close(got["req-image"].keys[1][:first_pad], ref[1][0], rtol=1e-4, atol=1e-4)
+    # The image request's text prefix (before the image block's start marker) is causal text: same oracle.
+    prefix = ids.index(pad) - 1
+    ref = _reference_kv(reference, ids[:prefix])
+    torch.testing.assert_close(got["req-image"].keys[1][:prefix], ref[1][0], rtol=1e-4, atol=1e-4)
 
 
 def test_transfer_is_the_context_the_diffusion_stage_expects(bagel_kv_llm, checkpoint):

@@ -21,10 +21,16 @@ Warm-up and profiling forwards run without bound connector metadata, so they
 record nothing; a record lives from the forward of a request's last prefill
 step to that step's save.
 
-Not here yet (see the issue): img2img inputs through the VAE encoder and the
-MoT generation expert, and BAGEL's RoPE layout that gives each image block one
-shared position. Until then every prompt token has its own position, as in
-vLLM's Bagel, and the image shapes are the ViT inputs.
+BAGEL's prompt layout (what makes the KV cache the one ByteDance's BAGEL
+computes, and what the diffusion stage expects): each image block
+[<|vision_start|>, ViT tokens, <|vision_end|>] is one multimodal placeholder
+range (bagel_processing.py), so it attends bidirectionally as a whole, markers
+included; and it shares ONE RoPE position, the next token taking that + 1
+(bagel_positions.py). The positions reach vLLM through its M-RoPE hook with
+three identical rows, switched on for this architecture by bagel_config.py.
+
+Not here yet (see docs/bagel.md): img2img inputs through the VAE encoder and
+the MoT generation expert.
 """
 
 from __future__ import annotations
@@ -32,30 +38,75 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.models.bagel import BagelForConditionalGeneration
+from vllm.model_executor.models.bagel import BagelDummyInputsBuilder, BagelForConditionalGeneration
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from vllm_omni_plugin.kv.connector import SaveSpec, active_connector
 
+from .bagel_positions import bagel_positions, block_ranges
+from .bagel_processing import OmniBagelMultiModalProcessor, OmniBagelProcessingInfo, marker_ids
 
-class OmniBagelForConditionalGeneration(BagelForConditionalGeneration):
-    """vLLM's Bagel with the omni architecture name and keyed KV-transfer metadata."""
+
+@MULTIMODAL_REGISTRY.register_processor(
+    OmniBagelMultiModalProcessor, info=OmniBagelProcessingInfo, dummy_inputs=BagelDummyInputsBuilder
+)
+class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsMRoPE):
+    """vLLM's Bagel with BAGEL's image blocks and positions, and keyed KV-transfer metadata."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        if not vllm_config.model_config.uses_mrope:
+            # Without it vLLM numbers every token and the image blocks silently get wrong positions.
+            raise RuntimeError(
+                "OmniBagelForConditionalGeneration needs vLLM's M-RoPE path for BAGEL's positions; "
+                "its config hook was not registered in the process that built the engine config "
+                "(vllm_omni_plugin.models.bagel_config.register_config_hook, run by the plugin's register())"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        start, _, end = marker_ids(cached_tokenizer_from_config(vllm_config.model_config))
+        # The markers are rows of the image's placeholder range, so the image's
+        # "embedding" carries their (ordinary) token embeddings around the ViT tokens.
+        self.register_buffer("_marker_ids", torch.tensor([start, end]), persistent=False)
         self._kv_transfer_facts: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- BAGEL's prompt layout
+
+    def embed_multimodal(self, **kwargs: object):
+        vit = super().embed_multimodal(**kwargs)
+        if not vit:
+            return vit
+        markers = self.language_model.embed_input_ids(self._marker_ids.to(vit[0].device)).to(vit[0].dtype)
+        return tuple(torch.cat([markers[:1], tokens, markers[1:]]) for tokens in vit)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """BAGEL's positions as three identical M-RoPE rows, and the offset of later tokens.
+
+        Generated tokens are numbered by vLLM as index + delta, so delta is the
+        next BAGEL position minus the prompt length.
+        """
+        blocks = block_ranges([(f.modality, f.mm_position.offset, f.mm_position.length) for f in mm_features])
+        positions, next_position = bagel_positions(len(input_tokens), blocks)
+        return torch.tensor(positions, dtype=torch.long).expand(3, -1).clone(), next_position - len(input_tokens)
+
+    # ---------------------------------------------------------------- KV transfer metadata
 
     def kv_transfer_metadata(self, spec: SaveSpec) -> dict[str, Any]:
         """The diffusion stage's facts about one request whose prompt is complete."""
         vit = self.config.vit_config
+        blocks = block_ranges(spec.mm_ranges)
+        _, next_position = bagel_positions(spec.num_tokens, blocks)
         return {
             # The generated image block's RoPE position: the one after the prompt's
-            # last. vLLM's Bagel numbers prompt tokens 0..n-1 (image tokens included).
-            "latent_position": spec.num_tokens,
+            # last, counting each image block as one position (BAGEL's layout).
+            "latent_position": next_position,
             # vLLM's Bagel processor resizes every understanding image to the ViT's
             # square input, so that is the shape each image went through the ViT at.
-            "image_shapes": [[vit.image_size, vit.image_size] for modality, _, _ in spec.mm_ranges if modality == "image"],
-            "image_token_ranges": [[offset, length] for modality, offset, length in spec.mm_ranges if modality == "image"],
+            "image_shapes": [[vit.image_size, vit.image_size] for _ in blocks],
+            # (offset, length) of each image block in the prompt, markers included.
+            "image_token_ranges": [[offset, length] for offset, length in blocks],
         }
 
     def get_kv_transfer_metadata(self, req_id: str) -> dict[str, Any] | None:
