@@ -11,11 +11,22 @@ Measured (median of timed repeats after warm-up, CUDA-synchronized):
   e2e         one request end to end, 50 steps, 1024x1024 (and 512x512):
               diffusers `pipe(...)` vs our `generate()`
   throughput  images/s for 1, 4, 8 concurrent 512x512 requests (20 steps):
-              diffusers one request at a time, diffusers' own batched call
-              (`num_images_per_prompt=N`), our engine batching the N requests'
-              steps
+              diffusers one request at a time; diffusers' own batched call,
+              like for like with each of our two request mixes:
+                same prompt      N requests with ONE prompt (distinct seeds)
+                                 vs `num_images_per_prompt=N`
+                distinct prompts N requests with N prompts vs diffusers'
+                                 `prompt=[N prompts]` (padded, masked text)
+              and our engine batching the N requests' steps. Every timed run
+              of ours starts with an empty prompt cache: its prompts are
+              encoded inside the timing, as diffusers encodes them.
+  prep        admitting N distinct-prompt requests: one text-encoder call for
+              all (`prepare_many`) vs one `prepare` per request
+  profile     (compiled) ms per engine step of N concurrent requests, same vs
+              distinct prompts, and the top CUDA kernels of one step
 Each part runs eager, then again after `transformer.compile_repeated_blocks`
 (regional torch.compile, shared by diffusers and our engine: same module).
+`--parts` takes part names (every mode) or MODE:PART (that mode only).
 
     python benchmarks/bench_qwen_image.py --out results.json
     python benchmarks/bench_qwen_image.py --preset tiny --device cpu   # smoke test
@@ -128,6 +139,18 @@ class Bench:
             output_type="pil",
         )
 
+    def diffusers_list(self, size: int, steps: int, n: int, seed: int = 0):
+        """diffusers' batched call with N distinct prompts (`prompt=[...]`), one output each."""
+        return self.pipe(
+            prompt=[PROMPTS[i % len(PROMPTS)] for i in range(n)],
+            negative_prompt=[NEGATIVE] * n,
+            true_cfg_scale=CFG,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
+
     def diffusers_call(self, size: int, steps: int, n: int = 1, prompt: int = 0, seed: int = 0):
         """The same request through diffusers' own __call__ (its `num_images_per_prompt` batching)."""
         p = self.params(size, steps, prompt, seed, n)
@@ -166,35 +189,102 @@ class Bench:
                 self.ours.generate(self.params(size, 2))
             t = self.timed(lambda: self.diffusers_call(size, steps))
             self.record(f"{mode}:e2e:{size}:diffusers", s=round(t, 2), steps=steps)
-            t = self.timed(lambda: self.ours.generate(self.params(size, steps)))
+
+            def ours():
+                self.ours.clear_prompt_cache()  # encode inside the timing, as diffusers does
+                self.ours.generate(self.params(size, steps))
+
+            t = self.timed(ours)
             self.record(f"{mode}:e2e:{size}:ours", s=round(t, 2), steps=steps)
 
-    def engine_run(self, n: int, steps: int) -> None:
+    def engine_run(self, n: int, steps: int, same_prompt: bool = False) -> DiffusionEngine:
+        self.ours.clear_prompt_cache()  # a timed run encodes its prompts, as diffusers does
         engine = DiffusionEngine(self.ours, EngineConfig(max_batch_tokens=1 << 20))
         for i in range(n):
-            engine.add_request(f"r{i}", self.params(512, steps, prompt=i, seed=i))
+            engine.add_request(f"r{i}", self.params(512, steps, prompt=0 if same_prompt else i, seed=i))
         final = engine.run()
         assert all(e.kind == "finished" for e in final.values()), final
+        return engine
 
     def part_throughput(self, mode: str) -> None:
         steps = self.args.tp_steps
         if mode == "compiled":  # shapes of the batched calls, compiled before timing
             for n in self.args.concurrency:
                 self.engine_run(n, 2)
+                self.engine_run(n, 2, same_prompt=True)
                 self.diffusers_call(512, 2, n=n)
+                if n in self.args.list_concurrency:
+                    self.diffusers_list(512, 2, n)
+        else:  # library initialisation (cuBLAS, allocator) out of the timings
+            self.diffusers_call(512, 2)
+            self.engine_run(2, 2)
         single = self.timed(lambda: self.diffusers_call(512, steps))
         for n in self.args.concurrency:
             # One request at a time: N sequential calls take N x one call.
             self.record(f"{mode}:tp:{n}:diffusers one-by-one", img_s=round(1 / single, 3), s=round(single * n, 2))
             if n > 1:
                 t = self.timed(lambda: self.diffusers_call(512, steps, n=n))
-                self.record(f"{mode}:tp:{n}:diffusers num_images_per_prompt", img_s=round(n / t, 3), s=round(t, 2))
-            t = self.timed(lambda: self.engine_run(n, steps))
-            self.record(f"{mode}:tp:{n}:ours step-batched", img_s=round(n / t, 3), s=round(t, 2))
+                self.record(f"{mode}:tp:{n}:same prompt: diffusers num_images_per_prompt", img_s=round(n / t, 3),
+                            s=round(t, 2))
+            t = self.timed(lambda: self.engine_run(n, steps, same_prompt=True))
+            self.record(f"{mode}:tp:{n}:same prompt: ours step-batched", img_s=round(n / t, 3), s=round(t, 2))
+            if n > 1 and n in self.args.list_concurrency:
+                t = self.timed(lambda: self.diffusers_list(512, steps, n))
+                self.record(f"{mode}:tp:{n}:distinct prompts: diffusers prompt list", img_s=round(n / t, 3),
+                            s=round(t, 2))
+            if n > 1:
+                t = self.timed(lambda: self.engine_run(n, steps))
+                self.record(f"{mode}:tp:{n}:distinct prompts: ours step-batched", img_s=round(n / t, 3),
+                            s=round(t, 2))
+
+    def part_prep(self, mode: str) -> None:
+        n = max(self.args.concurrency)
+        params = [self.ours.resolve(self.params(512, self.args.tp_steps, prompt=i, seed=i)) for i in range(n)]
+        ids = [f"p{i}" for i in range(n)]
+
+        def one_call():
+            self.ours.clear_prompt_cache()
+            self.ours.prepare_many(params, ids)
+
+        def per_request():
+            self.ours.clear_prompt_cache()
+            for p, rid in zip(params, ids):
+                self.ours.prepare(p, rid)
+
+        for label, fn in (("one text-encoder call", one_call), ("one prepare per request", per_request)):
+            t = self.timed(fn, repeats=self.args.repeats, warmup=1)
+            self.record(f"{mode}:prep:{n} distinct:{label}", ms=round(t * 1e3, 1))
+
+    def part_profile(self, mode: str) -> None:
+        """ms per engine step (after admission) and the top CUDA kernels of one step."""
+        from torch.profiler import ProfilerActivity, profile
+
+        n, steps = max(self.args.concurrency), 8
+        for label, same in (("same prompt", True), ("distinct prompts", False)):
+            self.ours.clear_prompt_cache()
+            engine = DiffusionEngine(self.ours, EngineConfig(max_batch_tokens=1 << 20))
+            for i in range(n):
+                engine.add_request(f"r{i}", self.params(512, steps, prompt=0 if same else i, seed=i))
+            engine.step()  # admission + first step (compiles if a shape is new)
+            t = self.timed(engine.step, repeats=3)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                engine.step()
+                self.sync()
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or self.device.type != "cuda"]
+            attr = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            total = sum(getattr(e, attr) for e in events) or 1
+            top = sorted(events, key=lambda e: -getattr(e, attr))[:6]
+            kernels = {e.key[:70]: round(100 * getattr(e, attr) / total, 1) for e in top}
+            self.record(f"{mode}:profile:{n} {label}:engine step", ms=round(t * 1e3, 1),
+                        gpu_busy_ms=round(total / 1e3, 1), top_kernels_pct=kernels)
+            engine.run()
+
+    def wants(self, mode: str, part: str) -> bool:
+        return part in self.args.parts or f"{mode}:{part}" in self.args.parts
 
     def run(self) -> None:
         self.build()
-        parts = self.args.parts
         for mode in self.args.modes:
             if mode == "compiled":
                 t0 = time.perf_counter()
@@ -203,12 +293,10 @@ class Bench:
                 torch._dynamo.config.accumulated_recompile_limit = 1024
                 self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
                 self.record("compiled:setup", s=round(time.perf_counter() - t0, 1))
-            if "step" in parts:
-                self.guarded(f"{mode}:step", lambda: self.part_step(mode))
-            if "e2e" in parts:
-                self.guarded(f"{mode}:e2e", lambda: self.part_e2e(mode))
-            if "throughput" in parts:
-                self.guarded(f"{mode}:throughput", lambda: self.part_throughput(mode))
+            for part, fn in (("throughput", self.part_throughput), ("prep", self.part_prep),
+                             ("e2e", self.part_e2e), ("step", self.part_step), ("profile", self.part_profile)):
+                if self.wants(mode, part):
+                    self.guarded(f"{mode}:{part}", lambda: fn(mode))
         if self.device.type == "cuda":
             self.meta["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         self.table()
@@ -216,12 +304,14 @@ class Bench:
     def table(self) -> None:
         print("\n| measurement | eager | compiled |")
         print("|---|---|---|")
-        keys = sorted({k.split(":", 1)[1] for k in self.results if ":" in k and not k.endswith("error")})
+        keys = dict.fromkeys(k.split(":", 1)[1] for k in self.results if ":" in k and not k.endswith("error"))
         for key in keys:
             cells = []
             for mode in ("eager", "compiled"):
                 r = self.results.get(f"{mode}:{key}", {})
                 cell = next((f"{r[u]} {u}" for u in ("ms", "s", "img_s") if u in r), "-")
+                if "gpu_busy_ms" in r:
+                    cell += f" (GPU busy {r['gpu_busy_ms']} ms)"
                 if "img_s" in r:
                     cell = f"{r['img_s']} img/s ({r['s']} s)"
                 cells.append(cell)
@@ -234,12 +324,15 @@ def main() -> None:
     ap.add_argument("--preset", default="full", choices=["full", "tiny"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    ap.add_argument("--parts", nargs="+", default=["step", "e2e", "throughput"])
+    ap.add_argument("--parts", nargs="+", default=["throughput", "prep", "e2e", "step", "compiled:profile"],
+                    help="PART or MODE:PART; parts: throughput prep e2e step profile")
     ap.add_argument("--step-sizes", nargs="+", type=int, default=[512, 1024])
     ap.add_argument("--e2e-sizes", nargs="+", type=int, default=[1024])
     ap.add_argument("--e2e-steps", type=int, default=50)
     ap.add_argument("--tp-steps", type=int, default=20)
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--list-concurrency", nargs="*", type=int, default=[8],
+                    help="concurrency levels at which diffusers' distinct-prompt list call is measured")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining parts after this many seconds")
     ap.add_argument("--out", default=None)

@@ -33,10 +33,10 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.utils import is_torchvision_available
 
+from ..diffusion.processors import load_processor  # runtime class; imported back for the factory
 from ._weights import SAVE_DTYPE, random_model
 from .tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 
@@ -96,30 +96,6 @@ IMAGE_PROCESSOR = dict(
     rescale_factor=1 / 255,
     temporal_patch_size=2,
 )
-
-
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video half, for environments without torchvision.
-
-    transformers 5 cannot construct or load a Qwen2VLProcessor without
-    torchvision (its video processor needs it, and the CPU build of torch has
-    no matching torchvision on PyPI). The Qwen-Image pipelines only pass
-    images, so this subclass, which loads the image processor and tokenizer
-    from the same processor/ folder, behaves identically for them.
-    """
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-def load_processor(folder: str | Path) -> Qwen2VLProcessor:
-    """The processor of a Qwen-Image-Edit/Layered checkpoint: the real class where torchvision allows."""
-    cls = Qwen2VLProcessor if is_torchvision_available() else Qwen2VLImageOnlyProcessor
-    return cls.from_pretrained(folder)
 
 
 def _write_processor(folder: Path, tokenizer) -> None:

@@ -2,7 +2,9 @@
 
 Each `step()`:
   1. applies aborts (at this step boundary; the request's tensors are dropped),
-  2. admits waiting requests (`prepare`: text encoding, noise, timesteps),
+  2. admits waiting requests (`prepare_many`: text encoding -- one text-encoder
+     call for all requests admitted together where the pipeline can --, noise,
+     timesteps),
   3. picks ONE group of running requests that can share a forward (equal
      `pipeline.batch_key`: same model, latent layout, expert, CFG-compatible),
      least recently served group first, so a long video and short images
@@ -144,18 +146,25 @@ class DiffusionEngine:
         return events
 
     def _admit(self) -> list[EngineEvent]:
-        events = []
-        while True:
-            with self._lock:
-                if not self._waiting or len(self._running) >= self.config.max_running:
-                    break
-                _, req = self._waiting.popitem(last=False)
+        """Move waiting requests to running; all admitted in this step are prepared in one call."""
+        with self._lock:
+            room = self.config.max_running - len(self._running)
+            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+        if not admitted:
+            return []
+        if isinstance(self.pipeline, StepwisePipeline):
             try:
-                if isinstance(self.pipeline, StepwisePipeline):
-                    req.state = self.pipeline.prepare(req.params, req.request_id)
-            except Exception as exc:  # the request fails, the engine goes on
-                events.append(EngineEvent("error", req.request_id, error=exc))
+                states = self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
+            except Exception as exc:  # a shared step (one text-encoder call) failed: each request ends in it
+                states = [exc] * len(admitted)
+        else:
+            states = [None] * len(admitted)
+        events = []
+        for req, state in zip(admitted, states):
+            if isinstance(state, Exception):  # the request fails, the engine goes on
+                events.append(EngineEvent("error", req.request_id, error=state))
                 continue
+            req.state = state
             with self._lock:
                 self._running[req.request_id] = req
         return events

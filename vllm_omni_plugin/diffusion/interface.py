@@ -38,10 +38,20 @@ class DiffusionPipelineBase(ABC):
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         self.pipe = pipe
         self.model_id = model_id or type(pipe).__name__
+        self._device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.pipe._execution_device
+        """The pipeline's execution device, looked up once.
+
+        diffusers' `_execution_device` walks every module of every component
+        (~9 ms of Python on the full Qwen-Image: 2297 DiT + 735 text-encoder + 260
+        VAE modules) and `prepare` needs the device 2-3 times per request. The
+        wrapped pipeline is placed before it is wrapped and never moved after.
+        """
+        if self._device is None:
+            self._device = self.pipe._execution_device
+        return self._device
 
     @abstractmethod
     def defaults(self) -> PipelineDefaults:
@@ -105,6 +115,23 @@ class StepwisePipeline(DiffusionPipelineBase):
     @abstractmethod
     def prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
         """Encode prompts and inputs, draw the noise, set the timesteps."""
+
+    def prepare_many(
+        self, params: list[ResolvedParams], request_ids: list[str]
+    ) -> list[DiffusionState | Exception]:
+        """Prepare requests admitted in one engine step, in order.
+
+        A pipeline may share work between them (Qwen-Image: one text-encoder call
+        for all their prompts). A request whose preparation fails gets its
+        exception in its slot; the others go on.
+        """
+        out: list[DiffusionState | Exception] = []
+        for p, rid in zip(params, request_ids):
+            try:
+                out.append(self.prepare(p, rid))
+            except Exception as exc:  # reported as that request's error by the engine
+                out.append(exc)
+        return out
 
     @abstractmethod
     def batch_key(self, state: DiffusionState) -> BatchKey:

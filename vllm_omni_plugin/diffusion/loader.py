@@ -63,8 +63,7 @@ def _component_overrides(path: Path, model_index: dict[str, Any]) -> dict[str, A
 
     overrides: dict[str, Any] = {}
     if list(model_index.get("processor") or []) == ["transformers", "Qwen2VLProcessor"] and not is_torchvision_available():
-        # TODO(lead): this class lives with the checkpoint factory; it belongs in a runtime module.
-        from ..checkpoints.qwen_image import load_processor
+        from .processors import load_processor
 
         overrides["processor"] = load_processor(path / "processor")
     return overrides

@@ -62,7 +62,7 @@ def check_size(config: BagelConfig, height: int, width: int) -> None:
         raise ValueError(f"BAGEL generates sizes that are multiples of {d} between {d} and {side} px; got {height}x{width}")
 
 
-def _pixels(image: Any, height: int, width: int, device: torch.device) -> torch.Tensor:
+def image_pixels(image: Any, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """PIL image -> (3, height, width) in [-1, 1] (bicubic resize when the size differs)."""
     from PIL import Image
 
@@ -159,10 +159,10 @@ def encode_context(
     cfg_img = None
     if image is not None:
         # img2img: the output has the input's size in BAGEL, so the VAE sees the image at (height, width).
-        pixels = _pixels(image, height, width, model.device)
+        pixels = image_pixels(image, height, width, model.device)
         latents = FluxAutoEncoder(model).encode(pixels[None])[0].to(model.dtype)
         cond.vae_image(pixels, latents)
-        cond.vit_image(_pixels(image, c.vit_image_size, c.vit_image_size, model.device))
+        cond.vit_image(image_pixels(image, c.vit_image_size, c.vit_image_size, model.device))
         cfg_img = _Prefill(model, decoder)
         cfg_img.text(prompt)
     cfg_text = cond.copy()

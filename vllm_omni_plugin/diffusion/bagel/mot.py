@@ -78,6 +78,21 @@ def _route(x: torch.Tensor, route: Route, fn: Callable[[torch.Tensor, str], torc
     return out
 
 
+def _route_many(x: torch.Tensor, route: Route, fn: Callable[[torch.Tensor, str], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """`_route` for an fn returning several tensors (each expert runs once)."""
+    if route.gen is None:
+        return fn(x, UND)
+    if route.und is None:
+        return fn(x, GEN)
+    outs = []
+    for a, b in zip(fn(x[:, route.und], UND), fn(x[:, route.gen], GEN)):
+        out = a.new_empty(x.shape[:2] + a.shape[2:])
+        out[:, route.und] = a
+        out[:, route.gen] = b
+        outs.append(out)
+    return tuple(outs)
+
+
 class MoTDecoder:
     """The BAGEL language model's decoder stack over a `BagelModel`'s weights."""
 
@@ -97,6 +112,28 @@ class MoTDecoder:
         up = self._linear(layer, f"mlp{sfx}.up_proj", x)
         return self._linear(layer, f"mlp{sfx}.down_proj", F.silu(gate) * up)
 
+    # ---- one expert's parts of layer i (also used by the vLLM AR stage's MoT routing) ----
+    def input_norm(self, i: int, x: torch.Tensor, sfx: str) -> torch.Tensor:
+        return rms_norm(x, self._w(i, f"input_layernorm{sfx}.weight"), self.c.rms_eps)
+
+    def qkv(self, i: int, h: torch.Tensor, sfx: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed hidden states (..., hidden) -> q (..., heads, d), k, v (..., kv_heads, d); q/k RMS-normed, no RoPE."""
+        c, eps, d = self.c, self.c.rms_eps, self.c.head_dim
+        q = rms_norm(self._linear(i, f"self_attn.q_proj{sfx}", h).unflatten(-1, (c.heads, d)), self._w(i, f"self_attn.q_norm{sfx}.weight"), eps)
+        k = rms_norm(self._linear(i, f"self_attn.k_proj{sfx}", h).unflatten(-1, (c.kv_heads, d)), self._w(i, f"self_attn.k_norm{sfx}.weight"), eps)
+        v = self._linear(i, f"self_attn.v_proj{sfx}", h).unflatten(-1, (c.kv_heads, d))
+        return q, k, v
+
+    def o_proj(self, i: int, attn: torch.Tensor, sfx: str) -> torch.Tensor:
+        return self._linear(i, f"self_attn.o_proj{sfx}", attn)
+
+    def mlp_block(self, i: int, x: torch.Tensor, sfx: str) -> torch.Tensor:
+        """post_attention_layernorm + MLP of the residual stream x (the residual add is the caller's)."""
+        return self._mlp(i, rms_norm(x, self._w(i, f"post_attention_layernorm{sfx}.weight"), self.c.rms_eps), sfx)
+
+    def final_norm(self, x: torch.Tensor, sfx: str) -> torch.Tensor:
+        return rms_norm(x, self.m.w[f"language_model.model.norm{sfx}.weight"], self.c.rms_eps)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -114,25 +151,18 @@ class MoTDecoder:
         the query tokens (post-norm, post-RoPE: the cache layout).
         """
         c = self.c
-        eps, d = c.rms_eps, c.head_dim
-        cos, sin = rope_cos_sin(positions, d, c.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         new_kv = []
         for i in range(c.layers):
-            h = _route(x, route, lambda t, s: rms_norm(t, self._w(i, f"input_layernorm{s}.weight"), eps))
-            q = _route(h, route, lambda t, s: rms_norm(
-                self._linear(i, f"self_attn.q_proj{s}", t).unflatten(-1, (c.heads, d)), self._w(i, f"self_attn.q_norm{s}.weight"), eps))
-            k = _route(h, route, lambda t, s: rms_norm(
-                self._linear(i, f"self_attn.k_proj{s}", t).unflatten(-1, (c.kv_heads, d)), self._w(i, f"self_attn.k_norm{s}.weight"), eps))
-            v = _route(h, route, lambda t, s: self._linear(i, f"self_attn.v_proj{s}", t).unflatten(-1, (c.kv_heads, d)))
+            h = _route(x, route, lambda t, s: self.input_norm(i, t, s))
+            q, k, v = _route_many(h, route, lambda t, s: self.qkv(i, t, s))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             new_kv.append((k, v))
             keys, values = (k, v) if past is None else (torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1))
             attn = attention(q, keys, values, attn_mask)
-            x = x + _route(attn, route, lambda t, s: self._linear(i, f"self_attn.o_proj{s}", t))
-            h = _route(x, route, lambda t, s: self._mlp(i, rms_norm(t, self._w(i, f"post_attention_layernorm{s}.weight"), eps), s))
-            x = x + h
-        w = self.m.w
-        out = _route(x, route, lambda t, s: rms_norm(t, w[f"language_model.model.norm{s}.weight"], eps))
+            x = x + _route(attn, route, lambda t, s: self.o_proj(i, t, s))
+            x = x + _route(x, route, lambda t, s: self.mlp_block(i, t, s))
+        out = _route(x, route, lambda t, s: self.final_norm(t, s))
         return out, new_kv
 
 

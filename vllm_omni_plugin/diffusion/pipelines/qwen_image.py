@@ -52,6 +52,11 @@ class QwenImageStepwise(StepwisePipeline):
 
     family = "qwen-image"
 
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+        super().__init__(pipe, model_id, batch_cfg)
+        # text -> [1, L, D] embeddings encoded alone (see "Text encoding" below)
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
     # ---- parameters -------------------------------------------------------------
     @property
     def multiple_of(self) -> int:
@@ -76,25 +81,83 @@ class QwenImageStepwise(StepwisePipeline):
         return {"height": v["height"] // m * m, "width": v["width"] // m * m}
 
     # ---- prepare ------------------------------------------------------------------
-    def _encode(self, text: str, params: ResolvedParams, **kw: Any) -> dict[str, Any]:
-        """Prompt embeddings; text-only encodings are cached (a shared negative prompt is encoded once)."""
-        key = None if kw else (text, params.num_outputs_per_prompt, params.max_sequence_length)
-        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
-        if key is not None and key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        embeds, mask = self.pipe.encode_prompt(
-            prompt=text,
-            device=self.device,
-            num_images_per_prompt=params.num_outputs_per_prompt,
-            max_sequence_length=params.max_sequence_length,
-            **kw,
-        )
-        out = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
-        if key is not None:
-            cache[key] = out
-            while len(cache) > PROMPT_CACHE_SIZE:
-                cache.popitem(last=False)
+    # Text encoding. The embeddings of one text do not depend on the request
+    # (num_outputs_per_prompt repeats them, max_sequence_length cuts them), so they
+    # are kept per text:
+    #   * alone-encoded texts (diffusers' single-prompt `encode_prompt`, bit for bit)
+    #     go to a small LRU cache (a shared negative prompt is encoded once);
+    #   * the texts of requests admitted together are encoded in ONE text-encoder
+    #     call (`encode_texts`, diffusers' own list-of-prompts encoding, deduplicated)
+    #     and serve those requests only. They differ from alone-encoded ones by
+    #     float rounding (the encoder sees another batch shape), so they never enter
+    #     the cache: `generate()` stays bit-exact against diffusers whatever ran before.
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    def _text_embeds(self, text: str) -> torch.Tensor:
+        """[1, L, D] embeddings of one text encoded alone (cached); a single prompt is never padded."""
+        cache = self._prompt_cache
+        if text in cache:
+            cache.move_to_end(text)
+            return cache[text]
+        embeds, _ = self.pipe._get_qwen_prompt_embeds([text], self.device)
+        cache[text] = embeds
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return embeds
+
+    def encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """text -> [1, L_text, D] for every distinct text, with at most ONE text-encoder call.
+
+        Cached texts come from the cache; a single missing text is encoded alone
+        (and cached); several missing texts are encoded together, right-padded as
+        diffusers pads a list of prompts, and each is cut back to its own length.
+        """
+        unique = list(dict.fromkeys(texts))
+        cache = self._prompt_cache
+        out = {t: self._text_embeds(t) for t in unique if t in cache}
+        missing = [t for t in unique if t not in out]
+        if len(missing) == 1:
+            out[missing[0]] = self._text_embeds(missing[0])
+        elif missing:
+            embeds, mask = self.pipe._get_qwen_prompt_embeds(missing, self.device)
+            for i, (text, length) in enumerate(zip(missing, mask.sum(dim=1).tolist())):
+                out[text] = embeds[i : i + 1, :length].clone()
+        return out
+
+    def _texts(self, params: ResolvedParams) -> list[str]:
+        """The texts `_prepare` will encode without an image (encoded together by `prepare_many`)."""
+        texts = [params.prompt]
+        if self._cfg(params).branches == 2:
+            texts.append(params.negative_prompt)
+        return texts
+
+    def _encode(
+        self, text: str, params: ResolvedParams, encoded: dict[str, torch.Tensor] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        """Model text inputs of one branch of one request: diffusers' `encode_prompt` semantics."""
+        n, max_len = params.num_outputs_per_prompt, params.max_sequence_length
+        if kw:  # image-conditioned (Edit): per request, through the pipeline's own encode_prompt
+            embeds, mask = self.pipe.encode_prompt(
+                prompt=text, device=self.device, num_images_per_prompt=n, max_sequence_length=max_len, **kw
+            )
+            return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+        base = encoded[text] if encoded and text in encoded else self._text_embeds(text)
+        base = base[:, :max_len]
+        embeds = base.repeat(1, n, 1).view(n, base.shape[1], -1)  # as encode_prompt repeats
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": None}
+
+    def prepare_many(self, params: list[ResolvedParams], request_ids: list[str]) -> list[DiffusionState | Exception]:
+        """Prepare requests admitted together: all their prompts in one text-encoder call."""
+        with torch.no_grad():
+            encoded = self.encode_texts([t for p in params for t in self._texts(p)])
+            out: list[DiffusionState | Exception] = []
+            for p, rid in zip(params, request_ids):
+                try:
+                    out.append(self._prepare(p, rid, encoded))
+                except Exception as exc:  # reported as that request's error by the engine
+                    out.append(exc)
         return out
 
     def _cfg(self, params: ResolvedParams, renorm: bool = True) -> CfgLayout:
@@ -129,13 +192,13 @@ class QwenImageStepwise(StepwisePipeline):
         with torch.no_grad():
             return self._prepare(params, request_id)
 
-    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+    def _prepare(self, params: ResolvedParams, request_id: str, encoded: dict | None = None) -> DiffusionState:
         pipe, n = self.pipe, params.num_outputs_per_prompt
         height, width = params.height, params.width
         cfg = self._cfg(params)
         generator = params.generator()
-        cond = self._encode(params.prompt, params)
-        uncond = self._encode(params.negative_prompt, params) if cfg.branches == 2 else None
+        cond = self._encode(params.prompt, params, encoded)
+        uncond = self._encode(params.negative_prompt, params, encoded) if cfg.branches == 2 else None
         channels = pipe.transformer.config.in_channels // 4
         latents = pipe.prepare_latents(
             n, channels, height, width, cond["encoder_hidden_states"].dtype, self.device, generator
@@ -296,7 +359,10 @@ class QwenImageEditStepwise(QwenImageStepwise):
         width = v["width"] if "width" in explicit else calc_w
         return {"height": height // m * m, "width": width // m * m}
 
-    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+    def _texts(self, params: ResolvedParams) -> list[str]:
+        return []  # the text is encoded with the request's image, per request
+
+    def _prepare(self, params: ResolvedParams, request_id: str, encoded: dict | None = None) -> DiffusionState:
         pipe, n = self.pipe, params.num_outputs_per_prompt
         image = params.images[0]
         calc_w, calc_h = _dims_for_area(1024 * 1024, image.size[0] / image.size[1])
@@ -360,7 +426,12 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
     def _cfg(self, params: ResolvedParams, renorm: bool = True) -> CfgLayout:
         return super()._cfg(params, renorm=bool(params.extra.get("cfg_normalize", False)))
 
-    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+    def _texts(self, params: ResolvedParams) -> list[str]:
+        # An empty prompt is replaced by a caption of the image, made in `_prepare`.
+        texts = super()._texts(params)
+        return texts if params.prompt not in ("", " ") else texts[1:]
+
+    def _prepare(self, params: ResolvedParams, request_id: str, encoded: dict | None = None) -> DiffusionState:
         pipe, n, layers = self.pipe, params.num_outputs_per_prompt, params.layers
         image = params.images[0]
         calc_w, calc_h = _dims_for_area(params.resolution**2, image.size[0] / image.size[1])
@@ -373,8 +444,8 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
             prompt = pipe.get_image_caption(prompt_image, use_en_prompt=params.extra["use_en_prompt"], device=self.device)
         cfg = self._cfg(params)
         generator = params.generator()
-        cond = self._encode(prompt, params)
-        uncond = self._encode(params.negative_prompt, params) if cfg.branches == 2 else None
+        cond = self._encode(prompt, params, encoded)
+        uncond = self._encode(params.negative_prompt, params, encoded) if cfg.branches == 2 else None
         channels = pipe.transformer.config.in_channels // 4
         latents, image_latents = pipe.prepare_latents(
             image, n, channels, height, width, layers, cond["encoder_hidden_states"].dtype, self.device, generator
