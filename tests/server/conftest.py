@@ -31,7 +31,35 @@ STAGE_DEFAULTS = {
     "qwen-image": '{"num_inference_steps": 2, "height": 64, "width": 64}',
     "qwen-image-edit": '{"num_inference_steps": 2}',
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
+    "bagel": '{"num_inference_steps": 3}',
 }
+
+# The BAGEL server's stage config (--stage-configs-path): the shipped one with
+# CPU-sized AR engine args. max_model_len here is 1024; the server is started
+# with `--max-model-len 512`, which wins (vLLM serve flags > the stage config).
+BAGEL_STAGE_CONFIG = """\
+name: bagel-cpu-test
+architectures: [BagelForConditionalGeneration]
+stages:
+  - id: ar
+    type: llm
+    engine_args:
+      hf_overrides: {architectures: [OmniBagelForConditionalGeneration]}
+      dtype: float32
+      max_model_len: 1024
+      enforce_eager: true
+      seed: 0
+      limit_mm_per_prompt: {image: 1}
+      kv_transfer_config: {kv_connector: OmniKVConnector, kv_role: kv_producer}
+    default_sampling_params: {temperature: 0.0, max_tokens: 8}
+    connector: omni_kv
+  - id: dit
+    type: diffusion
+    inputs_from: ar
+    input_processor: bagel_context
+    default_sampling_params: {num_inference_steps: 4}
+    final_output: true
+"""
 
 
 @dataclass
@@ -93,19 +121,19 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(family, model, port, proc, log)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
             if requests.get(server.url + "/health", timeout=2).status_code == 200:
-                server.extra["startup_s"] = round(180 - (deadline - time.monotonic()), 1)
+                server.extra["startup_s"] = round(240 - (deadline - time.monotonic()), 1)
                 return server
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
     server.stop()
-    raise RuntimeError(f"server did not become healthy in 180 s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"server did not become healthy in 240 s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +157,11 @@ def omni_server(checkpoint, tmp_path_factory):
             extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image"]
         elif family == "qwen-image-edit":
             extra = ["--allowed-local-media-path", str(media_dir)]
+        elif family == "bagel":
+            stage_config = workdir / "bagel-stages.yaml"
+            stage_config.write_text(BAGEL_STAGE_CONFIG)
+            extra = ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
+                     "--served-model-name", "tiny-bagel", "--omni-max-queue", "1"]
         elif family == "wan2.2-t2v":
             extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
         server = start_server(family, checkpoint(family), workdir, extra, use_omni_cli=family == "qwen-image-edit")
@@ -156,3 +189,47 @@ def pil_md5(img) -> str:
     import hashlib
 
     return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()
+
+
+def png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def striped_image(width: int, height: int):
+    """A red image with green vertical stripes every 6 px (an input image with structure)."""
+    from PIL import Image
+
+    img = Image.new("RGB", (width, height), (200, 30, 30))
+    for x in range(0, width, 6):
+        for y in range(height):
+            img.putpixel((x, y), (20, 200, 40))
+    return img
+
+
+def assert_aborted_and_idle(server: Server, before: dict, aborted: int, rejected: int, max_steps: int) -> None:
+    """After clients hung up: the engine drains to idle, `aborted` / `rejected` requests more than
+    `before`, and fewer than `max_steps` engine steps ran (the aborted work was stopped)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["omni_engine_requests_in_flight"] == 0:
+            break
+        time.sleep(0.2)
+    assert m["omni_engine_requests_in_flight"] == 0 and m["omni_engine_requests_running"] == 0
+    assert m["omni_engine_requests_aborted"] - before["omni_engine_requests_aborted"] == aborted
+    assert m["omni_engine_requests_rejected"] - before["omni_engine_requests_rejected"] == rejected
+    steps = m["omni_engine_step_seconds_count"] - before["omni_engine_step_seconds_count"]
+    assert steps < max_steps, f"the engine ran {steps} batched steps: the aborted work was not stopped"
+
+
+def assert_openai_error(server: Server, path: str, body, status: int, param: str | None, fragment: str) -> None:
+    """POST `body` as JSON: the answer is `status` with an OpenAI error body naming `param` and saying `fragment`."""
+    r = requests.post(server.url + path, json=body, headers=server.headers(), timeout=120)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert err["param"] == param and err["code"] == status and err["type"].endswith("Error")

@@ -5,7 +5,6 @@ image vs offline edits: byte-identical pixels. Served through `vllm-omni serve`
 from __future__ import annotations
 
 import base64
-import io
 
 import pytest
 import requests
@@ -13,31 +12,21 @@ from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import decoded_md5, pil_md5
+from .conftest import decoded_md5, pil_md5, png_bytes, striped_image
 from .offline import comparable, offline
 
 pytestmark = pytest.mark.engine
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _input_image() -> Image.Image:
-    img = Image.new("RGB", (48, 40), (200, 30, 30))
-    for x in range(0, 48, 6):
-        for y in range(40):
-            img.putpixel((x, y), (20, 200, 40))
-    return img
+    return striped_image(48, 40)
 
 
 def test_edit_upload_url_chat_offline_identical(omni_server, checkpoint):
     server = omni_server("qwen-image-edit")
     client = server.client()
     image = _input_image()
-    png = _png(image)
+    png = png_bytes(image)
     (server.extra["media_dir"] / "in.png").write_bytes(png)
 
     upload = client.images.edit(image=("in.png", png, "image/png"), prompt="make it blue", size="64x64",
@@ -74,7 +63,7 @@ def test_edit_errors(omni_server, tmp_path):
     server = omni_server("qwen-image-edit")
     h = server.headers()
     url = server.url + "/v1/images/edits"
-    png = _png(_input_image())
+    png = png_bytes(_input_image())
     cases = [
         (dict(data={"prompt": "x"}, files={"image": ("a.png", b"garbage", "image/png")}), 400, "could not be decoded"),
         (dict(data={"prompt": "x"}), 400, "`image` is required"),

@@ -9,6 +9,8 @@ import time
 import pytest
 import requests
 
+from .conftest import assert_aborted_and_idle, assert_openai_error
+
 pytestmark = pytest.mark.engine
 
 GEN = "/v1/images/generations"
@@ -50,12 +52,7 @@ CASES = [
 
 @pytest.mark.parametrize("path,body,status,param,fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_error_cases(omni_server, path, body, status, param, fragment):
-    server = omni_server("qwen-image")
-    r = requests.post(server.url + path, json=body, headers=server.headers(), timeout=60)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert fragment in err["message"]
-    assert err["param"] == param and err["code"] == status and err["type"].endswith("Error")
+    assert_openai_error(omni_server("qwen-image"), path, body, status, param, fragment)
 
 
 def test_undecodable_json_and_edit_on_text_model(omni_server):
@@ -117,16 +114,6 @@ def test_queue_full_then_disconnect_frees_engine(omni_server):
         t.join()
     assert outcomes == ["disconnected", "disconnected"]
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = server.metrics()
-        if m["omni_engine_requests_in_flight"] == 0:
-            break
-        time.sleep(0.2)
-    assert m["omni_engine_requests_in_flight"] == 0 and m["omni_engine_requests_running"] == 0
-    assert m["omni_engine_requests_aborted"] - before["omni_engine_requests_aborted"] == 2
-    assert m["omni_engine_requests_rejected"] - before["omni_engine_requests_rejected"] == 1
-    steps = m["omni_engine_step_seconds_count"] - before["omni_engine_step_seconds_count"]
-    assert steps < 200, f"the engine ran {steps} batched steps: the aborted work was not stopped"
+    assert_aborted_and_idle(server, before, aborted=2, rejected=1, max_steps=200)
     # and it serves again
     assert server.client().images.generate(prompt="after", extra_body={"seed": 3}).data

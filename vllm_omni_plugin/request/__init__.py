@@ -10,6 +10,7 @@ it with the same `resolve`). No route builds stage inputs itself.
     limits.py   Limits (pixels, frames, n, steps, input images) and RequestError
     images.py   decoding of input images (bytes or PIL) with limits
     builder.py  wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
+    text.py     chat fields -> the AR stage's sampling values (text answers of multi-stage models)
 
 This package imports neither vLLM nor FastAPI.
 """
@@ -17,12 +18,15 @@ This package imports neither vLLM nor FastAPI.
 from .builder import FIELDS, RequestBuilder, build_sampling_params, parse_size
 from .images import decode_image
 from .limits import Limits, RequestError
+from .text import TextRequest, build_text_request
 
 __all__ = [
     "FIELDS",
     "Limits",
     "RequestBuilder",
     "RequestError",
+    "TextRequest",
+    "build_text_request",
     "build_sampling_params",
     "decode_image",
     "parse_size",

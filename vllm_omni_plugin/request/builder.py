@@ -12,13 +12,17 @@ Unset stays `None` all the way to `resolve`; nothing here invents a default.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .images import decode_image
 from .limits import Limits, RequestError
+
+if TYPE_CHECKING:
+    from .text import TextRequest
 
 # Generation fields: wire name -> (SamplingParams field, kind).
 _GENERATION: dict[str, tuple[str, str]] = {
@@ -128,6 +132,32 @@ def _positive(name: str, value: int | None, upper: int | None = None, flag: str 
         raise RequestError(f"`{name}`={value} is above this server's limit of {upper} ({flag})", name)
 
 
+def _coerce_extension(name: str, value: Any, default: Any) -> Any:
+    """A model's own knob, checked against the type of its default (the pipeline checks the value)."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise RequestError(f"`{name}` must be true or false, got {value!r}", name)
+        return value
+    if isinstance(default, int):
+        return _coerce(name, value, "int")
+    if isinstance(default, float):
+        return _coerce(name, value, "float")
+    if isinstance(default, str):
+        return _coerce(name, value, "str")
+    if isinstance(default, (tuple, list)):
+        if isinstance(value, str):  # a form field: JSON text
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(value, list) or len(value) != len(default):
+            raise RequestError(f"`{name}` must be a list of {len(default)} numbers, got {value!r}", name)
+        return tuple(_coerce(name, x, "float") for x in value)
+    return value
+
+
 def build_sampling_params(
     fields: Mapping[str, Any],
     images: Sequence[Any] = (),
@@ -135,18 +165,22 @@ def build_sampling_params(
     *,
     strict: bool = True,
     require_prompt: bool = True,
+    extensions: Mapping[str, Any] | None = None,
 ) -> tuple[SamplingParams, OutputSpec, float | None]:
     """Validate wire fields; return (SamplingParams, OutputSpec, seconds).
 
     `images` are raw bytes or PIL images (decoded and checked here).
     strict: unknown fields are an error (images / videos routes); the chat route
     passes only the fields it knows and sets strict=False.
+    extensions: the served model's own knobs (name -> its default value; e.g.
+    BAGEL's cfg_text_scale), accepted as fields and passed in `SamplingParams.extra`.
     A field sent as null counts as not sent.
     """
     limits = limits or Limits()
+    extensions = extensions or {}
     fields = {k: v for k, v in fields.items() if v is not None}
     if strict:
-        unknown = sorted(set(fields) - FIELDS)
+        unknown = sorted(set(fields) - FIELDS - set(extensions))
         if unknown:
             raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
     if require_prompt and "prompt" not in fields:
@@ -180,12 +214,20 @@ def build_sampling_params(
         if "num_frames" in values:
             raise RequestError("pass `seconds` or `num_frames`, not both", "seconds")
 
-    if len(images) > limits.max_input_images:
-        raise RequestError(f"{len(images)} input images; this server takes at most {limits.max_input_images}", "image")
     if images:
-        values["images"] = [decode_image(img, limits, "image") for img in images]
+        values["images"] = decode_images(images, limits)
+    extra = {k: _coerce_extension(k, fields[k], d) for k, d in extensions.items() if k in fields}
+    if extra:
+        values["extra"] = extra
 
     return SamplingParams(**values), _output_spec(fields), seconds
+
+
+def decode_images(images: Sequence[Any], limits: Limits) -> list[Any]:
+    """Input images (bytes or PIL) -> checked PIL images; the count and the pixels within `limits`."""
+    if len(images) > limits.max_input_images:
+        raise RequestError(f"{len(images)} input images; this server takes at most {limits.max_input_images}", "image")
+    return [decode_image(img, limits, "image") for img in images]
 
 
 def _output_spec(fields: Mapping[str, Any]) -> OutputSpec:
@@ -222,6 +264,11 @@ class RequestBuilder:
                    function the engine and the offline API use
     output_kind    "image" | "layers" | "video": what the model makes
     takes_images   whether the model takes input images (edit, layered, i2v)
+    extensions     the model's own request knobs, name -> default value
+                   (`server.app.extension_fields`: its pipeline defaults that
+                   are not SamplingParams fields)
+    text_defaults  multi-stage models: the AR stage's default sampling params
+                   (None: the model answers with images only)
     """
 
     def __init__(
@@ -231,8 +278,12 @@ class RequestBuilder:
         stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
         limits: Limits | None = None,
         takes_images: bool = False,
+        extensions: Mapping[str, Any] | None = None,
+        text_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.resolve_fn = resolve_fn
+        self.extensions = dict(extensions or {})
+        self.text_defaults = text_defaults
         self.output_kind = output_kind
         self.takes_images = takes_images
         self.stage_defaults = stage_defaults
@@ -249,7 +300,8 @@ class RequestBuilder:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self._check_task(task)
-        request, output, seconds = build_sampling_params(fields, images, self.limits, strict=strict)
+        request, output, seconds = build_sampling_params(fields, images, self.limits, strict=strict,
+                                                         extensions=self.extensions)
         if task == "edit" and not request.images:
             raise RequestError("`image` is required for an edit", "image")
         if request.images and not self.takes_images:
@@ -267,6 +319,15 @@ class RequestBuilder:
         params = self._resolve(request)
         self._check_resolved(params)
         return CanonicalRequest(params, output, task)
+
+    def build_text(self, fields: Mapping[str, Any], images: Sequence[Any] = ()) -> "TextRequest":
+        """A text answer (AR stage): sampling values resolved as request > the AR stage's defaults."""
+        from .text import build_text_request
+
+        if self.text_defaults is None:
+            raise RequestError('this model answers with images only; send `"modalities": ["image"]` or leave '
+                               "`modalities` out", "modalities")
+        return build_text_request(fields, images, self.limits, self.text_defaults, tuple(self.extensions))
 
     def _check_task(self, task: str) -> None:
         if task == "video" and self.output_kind != "video":

@@ -24,8 +24,10 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--stage-configs-path",
         default=None,
-        help="YAML stage config; its first stage's `default_sampling_params` become the stage defaults "
-        "(request > stage defaults > the pipeline's own defaults).",
+        help="Stage-config YAML (schema: vllm_omni_plugin/orchestrator/stage_config.py). Diffusion checkpoints: "
+        "its final stage's `default_sampling_params` are the stage defaults (request > stage defaults > the "
+        "pipeline's own). Multi-stage checkpoints: replaces the shipped config; vLLM engine flags given on the "
+        "command line override its AR stage's `engine_args`.",
     )
     group.add_argument(
         "--default-sampling-params",

@@ -1,20 +1,52 @@
-"""The omni server's settings, read once from the parsed `vllm serve` args."""
+"""The omni server's settings, read once from the parsed `vllm serve` args.
+
+Stage configs (`--stage-configs-path`) are read with the orchestrator's
+validated schema (`orchestrator/stage_config.py`); a bad file is an error
+naming the file, the field and the fix.
+
+Which settings win, highest first:
+
+* diffusion stage defaults: `--default-sampling-params` > the stage config's
+  final (diffusion) stage `default_sampling_params` > the pipeline's own;
+  request values beat all of them;
+* the AR stage's vLLM engine args (multi-stage models): vLLM serve flags given
+  on the command line (`--dtype`, `--max-model-len`, `--enforce-eager`,
+  `--gpu-memory-utilization`, ... any `AsyncEngineArgs` flag whose value differs
+  from vLLM's default) > the stage config's `engine_args` (the file given, else
+  the one shipped for the architecture) > vLLM's defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..orchestrator.offline import checkpoint_architectures, multistage_config
+from ..orchestrator.stage_config import StageConfig, StageConfigError, load_stage_config
 from ..request import Limits
 
 
 class ConfigError(ValueError):
     """A bad omni flag or stage config; the message names the flag and the fix."""
+
+
+def checkpoint_kind(model: str) -> str:
+    """"diffusion" for a diffusers directory (model_index.json), "multi-stage" for an HF model dir."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(
+            f"{model!r} is not a local checkpoint directory; `vllm serve --omni` loads local checkpoints "
+            "(download the model first, or build one with `vllm-omni make-checkpoint`)"
+        )
+    if (path / "model_index.json").is_file():
+        return "diffusion"
+    if (path / "config.json").is_file():
+        return "multi-stage"
+    raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
 
 
 @dataclass(frozen=True)
@@ -30,9 +62,17 @@ class OmniServerConfig:
     dtype: str | None = None
     allowed_local_media_path: str = ""
     allowed_media_domains: tuple[str, ...] | None = None
+    #: multi-stage models: the stage config (final stage's defaults already merged with
+    #: --default-sampling-params) and the AR engine args given as vLLM serve flags
+    stage_config: StageConfig | None = None
+    ar_engine_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multi_stage(self) -> bool:
+        return self.stage_config is not None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "OmniServerConfig":
+    def from_args(cls, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> "OmniServerConfig":
         for flag in ("omni_max_pixels", "omni_max_frames", "omni_max_n", "omni_max_steps", "omni_max_queue"):
             if getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
@@ -40,6 +80,15 @@ class OmniServerConfig:
             raise ConfigError(f"--omni-video-retention must be positive seconds, got {args.omni_video_retention}")
         names = tuple(args.served_model_name or [args.model])
         dtype = None if args.dtype in (None, "auto") else {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
+        overrides = _json_defaults(args.default_sampling_params)
+        stage_config, stage_defaults, ar_engine_args = None, dict(overrides), {}
+        if checkpoint_kind(args.model) == "multi-stage":
+            stage_config = _multistage_config(args.model, args.stage_configs_path, overrides)
+            ar_engine_args = explicit_engine_args(args, parser)
+            stage_defaults = dict(_final_stage(stage_config, args.stage_configs_path).default_sampling_params)
+        elif args.stage_configs_path:
+            config = _load(args.stage_configs_path)
+            stage_defaults = {**_final_stage(config, args.stage_configs_path).default_sampling_params, **overrides}
         return cls(
             model=args.model,
             served_model_names=names,
@@ -50,7 +99,7 @@ class OmniServerConfig:
                 max_steps=args.omni_max_steps,
                 max_input_pixels=args.omni_max_input_pixels,
             ),
-            stage_defaults=_stage_defaults(args.stage_configs_path, args.default_sampling_params),
+            stage_defaults=stage_defaults,
             max_queue=args.omni_max_queue,
             max_batch_tokens=args.omni_max_batch_tokens,
             video_dir=Path(args.omni_video_dir) if args.omni_video_dir else None,
@@ -58,32 +107,76 @@ class OmniServerConfig:
             dtype=dtype,
             allowed_local_media_path=args.allowed_local_media_path or "",
             allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
+            stage_config=stage_config,
+            ar_engine_args=ar_engine_args,
         )
 
 
-def _stage_defaults(stage_configs_path: str | None, default_sampling_params: str | None) -> dict[str, Any]:
-    """Stage defaults: the stage config's first stage, then --default-sampling-params on top."""
-    defaults: dict[str, Any] = {}
-    if stage_configs_path:
-        path = Path(stage_configs_path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--stage-configs-path {path}: cannot read it as YAML: {e}") from e
-        stages = doc.get("stages") if isinstance(doc, dict) else None
-        if not isinstance(stages, list) or not stages or not isinstance(stages[0], dict):
-            raise ConfigError(f"--stage-configs-path {path}: expected a top-level `stages:` list of mappings")
-        stage = stages[0]
-        value = stage.get("default_sampling_params") or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"--stage-configs-path {path}: stages[0].default_sampling_params must be a mapping")
-        defaults.update(value)
-    if default_sampling_params:
-        try:
-            value = json.loads(default_sampling_params)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--default-sampling-params is not valid JSON: {e}") from e
-        if not isinstance(value, dict):
-            raise ConfigError("--default-sampling-params must be a JSON object")
-        defaults.update(value)
-    return defaults
+def _load(path: str) -> StageConfig:
+    try:
+        return load_stage_config(path)
+    except StageConfigError as e:
+        raise ConfigError(f"--stage-configs-path: {e}") from e
+
+
+def _final_stage(config: StageConfig, source: str | None):
+    stage = config.final_stage
+    if stage.type != "diffusion":
+        where = source or f"the shipped stage config {config.name!r}"
+        raise ConfigError(f"{where}: the final stage {stage.id!r} must be of type diffusion for `vllm serve --omni`")
+    return stage
+
+
+def _multistage_config(model: str, path: str | None, overrides: dict[str, Any]) -> StageConfig:
+    """The stage config of a multi-stage checkpoint, --default-sampling-params merged into its final stage."""
+    try:
+        config = multistage_config(model, path)
+    except StageConfigError as e:
+        raise ConfigError(f"--stage-configs-path: {e}") from e
+    if config is None:
+        archs = ", ".join(checkpoint_architectures(model)) or "none"
+        raise ConfigError(
+            f"{model}: no multi-stage stage config for its architectures ({archs})"
+            + (f"; {path} has a single stage" if path else "; pass one with --stage-configs-path")
+        )
+    final = _final_stage(config, path)
+    if not overrides:
+        return config
+    merged = final.model_copy(update={"default_sampling_params": {**final.default_sampling_params, **overrides}})
+    return config.model_copy(update={"stages": tuple(merged if s.id == final.id else s for s in config.stages)})
+
+
+# Flags of vLLM's serve parser that are not engine settings of the AR stage.
+_NOT_AR_ENGINE_ARGS = frozenset({"model", "logging_config", "log_config_file"})
+
+
+def explicit_engine_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """vLLM engine args set on the command line: every `AsyncEngineArgs` field whose parsed value
+    differs from the serve parser's default (a flag given with its default value is indistinguishable
+    from an omitted one, and leaves the stage config's value in place)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if parser is None:
+        from .cli import make_parser
+
+        parser = make_parser()
+    out = {}
+    for f in dataclasses.fields(AsyncEngineArgs):
+        if f.name in _NOT_AR_ENGINE_ARGS or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value != parser.get_default(f.name):
+            out[f.name] = value
+    return out
+
+
+def _json_defaults(default_sampling_params: str | None) -> dict[str, Any]:
+    if not default_sampling_params:
+        return {}
+    try:
+        value = json.loads(default_sampling_params)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--default-sampling-params is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError("--default-sampling-params must be a JSON object")
+    return value

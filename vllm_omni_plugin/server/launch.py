@@ -5,27 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from pathlib import Path
 
-from .app import OmniRuntime, build_diffusion_app
-from .config import ConfigError, OmniServerConfig
+from .app import OmniRuntime, build_app
+from .config import OmniServerConfig
 
 logger = logging.getLogger("vllm.omni_plugin.server")
-
-
-def checkpoint_kind(model: str) -> str:
-    """"diffusion" for a diffusers directory (model_index.json), "multi-stage" for an HF model dir."""
-    path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(
-            f"{model!r} is not a local checkpoint directory; `vllm serve --omni` loads local checkpoints "
-            "(download the model first, or build one with `vllm-omni make-checkpoint`)"
-        )
-    if (path / "model_index.json").is_file():
-        return "diffusion"
-    if (path / "config.json").is_file():
-        return "multi-stage"
-    raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
 
 
 async def run_server(args: argparse.Namespace) -> None:
@@ -33,15 +17,13 @@ async def run_server(args: argparse.Namespace) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
     config = OmniServerConfig.from_args(args)
-    kind = checkpoint_kind(config.model)
-    if kind != "diffusion":
-        raise ConfigError(
-            f"{config.model} is a multi-stage (AR + diffusion) checkpoint; serving it with --omni lands with "
-            "the multi-stage orchestrator (issue 5). Plain `vllm serve` serves its text part today."
-        )
     listen_address, sock = setup_server(args, reuse_port=False)
-    runtime = await asyncio.to_thread(OmniRuntime.load, config)
-    app = build_diffusion_app(args, runtime)
+    if config.multi_stage:
+        # The orchestrator (and its AsyncLLM) lives on this, the server's, event loop.
+        runtime = await OmniRuntime.create_multistage(config)
+    else:
+        runtime = await asyncio.to_thread(OmniRuntime.load, config)
+    app = build_app(args, runtime)
     logger.info("omni: starting server on %s", listen_address)
     shutdown_task = await serve_http(
         app,
@@ -64,3 +46,4 @@ async def run_server(args: argparse.Namespace) -> None:
         await shutdown_task
     finally:
         sock.close()
+        await runtime.stop()  # idempotent; the app's lifespan may not have run its shutdown half

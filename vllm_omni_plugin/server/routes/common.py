@@ -7,7 +7,7 @@ import asyncio
 import functools
 import json
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +17,8 @@ from ...diffusion.params import ResolvedParams
 from ...request import RequestError
 from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
 from ..errors import OmniHTTPError, error_response, to_http_error
+
+T = TypeVar("T")
 
 _OMNI_ERRORS = (OmniHTTPError, RequestError, QueueFull, EngineStopped, RequestAborted, GenerationFailed)
 
@@ -75,7 +77,7 @@ def check_request(request: Request, fields: dict[str, Any]) -> None:
     """Checks every generation route makes: the model name, and no streaming (pops `stream`)."""
     check_model(request, fields.get("model"))
     if fields.pop("stream", None) not in (None, False, "false"):
-        raise RequestError("streaming responses are not supported for generated images or videos; omit `stream`", "stream")
+        raise RequestError("streaming responses are not supported by the omni server; omit `stream`", "stream")
 
 
 async def read_form(
@@ -131,22 +133,25 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def generate(request: Request, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
-    """Run one request in the engine; abort it if the client disconnects first."""
-    bridge = runtime(request).bridge
-    handle = bridge.submit(params, on_progress)
-    result = asyncio.ensure_future(bridge.result(handle))
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (each runtime turns the
+    cancellation into an abort of its engine work) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if result.done():
-            return result.result()
-        raise ClientDisconnected(handle.request_id)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected()
     finally:
         gone.cancel()
-        if not result.done():
-            bridge.abort(handle.request_id)
-            result.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def generate(request: Request, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
+    """Run one image request (diffusion engine, or AR -> DiT); abort it if the client disconnects first."""
+    return await until_disconnect(request, runtime(request).stages.generate_image(params, on_progress))
 
 
 def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:

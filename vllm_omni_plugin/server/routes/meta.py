@@ -22,7 +22,11 @@ async def models(request: Request):
             "owned_by": "vllm-omni-plugin",
             "root": omni.config.model,
             "parent": None,
-            "omni": {"family": omni.pipeline.family, "output": omni.builder.output_kind},
+            "omni": {
+                "family": omni.pipeline.family,
+                "output": omni.builder.output_kind,
+                "text_output": omni.stages.text,  # chat answers in text (AR stage) unless images are asked for
+            },
         }
         for name in omni.config.served_model_names
     ]
@@ -31,7 +35,7 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    if runtime(request).bridge.alive:
+    if runtime(request).stages.alive:
         return Response(status_code=200)
     return Response(status_code=503)
 

@@ -1,0 +1,211 @@
+"""`vllm serve <tiny BAGEL> --omni`: all four modalities over HTTP equal the offline `Omni`.
+
+One real server (AR stage on vLLM's CPU engine, DiT stage inline, started with
+--stage-configs-path holding CPU-sized engine args and `--max-model-len 512`
+on the command line) and the session's offline `Omni` (`bagel_omni`), real
+`openai` client:
+
+* text2img: offline `Omni.generate` vs /v1/images/generations vs
+  /v1/chat/completions (modalities=["image"]) -> byte-identical decoded pixels;
+* img2img: /v1/images/edits (upload) and chat with an image_url part vs offline;
+* text2text / img2text: chat text vs offline `Omni.generate_text` on the prompt
+  written out by hand (greedy; the same tokens, hence the same text);
+* bad requests get their 4xx (including vLLM's own checks and the AR engine's
+  max_model_len, which the command-line flag set), and the server keeps serving;
+* --omni-max-queue 1 refuses a second image request; a client that hangs up
+  has its work aborted.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from vllm_omni_plugin.diffusion.params import SamplingParams
+
+from .conftest import assert_aborted_and_idle, assert_openai_error, decoded_md5, pil_md5, png_bytes, striped_image
+from .offline import comparable
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tiny-bagel"
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _input_image() -> Image.Image:
+    return striped_image(48, 32)
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _chat_images(resp) -> list[bytes]:
+    parts = resp.choices[0].message.content
+    assert isinstance(parts, list) and all(p["type"] == "image_url" for p in parts)
+    return [base64.b64decode(p["image_url"]["url"].split(",", 1)[1]) for p in parts]
+
+
+def test_text2img_offline_images_chat_identical(omni_server, bagel_omni):
+    client = omni_server("bagel").client()
+    # negative prompt: the text-CFG context is a second AR prefill; cfg_text_scale: BAGEL's own knob
+    ext = {"seed": 7, "num_inference_steps": 4, "negative_prompt": "blurry", "cfg_text_scale": 3.0}
+    http = client.images.generate(model=MODEL, prompt="a red cat", size="48x32", extra_body=ext)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a red cat"}], modalities=["image"],
+        extra_body={**ext, "size": "48x32"},
+    )
+    (off,) = bagel_omni.generate(["a red cat"], SamplingParams(
+        seed=7, num_inference_steps=4, negative_prompt="blurry", width=48, height=32, extra={"cfg_text_scale": 3.0}))
+
+    md5 = pil_md5(off.images[0])
+    assert decoded_md5(base64.b64decode(http.data[0].b64_json)) == md5
+    assert [decoded_md5(b) for b in _chat_images(chat)] == [md5]
+    assert http.size == "48x32" and off.images[0].size == (48, 32)
+    resolved = comparable(off.params.public_dict())
+    assert resolved["extra"]["cfg_text_scale"] == 3.0
+    assert http.model_extra["omni"]["resolved"] == resolved
+    assert chat.model_extra["omni"]["resolved"] == resolved
+
+
+def test_img2img_edits_and_chat_equal_offline(omni_server, bagel_omni):
+    server = omni_server("bagel")
+    client = server.client()
+    image = _input_image()
+    png = png_bytes(image)
+    ext = {"seed": 4, "num_inference_steps": 4}
+    upload = client.images.edit(model=MODEL, image=("in.png", png, "image/png"), prompt="make it blue", extra_body=ext)
+    chat = client.chat.completions.create(
+        model=MODEL, modalities=["image"], extra_body=ext,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(png)}},
+                                               {"type": "text", "text": "make it blue"}]}],
+    )
+    (off,) = bagel_omni.generate(["make it blue"], SamplingParams(images=[image], **ext))
+
+    md5 = pil_md5(off.images[0])
+    assert off.images[0].size == (48, 32)  # the output size follows the input image on every path
+    assert decoded_md5(base64.b64decode(upload.data[0].b64_json)) == md5
+    assert [decoded_md5(b) for b in _chat_images(chat)] == [md5]
+    resolved = comparable(off.params.public_dict())
+    assert resolved["extra"]["cfg_img_scale"] == 1.5 and resolved["num_input_images"] == 1
+    assert upload.model_extra["omni"]["resolved"] == resolved
+    assert chat.model_extra["omni"]["resolved"] == resolved
+
+
+def test_text2text_and_img2text_equal_offline(omni_server, bagel_omni):
+    from vllm import SamplingParams as VllmSamplingParams
+
+    client = omni_server("bagel").client()
+    greedy = VllmSamplingParams(temperature=0.0, max_tokens=6)
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a red cat."}], max_tokens=6, temperature=0.0)
+    prompt = f"{SYSTEM}<|im_start|>user\nDescribe a red cat.<|im_end|>\n<|im_start|>assistant\n"
+    (off,) = bagel_omni.generate_text([{"prompt": prompt}], greedy)
+    assert chat.choices[0].message.content == off.outputs[0].text
+    assert chat.usage.completion_tokens == len(off.outputs[0].token_ids) == 6
+    assert chat.usage.prompt_tokens == len(off.prompt_token_ids)
+
+    image = _input_image()
+    chat = client.chat.completions.create(
+        model=MODEL, max_tokens=6, temperature=0.0,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(png_bytes(image))}},
+                                               {"type": "text", "text": "What is in the picture?"}]}],
+    )
+    prompt = (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{IMAGE_BLOCK}What is in the picture?"
+              "<|im_end|>\n<|im_start|>assistant\n")
+    (off,) = bagel_omni.generate_text([{"prompt": prompt, "multi_modal_data": {"image": image}}], greedy)
+    assert chat.choices[0].message.content == off.outputs[0].text
+    assert chat.usage.prompt_tokens == len(off.prompt_token_ids)
+
+    # omitted sampling fields: the AR stage's default_sampling_params (the test stage config: greedy, 8 tokens)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert chat.model_extra["omni"]["sampling"] == {"temperature": 0.0, "max_tokens": 8}
+    assert chat.usage.completion_tokens == 8 and chat.choices[0].finish_reason == "length"
+
+
+GEN, CHAT, EDITS = "/v1/images/generations", "/v1/chat/completions", "/v1/images/edits"
+USER = [{"role": "user", "content": "x"}]
+CASES = [
+    # (path, json body, status, param, message fragment)
+    (GEN, {"prompt": "x", "size": "40x40"}, 400, None, "multiples of 16"),  # the pipeline's own rule
+    (GEN, {"prompt": "x", "cfg_interval": [0.4]}, 400, "cfg_interval", "list of 2 numbers"),
+    (GEN, {"prompt": "x", "cfg_text_scale": "high"}, 400, "cfg_text_scale", "must be a number"),
+    (GEN, {"prompt": "x", "cfg_renorm_type": "nope"}, 400, None, "cfg_renorm_type"),
+    (GEN, {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "--omni-max-steps"),
+    (GEN, {"prompt": "x", "model": "other"}, 404, "model", "does not exist"),
+    # the AR engine's max_model_len: 512 from the command line beat the stage config's 1024
+    (GEN, {"prompt": "word " * 600, "size": "32x32"}, 400, "input_tokens", "512"),
+    (CHAT, {"messages": [{"role": "user", "content": "word " * 600}]}, 400, "input_tokens", "512"),
+    (CHAT, {"messages": USER, "size": "32x32"}, 400, "size", "modalities"),
+    (CHAT, {"messages": USER, "cfg_text_scale": 2}, 400, "cfg_text_scale", "modalities"),
+    (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs", "unsupported parameter"),
+    (CHAT, {"messages": USER, "temperature": -1}, 400, "temperature", "temperature"),  # vLLM's own check
+    (CHAT, {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "positive integer"),
+    (CHAT, {"messages": USER, "modalities": ["audio"]}, 400, "modalities", "text"),
+    (CHAT, {"messages": USER, "stream": True}, 400, "stream", "not supported"),
+    (CHAT, {"messages": [{"role": "system", "content": "hi"}]}, 400, "messages", "no user message"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "messages", "input_audio"),
+    (CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, 400, "messages.content.image_url",
+     "--allowed-local-media-path"),
+    (EDITS, {"prompt": "x"}, 400, "image", "`image` is required"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_requests(omni_server, path, body, status, param, fragment):
+    assert_openai_error(omni_server("bagel"), path, body, status, param, fragment)
+
+
+def test_meta_routes_and_still_serving(omni_server):
+    server = omni_server("bagel")
+    client = server.client()
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.model_extra["omni"] == {"family": "bagel", "output": "image", "text_output": True}
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    r = client.images.generate(prompt="still here", size="32x32", extra_body={"seed": 2})
+    # omitted steps: --default-sampling-params (3) beat the stage config's dit default (4)
+    assert r.model_extra["omni"]["resolved"]["num_inference_steps"] == 3
+    assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices[0].message.content
+    m = server.metrics()
+    assert m["omni_engine_requests_failed"] == 0  # bad input never reached the DiT stage
+    assert m["omni_engine_requests_in_flight"] == 0
+
+
+def test_queue_limit_and_disconnect_abort(omni_server):
+    """--omni-max-queue 1: a slow image request fills the pipeline, a second one gets 503; the
+    first client hangs up and its DiT work is aborted long before its 200 steps end."""
+    server = omni_server("bagel")
+    before = server.metrics()
+    # 8 images of the default (largest) size with text CFG: 16 rows per step, 200 steps
+    slow = {"prompt": "slow", "num_inference_steps": 200, "n": 8, "negative_prompt": "fast", "seed": 1}
+    outcome: list[str] = []
+
+    def hang_up() -> None:
+        try:
+            r = requests.post(server.url + GEN, json=slow, headers=server.headers(), timeout=2.0)
+            outcome.append(f"answered {r.status_code}")
+        except requests.exceptions.ReadTimeout:
+            outcome.append("disconnected")
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    deadline = time.monotonic() + 3
+    while server.metrics()["omni_engine_requests_in_flight"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = requests.post(server.url + GEN, json={"prompt": "second", "size": "32x32"}, headers=server.headers(), timeout=30)
+    assert r.status_code == 503, r.text
+    assert "--omni-max-queue 1" in r.json()["error"]["message"]
+    t.join()
+    assert outcome == ["disconnected"]
+
+    assert_aborted_and_idle(server, before, aborted=1, rejected=1, max_steps=199)
+    assert server.client().images.generate(prompt="after", size="32x32", extra_body={"seed": 3}).data
