@@ -82,3 +82,34 @@ def bagel_omni(checkpoint):
     omni = Omni(str(checkpoint("bagel")), dtype="float32", device="cpu", ar_engine_args=BAGEL_AR_TEST_ARGS)
     yield omni
     omni.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bagel_img2img_llm(checkpoint, tmp_path_factory):
+    """`vllm.LLM` on the tiny BAGEL as OmniBagel with OmniKVConnector, taking img2img (`vae_image`) inputs.
+
+    Yields (llm, transfer_dir). `vae_image` is opt-in through limit_mm_per_prompt; the
+    tiny checkpoint's largest VAE block (128 px: 64 latent tokens + 2 markers) must fit
+    one step, since CPU prefill does not split multimodal items.
+    """
+    from vllm import LLM
+
+    transfer_dir = tmp_path_factory.mktemp("kv-transfer-img2img")
+    llm = LLM(
+        model=str(checkpoint("bagel")),
+        hf_overrides={"architectures": ["OmniBagelForConditionalGeneration"]},
+        dtype="float32",
+        max_model_len=BAGEL_MAX_MODEL_LEN,
+        max_num_batched_tokens=96,
+        enable_chunked_prefill=True,
+        enforce_eager=True,
+        seed=0,
+        limit_mm_per_prompt={"image": 1, "vae_image": 1},
+        kv_transfer_config={
+            "kv_connector": "OmniKVConnector",
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"transfer_dir": str(transfer_dir)},
+        },
+    )
+    yield llm, transfer_dir
+    llm.llm_engine.engine_core.shutdown()

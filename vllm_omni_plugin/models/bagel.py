@@ -29,31 +29,53 @@ included; and it shares ONE RoPE position, the next token taking that + 1
 (bagel_positions.py). The positions reach vLLM through its M-RoPE hook with
 three identical rows, switched on for this architecture by bagel_config.py.
 
-Not here yet (see docs/bagel.md): img2img inputs through the VAE encoder and
-the MoT generation expert.
+img2img (bagel_gen.py): an edit image arrives as the `vae_image` modality, a
+[<|vision_start|>, <|vision_pad|> x n, <|vision_end|>] block whose latent rows
+are VAE-encoded and run through the MoT generation expert; the raw input ids
+(`requires_raw_input_tokens`) say which rows those are. Batches without them
+take vLLM's unchanged forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from vllm.model_executor.models.bagel import BagelDummyInputsBuilder, BagelForConditionalGeneration
+from vllm.model_executor.models.bagel import BagelForConditionalGeneration
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from vllm_omni_plugin.kv.connector import SaveSpec, active_connector
 
+from .bagel_gen import BagelGenerationSide, is_generation_weight
 from .bagel_positions import bagel_positions, block_ranges
-from .bagel_processing import OmniBagelMultiModalProcessor, OmniBagelProcessingInfo, marker_ids
+from .bagel_processing import (
+    VAE_IMAGE,
+    OmniBagelDummyInputsBuilder,
+    OmniBagelMultiModalProcessor,
+    OmniBagelProcessingInfo,
+    marker_ids,
+    vae_pad_id,
+)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    OmniBagelMultiModalProcessor, info=OmniBagelProcessingInfo, dummy_inputs=BagelDummyInputsBuilder
+    OmniBagelMultiModalProcessor, info=OmniBagelProcessingInfo, dummy_inputs=OmniBagelDummyInputsBuilder
 )
 class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsMRoPE):
-    """vLLM's Bagel with BAGEL's image blocks and positions, and keyed KV-transfer metadata."""
+    """vLLM's Bagel with BAGEL's image blocks and positions, img2img VAE blocks, and keyed KV-transfer metadata."""
+
+    # The forward needs the token ids next to the embeddings: <|vision_pad|> rows
+    # are the generation expert's. (vLLM's Qwen2Model ignores the ids when given embeddings.)
+    requires_raw_input_tokens = True
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality == VAE_IMAGE:
+            return "<|vision_start|><|vision_pad|><|vision_end|>"
+        return super().get_placeholder_str(modality, i)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         if not vllm_config.model_config.uses_mrope:
@@ -66,20 +88,44 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         from vllm.tokenizers import cached_tokenizer_from_config
 
-        start, _, end = marker_ids(cached_tokenizer_from_config(vllm_config.model_config))
+        tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+        start, _, end = marker_ids(tokenizer)
         # The markers are rows of the image's placeholder range, so the image's
         # "embedding" carries their (ordinary) token embeddings around the ViT tokens.
         self.register_buffer("_marker_ids", torch.tensor([start, end]), persistent=False)
+        self._vae_pad_id = vae_pad_id(tokenizer)
+        embed = self.language_model.model.embed_tokens.weight
+        self.generation = BagelGenerationSide(self.config, embed.dtype, embed.device)
         self._kv_transfer_facts: dict[str, dict[str, Any]] = {}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's Bagel loading, plus the generation side's tensors (which vLLM's Bagel drops)."""
+
+        def understanding():
+            for name, tensor in weights:
+                if is_generation_weight(name):
+                    self.generation.load(name, tensor)
+                else:
+                    yield name, tensor
+
+        return super().load_weights(understanding())
 
     # ---------------------------------------------------------------- BAGEL's prompt layout
 
+    def _with_markers(self, blocks) -> tuple[torch.Tensor, ...]:
+        markers = self.language_model.embed_input_ids(self._marker_ids.to(blocks[0].device)).to(blocks[0].dtype)
+        return tuple(torch.cat([markers[:1], tokens.to(markers.dtype), markers[1:]]) for tokens in blocks)
+
     def embed_multimodal(self, **kwargs: object):
+        vae_pixels = kwargs.pop("vae_pixel_values", None)
+        if vae_pixels is not None:  # vLLM embeds one modality per call
+            if kwargs.get("pixel_values") is not None:
+                raise ValueError("one embed_multimodal call got both vae_image and image inputs")
+            return self._with_markers([self.generation.latent_tokens(p) for p in vae_pixels])
         vit = super().embed_multimodal(**kwargs)
         if not vit:
             return vit
-        markers = self.language_model.embed_input_ids(self._marker_ids.to(vit[0].device)).to(vit[0].dtype)
-        return tuple(torch.cat([markers[:1], tokens, markers[1:]]) for tokens in vit)
+        return self._with_markers(vit)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """BAGEL's positions as three identical M-RoPE rows, and the offset of later tokens.
@@ -103,10 +149,13 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
             # last, counting each image block as one position (BAGEL's layout).
             "latent_position": next_position,
             # vLLM's Bagel processor resizes every understanding image to the ViT's
-            # square input, so that is the shape each image went through the ViT at.
-            "image_shapes": [[vit.image_size, vit.image_size] for _ in blocks],
-            # (offset, length) of each image block in the prompt, markers included.
+            # square input, so that is the shape each ViT block went through the ViT at.
+            "image_shapes": [[vit.image_size, vit.image_size] for m, _, _ in spec.mm_ranges if m == "image"],
+            # (offset, length) of each image block (ViT and VAE) in the prompt, markers included.
             "image_token_ranges": [[offset, length] for offset, length in blocks],
+            # img2img: latent tokens of each VAE block (its [H, W] is the request's output
+            # size, which the orchestrator set; the block alone does not determine it).
+            "vae_latent_tokens": [length - 2 for m, _, length in spec.mm_ranges if m == VAE_IMAGE],
         }
 
     def get_kv_transfer_metadata(self, req_id: str) -> dict[str, Any] | None:
@@ -130,4 +179,10 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
         **kwargs: object,
     ) -> torch.Tensor | IntermediateTensors:
         self._record_kv_transfer_facts()
+        if input_ids is not None and inputs_embeds is not None and intermediate_tensors is None:
+            gen = input_ids == self._vae_pad_id
+            if bool(gen.any()):  # an img2img VAE block in this batch: MoT routing
+                if not self.generation.loaded:
+                    raise RuntimeError("an img2img (vae_image) input, but the checkpoint's generation weights were not loaded")
+                return self.generation.forward(self.language_model.model, positions, inputs_embeds, gen)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+IMAGE_BLOCK_MODALITIES = ("image", "vae_image")
+
 
 def bagel_positions(num_tokens: int, blocks: Iterable[tuple[int, int]]) -> tuple[list[int], int]:
     """(position of each of `num_tokens` tokens, the next free position).
@@ -48,5 +50,8 @@ def mrope_section(head_dim: int) -> list[int]:
 
 
 def block_ranges(mm_ranges: Sequence[tuple[str, int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) of the image blocks among (modality, offset, length) placeholder ranges."""
-    return [(offset, length) for modality, offset, length in mm_ranges if modality == "image"]
+    """(offset, length) of the image blocks among (modality, offset, length) placeholder ranges.
+
+    ViT blocks ("image") and img2img VAE blocks ("vae_image") alike: one position each.
+    """
+    return [(offset, length) for modality, offset, length in mm_ranges if modality in IMAGE_BLOCK_MODALITIES]
