@@ -71,7 +71,9 @@ def bagel_kv_llm(checkpoint, tmp_path_factory):
 
 
 # The CPU engine's settings for a multi-stage BAGEL (the stage config's defaults are GPU-sized).
-BAGEL_AR_TEST_ARGS = {"dtype": "float32", "max_model_len": BAGEL_MAX_MODEL_LEN, "enforce_eager": True, "seed": 0}
+# img2img: `vae_image` inputs; a whole prompt (the largest VAE block is 66 tokens) in one step.
+BAGEL_AR_TEST_ARGS = {"dtype": "float32", "max_model_len": BAGEL_MAX_MODEL_LEN, "enforce_eager": True, "seed": 0,
+                      "limit_mm_per_prompt": {"image": 1, "vae_image": 1}, "max_num_batched_tokens": BAGEL_MAX_MODEL_LEN}
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import pytest
 
 from reference.bagel_generation import BagelReference
 from test_bagel_generation import STEPS, _close
+from test_bagel_generation import _image as _input_image
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
 TEXT_PROMPT = "<|im_start|>user\nDescribe a red cat.<|im_end|>\n<|im_start|>assistant\n"
@@ -53,6 +54,57 @@ def test_concurrent_requests_get_their_own_contexts(bagel_omni):
     )
     for out, alone in zip(together, (_image(bagel_omni, **dict(a)), _image(bagel_omni, **dict(b)))):
         np.testing.assert_array_equal(np.asarray(out.images[0]), alone)
+
+
+def test_img2img_through_ar_stage_matches_reference(bagel_omni, ref):
+    """img2img's three contexts (cond / cfg_text / cfg_img) are AR prefills; the edit image 56x40 is
+    generated at 48x32 (BAGEL's input-size rule floored to /16), as the reference does."""
+    from vllm_omni_plugin.orchestrator.bagel import StageTimings
+
+    image = _input_image(0)
+    timings = StageTimings()
+    params = SamplingParams(prompt="make it blue", images=[image], num_inference_steps=STEPS, seed=2)
+    out = bagel_omni._background.run(bagel_omni._stages.generate_image(params, timings=timings))
+    assert (out.params.height, out.params.width) == (32, 48)
+    assert timings.transferred_bytes > 0  # the contexts came from the AR stage, not the DiT stage's own prefill
+    expected = ref.generate("make it blue", image=image, height=32, width=48, seed=2, steps=STEPS)
+    _close(np.asarray(out.images[0]), expected)
+    assert len(bagel_omni._stages.pipeline.contexts) == 0  # the stage took the handed-over context
+
+
+def test_img2img_negative_prompt_is_in_the_cfg_text_prefill(bagel_omni, ref):
+    image = _input_image(1, (32, 48))
+    (out,) = bagel_omni.generate(["a cat"], SamplingParams(images=[image], negative_prompt="blurry", height=48, width=32,
+                                                           num_inference_steps=STEPS, seed=4))
+    expected = ref.generate("a cat", image=image, negative_prompt="blurry", height=48, width=32, seed=4, steps=STEPS)
+    _close(np.asarray(out.images[0]), expected)
+
+
+def test_concurrent_img2img_finishing_out_of_order_get_their_own_contexts(bagel_omni):
+    """Two img2img requests with different input sizes: the first to arrive (more steps) finishes
+    last; each gets its own size and the image it gets alone."""
+    stages = bagel_omni._stages
+    first = SamplingParams(prompt="a red cat on a chair", images=[_input_image(2, (64, 48))], num_inference_steps=12, seed=5)
+    second = SamplingParams(prompt="blue", images=[_input_image(3, (32, 64))], num_inference_steps=3, seed=6)
+    finished: list[str] = []
+
+    async def run(rid: str, params: SamplingParams):
+        out = await stages.generate_image(params, request_id=rid)
+        finished.append(rid)
+        return out
+
+    async def both():
+        a = asyncio.ensure_future(run("first", first))
+        await asyncio.sleep(0)  # "first" reaches the AR stage first
+        return await asyncio.gather(a, run("second", second))
+
+    together = bagel_omni._background.run(both())
+    assert finished == ["second", "first"]
+    for out, params, size in zip(together, (first, second), ((48, 64), (64, 32))):
+        assert (out.params.height, out.params.width) == size
+        alone = bagel_omni._background.run(stages.generate_image(params))
+        np.testing.assert_array_equal(np.asarray(out.images[0]), np.asarray(alone.images[0]))
+    assert len(stages.pipeline.contexts) == 0
 
 
 def test_text_answers_equal_plain_vllm(bagel_omni, bagel_llm):

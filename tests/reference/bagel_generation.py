@@ -18,7 +18,8 @@ Sequence of a branch = its context blocks, then the generated image block:
   VAE block    <|vision_start|> clean latents <|vision_end|>: latents through
                the generation expert (vae2llm + time_embed(0) + latent_pos_embed),
                one RoPE position, full attention inside the block
-  ViT block    <|vision_start|> ViT tokens <|vision_end|>, understanding, one position
+  ViT block    <|vision_start|> ViT tokens (+ the exact 2-D sin-cos vit_pos_embed)
+               <|vision_end|>, understanding, one position
   image block  <|vision_start|> noised latents <|vision_end|>, like the VAE block
                at flow time t; the block after the context's last position
 A token sees every earlier block, and inside its own block everything
@@ -35,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from reference.bagel_understanding import sincos_2d  # the frozen table, computed exactly (no plugin code)
 
 SCALE, SHIFT = 0.3611, 0.1159  # FLUX AE latent normalisation
 LM = "language_model.model"
@@ -143,7 +146,10 @@ class BagelReference:
             feats = self.vit(pixel_values=pix[None]).last_hidden_state[0]
         h = self.lin("connector.fc1", feats)
         h = self.lin("connector.fc2", torch.nn.functional.gelu(h, approximate="tanh"))
-        h = h + self.w["vit_pos_embed.pos_embed"][: len(h)]  # full grid: ids 0..n-1 row-major
+        # BAGEL's frozen sin-cos table, computed exactly as ByteDance's PositionEmbedding builds it
+        # (and vLLM's Bagel recomputes it); the checkpoint's copy is rounded to bfloat16.
+        table = sincos_2d(self.hidden, self.cfg["vit_max_num_patch_per_side"]).float()
+        h = h + table[: len(h)]  # full grid: ids 0..n-1 row-major
         emb = torch.cat([self.embed([self.tid("<|vision_start|>")]), h, self.embed([self.tid("<|vision_end|>")])])
         return Block(emb, torch.zeros(len(emb), dtype=torch.bool), causal=False, advance=1)
 

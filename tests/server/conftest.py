@@ -49,7 +49,8 @@ stages:
       max_model_len: 1024
       enforce_eager: true
       seed: 0
-      limit_mm_per_prompt: {image: 1}
+      limit_mm_per_prompt: {image: 1, vae_image: 1}
+      max_num_batched_tokens: 1024
       kv_transfer_config: {kv_connector: OmniKVConnector, kv_role: kv_producer}
     default_sampling_params: {temperature: 0.0, max_tokens: 8}
     connector: omni_kv

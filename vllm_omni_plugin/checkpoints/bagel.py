@@ -52,6 +52,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
+from ..diffusion.bagel.weights import sincos_2d  # BAGEL's frozen tables (the stage's own math)
 from ._weights import _stream_seed
 from .tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 
@@ -323,22 +324,6 @@ def ae_spec(d: BagelDims) -> Spec:
 
 
 # ----------------------------------------------------------------- values
-
-
-def sincos_2d(dim: int, side: int) -> torch.Tensor:
-    """BAGEL's frozen 2-D sin-cos table, (side*side, dim); row h*side + w.
-
-    The first half of each row encodes w, the second half h; each half is
-    [sin(pos * omega), cos(pos * omega)] with omega = 10000 ** -(k / (dim/4)).
-    """
-    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    h, w = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(w), encode(h)], dim=1).float()
 
 
 def _tensor(name: str, shape: tuple[int, ...], kind: str, seed: int, device: torch.device) -> torch.Tensor:

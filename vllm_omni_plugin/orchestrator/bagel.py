@@ -8,13 +8,19 @@
                            BAGEL's empty context, or a second AR prefill of the
                            negative prompt; the context is put in the DiT stage's
                            store under the request id, then the request is queued
-    img2img                the DiT stage prefills its own context (encode_context)
-                           until the AR model class VAE-encodes edit images
-                           (docs/bagel.md says what is missing)
+    img2img                three AR prefills, BAGEL's img2img contexts:
+                             cond     = VAE block, ViT block, [<|im_start|>] prompt [<|im_end|>]
+                             cfg_text = VAE block, ViT block (+ the negative prompt's text block)
+                             cfg_img  = [<|im_start|>] prompt [<|im_end|>]
+                           the VAE block is the edit image resized to the output
+                           (height, width) as a `vae_image` input (OmniBagel's
+                           generation expert), the ViT block the edit image resized
+                           to the ViT's square input, as encode_context does; the AR
+                           stage must take `vae_image` inputs (its limit_mm_per_prompt)
 
 Every hand-over is keyed by request id (principle 6): the AR requests are named
-`<id>:cond` / `<id>:cfg_text`, each transfer is taken from its own output, and
-the context is stored under `<id>` before the DiT request exists.
+`<id>:cond` / `<id>:cfg_text` / `<id>:cfg_img`, each transfer is taken from its
+own output, and the context is stored under `<id>` before the DiT request exists.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..diffusion.bagel.context import BagelContext, BranchKV
-from ..diffusion.bagel.encode import text_block_ids
+from ..diffusion.bagel.encode import BOS, EOI, EOS, SOI, text_block_ids
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from ..diffusion.pipelines.bagel import load_bagel_pipeline
@@ -111,22 +117,63 @@ class BagelOrchestrator:
         return self.pipeline.resolve(params, self.engine.stage_defaults)
 
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
+        """A text-only context: [<|im_start|>] text [<|im_end|>]."""
+        ids = text_block_ids(self.pipeline.model, text)
+        return await self._transfer(request_id, {"prompt_token_ids": ids}, len(ids), 0, timings)
+
+    async def _transfer(self, request_id: str, prompt: dict[str, Any], num_tokens: int, vae_tokens: int,
+                        timings: StageTimings) -> BranchKV:
+        """Prefill `prompt` on the AR stage and take its transferred KV (checked: length, VAE block)."""
         from vllm import SamplingParams as VllmSamplingParams
 
-        ids = text_block_ids(self.pipeline.model, text)
         # One token is the least the engine generates; only the prompt's KV is used.
         params = VllmSamplingParams(max_tokens=1, temperature=0.0,
                                     extra_args={"kv_transfer_params": request_params()})
         final = None
-        async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id):
+        async for out in self.llm.generate(prompt, params, request_id):
             final = out
         started = time.perf_counter()
         transferred = take_transferred(final.kv_transfer_params)
         timings.transfer += time.perf_counter() - started
         timings.transferred_bytes += sum(t.numel() * t.element_size() for t in (*transferred.keys, *transferred.values))
-        if transferred.num_tokens != len(ids):
-            raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {len(ids)}")
+        if transferred.num_tokens != num_tokens:
+            raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {num_tokens}")
+        got = transferred.metadata.get("vae_latent_tokens") or []
+        if got != ([vae_tokens] if vae_tokens else []):
+            raise RuntimeError(f"{request_id}: the AR stage's VAE blocks hold {got} latent tokens, expected {vae_tokens}")
         return BranchKV(transferred.keys, transferred.values, transferred.metadata["latent_position"])
+
+    def _img2img_prefills(self, rid: str, resolved: ResolvedParams, timings: StageTimings) -> list:
+        """cond / cfg_text / cfg_img of an img2img request, as AR prefills (coroutines)."""
+        from PIL import Image
+
+        from ..models.bagel_processing import VAE_IMAGE
+
+        limits = self._ar_args.get("limit_mm_per_prompt") or {}
+        if not limits.get(VAE_IMAGE):
+            raise ValueError(f"img2img needs the AR stage to take {VAE_IMAGE} inputs: set its engine_args "
+                             f"limit_mm_per_prompt to include {{{VAE_IMAGE}: 1}} (stage config {self.config.name!r})")
+        m, c = self.pipeline.model, self.pipeline.model.config
+        height, width = resolved.height, resolved.width
+        edit = resolved.images[0].convert("RGB")
+        side = c.vit_image_size
+        # The VAE sees the edit image at the output size; the ViT at its square input (the processor's
+        # own resize is then a no-op): both as encode_context resizes them.
+        images = {
+            VAE_IMAGE: edit if edit.size == (width, height) else edit.resize((width, height), Image.BICUBIC),
+            "image": edit if edit.size == (side, side) else edit.resize((side, side), Image.BICUBIC),
+        }
+        vae_tokens = (height // c.latent_downsample) * (width // c.latent_downsample)
+        blocks = vae_tokens + 2 + (side // c.vit_patch) ** 2 + 2
+        images_prefix = f"{SOI}<|vision_pad|>{EOI}{SOI}<|image_pad|>{EOI}"
+
+        def with_images(branch: str, text: str | None):
+            prompt = images_prefix + ("" if text is None else f"{BOS}{text}{EOS}")
+            n = blocks + (0 if text is None else len(text_block_ids(m, text)))
+            return self._transfer(f"{rid}:{branch}", {"prompt": prompt, "multi_modal_data": images}, n, vae_tokens, timings)
+
+        return [with_images("cond", resolved.prompt), with_images("cfg_text", resolved.negative_prompt),
+                self._prefill(f"{rid}:cfg_img", resolved.prompt, timings)]
 
     def _empty_branch(self) -> BranchKV:
         import torch
@@ -141,15 +188,17 @@ class BagelOrchestrator:
         started = time.perf_counter()
         resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
         rid = request_id or self.new_id("bagel-image")
-        if not resolved.images:
-            prefill_started = time.perf_counter()
+        prefill_started = time.perf_counter()
+        if resolved.images:
+            cond, cfg_text, cfg_img = await asyncio.gather(*self._img2img_prefills(rid, resolved, timings))
+        else:
             branches = [self._prefill(f"{rid}:cond", resolved.prompt, timings)]
             if resolved.negative_prompt is not None:
                 branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
             kvs = await asyncio.gather(*branches)
-            timings.ar_prefill = time.perf_counter() - prefill_started - timings.transfer
-            cfg_text = kvs[1] if len(kvs) > 1 else self._empty_branch()
-            self.pipeline.contexts.put(BagelContext(rid, kvs[0], cfg_text, None, resolved.height, resolved.width))
+            cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else self._empty_branch(), None
+        timings.ar_prefill = time.perf_counter() - prefill_started - timings.transfer
+        self.pipeline.contexts.put(BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width))
         try:
             diffusion_started = time.perf_counter()
             handle = self.loop.submit(resolved, on_progress, request_id=rid)

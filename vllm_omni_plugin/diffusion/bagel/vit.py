@@ -4,7 +4,8 @@ BAGEL stores the patch embedding as a linear layer over flattened (row, col,
 channel) patches and uses learned position embeddings looked up by flattened
 position id (row * vit_max_num_patch_per_side + col), no RoPE in the ViT. The
 connector output gets BAGEL's frozen 2-D sin-cos `vit_pos_embed` added at the
-same ids before entering the LLM.
+same ids before entering the LLM (computed exactly, as vLLM's Bagel does:
+`BagelModel.vit_pos_table`).
 """
 
 from __future__ import annotations
@@ -50,4 +51,4 @@ def vit_tokens(model: BagelModel, image: torch.Tensor) -> torch.Tensor:
     x = F.layer_norm(x, x.shape[-1:], w[f"{VIT}.post_layernorm.weight"], w[f"{VIT}.post_layernorm.bias"], c.vit_eps)
     x = F.linear(activation(c.connector_act, F.linear(x, w["connector.fc1.weight"], w["connector.fc1.bias"])),
                  w["connector.fc2.weight"], w["connector.fc2.bias"])
-    return x + w["vit_pos_embed.pos_embed"][pos]
+    return x + model.vit_pos_table[pos]

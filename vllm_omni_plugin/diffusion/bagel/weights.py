@@ -109,6 +109,22 @@ class BagelConfig:
         )
 
 
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """BAGEL's frozen 2-D sin-cos table, (side*side, dim); row h*side + w.
+
+    The first half of each row encodes w, the second half h; each half is
+    [sin(pos * omega), cos(pos * omega)] with omega = 10000 ** -(k / (dim/4)).
+    """
+    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    h, w = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(w), encode(h)], dim=1).float()
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
         return F.gelu(x, approximate="tanh")
@@ -136,6 +152,22 @@ class BagelModel:
         # that many (26 of 27), and vLLM runs the stored ones too.
         prefix = "vit_model.vision_model.encoder.layers."
         self.vit_layers = len({n[len(prefix):].split(".")[0] for n in ema if n.startswith(prefix)})
+        self._vit_pos_table: torch.Tensor | None = None
+
+    @property
+    def vit_pos_table(self) -> torch.Tensor:
+        """BAGEL's frozen 2-D sin-cos table of ViT positions, computed exactly (not read from the checkpoint).
+
+        ByteDance's `PositionEmbedding` builds this table with `get_2d_sincos_pos_embed`
+        and never trains it; the checkpoint's copy is that table rounded to bfloat16
+        (off by up to ~2e-3), which in float32 moves the ViT block's K/V by ~1e-3.
+        vLLM's Bagel recomputes the table instead of loading it, so the AR stage
+        uses the exact one: this is the same table.
+        """
+        if self._vit_pos_table is None:
+            c = self.config
+            self._vit_pos_table = sincos_2d(c.hidden, c.vit_per_side).to(self.device, self.dtype)
+        return self._vit_pos_table
 
     @property
     def tokenizer(self) -> Any:
