@@ -40,32 +40,35 @@ def bagel_llm(checkpoint):
 BAGEL_KV_BATCHED_TOKENS = 64
 
 
-@pytest.fixture(scope="session")
-def bagel_kv_llm(checkpoint, tmp_path_factory):
-    """`vllm.LLM` on the tiny BAGEL as OmniBagelForConditionalGeneration with OmniKVConnector.
-
-    Yields (llm, transfer_dir). Chunked prefill with BAGEL_KV_BATCHED_TOKENS
-    tokens per step, so the connector is exercised across prefill chunks.
-    """
+def _omni_bagel_kv_llm(model: str, transfer_dir, batched_tokens: int, limit_mm_per_prompt: dict):
+    """`vllm.LLM` on the tiny BAGEL as OmniBagelForConditionalGeneration with OmniKVConnector."""
     from vllm import LLM
 
-    transfer_dir = tmp_path_factory.mktemp("kv-transfer")
-    llm = LLM(
-        model=str(checkpoint("bagel")),
+    return LLM(
+        model=model,
         hf_overrides={"architectures": ["OmniBagelForConditionalGeneration"]},
         dtype="float32",
         max_model_len=BAGEL_MAX_MODEL_LEN,
-        max_num_batched_tokens=BAGEL_KV_BATCHED_TOKENS,
+        max_num_batched_tokens=batched_tokens,
         enable_chunked_prefill=True,
         enforce_eager=True,
         seed=0,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt=limit_mm_per_prompt,
         kv_transfer_config={
             "kv_connector": "OmniKVConnector",
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {"transfer_dir": str(transfer_dir)},
         },
     )
+
+
+@pytest.fixture(scope="session")
+def bagel_kv_llm(checkpoint, tmp_path_factory):
+    """Yields (llm, transfer_dir). Chunked prefill with BAGEL_KV_BATCHED_TOKENS
+    tokens per step, so the connector is exercised across prefill chunks.
+    """
+    transfer_dir = tmp_path_factory.mktemp("kv-transfer")
+    llm = _omni_bagel_kv_llm(str(checkpoint("bagel")), transfer_dir, BAGEL_KV_BATCHED_TOKENS, {"image": 1})
     yield llm, transfer_dir
     llm.llm_engine.engine_core.shutdown()
 
@@ -88,30 +91,13 @@ def bagel_omni(checkpoint):
 
 @pytest.fixture(scope="session")
 def bagel_img2img_llm(checkpoint, tmp_path_factory):
-    """`vllm.LLM` on the tiny BAGEL as OmniBagel with OmniKVConnector, taking img2img (`vae_image`) inputs.
+    """Like `bagel_kv_llm`, taking img2img (`vae_image`) inputs. Yields (llm, transfer_dir).
 
-    Yields (llm, transfer_dir). `vae_image` is opt-in through limit_mm_per_prompt; the
-    tiny checkpoint's largest VAE block (128 px: 64 latent tokens + 2 markers) must fit
-    one step, since CPU prefill does not split multimodal items.
+    `vae_image` is opt-in through limit_mm_per_prompt; the tiny checkpoint's largest
+    VAE block (128 px: 64 latent tokens + 2 markers) must fit one step, since CPU
+    prefill does not split multimodal items.
     """
-    from vllm import LLM
-
     transfer_dir = tmp_path_factory.mktemp("kv-transfer-img2img")
-    llm = LLM(
-        model=str(checkpoint("bagel")),
-        hf_overrides={"architectures": ["OmniBagelForConditionalGeneration"]},
-        dtype="float32",
-        max_model_len=BAGEL_MAX_MODEL_LEN,
-        max_num_batched_tokens=96,
-        enable_chunked_prefill=True,
-        enforce_eager=True,
-        seed=0,
-        limit_mm_per_prompt={"image": 1, "vae_image": 1},
-        kv_transfer_config={
-            "kv_connector": "OmniKVConnector",
-            "kv_role": "kv_producer",
-            "kv_connector_extra_config": {"transfer_dir": str(transfer_dir)},
-        },
-    )
+    llm = _omni_bagel_kv_llm(str(checkpoint("bagel")), transfer_dir, 96, {"image": 1, "vae_image": 1})
     yield llm, transfer_dir
     llm.llm_engine.engine_core.shutdown()
