@@ -116,6 +116,25 @@ def test_text_answers_equal_plain_vllm(bagel_omni, bagel_llm):
     assert list(ours.outputs[0].token_ids) == list(plain.outputs[0].token_ids)
 
 
+def test_img2text_answers_equal_plain_vllm_with_the_omni_architecture(bagel_omni, bagel_kv_llm):
+    # vLLM's own Bagel numbers image tokens one by one; the plugin's architecture uses BAGEL's
+    # positions (test_omni_bagel_positions.py), so plain vllm.LLM() is compared with that architecture.
+    from PIL import Image
+    from vllm import SamplingParams as VllmSamplingParams
+
+    llm, _ = bagel_kv_llm
+    greedy = VllmSamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
+    prompt = {"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?"
+                        "<|im_end|>\n<|im_start|>assistant\n",
+              "multi_modal_data": {"image": Image.new("RGB", (64, 48), (200, 30, 30))}}
+    (ours,) = bagel_omni.generate_text([prompt], greedy)
+    (plain,) = llm.generate([prompt], greedy)
+    assert list(ours.outputs[0].token_ids) == list(plain.outputs[0].token_ids)
+    for a, b in zip(ours.outputs[0].logprobs, plain.outputs[0].logprobs):
+        (tok,) = a.keys()
+        assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
+
+
 def test_a_failing_request_does_not_take_others_down(bagel_omni):
     stages = bagel_omni._stages
 
