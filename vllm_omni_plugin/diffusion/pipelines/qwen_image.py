@@ -232,11 +232,8 @@ class QwenImageStepwise(StepwisePipeline):
             return state.latents
         return torch.cat([state.latents, image_latents], dim=1)
 
+    @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return self._denoise_step(states)
-
-    def _denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         preds = []
         for s, outs in zip(states, self.run_branches(states, self._forward)):
             n_lat = s.latents.shape[1]

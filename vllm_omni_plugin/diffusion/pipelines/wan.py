@@ -142,11 +142,8 @@ class WanStepwise(StepwisePipeline):
     def _model_input(self, state: DiffusionState) -> torch.Tensor:
         return state.latents
 
+    @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return self._denoise_step(states)
-
-    def _denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         preds = []
         for s, outs in zip(states, self.run_branches(states, self._forward)):
             if s.uncond is None:
