@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..diffusion.bagel.context import BagelContext, BranchKV
-from ..diffusion.bagel.encode import BOS, EOI, EOS, SOI, text_block_ids
+from ..diffusion.bagel.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from ..diffusion.pipelines.bagel import load_bagel_pipeline
@@ -175,13 +175,6 @@ class BagelOrchestrator:
         return [with_images("cond", resolved.prompt), with_images("cfg_text", resolved.negative_prompt),
                 self._prefill(f"{rid}:cfg_img", resolved.prompt, timings)]
 
-    def _empty_branch(self) -> BranchKV:
-        import torch
-
-        c, m = self.pipeline.model.config, self.pipeline.model
-        empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=m.dtype)
-        return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
-
     async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
                              request_id: str | None = None, timings: StageTimings | None = None) -> DiffusionOutput:
         timings = timings if timings is not None else StageTimings()
@@ -196,7 +189,7 @@ class BagelOrchestrator:
             if resolved.negative_prompt is not None:
                 branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
             kvs = await asyncio.gather(*branches)
-            cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else self._empty_branch(), None
+            cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else empty_branch(self.pipeline.model), None
         timings.ar_prefill = time.perf_counter() - prefill_started - timings.transfer
         self.pipeline.contexts.put(BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width))
         try:

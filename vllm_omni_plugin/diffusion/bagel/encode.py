@@ -124,11 +124,16 @@ class _Prefill:
         return other
 
     def branch(self) -> BranchKV:
-        c = self.m.config
         if self.kv is None:
-            empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=self.m.dtype, device=self.m.device)
-            return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
+            return empty_branch(self.m)
         return BranchKV(tuple(k[0] for k, _ in self.kv), tuple(v[0] for _, v in self.kv), self.rope)
+
+
+def empty_branch(model: BagelModel) -> BranchKV:
+    """A context of zero tokens (BAGEL's text2img text-CFG branch); latents at position 0."""
+    c = model.config
+    empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=model.dtype, device=model.device)
+    return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
 
 
 def text_block_ids(model: BagelModel, text: str) -> list[int]:
