@@ -49,7 +49,7 @@ class TransferredKV:
     the attention cache holds them -- the layout of the diffusion stage's
     `BranchKV` (diffusion/bagel/context.py): `BranchKV(t.keys, t.values,
     t.metadata["latent_position"])`. `metadata` is what the model class reports
-    for the request (`get_kv_transfer_metadata`), plus `num_tokens`.
+    for the request (`kv_transfer_metadata(spec)`), plus `num_tokens`.
     """
 
     request_id: str
