@@ -1,7 +1,7 @@
 """`vllm-omni`: the plugin's own command line.
 
   vllm-omni doctor [--json]                       is the plugin loaded, what is patched
-  vllm-omni make-checkpoint FAMILY --preset tiny|full --out DIR [--seed N]
+  vllm-omni make-checkpoint FAMILY --preset tiny|full --out DIR [--seed N] [--device cuda]
   vllm-omni serve MODEL [vllm serve flags] [omni flags]   same as `vllm serve MODEL --omni`
 """
 
@@ -40,7 +40,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from vllm_omni_plugin.checkpoints import make_checkpoint
 
-    path = make_checkpoint(args.family, args.preset, args.out, seed=args.seed)
+    path = make_checkpoint(args.family, args.preset, args.out, seed=args.seed, device=args.device)
     print(path)
     return 0
 
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--preset", choices=PRESETS, default="tiny")
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--device", default="cpu",
+                      help="where the random weights are drawn: cpu, or cuda for bagel / qwen-image* (fast full builds)")
     make.set_defaults(func=_make_checkpoint)
 
     sub.add_parser(

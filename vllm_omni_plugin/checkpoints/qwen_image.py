@@ -174,8 +174,8 @@ def build_in_memory(
     return PIPELINES[family](**components)
 
 
-def build(out: Path, *, family: str, preset: str, seed: int) -> None:
-    pipe = build_in_memory(family, preset, seed, SAVE_DTYPE[preset], with_processor=False)
+def build(out: Path, *, family: str, preset: str, seed: int, device: str | torch.device = "cpu") -> None:
+    pipe = build_in_memory(family, preset, seed, SAVE_DTYPE[preset], device, with_processor=False)
     pipe.save_pretrained(out)
     if family != "qwen-image":
         _write_processor(out / "processor", pipe.tokenizer)
