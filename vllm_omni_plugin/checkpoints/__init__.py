@@ -61,3 +61,16 @@ def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, de
     module = importlib.import_module(f"{__name__}.{FAMILIES[family]}")
     module.build(out, family=family, preset=preset, seed=seed, **({"device": device} if device != "cpu" else {}))
     return out
+
+
+def cached_checkpoint(family: str, preset: str, root: str | Path, seed: int = 0, device: str = "cpu") -> Path:
+    """`root/<family>-<preset>-<seed>`, built by `make_checkpoint` unless a finished build is there.
+
+    A `.done` marker is written last, so an interrupted build is rebuilt, never half-read.
+    """
+    out = Path(root) / f"{family}-{preset}-{seed}"
+    done = out / ".done"
+    if not done.exists():
+        make_checkpoint(family, preset, out, seed=seed, device=device)
+        done.touch()
+    return out

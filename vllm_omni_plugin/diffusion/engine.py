@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -205,12 +206,15 @@ class DiffusionEngine:
 
     def _finish(self, done: list[_Request]) -> list[EngineEvent]:
         """Decode requests that finished in this step (together where the pipeline can)."""
+        started = time.perf_counter()
         try:
             outputs = self.pipeline.decode_many([r.state for r in done])
         except Exception as exc:
             return [self._fail(r, exc) for r in done]
+        decode_seconds = time.perf_counter() - started  # outputs are host images: the GPU work is done
         events = []
         for req, output in zip(done, outputs):
+            output.timings["decode"] = decode_seconds
             with self._lock:
                 self._running.pop(req.request_id, None)
             req.state.release()

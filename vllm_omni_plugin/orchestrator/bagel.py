@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,17 +44,26 @@ from ..kv.store import request_params, take_transferred
 from .engine_loop import EngineLoop, ProgressFn
 from .stage_config import StageConfig
 
+logger = logging.getLogger("vllm.omni_plugin.orchestrator")
+
 
 @dataclass
 class StageTimings:
-    """Where one image request's wall time went (seconds); for the overhead benchmark."""
+    """Where one image request's wall time went (seconds); logged per request, read by the benchmarks."""
 
     ar_prefill: float = 0.0
-    transfer: float = 0.0
-    diffusion: float = 0.0
+    transfer: float = 0.0  # reading the handed-over KV (all branches)
+    diffusion: float = 0.0  # queue + denoising steps + decode in the DiT stage
+    decode: float = 0.0  # the VAE decode, part of `diffusion`
     total: float = 0.0
     transferred_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = self.transferred_bytes / self.transfer / 1e9 if self.transfer > 0 else 0.0
+        return (f"ar_prefill {self.ar_prefill:.3f}s, kv hand-over {self.transfer:.3f}s "
+                f"({self.transferred_bytes / 1e6:.1f} MB, {rate:.2f} GB/s), dit {self.diffusion - self.decode:.3f}s, "
+                f"decode {self.decode:.3f}s, total {self.total:.3f}s")
 
 
 class BagelOrchestrator:
@@ -201,7 +211,9 @@ class BagelOrchestrator:
                 self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
                 raise
             timings.diffusion = time.perf_counter() - diffusion_started
+            timings.decode = output.timings.get("decode", 0.0)
         finally:
             self.pipeline.contexts.discard(rid)  # no-op once the stage took it
         timings.total = time.perf_counter() - started
+        logger.info("omni request %s: %s", rid, timings.summary())
         return output
