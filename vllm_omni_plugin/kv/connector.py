@@ -33,6 +33,7 @@ connector is for single-rank AR stages, as BAGEL's is).
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -118,7 +119,9 @@ class _Tracked:
 class OmniKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.store = KVTransferStore(self._kv_transfer_config.get_from_extra_config("transfer_dir", None))
+        extra = self._kv_transfer_config.get_from_extra_config
+        # transport: "auto" keeps GPU K/V on the GPU (CUDA IPC) and uses files otherwise (store.py).
+        self.store = KVTransferStore(extra("transfer_dir", None), extra("transport", "auto"))
         self._block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
@@ -214,11 +217,15 @@ class OmniKVConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if not self._writes or not self.has_connector_metadata():
             return
+        self.store.release_consumed()  # shared GPU buffers the consumer has taken since the last step
         meta = self._get_connector_metadata()
         if not isinstance(meta, OmniKVMetadata) or not meta.saves:
             return
         source = metadata_source()
         for spec in meta.saves:
+            # The producer's share of the hand-over (gather + store) is measured by the consumer from
+            # this and the file's modification time (store.take_file: metadata["save_seconds"]).
+            started = time.time()
             facts = source.kv_transfer_metadata(spec) if source is not None else {}
             slots = slot_mapping(spec.block_ids, self._block_size, spec.num_tokens)
             pairs = [gather_kv(cache, layout, head_dim, slots) for _, cache, layout, head_dim in self._layers]
@@ -226,5 +233,5 @@ class OmniKVConnector(KVConnectorBase_V1):
                 request_id=spec.req_id,
                 keys=tuple(k for k, _ in pairs),
                 values=tuple(v for _, v in pairs),
-                metadata={**facts, "num_tokens": spec.num_tokens},
+                metadata={**facts, "num_tokens": spec.num_tokens, "save_started_unix": started},
             ))

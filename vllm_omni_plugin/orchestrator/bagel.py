@@ -144,7 +144,8 @@ class BagelOrchestrator:
             final = out
         started = time.perf_counter()
         transferred = take_transferred(final.kv_transfer_params)
-        timings.transfer += time.perf_counter() - started
+        # Hand-over = the producer's gather + store (inside the AR step) + this read.
+        timings.transfer += time.perf_counter() - started + transferred.metadata.get("save_seconds", 0.0)
         timings.transferred_bytes += sum(t.numel() * t.element_size() for t in (*transferred.keys, *transferred.values))
         if transferred.num_tokens != num_tokens:
             raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {num_tokens}")
