@@ -166,3 +166,27 @@ def test_wan_requests_in_different_experts_do_not_share_a_forward(pipeline):
     assert together.stats.batch_sizes == [2] * 4  # same expert at every step: shared forwards
     for rid, ref in zip("ab", single):
         assert_pixels_close(np.asarray(final[rid].output.videos), ref, 1)
+
+
+def test_output_does_not_depend_on_process_wide_attention_switches(pipeline):
+    """Importing vLLM's server turns cuDNN SDPA off process-wide; served images then differed from
+    offline ones on an H200. The engine pins its SDPA kernels, so global switches change nothing."""
+    import torch
+
+    params = SamplingParams(prompt="a red cat", height=64, width=64, num_inference_steps=2, seed=3)
+
+    def run() -> np.ndarray:
+        engine = DiffusionEngine(pipeline("qwen-image"))
+        engine.add_request("r", params)
+        return np.asarray(engine.run()["r"].output.images[0])
+
+    before = run()
+    flash, efficient = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)  # on the CPU this switches SDPA to the math kernel
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    try:
+        after = run()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+        torch.backends.cuda.enable_mem_efficient_sdp(efficient)
+    np.testing.assert_array_equal(after, before)

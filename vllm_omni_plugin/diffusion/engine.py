@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
@@ -60,6 +61,12 @@ class _Request:
     params: ResolvedParams
     arrival: int
     state: DiffusionState | None = None
+
+
+# Every forward of the engine (text encoders, denoiser, VAE) picks its SDPA kernel from this
+# list, in this order, whatever else in the process changed torch's global switches.
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 
 
 @dataclass
@@ -112,6 +119,13 @@ class DiffusionEngine:
 
     # ---- engine loop -----------------------------------------------------------
     def step(self) -> list[EngineEvent]:
+        # The attention kernels are pinned here rather than left to torch's process-wide flags:
+        # importing vLLM's server switches cuDNN SDPA off for the whole process, which made a
+        # served image differ from the offline one by a few levels (seen on an H200).
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            return self._step()
+
+    def _step(self) -> list[EngineEvent]:
         events = self._apply_aborts()
         events += self._admit()
         if isinstance(self.pipeline, StepwisePipeline):
