@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session on a lent H200 box (no network; see docs/gpu.md), step by step:
 #
-#   bash scripts/gpu_session.sh piece PATH     move a carried wheel piece into /tmp/gpu-pieces
-#   bash scripts/gpu_session.sh install        reassemble + install the CUDA vLLM stack and this package
+#   bash scripts/gpu_session.sh piece PATH...  move carried pieces (scripts/gpu_pieces.sh) into /tmp/gpu-pieces
+#   bash scripts/gpu_session.sh install        scripts/gpu_install.sh: the CUDA vLLM stack + this package (editable)
 #   bash scripts/gpu_session.sh tests [ARGS]   the GPU test tier (pytest -m gpu tests/gpu ARGS)
 #   bash scripts/gpu_session.sh bench-bagel    benchmarks/bench_bagel_gpu.py
 #   bash scripts/gpu_session.sh bench-serving  benchmarks/bench_serving_overhead.py (Qwen-Image)
@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omni-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# flashinfer is not in the carried set (docs/gpu.md): vLLM's GPU sampler must not import it.
+export VLLM_USE_FLASHINFER_SAMPLER=0
 
 ckpt_dir() {
   if ! mountpoint -q /mnt/omni-ckpt 2>/dev/null; then
@@ -26,7 +28,7 @@ ckpt_dir() {
 
 case "${1:-}" in
   piece)
-    mkdir -p /tmp/gpu-pieces && mv "$2" /tmp/gpu-pieces/ && ls /tmp/gpu-pieces | wc -l ;;
+    shift; mkdir -p /tmp/gpu-pieces && mv "$@" /tmp/gpu-pieces/ && ls /tmp/gpu-pieces | wc -l ;;
   install)
     bash scripts/gpu_install.sh /tmp/gpu-pieces 2>&1 | tee "$OUT/install.log" ;;
   tests)
