@@ -222,6 +222,10 @@ class OmniKVConnector(KVConnectorBase_V1):
         if not isinstance(meta, OmniKVMetadata) or not meta.saves:
             return
         source = metadata_source()
+        if torch.cuda.is_available() and self._layers and self._layers[0][1].is_cuda:
+            # The K/V are valid once this step's forward ran; waiting here (once per saving step)
+            # also keeps that compute out of the hand-over time measured below.
+            torch.cuda.current_stream().synchronize()
         for spec in meta.saves:
             # The producer's share of the hand-over (gather + store) is measured by the consumer from
             # this and the file's modification time (store.take_file: metadata["save_seconds"]).
