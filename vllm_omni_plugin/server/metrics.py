@@ -1,13 +1,13 @@
 """Prometheus metrics of the omni routes and the diffusion engine (GET /metrics).
 
-A registry of our own: the diffusion-only server has no vLLM engine metrics,
-and the multi-stage server (vLLM's app) can append this registry's output to
-its /metrics.
+A registry of our own, registered as one collector into vLLM's Prometheus
+registry, so vLLM's GET /metrics serves both (vLLM's engine and HTTP metrics,
+and these) on either kind of server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..orchestrator.engine_loop import EngineLoop
 
@@ -17,6 +17,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class OmniMetrics:
     def __init__(self, bridge: EngineLoop) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._exposed_in: CollectorRegistry | None = None
         r = self.registry
         self.requests = Counter(
             "omni_requests", "Omni requests by route and HTTP status", ["route", "status"], registry=r
@@ -51,5 +52,11 @@ class OmniMetrics:
         self.step_latency.observe(seconds)
         self.step_batch.observe(requests)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def expose_in_vllm_registry(self) -> None:
+        """Serve these metrics on vLLM's /metrics (its registry: the default one, or the
+        multiprocess one); idempotent."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        if self._exposed_in is None:
+            self._exposed_in = get_prometheus_registry()
+            self._exposed_in.register(self.registry)
