@@ -56,7 +56,7 @@ class StageTimings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def ar_engine_args(config: StageConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def ar_stage_engine_args(config: StageConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The AR stage's vLLM engine args: `overrides` (vLLM flags given explicitly) > the stage config's
     `engine_args`, with a fresh transfer directory for the OmniKVConnector (its files are deleted as
     they are read).
@@ -122,7 +122,7 @@ class BagelOrchestrator:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_engine_args(config, ar_engine_args)))
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_stage_engine_args(config, ar_engine_args)))
         return cls.attach(model, config, llm, owns_llm=True, **kwargs)
 
     @classmethod

@@ -73,7 +73,6 @@ class InlineDiffusion:
     """A single-stage diffusion model: the engine on a background thread."""
 
     text = False  # no text output
-    text_defaults = None
 
     def __init__(self, bridge: EngineLoop) -> None:
         self.bridge = bridge
@@ -107,8 +106,7 @@ class MultiStage:
     AR engine client, queued by vLLM's scheduler as in plain `vllm serve`.
     """
 
-    text = True
-    text_defaults = None  # text sampling defaults are vLLM's (the stage config's reach it as generation config)
+    text = True  # vLLM's handlers answer text (the AR stage's default_sampling_params reach them as generation config)
 
     def __init__(self, orchestrator: Any, max_queue: int) -> None:
         self.orchestrator = orchestrator
@@ -203,7 +201,7 @@ class OmniRuntime:
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = stages.bridge.engine.stage_defaults
         builder = RequestBuilder(pipeline.resolve, kind, stage_defaults, config.limits, takes_images=images_in,
-                                 extensions=extension_fields(pipeline), text_defaults=stages.text_defaults)
+                                 extensions=extension_fields(pipeline))
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
             config.model, pipeline.family, kind, " and text" if stages.text else "",

@@ -11,13 +11,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..orchestrator.engine_loop import EngineLoop
 
+# (vLLM's registry, the omni registry registered in it): at most one per process
+_exposed: tuple[CollectorRegistry, CollectorRegistry] | None = None
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class OmniMetrics:
     def __init__(self, bridge: EngineLoop) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._exposed_in: CollectorRegistry | None = None
         r = self.registry
         self.requests = Counter(
             "omni_requests", "Omni requests by route and HTTP status", ["route", "status"], registry=r
@@ -53,10 +55,15 @@ class OmniMetrics:
         self.step_batch.observe(requests)
 
     def expose_in_vllm_registry(self) -> None:
-        """Serve these metrics on vLLM's /metrics (its registry: the default one, or the
-        multiprocess one); idempotent."""
+        """Serve these metrics on vLLM's /metrics (vLLM's process-wide registry). One runtime serves a
+        process; a later one (tests that build several apps) takes the place of the earlier one."""
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-        if self._exposed_in is None:
-            self._exposed_in = get_prometheus_registry()
-            self._exposed_in.register(self.registry)
+        global _exposed
+        target = get_prometheus_registry()
+        if _exposed is not None:
+            if _exposed[1] is self.registry:
+                return
+            _exposed[0].unregister(_exposed[1])
+        target.register(self.registry)
+        _exposed = (target, self.registry)
