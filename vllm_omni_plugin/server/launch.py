@@ -68,6 +68,13 @@ async def run_server(args: argparse.Namespace) -> None:
 async def _serve_on_vllm(args: argparse.Namespace, config: OmniServerConfig) -> None:
     from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
 
+    from .config import ConfigError
+
+    # The DiT stage lives in the API server process: one of them, serving (vLLM's `serve` would
+    # start several, or none, for these flags).
+    if getattr(args, "headless", False) or (getattr(args, "api_server_count", None) or 1) != 1:
+        raise ConfigError("`--omni` serves a multi-stage model from one API server process: drop --headless "
+                          f"and --api-server-count (got {getattr(args, 'api_server_count', None)})")
     for key, value in ar_stage_args(args, config).items():
         setattr(args, key, value)
     logger.info("omni: serving %s on vLLM's OpenAI API server; VLLM_PLUGINS=%s", config.model, allowlist_omni())
