@@ -68,3 +68,12 @@ def test_openai_error_bytes():
     assert openai_error_bytes(400, json.dumps(SHAPED).encode()) is None
     assert json.loads(openai_error_bytes(500, b"Internal Server Error"))["error"]["type"] == "InternalServerError"
     assert json.loads(openai_error_bytes(400, b""))["error"]["message"] == "Bad Request"
+
+
+def test_head_error_has_no_body():
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=APP), base_url="http://t") as c:
+            return await c.head("/missing")
+
+    r = asyncio.run(go())
+    assert r.status_code in (404, 405) and r.content == b""

@@ -10,6 +10,9 @@ id, logged with its traceback under that id.
 every other error body in the same shape: vLLM's `--api-key` 401
 (`{"error": "Unauthorized"}`), FastAPI/Starlette's `{"detail": ...}` (404, 405,
 422, multipart parse errors), plain-text bodies (413 of a body limit, 500).
+What uvicorn itself answers before the app sees a request (a malformed HTTP
+request line, oversized headers) never reaches an ASGI app and keeps
+uvicorn's plain-text body.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class OpenAIErrorBodies:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") == "HEAD":  # HEAD answers carry no body
             await self.app(scope, receive, send)
             return
         start: dict | None = None
