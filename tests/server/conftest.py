@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM = Path(sys.executable).with_name("vllm")
 OMNI_CLI = Path(sys.executable).with_name("vllm-omni")
 API_KEY = "omni-test-key"
+BODY_LIMIT = "body_limit.EightMegabyteBodyLimit"  # a deployment's own middleware (413s)
 
 # Stage defaults every test server runs with: keeps omitted-parameter requests
 # cheap on CPU and exercises precedence (request > these > the pipeline's own).
@@ -118,7 +119,10 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
             "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
     cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # PYTHONPATH: the server imports --middleware body_limit.EightMegabyteBodyLimit from this folder (not
+    # the repository root, where a stale *.egg-info would shadow the installed entry points)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(family, model, port, proc, log)
@@ -155,14 +159,14 @@ def omni_server(checkpoint, tmp_path_factory):
             state["current"] = None
         extra: list[str] = []
         if family == "qwen-image":
-            extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image"]
+            extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image", "--middleware", BODY_LIMIT]
         elif family == "qwen-image-edit":
             extra = ["--allowed-local-media-path", str(media_dir)]
         elif family == "bagel":
             stage_config = workdir / "bagel-stages.yaml"
             stage_config.write_text(BAGEL_STAGE_CONFIG)
             extra = ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
-                     "--served-model-name", "tiny-bagel", "--omni-max-queue", "1"]
+                     "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
         elif family == "wan2.2-t2v":
             extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
         server = start_server(family, checkpoint(family), workdir, extra, use_omni_cli=family == "qwen-image-edit")
@@ -234,3 +238,41 @@ def assert_openai_error(server: Server, path: str, body, status: int, param: str
     err = r.json()["error"]
     assert fragment in err["message"], err
     assert err["param"] == param and err["code"] == status and err["type"].endswith("Error")
+
+
+def assert_error_shape(r, status: int, fragment: str = "") -> dict:
+    """`r` has `status` and an OpenAI error body (message, type, param, code); returns the error."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    # type: ours and the reshaped ones end in "Error"; vLLM's own handlers use the status phrase
+    assert err["code"] == status and isinstance(err["message"], str) and isinstance(err["type"], str) and err["type"], err
+    assert fragment in err["message"], err
+    return err
+
+
+def assert_framework_errors_shaped(server: Server, completions_422: bool) -> None:
+    """What vLLM's and Starlette's own layers answer, in the OpenAI shape: --api-key's 401, unknown
+    path 404, wrong method 405, a body limit's 413 (plain text from Starlette), multipart the parser
+    refuses (400), and, where vLLM serves /v1/completions, its request-validation 422 / 400."""
+    url, auth = server.url, server.headers()
+    assert_error_shape(requests.get(url + "/v1/models", timeout=10), 401, "Unauthorized")
+    assert_error_shape(requests.post(url + "/v1/images/generations", json={"prompt": "x"},
+                                     headers={"Authorization": "Bearer wrong"}, timeout=10), 401)
+    assert_error_shape(requests.get(url + "/v1/no-such-route", headers=auth, timeout=10), 404, "Not Found")
+    assert_error_shape(requests.get(url + "/v1/images/generations", headers=auth, timeout=10), 405, "Method Not Allowed")
+    from .body_limit import LIMIT
+
+    big = requests.post(url + "/v1/images/generations", headers={**auth, "Content-Type": "application/json"},
+                        data=b'{"prompt": "' + b"x" * LIMIT + b'"}', timeout=60)
+    assert_error_shape(big, 413, "Content Too Large")
+    no_boundary = requests.post(url + "/v1/images/edits", data=b"--zz\r\n",
+                                headers={**auth, "Content-Type": "multipart/form-data"}, timeout=10)
+    assert_error_shape(no_boundary, 400, "boundary")
+    huge_field = requests.post(url + "/v1/images/edits", headers=auth, timeout=30,
+                               files={"image": ("a.png", b"x", "image/png")}, data={"prompt": "x" * (1024 * 1024 + 1)})
+    assert_error_shape(huge_field, 400, "maximum size")
+    if completions_422:
+        assert_error_shape(requests.post(url + "/v1/completions", json={"model": "x", "prompt": {"a": 1}},
+                                         headers=auth, timeout=10), 400)

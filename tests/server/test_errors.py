@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from .conftest import assert_aborted_and_idle, assert_openai_error
+from .conftest import assert_aborted_and_idle, assert_framework_errors_shaped, assert_openai_error
 
 pytestmark = pytest.mark.engine
 
@@ -74,6 +74,14 @@ def test_undecodable_json_and_edit_on_text_model(omni_server):
     for video_id in ("video_" + "0" * 32, "nope"):
         r = requests.get(f"{server.url}/v1/videos/{video_id}", headers=server.headers())
         assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_error_bodies_of_every_layer(omni_server):
+    """The diffusion-only app (vLLM's middleware and handlers) answers like vLLM's own server."""
+    assert_framework_errors_shaped(omni_server("qwen-image"), completions_422=False)
+    r = requests.post(omni_server("qwen-image").url + CHAT, headers=omni_server("qwen-image").headers(), timeout=30,
+                      json={"messages": [{"role": "user", "content": "x"}], "modalities": ["text"]})
+    assert r.status_code == 400 and "answers with images, not text" in r.json()["error"]["message"]
 
 
 def test_server_keeps_serving_after_errors(omni_server):

@@ -66,42 +66,88 @@ class StageTimings:
                 f"decode {self.decode:.3f}s, total {self.total:.3f}s")
 
 
-class BagelOrchestrator:
-    """Create inside a running event loop (`await BagelOrchestrator.create(...)`)."""
+def ar_stage_engine_args(config: StageConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The AR stage's vLLM engine args: `overrides` (vLLM flags given explicitly) > the stage config's
+    `engine_args`, with a fresh transfer directory for the OmniKVConnector (its files are deleted as
+    they are read).
 
-    def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
+    Args:
+        config: the multi-stage stage config (its `ar` stage).
+        overrides: engine args that win over the stage config's.
+
+    Returns:
+        keyword arguments for `AsyncEngineArgs` (without `model`).
+    """
+    args = {**config.stage("ar").engine_args, **(overrides or {})}
+    kv = dict(args.get("kv_transfer_config") or {})
+    extra = dict(kv.get("kv_connector_extra_config") or {})
+    extra.setdefault("transfer_dir", tempfile.mkdtemp(prefix="vllm-omni-kv-"))
+    kv["kv_connector_extra_config"] = extra
+    args["kv_transfer_config"] = kv
+    return args
+
+
+def check_ar_engine(vllm_config: Any) -> None:
+    """Refuse an AR engine that cannot hand its KV to the DiT stage (started without the stage
+    config: e.g. plain `vllm serve` with the omni routes allowlisted, but without `--omni`).
+
+    Raises:
+        ValueError: naming what is missing and the command that sets it.
+    """
+    from ..kv import CONNECTOR_NAME
+
+    connector = getattr(vllm_config.kv_transfer_config, "kv_connector", None)
+    if connector != CONNECTOR_NAME:
+        raise ValueError(
+            f"the AR engine runs with kv_connector={connector!r}, not {CONNECTOR_NAME!r}: BAGEL image "
+            "generation needs the stage config's engine args; start the server with `vllm serve MODEL --omni`"
+        )
+
+
+class BagelOrchestrator:
+    """BAGEL's stages around one AR engine client (vLLM's `EngineClient`: an `AsyncLLM`).
+
+    Offline: `await BagelOrchestrator.create(...)` (inside a running event loop) starts its own
+    AsyncLLM and shuts it down in `shutdown()`. The server: `BagelOrchestrator.attach(...)` takes the
+    engine client vLLM's own API server created (`vllm serve --omni`), which vLLM owns and stops.
+    """
+
+    def __init__(self, model: str, config: StageConfig, llm: Any, *, owns_llm: bool,
                  dtype: Any = None, device: Any = None, max_queue: int = 64) -> None:
         self.model = model
         self.config = config
-        ar, dit = config.stage("ar"), config.stage("dit")
-        self._transfer_dir = tempfile.mkdtemp(prefix="vllm-omni-kv-")
-        args = {**ar.engine_args, **(ar_engine_args or {})}
-        kv = dict(args.get("kv_transfer_config") or {})
-        kv.setdefault("kv_connector_extra_config", {})
-        kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transfer_dir": self._transfer_dir}
-        args["kv_transfer_config"] = kv
-        self._ar_args = args
-        self.ar_defaults = dict(ar.default_sampling_params)
+        dit = config.stage("dit")
+        self.ar_defaults = dict(config.stage("ar").default_sampling_params)
         self.pipeline = load_bagel_pipeline(model, dtype=dtype, device=device)
         self.engine = DiffusionEngine(self.pipeline, stage_defaults=dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)
-        self.llm = None
+        self.llm = llm
+        self._owns_llm = owns_llm
         self._ids = itertools.count()
 
     @classmethod
-    async def create(cls, *args, **kwargs) -> "BagelOrchestrator":
-        self = cls(*args, **kwargs)
+    async def create(cls, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
+                     **kwargs: Any) -> "BagelOrchestrator":
+        """Offline: start an AsyncLLM for the AR stage (stage config engine args + `ar_engine_args`)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model, **self._ar_args))
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_stage_engine_args(config, ar_engine_args)))
+        return cls.attach(model, config, llm, owns_llm=True, **kwargs)
+
+    @classmethod
+    def attach(cls, model: str, config: StageConfig, llm: Any, *, owns_llm: bool = False,
+               **kwargs: Any) -> "BagelOrchestrator":
+        """Around an AR engine client that exists (call inside the running event loop)."""
+        check_ar_engine(llm.vllm_config)
+        self = cls(model, config, llm, owns_llm=owns_llm, **kwargs)
         self.loop.start()
         return self
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.loop.stop)
         llm, self.llm = self.llm, None
-        if llm is not None:
+        if llm is not None and self._owns_llm:
             llm.shutdown()
             # Collect it now: AsyncLLM.__del__ run at interpreter exit, after
             # module teardown, fails noisily.
@@ -160,8 +206,7 @@ class BagelOrchestrator:
 
         from ..models.bagel_processing import VAE_IMAGE
 
-        limits = self._ar_args.get("limit_mm_per_prompt") or {}
-        if not limits.get(VAE_IMAGE):
+        if not self.llm.vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):
             raise ValueError(f"img2img needs the AR stage to take {VAE_IMAGE} inputs: set its engine_args "
                              f"limit_mm_per_prompt to include {{{VAE_IMAGE}: 1}} (stage config {self.config.name!r})")
         m, c = self.pipeline.model, self.pipeline.model.config

@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .images import decode_image
 from .limits import Limits, RequestError
-
-if TYPE_CHECKING:
-    from .text import TextRequest
 
 # Generation fields: wire name -> (SamplingParams field, kind).
 _GENERATION: dict[str, tuple[str, str]] = {
@@ -267,8 +264,6 @@ class RequestBuilder:
     extensions     the model's own request knobs, name -> default value
                    (`server.app.extension_fields`: its pipeline defaults that
                    are not SamplingParams fields)
-    text_defaults  multi-stage models: the AR stage's default sampling params
-                   (None: the model answers with images only)
     """
 
     def __init__(
@@ -279,11 +274,9 @@ class RequestBuilder:
         limits: Limits | None = None,
         takes_images: bool = False,
         extensions: Mapping[str, Any] | None = None,
-        text_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.resolve_fn = resolve_fn
         self.extensions = dict(extensions or {})
-        self.text_defaults = text_defaults
         self.output_kind = output_kind
         self.takes_images = takes_images
         self.stage_defaults = stage_defaults
@@ -319,15 +312,6 @@ class RequestBuilder:
         params = self._resolve(request)
         self._check_resolved(params)
         return CanonicalRequest(params, output, task)
-
-    def build_text(self, fields: Mapping[str, Any], images: Sequence[Any] = ()) -> "TextRequest":
-        """A text answer (AR stage): sampling values resolved as request > the AR stage's defaults."""
-        from .text import build_text_request
-
-        if self.text_defaults is None:
-            raise RequestError('this model answers with images only; send `"modalities": ["image"]` or leave '
-                               "`modalities` out", "modalities")
-        return build_text_request(fields, images, self.limits, self.text_defaults, tuple(self.extensions))
 
     def _check_task(self, task: str) -> None:
         if task == "video" and self.output_kind != "video":

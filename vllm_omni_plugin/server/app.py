@@ -1,19 +1,16 @@
-"""The app factory, the omni runtime and the omni routes as a vLLM endpoint plugin.
+"""The omni runtime and the app of diffusion-only checkpoints.
 
-One app, one set of routes, two kinds of runtime behind them:
+One set of routes, two kinds of runtime behind them:
 
 * diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`);
+  background thread (`EngineLoop`), served by `build_app`: an app made of
+  vLLM's own pieces (its exception handlers, its middleware -- CORS,
+  --api-key, request ids, --middleware --, its Prometheus registry and
+  /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
+  vLLM's server loads;
 * multi-stage checkpoints (BAGEL): `MultiStage`, the `BagelOrchestrator`
-  created on the server's event loop -- the AR stage on vLLM's AsyncLLM, the
-  DiT stage inline -- the same orchestrator offline `Omni` runs. It answers
-  text chat (text2text, img2text) from the AR stage and images (text2img,
-  img2img) from AR -> DiT.
-
-`build_app` makes a FastAPI app of our own with vLLM's middleware (CORS,
---api-key authentication, request ids, --middleware) and vLLM's exception
-handlers, and attaches `OmniEndpointPlugin` (an object with vLLM's
-`EndpointPlugin` shape: `attach_router` + `init_state`).
+  around the AR engine client that vLLM's own API server created (see
+  server/plugin.py): vLLM answers text, the orchestrator images (AR -> DiT).
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ from ..diffusion.params import ResolvedParams, SamplingParams
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
-from .errors import install_error_handlers
 from .media import MediaFetcher
 from .metrics import OmniMetrics
 from .videos import VideoStore
@@ -77,7 +73,6 @@ class InlineDiffusion:
     """A single-stage diffusion model: the engine on a background thread."""
 
     text = False  # no text output
-    text_defaults = None
 
     def __init__(self, bridge: EngineLoop) -> None:
         self.bridge = bridge
@@ -92,8 +87,9 @@ class InlineDiffusion:
     async def stop(self) -> None:
         await asyncio.to_thread(self.bridge.stop)
 
-    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
-        handle = self.bridge.submit(params, on_progress)
+    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
+                             request_id: str | None = None) -> DiffusionOutput:
+        handle = self.bridge.submit(params, on_progress, request_id=request_id)
         try:
             return await self.bridge.result(handle)
         except asyncio.CancelledError:
@@ -101,22 +97,16 @@ class InlineDiffusion:
             raise
 
 
-def client_error(exc: BaseException, param: str | None = None) -> RequestError:
-    """A request refused by vLLM (its validation errors, or a ValueError) as our 400, keeping vLLM's parameter name."""
-    if isinstance(exc, RequestError):
-        return exc
-    return RequestError(str(exc), getattr(exc, "parameter", None) or param)
-
-
 class MultiStage:
     """A multi-stage model (BAGEL) through its orchestrator, on the server's event loop.
 
     Image requests count against --omni-max-queue from the moment they are
     admitted (before the AR prefill), so the limit bounds the whole pipeline;
-    text requests are queued by vLLM's scheduler, as in plain `vllm serve`.
+    text requests never come here: vLLM's own handlers answer them on the same
+    AR engine client, queued by vLLM's scheduler as in plain `vllm serve`.
     """
 
-    text = True
+    text = True  # vLLM's handlers answer text (the AR stage's default_sampling_params reach them as generation config)
 
     def __init__(self, orchestrator: Any, max_queue: int) -> None:
         self.orchestrator = orchestrator
@@ -125,22 +115,18 @@ class MultiStage:
         self.images_in_flight = 0
 
     @property
-    def text_defaults(self) -> dict[str, Any]:
-        """The AR stage's default sampling params (stage config)."""
-        return self.orchestrator.ar_defaults
-
-    @property
     def alive(self) -> bool:
         llm = self.orchestrator.llm
         return self.bridge.alive and llm is not None and not llm.errored
 
     async def start(self) -> None:
-        pass  # the orchestrator started its engines when it was created
+        pass  # the orchestrator started its DiT engine when it was attached
 
     async def stop(self) -> None:
-        await self.orchestrator.shutdown()
+        await self.orchestrator.shutdown()  # the AR engine is vLLM's to stop
 
-    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
+    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
+                             request_id: str | None = None) -> DiffusionOutput:
         if self.images_in_flight >= self.max_queue:
             self.bridge.stats.rejected += 1
             raise QueueFull(
@@ -149,39 +135,12 @@ class MultiStage:
             )
         self.images_in_flight += 1
         try:
-            return await self.orchestrator.generate_image(params, on_progress, request_id=self.orchestrator.new_id("omni"))
-        except (ValueError, VLLMClientError) as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
-            raise client_error(e) from e
+            return await self.orchestrator.generate_image(
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"))
+        except VLLMClientError as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
+            raise RequestError(str(e), getattr(e, "parameter", None)) from e
         finally:
             self.images_in_flight -= 1
-
-    async def generate_text(self, prompt: Any, sampling_params: Any) -> Any:
-        try:
-            return await self.orchestrator.generate_text(prompt, sampling_params, self.orchestrator.new_id("chatcmpl"))
-        except (ValueError, VLLMClientError) as e:  # vLLM's input checks (prompt too long, too many images ...)
-            raise client_error(e) from e
-
-    @staticmethod
-    def text_params(values: Any) -> Any:
-        """Resolved sampling values -> vllm.SamplingParams; vLLM's own checks of them are 400s."""
-        from vllm import SamplingParams as VllmSamplingParams
-
-        try:
-            return VllmSamplingParams(**values)
-        except (ValueError, TypeError, VLLMClientError) as e:
-            raise client_error(e) from e
-
-    async def render(self, messages: list[dict[str, Any]]) -> Any:
-        """Chat messages -> the AR engine's prompt, by vLLM's renderer of that engine (the
-        checkpoint's chat template, as plain `vllm serve` renders it)."""
-        from vllm.renderers.params import ChatParams
-
-        try:
-            params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False})
-            _, prompt = await self.orchestrator.llm.renderer.render_messages_async(messages, params)
-        except (ValueError, TypeError, KeyError, VLLMClientError) as e:
-            raise client_error(e, "messages") from e
-        return prompt
 
 
 def extension_fields(pipeline: DiffusionPipelineBase) -> dict[str, Any]:
@@ -228,14 +187,12 @@ class OmniRuntime:
                              output_kind(pipeline), takes_images(pipeline))
 
     @classmethod
-    async def create_multistage(cls, config: OmniServerConfig) -> "OmniRuntime":
-        """A multi-stage runtime; call on the server's event loop (the orchestrator lives there)."""
+    def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
+        """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop."""
         from ..orchestrator.bagel import BagelOrchestrator
 
-        orchestrator = await BagelOrchestrator.create(
-            config.model, config.stage_config, ar_engine_args=config.ar_engine_args,
-            dtype=config.dtype, max_queue=config.max_queue,
-        )
+        orchestrator = BagelOrchestrator.attach(config.model, config.stage_config, engine_client,
+                                                dtype=config.dtype, max_queue=config.max_queue)
         return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue), "image", True)
 
     @classmethod
@@ -244,7 +201,7 @@ class OmniRuntime:
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = stages.bridge.engine.stage_defaults
         builder = RequestBuilder(pipeline.resolve, kind, stage_defaults, config.limits, takes_images=images_in,
-                                 extensions=extension_fields(pipeline), text_defaults=stages.text_defaults)
+                                 extensions=extension_fields(pipeline))
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
             config.model, pipeline.family, kind, " and text" if stages.text else "",
@@ -287,55 +244,35 @@ class OmniRuntime:
                 logger.info("omni: video %s expired and was deleted", video_id)
 
 
-class OmniEndpointPlugin:
-    """The omni routes in the shape of vLLM's `EndpointPlugin` protocol."""
-
-    name = "omni"
-    required_tasks = None
-
-    def __init__(self, runtime: OmniRuntime | None = None) -> None:
-        self.runtime = runtime
-
-    def attach_router(self, app: FastAPI) -> None:
-        from .routes import chat, images, meta, videos
-
-        for module in (images, videos, chat, meta):
-            app.include_router(module.router)
-        install_error_handlers(app)
-
-    async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
-        if self.runtime is None:
-            config = OmniServerConfig.from_args(args)
-            if config.multi_stage:
-                self.runtime = await OmniRuntime.create_multistage(config)
-            else:
-                self.runtime = await asyncio.to_thread(OmniRuntime.load, config)
-        state.omni = self.runtime
-
-
 def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
-    """The omni server's app, for either kind of runtime."""
+    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
+    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
+
+    Args:
+        args: the parsed `vllm serve ... --omni` arguments.
+        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
+
+    Returns:
+        the FastAPI app for vLLM's `serve_http`.
+    """
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
     from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
+    from .plugin import OmniEndpointPlugin
 
     if args.disable_fastapi_docs:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     else:
-        app = FastAPI(lifespan=lifespan)
+        app = FastAPI()
     app.root_path = args.root_path
     app.state.args = args
-    # vLLM's serve_http looks for one (None: no vLLM engine, or one the orchestrator owns and stops)
+    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
     app.state.engine_client = None
-    app.state.omni = runtime
+    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
+    plugin = OmniEndpointPlugin(runtime)
+    plugin.attach_router(app)
     init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
-    OmniEndpointPlugin(runtime).attach_router(app)  # ours on top (request / queue / engine errors)
     init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
+    app.state.endpoint_plugins = [plugin]
     return app

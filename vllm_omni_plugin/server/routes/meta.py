@@ -1,17 +1,21 @@
-"""GET /v1/models, /health, /metrics."""
+"""GET /health (both apps) and GET /v1/models (the diffusion-only app; vLLM's own where vLLM serves the model).
+
+/metrics is vLLM's route on vLLM's registry, which the omni metrics join
+(`OmniMetrics.expose_in_vllm_registry`).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from .common import json_response, runtime
 
 router = APIRouter()
+models_router = APIRouter()
 
 
-@router.get("/v1/models")
+@models_router.get("/v1/models")
 async def models(request: Request):
     omni = runtime(request)
     data = [
@@ -35,11 +39,7 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
+    """200 while every stage runs (the diffusion engine thread; a multi-stage model's AR engine too)."""
     if runtime(request).stages.alive:
         return Response(status_code=200)
     return Response(status_code=503)
-
-
-@router.get("/metrics")
-async def metrics(request: Request):
-    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

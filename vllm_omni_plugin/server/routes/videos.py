@@ -64,10 +64,10 @@ async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
         if not job.deleted:
             omni.videos.fail(job, "aborted", str(exc))
     except (GenerationFailed, OSError, ValueError) as exc:  # engine errors, mp4 export errors
-        logger.warning("omni: video %s failed: %s", job.id, exc)
+        # the request was validated before it was queued: a failure now is the server's
+        logger.error("omni: video %s (request %s) failed", job.id, job.request_id, exc_info=exc)
         if not job.deleted:
-            bad_input = isinstance(exc, GenerationFailed) and isinstance(exc.__cause__, (ValueError, TypeError))
-            omni.videos.fail(job, "invalid_request" if bad_input else "generation_failed", str(exc))
+            omni.videos.fail(job, "generation_failed", f"{exc}; request id {job.request_id}")
 
 
 @router.post("/v1/videos")
