@@ -81,4 +81,5 @@ def test_edit_errors(omni_server, tmp_path):
         assert fragment in r.json()["error"]["message"], r.text
     # text-to-image on an edit model: the model's own rule, still a 400
     r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"}, timeout=60)
-    assert r.status_code == 400 and "needs an input image" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs exactly 1 input image" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "image"

@@ -61,7 +61,8 @@ def test_omitted_params_resolve_to_defaults_on_every_path(omni_server, checkpoin
     resolved = comparable(off.params.public_dict())
     # stage defaults (server flag) for steps and size, the pipeline's own for the rest
     assert (resolved["num_inference_steps"], resolved["width"], resolved["height"]) == (2, 64, 64)
-    assert resolved["true_cfg_scale"] == 4.0 and resolved["max_sequence_length"] == 512
+    # no negative prompt: true CFG does not run, and is reported off
+    assert resolved["true_cfg_scale"] is None and resolved["max_sequence_length"] == 512
     assert resolved["num_outputs_per_prompt"] == 1
     assert http.model_extra["omni"]["resolved"] == resolved
     assert chat.model_extra["omni"]["resolved"] == resolved

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..capabilities import Capabilities
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -27,6 +28,11 @@ from ..state import CfgLayout, DiffusionState
 WAN21_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0)
 WAN22_T2V_DEFAULTS = dict(num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0)
 WAN22_I2V_DEFAULTS = dict(num_inference_steps=40, guidance_scale=3.5, guidance_scale_2=3.5)
+# What Wan reads (`guidance_scale_2` only with two experts: dropped per instance for Wan2.1).
+WAN_FIELDS = frozenset({
+    "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+    "num_frames", "fps", "max_sequence_length",
+})
 VIDEO_DEFAULTS = dict(height=480, width=832, num_frames=81, fps=16, max_sequence_length=512)
 
 
@@ -34,7 +40,13 @@ class WanStepwise(StepwisePipeline):
     """Text-to-video (WanPipeline)."""
 
     family = "wan-t2v"
+    capabilities = Capabilities(output="video", fields=WAN_FIELDS)
     _wan22_defaults = WAN22_T2V_DEFAULTS
+
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+        super().__init__(pipe, model_id, batch_cfg)
+        if self.boundary_ratio is None:  # Wan2.1: one expert, no second guidance scale
+            self.capabilities = self.capabilities.without_fields("guidance_scale_2")
 
     @property
     def boundary_ratio(self) -> float | None:
@@ -52,12 +64,14 @@ class WanStepwise(StepwisePipeline):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.boundary_ratio is None:
-            if "guidance_scale_2" in explicit:
-                raise ValueError("guidance_scale_2 needs a two-expert model (Wan2.2, boundary_ratio set)")
             out["guidance_scale_2"] = None
         elif "guidance_scale_2" not in explicit and "guidance_scale" in explicit:
             # Derived from the *resolved* guidance_scale, as diffusers does for an unset value.
             out["guidance_scale_2"] = v["guidance_scale"]
+        if not v["guidance_scale"] > 1.0:
+            # diffusers runs CFG iff guidance_scale > 1: then neither the second scale nor the
+            # negative prompt is used, and they are reported as not used.
+            out.update(guidance_scale_2=None, negative_prompt=None)
         temporal = self.pipe.vae_scale_factor_temporal
         frames = v["num_frames"]
         if frames % temporal != 1:
@@ -201,6 +215,7 @@ class WanImageToVideoStepwise(WanStepwise):
     """Image-to-video (WanImageToVideoPipeline, first-frame conditioning)."""
 
     family = "wan-i2v"
+    capabilities = Capabilities(output="video", input_images=(1, 1), fields=WAN_FIELDS)
     _wan22_defaults = WAN22_I2V_DEFAULTS
 
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:

@@ -29,15 +29,17 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...request import RequestError
-from ...request.builder import FIELDS, IGNORED_FIELDS
+from ...request.text import CHAT_FIELDS, TEXT_SAMPLING
 from ..encode import MIME
 from .common import check_request, json_body, json_response, omni_route, runtime, until_disconnect
 from .images import run_images
 
 router = APIRouter()
 
-# Generation / output fields read from a chat body; chat's own fields are not ours.
-_CHAT_FIELDS = FIELDS - frozenset(IGNORED_FIELDS)
+# Chat's own fields that an image answer accepts and does not act on (OpenAI clients
+# send sampling values by default); reported back in `omni.ignored`. `n` and `seed`
+# are image fields too.
+_TEXT_ONLY = frozenset(TEXT_SAMPLING) - {"n", "seed"}
 
 
 async def _prompt_and_images(request: Request, messages: Any) -> tuple[str, list[Any]]:
@@ -85,12 +87,14 @@ async def chat_completions(request: Request):
 async def _image_answer(request: Request, body: dict[str, Any]):
     builder = runtime(request).builder
     prompt, images = await _prompt_and_images(request, body.get("messages"))
-    fields = {k: v for k, v in body.items() if k in _CHAT_FIELDS or k in builder.extensions}
-    if "prompt" in fields:
+    if "prompt" in body:
         raise RequestError("the prompt comes from `messages`; do not also send `prompt`", "prompt")
+    ignored = tuple(k for k in body if k in _TEXT_ONLY and body[k] is not None)
+    fields = {k: v for k, v in body.items() if k not in CHAT_FIELDS and k not in _TEXT_ONLY}
     fields["prompt"] = prompt
+    fields["model"] = body.get("model")
     task = "edit" if images else "image"
-    canon = await asyncio.to_thread(builder.build, fields, images, task=task, strict=False)
+    canon = await asyncio.to_thread(builder.build, fields, images, task=task, ignored=ignored)
     result = await run_images(request, canon)
     mime = MIME[canon.output.output_format]
     parts = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{d['b64_json']}"}} for d in result["data"]]
