@@ -8,6 +8,7 @@ starts once per session (edits, then qwen-image, then videos).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ STAGE_DEFAULTS = {
     "qwen-image-edit-plus": '{"num_inference_steps": 2}',
     "qwen-image-layered": '{"num_inference_steps": 2}',
     "wan2.2-i2v": '{"num_inference_steps": 2, "height": 32, "width": 48, "num_frames": 5}',
+    "wan2.2-ti2v-5b": '{"num_inference_steps": 2, "height": 32, "width": 64, "num_frames": 5}',
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
     "bagel": '{"num_inference_steps": 3}',
 }
@@ -196,6 +198,18 @@ def decoded_md5(data: bytes) -> str:
     img = Image.open(io.BytesIO(data))
     img.load()
     return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()
+
+
+def first_image_md5(answer) -> str:
+    """decoded_md5 of the first image of an answer: an openai ImagesResponse, a ChatCompletion with
+    image parts, or the JSON body (dict) of an images route."""
+    if isinstance(answer, dict):
+        b64 = answer["data"][0]["b64_json"]
+    elif hasattr(answer, "choices"):
+        b64 = answer.choices[0].message.content[0]["image_url"]["url"].split(",", 1)[1]
+    else:
+        b64 = answer.data[0].b64_json
+    return decoded_md5(base64.b64decode(b64))
 
 
 def pil_md5(img) -> str:

@@ -34,6 +34,7 @@ FAMILIES: dict[str, str] = {
     "qwen-image-layered": "qwen_image",
     "wan2.2-t2v": "wan",
     "wan2.2-i2v": "wan",
+    "wan2.2-ti2v-5b": "wan",
     "glm-image": "glm_image",
 }
 

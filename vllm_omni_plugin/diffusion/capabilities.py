@@ -126,6 +126,8 @@ class Capabilities:
             return f"at least {low} input image{'s' if low != 1 else ''}"
         if low == high:
             return f"exactly {low} input image{'s' if low != 1 else ''}"
+        if low == 0:
+            return f"at most {high} input image{'s' if high != 1 else ''}"
         return f"{low} to {high} input images"
 
     # ---- checking ----------------------------------------------------------------

@@ -20,6 +20,7 @@ STEPWISE: dict[str, str] = {
     "QwenImageLayeredPipeline": "qwen_image:QwenImageLayeredStepwise",
     "WanPipeline": "wan:WanStepwise",
     "WanImageToVideoPipeline": "wan:WanImageToVideoStepwise",
+    # WanPipeline with expand_timesteps (Wan2.2 TI2V-5B) -> wan:WanTI2VStepwise, see stepwise_class_for
 }
 
 
@@ -50,9 +51,12 @@ def stepwise_class_for(pipe: Any) -> type[DiffusionPipelineBase] | None:
     target = STEPWISE.get(type(pipe).__name__)
     if target is None:
         return None
-    # Wan2.2 TI2V-5B (`expand_timesteps`) conditions per token; served generically for now.
+    # Wan2.2 TI2V-5B (`expand_timesteps`): per-token timesteps, text- and image-to-video in one
+    # checkpoint (its model_index names WanPipeline); the I2V class with it stays generic.
     if getattr(pipe.config, "expand_timesteps", False):
-        return None
+        if type(pipe).__name__ != "WanPipeline":
+            return None
+        target = "wan:WanTI2VStepwise"
     return _load_class(target)
 
 
