@@ -163,7 +163,6 @@ def build_sampling_params(
     images: Sequence[Any] = (),
     limits: Limits | None = None,
     *,
-    strict: bool = True,
     require_prompt: bool = True,
     knobs: Mapping[str, Knob] | None = None,
 ) -> tuple[SamplingParams, OutputSpec, float | None]:
@@ -173,7 +172,6 @@ def build_sampling_params(
         fields: wire fields (JSON values, or strings from a form); null counts as not sent.
         images: raw bytes or PIL images (decoded and checked here).
         limits: the server's limits (defaults: `Limits()`).
-        strict: unknown fields are an error.
         require_prompt: a missing `prompt` is an error.
         knobs: the served model's own fields (its `Capabilities.knobs`, e.g. BAGEL's
             cfg_text_scale), accepted and passed in `SamplingParams.extra`.
@@ -184,10 +182,9 @@ def build_sampling_params(
     limits = limits or Limits()
     knobs = knobs or {}
     fields = {k: v for k, v in fields.items() if v is not None}
-    if strict:
-        unknown = sorted(set(fields) - FIELDS - set(knobs))
-        if unknown:
-            raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
+    unknown = sorted(set(fields) - FIELDS - set(knobs))
+    if unknown:
+        raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
     if require_prompt and "prompt" not in fields:
         raise RequestError("`prompt` is required", "prompt")
 
