@@ -321,8 +321,8 @@ class RequestBuilder:
         self._check_task(task)
         present = {k for k, v in fields.items() if v is not None and not (k == "size" and parse_size(v) is None)}
         self._check_honoured(present)
-        self._check_image_count(task, len(images))
         request, output, seconds = build_sampling_params(fields, images, self.limits, knobs=self.knobs)
+        self._check_image_count(task, len(images))  # after decoding: an undecodable file is named as such
         if output.background == "transparent" and self.output_kind != "layers":
             raise RequestError(
                 "background=transparent needs a layered model (e.g. Qwen-Image-Layered); this model makes opaque images",
