@@ -20,6 +20,7 @@ from .diffusion.engine import DiffusionEngine, EngineConfig, EngineEvent
 from .diffusion.loader import load_pipeline
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
+from .hub import resolve_model
 
 PromptLike = str | Mapping[str, Any] | SamplingParams
 
@@ -31,7 +32,11 @@ class GenerationError(RuntimeError):
 class Omni:
     """Generate images / videos with a diffusers-format model directory.
 
-    model           path of a diffusers checkpoint (model_index.json)
+    model           a checkpoint directory (diffusers: model_index.json; multi-stage:
+                    config.json), or a Hugging Face repo id "ORG/NAME" resolved as
+                    vLLM resolves one (hub.py: HF_HOME, HF_HUB_OFFLINE ...)
+    revision        branch, tag or commit of a repo id (default "main")
+    download_dir    the hub cache directory to use (vLLM's --download-dir)
     dtype, device   explicit; default float32 on CPU, bfloat16 on CUDA
     stage_defaults  defaults between the request and the pipeline's own
                     (SamplingParams or a mapping), e.g. from a stage config
@@ -49,8 +54,13 @@ class Omni:
         force_generic: bool = False,
         stage_config: Any = None,
         ar_engine_args: Mapping[str, Any] | None = None,
+        revision: str | None = None,
+        download_dir: str | None = None,
     ) -> None:
         self.model = model
+        #: the local directory `model` resolved to
+        self.path = str(resolve_model(model, revision, download_dir))
+        model = self.path
         self._ids = itertools.count()
         self._stages = None
         from .orchestrator.offline import multistage_config
@@ -59,21 +69,27 @@ class Omni:
         if config is not None:
             # Multi-stage (BAGEL): AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
-            from .orchestrator.bagel import BagelOrchestrator
+            from .orchestrator import orchestrator_for
             from .orchestrator.offline import BackgroundLoop
 
+            orchestrator_cls = orchestrator_for(model, config)
             self._background = BackgroundLoop()
-            self._stages = self._background.run(BagelOrchestrator.create(
+            self._stages = self._background.run(orchestrator_cls.create(
                 model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
             return
         self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
         self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
 
+    @property
+    def capabilities(self) -> Any:
+        """What the loaded model makes, takes and reads (its family's `Capabilities`)."""
+        return self.pipeline.capabilities
+
     def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:
         """Multi-stage models: text2text / img2text through the AR stage (vLLM RequestOutputs)."""
-        if self._stages is None:
-            raise TypeError(f"{self.model} is a single-stage diffusion model; it has no text output")
+        if self._stages is None or not self.capabilities.text_output:
+            raise TypeError(f"{self.model} answers with {self.capabilities.output} only; it has no text output")
         items = prompts if isinstance(prompts, list) else [prompts]
 
         async def all_of() -> list[Any]:

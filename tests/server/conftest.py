@@ -8,6 +8,7 @@ starts once per session (edits, then qwen-image, then videos).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -31,6 +32,10 @@ BODY_LIMIT = "body_limit.EightMegabyteBodyLimit"  # a deployment's own middlewar
 STAGE_DEFAULTS = {
     "qwen-image": '{"num_inference_steps": 2, "height": 64, "width": 64}',
     "qwen-image-edit": '{"num_inference_steps": 2}',
+    "qwen-image-edit-plus": '{"num_inference_steps": 2}',
+    "qwen-image-layered": '{"num_inference_steps": 2}',
+    "wan2.2-i2v": '{"num_inference_steps": 2, "height": 32, "width": 48, "num_frames": 5}',
+    "wan2.2-ti2v-5b": '{"num_inference_steps": 2, "height": 32, "width": 64, "num_frames": 5}',
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
     "bagel": '{"num_inference_steps": 3}',
 }
@@ -113,7 +118,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(family: str, model: Path, workdir: Path, extra_args: list[str], use_omni_cli: bool = False) -> Server:
+def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
+                 env: dict[str, str] | None = None) -> Server:
     port = free_port()
     log = workdir / f"server-{family}.log"
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
@@ -121,8 +127,9 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
     cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
     # PYTHONPATH: the server imports --middleware body_limit.EightMegabyteBodyLimit from this folder (not
     # the repository root, where a stale *.egg-info would shadow the installed entry points)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+           **(env or {})}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(family, model, port, proc, log)
@@ -143,34 +150,42 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
 
 @pytest.fixture(scope="session")
 def omni_server(checkpoint, tmp_path_factory):
-    """`omni_server(family)` -> the running Server for that tiny checkpoint family."""
+    """`omni_server(family)` -> the running Server for that tiny checkpoint family.
+
+    `omni_server(family, variant=NAME, model=..., env=..., extra=[...])` starts a
+    differently configured server of that family (e.g. served from a hub id); it
+    is one more "family" for the one-server-at-a-time rule.
+    """
     state: dict[str, Server | None] = {"current": None}
     workdir = tmp_path_factory.mktemp("omni-servers")
     media_dir = workdir / "media"
     media_dir.mkdir()
     video_dir = workdir / "videos"
 
-    def get(family: str) -> Server:
+    def get(family: str, variant: str = "", model: str | None = None, env: dict | None = None,
+            extra: list[str] | None = None) -> Server:
         current = state["current"]
-        if current is not None and current.family == family and current.proc.poll() is None:
+        key = f"{family}:{variant}" if variant else family
+        if current is not None and current.extra.get("key") == key and current.proc.poll() is None:
             return current
         if current is not None:
             current.stop()
             state["current"] = None
-        extra: list[str] = []
-        if family == "qwen-image":
-            extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image", "--middleware", BODY_LIMIT]
-        elif family == "qwen-image-edit":
-            extra = ["--allowed-local-media-path", str(media_dir)]
+        extra = list(extra or [])
+        if family == "qwen-image" and not variant:
+            extra += ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image", "--middleware", BODY_LIMIT]
+        elif family in ("qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered", "wan2.2-i2v"):
+            extra += ["--allowed-local-media-path", str(media_dir)]
         elif family == "bagel":
             stage_config = workdir / "bagel-stages.yaml"
             stage_config.write_text(BAGEL_STAGE_CONFIG)
-            extra = ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
-                     "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
+            extra += ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
+                      "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
         elif family == "wan2.2-t2v":
-            extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
-        server = start_server(family, checkpoint(family), workdir, extra, use_omni_cli=family == "qwen-image-edit")
-        server.extra.update(media_dir=media_dir, video_dir=video_dir)
+            extra += ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
+        server = start_server(family, model or checkpoint(family), workdir, extra,
+                              use_omni_cli=family == "qwen-image-edit", env=env)
+        server.extra.update(media_dir=media_dir, video_dir=video_dir, key=key)
         state["current"] = server
         return server
 
@@ -188,6 +203,18 @@ def decoded_md5(data: bytes) -> str:
     img = Image.open(io.BytesIO(data))
     img.load()
     return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()
+
+
+def first_image_md5(answer) -> str:
+    """decoded_md5 of the first image of an answer: an openai ImagesResponse, a ChatCompletion with
+    image parts, or the JSON body (dict) of an images route."""
+    if isinstance(answer, dict):
+        b64 = answer["data"][0]["b64_json"]
+    elif hasattr(answer, "choices"):
+        b64 = answer.choices[0].message.content[0]["image_url"]["url"].split(",", 1)[1]
+    else:
+        b64 = answer.data[0].b64_json
+    return decoded_md5(base64.b64decode(b64))
 
 
 def pil_md5(img) -> str:

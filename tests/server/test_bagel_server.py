@@ -182,6 +182,7 @@ def test_vllm_text_api_and_images_from_one_server(omni_server, bagel_omni):
 
 GEN, CHAT, EDITS = "/v1/images/generations", "/v1/chat/completions", "/v1/images/edits"
 USER = [{"role": "user", "content": "x"}]
+_TINY_PNG = _data_url(png_bytes(Image.new("RGB", (32, 32), (10, 200, 30))))
 CASES = [
     # (path, json body, status, param, message fragment)
     (GEN, {"prompt": "x", "size": "40x40"}, 400, None, "multiples of 16"),  # the pipeline's own rule
@@ -189,6 +190,11 @@ CASES = [
     (GEN, {"prompt": "x", "cfg_text_scale": "high"}, 400, "cfg_text_scale", "must be a number"),
     (GEN, {"prompt": "x", "cfg_renorm_type": "nope"}, 400, None, "cfg_renorm_type"),
     (GEN, {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "--omni-max-steps"),
+    # BAGEL's declaration: its CFG is cfg_text_scale / cfg_img_scale, not these; one input image at most
+    (GEN, {"prompt": "x", "guidance_scale": 3.0}, 400, "guidance_scale", "not used by this model"),
+    (CHAT, {"messages": USER, "modalities": ["image"], "true_cfg_scale": 4}, 400, "true_cfg_scale",
+     "not used by this model"),
+    (EDITS, {"prompt": "x", "images": [{"image_url": _TINY_PNG}] * 2}, 400, "image", "at most 1 input image, got 2"),
     (GEN, {"prompt": "x", "model": "other"}, 404, "model", "does not exist"),
     # the AR engine's max_model_len: 512 from the command line beat the stage config's 1024
     (GEN, {"prompt": "word " * 600, "size": "32x32"}, 400, "input_tokens", "512"),

@@ -29,7 +29,15 @@ CASES = [
     (GEN, {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "positive integer"),
     (GEN, {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "--omni-max-steps"),
     (GEN, {"prompt": "x", "seed": -1}, 400, "seed", "seed"),
-    (GEN, {"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale", "must be a number"),
+    (GEN, {"prompt": "x", "true_cfg_scale": "high"}, 400, "true_cfg_scale", "must be a number"),
+    # fields Qwen-Image does not read (its declaration): refused by name, never dropped
+    (GEN, {"prompt": "x", "guidance_scale": 3.5}, 400, "guidance_scale", "not used by this model"),
+    (GEN, {"prompt": "x", "layers": 2}, 400, "layers", "not used by this model"),
+    (GEN, {"prompt": "x", "cfg_text_scale": 2.0}, 400, "cfg_text_scale", "unknown parameter"),  # BAGEL's knob
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "num_frames": 5}, 400, "num_frames",
+     "not used by this model"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
+     "unknown parameter"),
     (GEN, {"prompt": "x", "output_format": "gif"}, 400, "output_format", "png, jpeg, webp"),
     (GEN, {"prompt": "x", "response_format": "url"}, 400, "response_format", "use b64_json"),
     (GEN, {"prompt": "x", "background": "transparent"}, 400, "background", "layered model"),

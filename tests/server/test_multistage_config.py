@@ -1,4 +1,4 @@
-"""Without a server: model extension fields, and how the multi-stage server's settings come
+"""Without a server: model knobs, and how the multi-stage server's settings come
 together (stage config + vLLM serve flags -> the args vLLM's own server is started with)."""
 
 from __future__ import annotations
@@ -8,15 +8,17 @@ import pytest
 from vllm_omni_plugin.request import RequestError, build_sampling_params
 
 
-def test_extension_fields_are_typed_by_their_default():
-    ext = {"cfg_text_scale": 4.0, "cfg_interval": (0.4, 1.0), "cfg_renorm_type": "global"}
+def test_knobs_are_typed_by_the_family_declaration():
+    from vllm_omni_plugin.diffusion.pipelines.bagel import BagelStepwise
+
+    ext = BagelStepwise.capabilities.knobs
     p, _, _ = build_sampling_params(
-        {"prompt": "p", "cfg_text_scale": "3", "cfg_interval": "[0.5, 1]", "cfg_renorm_type": "channel"}, extensions=ext)
+        {"prompt": "p", "cfg_text_scale": "3", "cfg_interval": "[0.5, 1]", "cfg_renorm_type": "channel"}, knobs=ext)
     assert p.extra == {"cfg_text_scale": 3.0, "cfg_interval": (0.5, 1.0), "cfg_renorm_type": "channel"}
     with pytest.raises(RequestError, match="unknown parameter"):
         build_sampling_params({"prompt": "p", "cfg_text_scale": 3.0})  # not this model's knob
     with pytest.raises(RequestError, match="list of 2 numbers"):
-        build_sampling_params({"prompt": "p", "cfg_interval": [1]}, extensions=ext)
+        build_sampling_params({"prompt": "p", "cfg_interval": [1]}, knobs=ext)
 
 
 def test_multistage_settings_precedence(checkpoint, tmp_path):

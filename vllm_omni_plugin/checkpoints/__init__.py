@@ -32,9 +32,11 @@ FAMILIES: dict[str, str] = {
     "bagel": "bagel",
     "qwen-image": "qwen_image",
     "qwen-image-edit": "qwen_image",
+    "qwen-image-edit-plus": "qwen_image",
     "qwen-image-layered": "qwen_image",
     "wan2.2-t2v": "wan",
     "wan2.2-i2v": "wan",
+    "wan2.2-ti2v-5b": "wan",
     "glm-image": "glm_image",
 }
 

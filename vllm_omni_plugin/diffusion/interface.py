@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
+from .capabilities import Capabilities
 from .output import DiffusionOutput
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
 from .state import BatchKey, DiffusionState
@@ -34,6 +35,9 @@ class DiffusionPipelineBase(ABC):
     monolithic: bool = False
     #: name used in docs and logs
     family: str = "?"
+    #: what this family makes, takes and reads (diffusion/capabilities.py); every
+    #: concrete pipeline class declares it, an instance may refine it in __init__
+    capabilities: Capabilities
 
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         self.pipe = pipe
@@ -60,6 +64,9 @@ class DiffusionPipelineBase(ABC):
     def resolve(
         self, request: SamplingParams, stage_defaults: SamplingParams | Mapping[str, Any] | None = None
     ) -> ResolvedParams:
+        """request > stage defaults > this family's defaults; a field the family does not
+        read, or an input-image count it does not take, is refused (`UnsupportedField`)."""
+        check_request(self.capabilities, request)
         return resolve(request, stage_defaults, self.defaults())
 
     def generate(
@@ -75,6 +82,12 @@ class DiffusionPipelineBase(ABC):
     @abstractmethod
     def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
         """Run one resolved request to its output."""
+
+
+def check_request(capabilities: Capabilities, request: SamplingParams) -> None:
+    """Refuse what the declaration says the family does not read (raises `UnsupportedField`)."""
+    capabilities.check_images(len(request.images or ()))
+    capabilities.check_fields(set(request.set_fields()) - {"images"})
 
 
 class StepwisePipeline(DiffusionPipelineBase):

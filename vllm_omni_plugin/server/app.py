@@ -29,7 +29,7 @@ from vllm.exceptions import VLLMClientError
 from ..diffusion.engine import DiffusionEngine, EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
-from ..diffusion.params import ResolvedParams, SamplingParams
+from ..diffusion.params import ResolvedParams
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
@@ -38,35 +38,6 @@ from .metrics import OmniMetrics
 from .videos import VideoStore
 
 logger = logging.getLogger("vllm.omni_plugin.server")
-
-
-def output_kind(pipeline: DiffusionPipelineBase) -> str:
-    """"image" | "layers" | "video": what a loaded pipeline makes.
-
-    Workaround: the pipelines do not declare it (see docs/server.md, "needed
-    upstream"); decided from the family name, and for the generic fallback from
-    the diffusers pipeline having a video processor.
-    """
-    family = getattr(pipeline, "family", "")
-    if family == "qwen-image-layered":
-        return "layers"
-    if family.startswith("wan"):
-        return "video"
-    if family == "generic" and hasattr(pipeline.pipe, "video_processor"):
-        return "video"
-    return "image"
-
-
-def takes_images(pipeline: DiffusionPipelineBase) -> bool:
-    """Whether a loaded pipeline takes input images (same workaround as `output_kind`)."""
-    family = getattr(pipeline, "family", "")
-    if family in ("qwen-image-edit", "qwen-image-layered", "wan-i2v"):
-        return True
-    if family == "generic":
-        import inspect
-
-        return "image" in inspect.signature(type(pipeline.pipe).__call__).parameters
-    return False
 
 
 class InlineDiffusion:
@@ -106,10 +77,10 @@ class MultiStage:
     AR engine client, queued by vLLM's scheduler as in plain `vllm serve`.
     """
 
-    text = True  # vLLM's handlers answer text (the AR stage's default_sampling_params reach them as generation config)
-
     def __init__(self, orchestrator: Any, max_queue: int) -> None:
         self.orchestrator = orchestrator
+        #: whether chat answers in text unless images are asked for (the family's declaration)
+        self.text = orchestrator.pipeline.capabilities.text_output
         self.bridge: EngineLoop = orchestrator.loop
         self.max_queue = max_queue
         self.images_in_flight = 0
@@ -143,15 +114,6 @@ class MultiStage:
             self.images_in_flight -= 1
 
 
-def extension_fields(pipeline: DiffusionPipelineBase) -> dict[str, Any]:
-    """The model's own request knobs (BAGEL: cfg_text_scale, timestep_shift ...): the keys of its
-    pipeline defaults that are not `SamplingParams` fields, with their default values (their types)."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    return {k: v for k, v in pipeline.defaults().values.items() if k not in known}
-
-
 @dataclass
 class OmniRuntime:
     """Everything the omni routes use; lives on `app.state.omni`."""
@@ -183,28 +145,29 @@ class OmniRuntime:
             EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
             config.stage_defaults or None,
         )
-        return cls._assemble(config, pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)),
-                             output_kind(pipeline), takes_images(pipeline))
+        return cls._assemble(config, pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
-        """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop."""
-        from ..orchestrator.bagel import BagelOrchestrator
+        """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop.
+        Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
+        from ..orchestrator import orchestrator_for
 
-        orchestrator = BagelOrchestrator.attach(config.model, config.stage_config, engine_client,
-                                                dtype=config.dtype, max_queue=config.max_queue)
-        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue), "image", True)
+        orchestrator_cls = orchestrator_for(config.model, config.stage_config)
+        orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
+                                               dtype=config.dtype, max_queue=config.max_queue)
+        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue))
 
     @classmethod
-    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase, stages: InlineDiffusion | MultiStage,
-                  kind: str, images_in: bool) -> "OmniRuntime":
+    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase,
+                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = stages.bridge.engine.stage_defaults
-        builder = RequestBuilder(pipeline.resolve, kind, stage_defaults, config.limits, takes_images=images_in,
-                                 extensions=extension_fields(pipeline))
+        caps = pipeline.capabilities
+        builder = RequestBuilder(pipeline.resolve, caps, stage_defaults, config.limits)
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
-            config.model, pipeline.family, kind, " and text" if stages.text else "",
+            config.model, pipeline.family, caps.output, " and text" if stages.text else "",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
         return cls(

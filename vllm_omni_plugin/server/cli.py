@@ -97,11 +97,16 @@ def serve_main(argv: Sequence[str]) -> int:
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+    from .config import ConfigError
     from .launch import run_server
 
     cli_env_setup()
     args = parse_args(argv)
-    uvloop.run(run_server(args))
+    try:
+        uvloop.run(run_server(args))
+    except ConfigError as e:  # a bad flag or a model that is not there: one line, no traceback
+        print(f"vllm serve --omni: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

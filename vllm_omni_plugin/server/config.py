@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hub import ModelNotFoundError, resolve_model
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
 from ..orchestrator.stage_config import StageConfig, StageConfigError, load_stage_config
 from ..request import Limits
@@ -37,11 +38,6 @@ class ConfigError(ValueError):
 def checkpoint_kind(model: str) -> str:
     """"diffusion" for a diffusers directory (model_index.json), "multi-stage" for an HF model dir."""
     path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(
-            f"{model!r} is not a local checkpoint directory; `vllm serve --omni` loads local checkpoints "
-            "(download the model first, or build one with `vllm-omni make-checkpoint`)"
-        )
     if (path / "model_index.json").is_file():
         return "diffusion"
     if (path / "config.json").is_file():
@@ -78,19 +74,23 @@ class OmniServerConfig:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
         if args.omni_video_retention <= 0:
             raise ConfigError(f"--omni-video-retention must be positive seconds, got {args.omni_video_retention}")
-        names = tuple(args.served_model_name or [args.model])
+        names = tuple(args.served_model_name or [args.model])  # the id as given, as vLLM names it
+        try:
+            model = str(resolve_model(args.model, args.revision, args.download_dir))
+        except ModelNotFoundError as e:
+            raise ConfigError(str(e)) from e
         dtype = None if args.dtype in (None, "auto") else {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
         overrides = _json_defaults(args.default_sampling_params)
         stage_config, stage_defaults, ar_engine_args = None, dict(overrides), {}
-        if checkpoint_kind(args.model) == "multi-stage":
-            stage_config = _multistage_config(args.model, args.stage_configs_path, overrides)
+        if checkpoint_kind(model) == "multi-stage":
+            stage_config = _multistage_config(model, args.stage_configs_path, overrides)
             ar_engine_args = explicit_engine_args(args, parser)
             stage_defaults = dict(_final_stage(stage_config, args.stage_configs_path).default_sampling_params)
         elif args.stage_configs_path:
             config = _load(args.stage_configs_path)
             stage_defaults = {**_final_stage(config, args.stage_configs_path).default_sampling_params, **overrides}
         return cls(
-            model=args.model,
+            model=model,
             served_model_names=names,
             limits=Limits(
                 max_pixels=args.omni_max_pixels,
@@ -146,8 +146,9 @@ def _multistage_config(model: str, path: str | None, overrides: dict[str, Any]) 
     return config.model_copy(update={"stages": tuple(merged if s.id == final.id else s for s in config.stages)})
 
 
-# Flags of vLLM's serve parser that are not engine settings of the AR stage.
-_NOT_AR_ENGINE_ARGS = frozenset({"model", "logging_config", "log_config_file"})
+# Flags of vLLM's serve parser that are not engine settings of the AR stage
+# (--revision / --download-dir were used to resolve the model to a local directory).
+_NOT_AR_ENGINE_ARGS = frozenset({"model", "logging_config", "log_config_file", "revision", "download_dir"})
 
 
 def explicit_engine_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class VideoJob:
     error: dict[str, Any] | None = None
     request_id: str | None = None
     resolved: dict[str, Any] | None = None
+    ignored: tuple[str, ...] = ()  # fields accepted without effect
     deleted: bool = False
     task: Any = None  # the asyncio task that finishes the job (kept referenced)
 
@@ -64,7 +65,7 @@ class VideoJob:
             "size": self.size,
             "error": self.error,
             "remixed_from_video_id": None,
-            "omni": {"resolved": self.resolved},
+            "omni": {"resolved": self.resolved, "ignored": list(self.ignored)},
         }
 
 

@@ -39,6 +39,15 @@ router = APIRouter()
 
 # Generation / output fields read from a chat body; chat's own fields are not ours.
 _CHAT_FIELDS = FIELDS - frozenset(IGNORED_FIELDS)
+# Chat fields an image answer reads in its own way (`messages` -> prompt and images) or
+# takes silently (the route checks `model`; `user` is metadata).
+_CHAT_OWN = frozenset({"messages", "model", "user", "modalities", "stream"})
+
+
+def _vllm_chat_fields() -> frozenset[str]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return frozenset(ChatCompletionRequest.model_fields)
 
 
 async def _prompt_and_images(request: Request, messages: Any) -> tuple[str, list[Any]]:
@@ -75,10 +84,8 @@ def _wants_text(request: Request, modalities: Any) -> bool:
 
 def _image_only_fields(request: Request, body: dict[str, Any]) -> list[str]:
     """Fields of `body` that only an image answer reads (vLLM's chat request does not know them)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    ours = _CHAT_FIELDS | frozenset(runtime(request).builder.extensions)
-    return sorted(k for k in body if k in ours and k not in ChatCompletionRequest.model_fields)
+    ours = _CHAT_FIELDS | frozenset(runtime(request).builder.knobs)
+    return sorted(k for k in body if k in ours and k not in _vllm_chat_fields())
 
 
 @router.post("/v1/chat/completions")
@@ -123,12 +130,19 @@ async def _omni_chat(request: Request):
 async def _image_answer(request: Request, body: dict[str, Any]):
     builder = runtime(request).builder
     prompt, images = await _prompt_and_images(request, body.get("messages"))
-    fields = {k: v for k, v in body.items() if k in _CHAT_FIELDS or k in builder.extensions}
-    if "prompt" in fields:
+    if "prompt" in body:
         raise RequestError("the prompt comes from `messages`; do not also send `prompt`", "prompt")
+    # vLLM's chat fields that are not image fields (temperature, max_tokens ...: OpenAI clients
+    # send sampling values by default) are accepted without effect and reported in `omni.ignored`;
+    # anything else the builder checks against the model's declaration.
+    ours = _CHAT_FIELDS | frozenset(builder.knobs)
+    text_only = _vllm_chat_fields() - ours - _CHAT_OWN
+    ignored = tuple(k for k in body if k in text_only and body[k] is not None)
+    fields = {k: v for k, v in body.items() if k not in _CHAT_OWN and k not in text_only}
     fields["prompt"] = prompt
+    fields["model"] = body.get("model")
     task = "edit" if images else "image"
-    canon = await asyncio.to_thread(builder.build, fields, images, task=task, strict=False)
+    canon = await asyncio.to_thread(builder.build, fields, images, task=task, ignored=ignored)
     result = await run_images(request, canon)
     mime = MIME[canon.output.output_format]
     parts = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{d['b64_json']}"}} for d in result["data"]]

@@ -174,8 +174,9 @@ def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(content, status_code=status)
 
 
-def resolved_json(params: ResolvedParams, request_id: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"resolved": params.public_dict()}
+def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `omni` block of a response: the parameters that ran, and the fields accepted without effect."""
+    out: dict[str, Any] = {"resolved": params.public_dict(), "ignored": list(ignored)}
     if request_id is not None:
         out["request_id"] = request_id
     return out

@@ -30,6 +30,7 @@ async def models(request: Request):
                 "family": omni.pipeline.family,
                 "output": omni.builder.output_kind,
                 "text_output": omni.stages.text,  # chat answers in text (AR stage) unless images are asked for
+                "capabilities": omni.pipeline.capabilities.as_json(),
             },
         }
         for name in omni.config.served_model_names

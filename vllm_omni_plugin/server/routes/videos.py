@@ -86,6 +86,7 @@ async def create_video(request: Request):
         size=f"{p.width}x{p.height}",
         seconds=f"{seconds:g}",
         resolved=p.public_dict(),
+        ignored=canon.ignored,
     )
     handle = omni.bridge.submit(p, job.on_progress, prefix="video")
     job.request_id = handle.request_id
