@@ -7,27 +7,33 @@ fields to `RequestBuilder.build`, which validates them once and returns the
 the same `SamplingParams` that `build_sampling_params` produces and resolves
 it with the same `resolve`). No route builds stage inputs itself.
 
-    limits.py   Limits (pixels, frames, n, steps, input images) and RequestError
-    images.py   decoding of input images (bytes or PIL) with limits
-    builder.py  wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
-    text.py     chat fields -> the AR stage's sampling values (text answers of multi-stage models)
+    limits.py       Limits (pixels, frames, n, steps, input images, bodies) and RequestError
+    body.py         JSON bodies and scalars: size, depth, finite numbers, valid Unicode
+    image_input.py  the one input-image path: URL fetch (data/file/http, allowlist at every
+                    hop, one deadline) -> bytes -> decode with header checks
+    builder.py      wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
+    text.py         chat fields -> the AR stage's sampling values (text answers of multi-stage models)
 
-This package imports neither vLLM nor FastAPI.
+This package imports neither vLLM nor FastAPI (aiohttp fetches image URLs).
 """
 
 from .builder import FIELDS, RequestBuilder, build_sampling_params, parse_size
-from .images import decode_image
+from .body import parse_json_object
+from .image_input import MediaPolicy, decode_image, fetch_image_bytes
 from .limits import Limits, RequestError
 from .text import TextRequest, build_text_request
 
 __all__ = [
     "FIELDS",
     "Limits",
+    "MediaPolicy",
     "RequestBuilder",
     "RequestError",
     "TextRequest",
     "build_text_request",
     "build_sampling_params",
     "decode_image",
+    "fetch_image_bytes",
+    "parse_json_object",
     "parse_size",
 ]

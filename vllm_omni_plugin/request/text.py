@@ -81,7 +81,7 @@ def build_text_request(
     for wire, (ours, kind) in TEXT_SAMPLING.items():
         if wire not in fields:
             continue
-        value = _stop(fields[wire]) if kind == "stop" else _coerce(wire, fields[wire], kind)
+        value = _stop(fields[wire]) if kind == "stop" else _coerce(wire, fields[wire], kind, limits)
         if ours in values and values[ours] != value:
             raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
         values[ours] = value

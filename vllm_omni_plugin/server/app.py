@@ -86,6 +86,10 @@ class InlineDiffusion:
     def alive(self) -> bool:
         return self.bridge.alive
 
+    def health(self) -> str | None:
+        """None while serving; otherwise what is down (the /health answer)."""
+        return None if self.bridge.alive else "the diffusion engine is not running"
+
     async def start(self) -> None:
         self.bridge.start()
 
@@ -131,8 +135,11 @@ class MultiStage:
 
     @property
     def alive(self) -> bool:
-        llm = self.orchestrator.llm
-        return self.bridge.alive and llm is not None and not llm.errored
+        return self.health() is None
+
+    def health(self) -> str | None:
+        """None while both stages serve; otherwise which is down and whether it is being restarted."""
+        return self.orchestrator.health()
 
     async def start(self) -> None:
         pass  # the orchestrator started its engines when it was created
@@ -178,7 +185,7 @@ class MultiStage:
 
         try:
             params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False})
-            _, prompt = await self.orchestrator.llm.renderer.render_messages_async(messages, params)
+            _, prompt = await self.orchestrator.ar_engine().renderer.render_messages_async(messages, params)
         except (ValueError, TypeError, KeyError, VLLMClientError) as e:
             raise client_error(e, "messages") from e
         return prompt

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..errors import error_response
 from .common import json_response, runtime
 
 router = APIRouter()
@@ -35,9 +36,10 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    if runtime(request).stages.alive:
+    problem = runtime(request).stages.health()
+    if problem is None:
         return Response(status_code=200)
-    return Response(status_code=503)
+    return error_response(503, problem)
 
 
 @router.get("/metrics")
