@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM = Path(sys.executable).with_name("vllm")
 OMNI_CLI = Path(sys.executable).with_name("vllm-omni")
 API_KEY = "omni-test-key"
+FETCH_TIMEOUT_S = 3  # VLLM_IMAGE_FETCH_TIMEOUT of the test servers: one deadline per image fetch
 
 # Stage defaults every test server runs with: keeps omitted-parameter requests
 # cheap on CPU and exercises precedence (request > these > the pipeline's own).
@@ -118,7 +119,8 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
             "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
     cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               VLLM_IMAGE_FETCH_TIMEOUT=str(FETCH_TIMEOUT_S))
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(family, model, port, proc, log)
@@ -157,7 +159,9 @@ def omni_server(checkpoint, tmp_path_factory):
         if family == "qwen-image":
             extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image"]
         elif family == "qwen-image-edit":
-            extra = ["--allowed-local-media-path", str(media_dir)]
+            # http(s) image URLs only from 127.0.0.1 (the tests' own media server; a redirect
+            # to `localhost` is a hop to a host that is not allowed)
+            extra = ["--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1"]
         elif family == "bagel":
             stage_config = workdir / "bagel-stages.yaml"
             stage_config.write_text(BAGEL_STAGE_CONFIG)

@@ -110,7 +110,7 @@ async def fetch_image_bytes(url: Any, policy: MediaPolicy, param: str = "image_u
         except TimeoutError:
             raise RequestError(f"`{param}`: fetching {_show(url)} took longer than {policy.timeout_s:g} s", param) \
                 from None
-    raise RequestError(f"`{param}` must be an http(s), data or file URL", param)
+    raise RequestError(f"`{param}` must be an HTTP, data or file URL", param)
 
 
 def _data_url_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
@@ -135,7 +135,7 @@ def _file_url_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
     parts = urlsplit(url)
     path = Path(url2pathname(unquote(parts.netloc + parts.path))).resolve()
     if root not in path.parents:
-        raise RequestError(f"`{param}`: the file must lie below --allowed-local-media-path", param)
+        raise RequestError(f"`{param}`: the file path must be a subpath of --allowed-local-media-path", param)
     try:
         if path.stat().st_size > policy.max_bytes:
             raise RequestError(f"`{param}`: the file is larger than this server's limit of {policy.max_bytes} bytes",

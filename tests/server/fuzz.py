@@ -1,0 +1,176 @@
+"""Hypothesis strategies for whole HTTP requests to every omni route (test_fuzz.py, test_videos_jobs.py).
+
+Why hypothesis and not schemathesis: our routes read the raw `Request` (JSON
+or multipart, decided per request), so the server's OpenAPI schema has no
+request bodies for schemathesis to generate from; a schema written only for it
+would be a second, drifting copy of the field table. These strategies mix the
+documented fields (docs/server.md) with hostile values: non-finite numbers as
+JSON numbers and as strings, huge integers, lone surrogates, wrong types,
+unknown keys, deep nesting, non-JSON bytes, image bombs. Values that a server
+would *accept* stay cheap (sizes <= 64x64, 1-2 steps, n <= 2) so a run takes
+seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import strategies as st
+
+from .conftest import png_bytes, striped_image
+from .images_bad import png_declaring, sparse_png
+
+HOSTILE = [None, True, False, 0, -1, 1, 2, 2.5, -1e308, 1e308, 10**20, -(2**63), 2**64, float("nan"), float("inf"),
+           float("-inf"), "NaN", "Infinity", "-inf", "1e999", "", " ", "\ud800", "a\udfffb", "9" * 100, "x" * 300,
+           [], {}, [1, 2], {"a": 1}, [[[[[]]]]]]
+CHEAP_STEPS = [1, 2, "1", 2.0]
+SIZES = ["32x32", "64x64", "auto", "0x0", "32X32", "1x99999", "4096x4096", "axb", "32x32x32", " 32 x 32 "]
+FORMATS = ["png", "jpeg", "jpg", "webp", "gif", "b64_json", "url"]
+_PNG = png_bytes(striped_image(32, 32))
+IMAGES = [_PNG, b"", b"not an image", png_declaring(50000, 50000), sparse_png(8000), _PNG[:40]]
+
+hostile = st.sampled_from(HOSTILE) | st.integers() | st.floats() | st.text(max_size=20)
+text = st.text(max_size=40) | st.sampled_from(["a cat", "\ud800", "x\udc00y", "", "💥" * 5])
+
+
+def field_values(video: bool = False) -> st.SearchStrategy[dict[str, Any]]:
+    """Generation fields: documented names with cheap valid values or hostile ones, plus unknown keys."""
+    cheap = {
+        "prompt": text,
+        "negative_prompt": text,
+        "n": st.sampled_from([1, 2, "1"]),
+        "size": st.sampled_from(SIZES),
+        "num_inference_steps": st.sampled_from(CHEAP_STEPS),
+        "guidance_scale": st.floats(0, 20) | st.sampled_from(["3.5", 1]),
+        "true_cfg_scale": st.floats(0, 20),
+        "seed": st.integers(0, 2**64 - 1),
+        "output_format": st.sampled_from(FORMATS),
+        "output_compression": st.integers(-5, 105),
+        "response_format": st.sampled_from(FORMATS),
+        "background": st.sampled_from(["auto", "opaque", "transparent", "x"]),
+        "model": st.sampled_from(["tiny-qwen-image", "nope", None]),
+        "user": text,
+        "stream": st.sampled_from([False, True, None, "false"]),
+    }
+    if video:
+        cheap.update({
+            "num_frames": st.sampled_from([1, 5, "5", 0, 9999]),
+            "fps": st.sampled_from([8, 16, 0, -1]),
+            "seconds": st.sampled_from(["0.25", 0.25, "4", 0, -1]),
+        })
+    names = sorted(cheap) + ["layers", "resolution", "guidance_scale_2", "cfg_scale", "quality", "mask", "bogus"]
+    value_for = {k: (v | hostile if k in cheap else hostile) for k, v in cheap.items()}
+    return st.dictionaries(st.sampled_from(names), hostile, max_size=3).flatmap(
+        lambda extra: st.fixed_dictionaries({}, optional=value_for).map(lambda d: {**extra, **d})
+    )
+
+
+def json_bytes(body: Any) -> bytes:
+    # allow_nan: NaN / Infinity literals go on the wire as a hostile client sends them.
+    return json.dumps(body, allow_nan=True).encode()
+
+
+raw_bodies = st.one_of(
+    st.binary(max_size=64),
+    st.integers(1, 6000).map(lambda n: b"[" * n),
+    st.integers(1, 3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    st.sampled_from([b'{"prompt": "x", "guidance_scale": NaN}', b'{"prompt": "x", "seed": 1e999}',
+                     b'{"prompt": "\\ud800"}', b"null", b"[]", b'"x"', b"\xff\xfe{}", b'{"prompt": 1' + b"0" * 5000 + b"}"]),
+)
+
+
+def _json_request(fields: dict[str, Any]) -> dict[str, Any]:
+    return {"data": json_bytes(fields), "headers": {"Content-Type": "application/json"}}
+
+
+def _multipart(fields: dict[str, Any], image_key: str | None, image: bytes | None) -> dict[str, Any]:
+    data = {k: (v if isinstance(v, str) else json.dumps(v, allow_nan=True)) for k, v in fields.items() if v is not None}
+    # requests encodes form text as UTF-8: a lone surrogate cannot even be sent, so stand in its escape
+    data = {k.encode("utf-8", "backslashreplace").decode(): v.encode("utf-8", "backslashreplace").decode()
+            for k, v in data.items()}
+    files = {image_key: ("in.png", image, "image/png")} if image_key and image is not None else None
+    return {"data": data, "files": files}
+
+
+def _image_ref(media_urls: list[str]) -> st.SearchStrategy[Any]:
+    import base64
+
+    data_urls = [f"data:image/png;base64,{base64.b64encode(i).decode()}" for i in IMAGES]
+    return st.sampled_from(data_urls + media_urls + ["file:///etc/passwd", "ftp://x/y.png", "data:,x", "", 5]) | hostile
+
+
+def chat_bodies(media_urls: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    part = st.one_of(
+        st.fixed_dictionaries({"type": st.just("text"), "text": text | hostile}),
+        st.fixed_dictionaries({"type": st.just("image_url"),
+                               "image_url": st.fixed_dictionaries({"url": _image_ref(media_urls)}) | hostile}),
+        st.dictionaries(st.sampled_from(["type", "text", "image_url"]), hostile, max_size=2),
+        hostile,
+    )
+    content = text | st.lists(part, max_size=3) | hostile
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]), "content": content})
+    return st.tuples(field_values(), st.lists(message, max_size=3) | hostile,
+                     st.sampled_from([["image"], ["text"], None, "image", [], ["audio"]])).map(
+        lambda t: {**t[0], "messages": t[1], **({"modalities": t[2]} if t[2] is not None else {})})
+
+
+def requests_for(route: str, media_urls: list[str] = ()) -> st.SearchStrategy[tuple[str, str, dict[str, Any]]]:
+    """(method, path, requests kwargs) for one route."""
+    media_urls = list(media_urls)
+    raw = raw_bodies.map(lambda b: {"data": b, "headers": {"Content-Type": "application/json"}})
+    if route == "generations":
+        body = field_values().map(_json_request) | raw
+        return body.map(lambda kw: ("post", "/v1/images/generations", kw))
+    if route == "chat":
+        body = chat_bodies(media_urls).map(_json_request) | raw
+        return body.map(lambda kw: ("post", "/v1/chat/completions", kw))
+    if route == "edits":
+        refs = st.lists(st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile, max_size=2) | hostile
+        as_json = st.tuples(field_values(), refs).map(lambda t: _json_request({**t[0], "images": t[1]}))
+        as_form = st.tuples(field_values(), st.sampled_from(["image", "image[]", "mask", "other", None]),
+                            st.sampled_from(IMAGES + [None])).map(lambda t: _multipart(*t))
+        return (as_json | as_form | raw).map(lambda kw: ("post", "/v1/images/edits", kw))
+    if route == "videos":
+        ref = st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile
+        as_json = st.tuples(field_values(video=True), ref | st.none()).map(
+            lambda t: _json_request({**t[0], **({"input_reference": t[1]} if t[1] is not None else {})}))
+        as_form = st.tuples(field_values(video=True), st.sampled_from(["input_reference", "other", None]),
+                            st.sampled_from(IMAGES + [None])).map(lambda t: _multipart(*t))
+        return (as_json | as_form | raw).map(lambda kw: ("post", "/v1/videos", kw))
+    if route == "video_ids":
+        vid = st.sampled_from(["video_" + "0" * 32, "..", "video_../../etc", "%2Fetc%2Fpasswd", "\u0000"]) | st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="/?#"), min_size=1, max_size=40)
+        suffix = st.sampled_from(["", "/content", "/content?variant=thumbnail", "/content?variant=video"])
+        return st.tuples(st.sampled_from(["get", "delete"]), vid, suffix).map(
+            lambda t: (t[0], f"/v1/videos/{t[1]}{t[2] if t[0] == 'get' else ''}", {}))
+    if route == "meta":
+        return st.tuples(st.sampled_from(["/v1/models", "/health", "/metrics", "/v1/videos", "/v1/videos?limit=x"]),
+                         st.sampled_from(["get", "post", "put"])).map(lambda t: (t[1], t[0], {}))
+    raise ValueError(route)
+
+
+ROUTES = ("generations", "chat", "edits", "videos", "video_ids", "meta")
+
+
+# Issue 10's hostile bodies: a `"key": value` (raw JSON text) put into a valid body of each route.
+HOSTILE_ITEMS = [
+    (None, "nests deeper"),
+    (b'"guidance_scale": NaN', "NaN"),
+    (b'"guidance_scale": 1e999', "overflows"),
+    (b'"guidance_scale": "Infinity"', "finite"),
+    (b'"guidance_scale": 1e308', "within"),
+    (b'"guidance_scale": -1e308', "within"),
+    (b'"negative_prompt": "a \\ud800 cat"', "lone surrogate"),
+]
+HOSTILE_IDS = ["deep", "NaN", "1e999", "Infinity-string", "1e308", "-1e308", "surrogate"]
+_VALID = {
+    "/v1/images/generations": b'{"prompt": "x", %s}',
+    "/v1/videos": b'{"prompt": "x", %s}',
+    "/v1/chat/completions": b'{"modalities": ["image"], "messages": [{"role": "user", "content": "x"}], %s}',
+}
+
+
+def hostile_body(path: str, item: bytes | None) -> bytes:
+    """A body for `path` carrying `item`; None: a few thousand `[`."""
+    return b"[" * 5000 if item is None else _VALID[path] % item
