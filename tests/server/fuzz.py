@@ -30,40 +30,46 @@ FORMATS = ["png", "jpeg", "jpg", "webp", "gif", "b64_json", "url"]
 _PNG = png_bytes(striped_image(32, 32))
 IMAGES = [_PNG, b"", b"not an image", png_declaring(50000, 50000), sparse_png(8000), _PNG[:40]]
 
-hostile = st.sampled_from(HOSTILE) | st.integers() | st.floats() | st.text(max_size=20)
+# Small positive numbers are left to the valid values: a hostile 150 steps or 5 seconds of video would be
+# valid and only slow.
+hostile = (st.sampled_from(HOSTILE) | st.integers(max_value=-1) | st.integers(min_value=10**4)
+           | st.floats(min_value=1e6) | st.floats(max_value=-1e-3) | st.text(max_size=20))
 text = st.text(max_size=40) | st.sampled_from(["a cat", "\ud800", "x\udc00y", "", "💥" * 5])
 
 
-def field_values(video: bool = False) -> st.SearchStrategy[dict[str, Any]]:
-    """Generation fields: documented names with cheap valid values or hostile ones, plus unknown keys."""
-    cheap = {
-        "prompt": text,
-        "negative_prompt": text,
+VALID_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+
+
+def field_values(video: bool = False, model: str | None = None) -> st.SearchStrategy[dict[str, Any]]:
+    """Generation fields, a third each: a valid cheap body; a valid body with one field made hostile;
+    documented and unknown names with anything in them."""
+    valid = {
+        "negative_prompt": VALID_TEXT,
         "n": st.sampled_from([1, 2, "1"]),
-        "size": st.sampled_from(SIZES),
+        "size": st.sampled_from(["32x32", "64x64", "auto", " 32 X 32 "]),
         "num_inference_steps": st.sampled_from(CHEAP_STEPS),
         "guidance_scale": st.floats(0, 20) | st.sampled_from(["3.5", 1]),
         "true_cfg_scale": st.floats(0, 20),
         "seed": st.integers(0, 2**64 - 1),
-        "output_format": st.sampled_from(FORMATS),
-        "output_compression": st.integers(-5, 105),
-        "response_format": st.sampled_from(FORMATS),
-        "background": st.sampled_from(["auto", "opaque", "transparent", "x"]),
-        "model": st.sampled_from(["tiny-qwen-image", "nope", None]),
-        "user": text,
-        "stream": st.sampled_from([False, True, None, "false"]),
+        "output_format": st.sampled_from(["png", "jpeg", "jpg", "webp"]),
+        "output_compression": st.integers(0, 100),
+        "response_format": st.just("b64_json"),
+        "background": st.sampled_from(["auto", "opaque"]),
+        "model": st.sampled_from([model] if model else [None]),
+        "user": VALID_TEXT,
+        "stream": st.sampled_from([False, None, "false"]),
     }
     if video:
-        cheap.update({
-            "num_frames": st.sampled_from([1, 5, "5", 0, 9999]),
-            "fps": st.sampled_from([8, 16, 0, -1]),
-            "seconds": st.sampled_from(["0.25", 0.25, "4", 0, -1]),
-        })
-    names = sorted(cheap) + ["layers", "resolution", "guidance_scale_2", "cfg_scale", "quality", "mask", "bogus"]
-    value_for = {k: (v | hostile if k in cheap else hostile) for k, v in cheap.items()}
-    return st.dictionaries(st.sampled_from(names), hostile, max_size=3).flatmap(
-        lambda extra: st.fixed_dictionaries({}, optional=value_for).map(lambda d: {**extra, **d})
-    )
+        valid.update({"num_frames": st.sampled_from([1, 5, "5"]), "fps": st.sampled_from([4, 8]),
+                      "seconds": st.sampled_from(["0.25", 0.5])})
+        del valid["n"], valid["output_format"], valid["output_compression"], valid["background"]
+    names = sorted(valid) + ["prompt", "layers", "resolution", "guidance_scale_2", "cfg_scale", "quality", "mask",
+                             "bogus", "size", "output_format", "response_format", "background", "stream", "model"]
+    wild = {k: st.sampled_from(SIZES + FORMATS) | hostile for k in names}
+    base = st.fixed_dictionaries({"prompt": VALID_TEXT}, optional=valid)
+    one_bad = st.tuples(base, st.sampled_from(names), hostile).map(lambda t: {**t[0], t[1]: t[2]})
+    chaos = st.fixed_dictionaries({}, optional=wild)
+    return st.one_of(base, one_bad, chaos)
 
 
 def json_bytes(body: Any) -> bytes:
@@ -100,7 +106,7 @@ def _image_ref(media_urls: list[str]) -> st.SearchStrategy[Any]:
     return st.sampled_from(data_urls + media_urls + ["file:///etc/passwd", "ftp://x/y.png", "data:,x", "", 5]) | hostile
 
 
-def chat_bodies(media_urls: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+def chat_bodies(media_urls: list[str], model: str | None) -> st.SearchStrategy[dict[str, Any]]:
     part = st.one_of(
         st.fixed_dictionaries({"type": st.just("text"), "text": text | hostile}),
         st.fixed_dictionaries({"type": st.just("image_url"),
@@ -110,32 +116,37 @@ def chat_bodies(media_urls: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     )
     content = text | st.lists(part, max_size=3) | hostile
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]), "content": content})
-    return st.tuples(field_values(), st.lists(message, max_size=3) | hostile,
-                     st.sampled_from([["image"], ["text"], None, "image", [], ["audio"]])).map(
-        lambda t: {**t[0], "messages": t[1], **({"modalities": t[2]} if t[2] is not None else {})})
+    valid_message = st.fixed_dictionaries({"role": st.just("user"), "content": VALID_TEXT})
+    messages = st.lists(valid_message, min_size=1, max_size=2) | st.lists(message, max_size=3) | hostile
+    return st.tuples(field_values(model=model), messages,
+                     st.sampled_from([["image"], ["image"], ["text"], None, "image", [], ["audio"]])).map(
+        # the prompt comes from the messages (a `prompt` field too is a 400 of its own)
+        lambda t: {**{k: v for k, v in t[0].items() if k != "prompt"}, "messages": t[1],
+                   **({"modalities": t[2]} if t[2] is not None else {})})
 
 
-def requests_for(route: str, media_urls: list[str] = ()) -> st.SearchStrategy[tuple[str, str, dict[str, Any]]]:
-    """(method, path, requests kwargs) for one route."""
+def requests_for(route: str, media_urls: list[str] = (), model: str | None = None,
+                 ) -> st.SearchStrategy[tuple[str, str, dict[str, Any]]]:
+    """(method, path, requests kwargs) for one route; `model` is the served name valid bodies may carry."""
     media_urls = list(media_urls)
     raw = raw_bodies.map(lambda b: {"data": b, "headers": {"Content-Type": "application/json"}})
     if route == "generations":
-        body = field_values().map(_json_request) | raw
+        body = field_values(model=model).map(_json_request) | raw
         return body.map(lambda kw: ("post", "/v1/images/generations", kw))
     if route == "chat":
-        body = chat_bodies(media_urls).map(_json_request) | raw
+        body = chat_bodies(media_urls, model).map(_json_request) | raw
         return body.map(lambda kw: ("post", "/v1/chat/completions", kw))
     if route == "edits":
         refs = st.lists(st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile, max_size=2) | hostile
-        as_json = st.tuples(field_values(), refs).map(lambda t: _json_request({**t[0], "images": t[1]}))
-        as_form = st.tuples(field_values(), st.sampled_from(["image", "image[]", "mask", "other", None]),
+        as_json = st.tuples(field_values(model=model), refs).map(lambda t: _json_request({**t[0], "images": t[1]}))
+        as_form = st.tuples(field_values(model=model), st.sampled_from(["image", "image[]", "mask", "other", None]),
                             st.sampled_from(IMAGES + [None])).map(lambda t: _multipart(*t))
         return (as_json | as_form | raw).map(lambda kw: ("post", "/v1/images/edits", kw))
     if route == "videos":
         ref = st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile
-        as_json = st.tuples(field_values(video=True), ref | st.none()).map(
+        as_json = st.tuples(field_values(video=True, model=model), ref | st.none()).map(
             lambda t: _json_request({**t[0], **({"input_reference": t[1]} if t[1] is not None else {})}))
-        as_form = st.tuples(field_values(video=True), st.sampled_from(["input_reference", "other", None]),
+        as_form = st.tuples(field_values(video=True, model=model), st.sampled_from(["input_reference", "other", None]),
                             st.sampled_from(IMAGES + [None])).map(lambda t: _multipart(*t))
         return (as_json | as_form | raw).map(lambda kw: ("post", "/v1/videos", kw))
     if route == "video_ids":

@@ -50,7 +50,7 @@ def test_fuzzed_video_jobs_all_belong_to_a_client(omni_server):
     statuses: dict[int, int] = {}
 
     @settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
-    @given(requests_for("videos"))
+    @given(requests_for("videos", model=str(server.model)))
     def one(request):
         method, path, kwargs = request
         kwargs = dict(kwargs)
