@@ -144,7 +144,7 @@ def requests_for(route: str, media_urls: list[str] = (), model: str | None = Non
         return (as_json | as_form | raw).map(lambda kw: ("post", "/v1/images/edits", kw))
     if route == "videos":
         ref = st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile
-        as_json = st.tuples(field_values(video=True, model=model), ref | st.none()).map(
+        as_json = st.tuples(field_values(video=True, model=model), st.one_of(st.none(), st.none(), ref)).map(
             lambda t: _json_request({**t[0], **({"input_reference": t[1]} if t[1] is not None else {})}))
         as_form = st.tuples(field_values(video=True, model=model), st.sampled_from(["input_reference", "other", None]),
                             st.sampled_from(IMAGES + [None])).map(lambda t: _multipart(*t))
