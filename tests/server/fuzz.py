@@ -125,6 +125,35 @@ def chat_bodies(media_urls: list[str], model: str | None) -> st.SearchStrategy[d
                    **({"modalities": t[2]} if t[2] is not None else {})})
 
 
+def text_chat_bodies(media_urls: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Chat bodies asking for a text answer (a multi-stage model's AR stage): OpenAI sampling fields."""
+    valid = {
+        "max_tokens": st.sampled_from([1, 2, 4]),
+        "min_tokens": st.sampled_from([0, 1]),
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.05, 1),
+        "top_k": st.sampled_from([-1, 1, 5]),
+        "min_p": st.floats(0, 1),
+        "seed": st.integers(0, 2**63 - 1),
+        "n": st.sampled_from([1, 2]),
+        "stop": st.sampled_from(["x", ["a", "b"]]),
+        "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(0.5, 2),
+        "modalities": st.sampled_from([["text"], None]),
+    }
+    names = sorted(valid) + ["max_completion_tokens", "logprobs", "tools", "size", "stream"]
+    image = st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries(
+        {"url": _image_ref(media_urls)})})
+    content = VALID_TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": VALID_TEXT}) | image,
+                                    min_size=1, max_size=2)
+    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": content}),
+                        min_size=1, max_size=3) | hostile
+    base = st.fixed_dictionaries({"messages": messages}, optional=valid)
+    one_bad = st.tuples(base, st.sampled_from(names), hostile).map(lambda t: {**t[0], t[1]: t[2]})
+    return st.one_of(base, one_bad).map(lambda d: {k: v for k, v in d.items() if v is not None})
+
+
 def requests_for(route: str, media_urls: list[str] = (), model: str | None = None,
                  ) -> st.SearchStrategy[tuple[str, str, dict[str, Any]]]:
     """(method, path, requests kwargs) for one route; `model` is the served name valid bodies may carry."""
@@ -136,6 +165,9 @@ def requests_for(route: str, media_urls: list[str] = (), model: str | None = Non
     if route == "chat":
         body = chat_bodies(media_urls, model).map(_json_request) | raw
         return body.map(lambda kw: ("post", "/v1/chat/completions", kw))
+    if route == "text_chat":
+        return (text_chat_bodies(media_urls).map(_json_request) | raw).map(
+            lambda kw: ("post", "/v1/chat/completions", kw))
     if route == "edits":
         refs = st.lists(st.fixed_dictionaries({"image_url": _image_ref(media_urls)}) | hostile, max_size=2) | hostile
         as_json = st.tuples(field_values(model=model), refs).map(lambda t: _json_request({**t[0], "images": t[1]}))
@@ -159,6 +191,19 @@ def requests_for(route: str, media_urls: list[str] = (), model: str | None = Non
         return st.tuples(st.sampled_from(["/v1/models", "/health", "/metrics", "/v1/videos", "/v1/videos?limit=x"]),
                          st.sampled_from(["get", "post", "put"])).map(lambda t: (t[1], t[0], {}))
     raise ValueError(route)
+
+
+def send(server, request: tuple[str, str, dict[str, Any]], counts: dict[int, int]) -> Any:
+    """Send one drawn request; count its status; a status >= 500 fails the example."""
+    import requests
+
+    method, path, kwargs = request
+    kwargs = dict(kwargs)
+    headers = {**server.headers(), **kwargs.pop("headers", {})}
+    r = requests.request(method, server.url + path, headers=headers, timeout=120, **kwargs)
+    counts[r.status_code] = counts.get(r.status_code, 0) + 1
+    assert r.status_code < 500, (method, path, repr(kwargs)[:300], r.status_code, r.text[:500])
+    return r
 
 
 ROUTES = ("generations", "chat", "edits", "videos", "video_ids", "meta")

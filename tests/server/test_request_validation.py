@@ -174,7 +174,7 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.
 _FIELD_NAMES = st.sampled_from(sorted(FIELDS) + ["cfg_text_scale", "unknown_field"])
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_FIELD_NAMES, _VALUES, max_size=6))
 def test_any_fields_validate_or_refuse(fields):
     try:
