@@ -10,7 +10,7 @@ also answers chat in text.
     app.py        the app factory, OmniRuntime (InlineDiffusion | MultiStage), OmniEndpointPlugin
     (EngineLoop, the diffusion engine on a background thread, lives in orchestrator/engine_loop.py)
     videos.py     VideoStore: video jobs, their files, retention
-    media.py      image URLs through vLLM's MediaConnector rules
+    media.py      image URLs: vLLM's media settings -> the request layer's one image path
     encode.py     images -> png / jpeg / webp base64
     errors.py     OpenAI-format error bodies
     metrics.py    Prometheus metrics of the omni routes and the engine
