@@ -103,7 +103,9 @@ def _image_ref(media_urls: list[str]) -> st.SearchStrategy[Any]:
     import base64
 
     data_urls = [f"data:image/png;base64,{base64.b64encode(i).decode()}" for i in IMAGES]
-    return st.sampled_from(data_urls + media_urls + ["file:///etc/passwd", "ftp://x/y.png", "data:,x", "", 5]) | hostile
+    odd = ["file:///etc/passwd", "file:///tmp/a\x00b", "ftp://x/y.png", "data:,x", "data:image/png;base64,====", "",
+           5, "http://[::1", "http://" + "a" * 300 + "/x.png", "http://a..b/x", "http://127.0.0.1:99999/x"]
+    return st.sampled_from(data_urls + media_urls + odd) | hostile
 
 
 def chat_bodies(media_urls: list[str], model: str | None) -> st.SearchStrategy[dict[str, Any]]:

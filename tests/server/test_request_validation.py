@@ -25,6 +25,7 @@ from vllm_omni_plugin.request import (
     MediaPolicy,
     RequestError,
     build_sampling_params,
+    check_messages,
     decode_image,
     fetch_image_bytes,
     parse_json_object,
@@ -108,6 +109,24 @@ def test_an_honest_large_sparse_image_below_the_free_size_decodes():
     assert img.size == (1024, 1024) and img.mode == "RGB"
 
 
+@pytest.mark.parametrize("messages,fragment", [
+    ([], "non-empty"),
+    ("hi", "non-empty"),
+    ([{"content": "x"}], "`role`"),
+    ([{"role": 5, "content": "x"}], "`role`"),
+    ([{"role": "user", "content": 5}], "string or a list"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "content[0].text must be a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}], "image_url"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": None}}]}], "image_url"),
+    ([{"role": "user", "content": [{"type": "input_audio"}]}], "unsupported content part"),
+    ([{"role": "user", "content": ["x"]}], "unsupported content part"),
+])
+def test_chat_messages_refused(messages, fragment):
+    with pytest.raises(RequestError) as err:
+        check_messages(messages)
+    assert fragment in err.value.message and err.value.param == "messages"
+
+
 # ---- URL fetches ---------------------------------------------------------------------------------
 
 
@@ -159,6 +178,13 @@ def test_fetch_limits_and_sources(media, tmp_path):
         fetch(f"file://{tmp_path}/in.png")
     with pytest.raises(RequestError, match="HTTP, data or file"):
         fetch("ftp://127.0.0.1/x.png")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://" + "a" * 300 + "/x.png", "http://a..b/x", "http:///x",
+                                 "http://127.0.0.1:99999/x", "http://127.0.0.1:1/x", "file:///tmp/a\x00b.png"])
+def test_malformed_urls_are_request_errors(url, tmp_path):
+    with pytest.raises(RequestError):
+        fetch(url, allowed_media_domains=None, allowed_local_media_path=tmp_path)
 
 
 # ---- property: any wire fields -> RequestError or values that JSON and the engine can carry ---------

@@ -11,6 +11,7 @@ it with the same `resolve`). No route builds stage inputs itself.
     body.py         JSON bodies and scalars: size, depth, finite numbers, valid Unicode
     image_input.py  the one input-image path: URL fetch (data/file/http, allowlist at every
                     hop, one deadline) -> bytes -> decode with header checks
+    messages.py     the structure of a chat body's `messages`
     builder.py      wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
     text.py         chat fields -> the AR stage's sampling values (text answers of multi-stage models)
 
@@ -21,6 +22,7 @@ from .builder import FIELDS, RequestBuilder, build_sampling_params, parse_size
 from .body import parse_json_object
 from .image_input import MediaPolicy, decode_image, fetch_image_bytes
 from .limits import Limits, RequestError
+from .messages import check_messages
 from .text import TextRequest, build_text_request
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "TextRequest",
     "build_text_request",
     "build_sampling_params",
+    "check_messages",
     "decode_image",
     "fetch_image_bytes",
     "parse_json_object",

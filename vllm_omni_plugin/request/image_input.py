@@ -132,8 +132,11 @@ def _file_url_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
     if root is None:
         raise RequestError(f"`{param}`: file URLs are not allowed (the server has no --allowed-local-media-path)",
                            param)
-    parts = urlsplit(url)
-    path = Path(url2pathname(unquote(parts.netloc + parts.path))).resolve()
+    try:
+        parts = urlsplit(url)
+        path = Path(url2pathname(unquote(parts.netloc + parts.path))).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, a malformed netloc ...
+        raise RequestError(f"`{param}`: {_show(url)} is not a valid file URL: {e}", param) from None
     if root not in path.parents:
         raise RequestError(f"`{param}`: the file path must be a subpath of --allowed-local-media-path", param)
     try:
@@ -177,6 +180,10 @@ async def _http_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
                     return await _read_limited(response, policy.max_bytes, param)
     except aiohttp.ClientError as e:
         raise RequestError(f"`{param}`: fetching {_show(url)} failed: {type(e).__name__}: {e}", param) from None
+    except ValueError as e:  # a malformed URL (bad IPv6 literal, an IDNA label too long ...); ours pass through
+        if isinstance(e, RequestError):
+            raise
+        raise RequestError(f"`{param}`: {_show(url)} is not a valid URL: {e}", param) from None
     raise RequestError(f"`{param}`: more than {policy.max_redirects} redirects", param)
 
 

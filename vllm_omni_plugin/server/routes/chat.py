@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ...request import RequestError
+from ...request import RequestError, check_messages
 from ...request.builder import FIELDS, IGNORED_FIELDS
 from ..encode import MIME
 from .common import check_request, json_body, json_response, omni_route, runtime, until_disconnect
@@ -77,6 +77,7 @@ def _wants_text(request: Request, modalities: Any) -> bool:
 async def chat_completions(request: Request):
     body = await json_body(request)
     check_request(request, body)
+    check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
         return await _text_answer(request, body)
     return await _image_answer(request, body)
