@@ -26,6 +26,7 @@ VLLM = Path(sys.executable).with_name("vllm")
 OMNI_CLI = Path(sys.executable).with_name("vllm-omni")
 API_KEY = "omni-test-key"
 BODY_LIMIT = "body_limit.EightMegabyteBodyLimit"  # a deployment's own middleware (413s)
+FETCH_TIMEOUT_S = 3  # VLLM_IMAGE_FETCH_TIMEOUT of the test servers: one deadline per image fetch
 
 # Stage defaults every test server runs with: keeps omitted-parameter requests
 # cheap on CPU and exercises precedence (request > these > the pipeline's own).
@@ -128,6 +129,7 @@ def start_server(family: str, model: Path | str, workdir: Path, extra_args: list
     # PYTHONPATH: the server imports --middleware body_limit.EightMegabyteBodyLimit from this folder (not
     # the repository root, where a stale *.egg-info would shadow the installed entry points)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
            **(env or {})}
     with open(log, "w") as fh:
@@ -174,7 +176,11 @@ def omni_server(checkpoint, tmp_path_factory):
         extra = list(extra or [])
         if family == "qwen-image" and not variant:
             extra += ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image", "--middleware", BODY_LIMIT]
-        elif family in ("qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered", "wan2.2-i2v"):
+        elif family == "qwen-image-edit":
+            # http(s) image URLs only from 127.0.0.1 (the tests' own media server; a redirect
+            # to `localhost` is a hop to a host that is not allowed)
+            extra += ["--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1"]
+        elif family in ("qwen-image-edit-plus", "qwen-image-layered", "wan2.2-i2v"):
             extra += ["--allowed-local-media-path", str(media_dir)]
         elif family == "bagel":
             stage_config = workdir / "bagel-stages.yaml"

@@ -15,6 +15,10 @@ Each `step()`:
   5. runs denoise_step + scheduler_step for that batch, emits a progress event
      per request, and decodes requests that finished.
 
+Failures stay with their request: when a shared call (the batched forward,
+`prepare_many`, `decode_many`) raises, the requests in it are retried one by
+one and only those that raise alone fail; a scheduler step runs per request.
+
 Monolithic (generic) pipelines run one whole request per step.
 No vLLM here: this runs on a bare GPU box (ARCHITECTURE.md, principle 3).
 """
@@ -172,10 +176,7 @@ class DiffusionEngine:
         if not admitted:
             return []
         if isinstance(self.pipeline, StepwisePipeline):
-            try:
-                states = self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
-            except Exception as exc:  # a shared step (one text-encoder call) failed: each request ends in it
-                states = [exc] * len(admitted)
+            states = self._prepare(admitted)
         else:
             states = [None] * len(admitted)
         events = []
@@ -187,6 +188,15 @@ class DiffusionEngine:
             with self._lock:
                 self._running[req.request_id] = req
         return events
+
+    def _prepare(self, admitted: list[_Request]) -> list[DiffusionState | Exception]:
+        """`prepare_many` for the admitted requests; if its shared work raises, each is prepared alone."""
+        try:
+            return self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(admitted) == 1:
+                return [exc]
+            return [state for req in admitted for state in self._prepare([req])]
 
     def _pick_batch(self) -> list[_Request]:
         pipe = self.pipeline
@@ -208,27 +218,56 @@ class DiffusionEngine:
         if not self._running:
             return []
         batch = self._pick_batch()
-        states = [r.state for r in batch]
         pipe = self.pipeline
         try:
             with torch.no_grad():
-                preds = pipe.denoise_step(states)
-                pipe.scheduler_step(states, preds)
-        except Exception as exc:
-            return [self._fail(r, exc) for r in batch]
+                preds = pipe.denoise_step([r.state for r in batch])
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(batch) == 1:
+                return [self._fail(batch[0], exc)]
+            # A shared forward raised: run each request alone, so only the one(s)
+            # that raise on their own fail and the others take their step.
+            return self._denoise_one_by_one(batch)
         self.stats.forwards += 1
         self.stats.batch_sizes.append(len(batch))
-        events = [EngineEvent("step", r.request_id, r.state.step_index, r.state.num_steps) for r in batch]
-        done = [r for r in batch if r.state.done]
+        return self._advance(list(zip(batch, preds)))
+
+    def _denoise_one_by_one(self, batch: list[_Request]) -> list[EngineEvent]:
+        events, stepped = [], []
+        for req in batch:
+            try:
+                with torch.no_grad():
+                    stepped.append((req, self.pipeline.denoise_step([req.state])[0]))
+            except Exception as exc:  # noqa: BLE001 -- this request's own error
+                events.append(self._fail(req, exc))
+            else:
+                self.stats.forwards += 1
+                self.stats.batch_sizes.append(1)
+        return events + self._advance(stepped)
+
+    def _advance(self, stepped: list[tuple[_Request, torch.Tensor]]) -> list[EngineEvent]:
+        """Scheduler step per request (a failure fails that request only), progress events, decodes."""
+        events, done = [], []
+        for req, pred in stepped:
+            try:
+                self.pipeline.scheduler_step([req.state], [pred])
+            except Exception as exc:  # noqa: BLE001 -- this request's own error
+                events.append(self._fail(req, exc))
+                continue
+            events.append(EngineEvent("step", req.request_id, req.state.step_index, req.state.num_steps))
+            if req.state.done:
+                done.append(req)
         return events + (self._finish(done) if done else [])
 
     def _finish(self, done: list[_Request]) -> list[EngineEvent]:
-        """Decode requests that finished in this step (together where the pipeline can)."""
+        """Decode requests that finished in this step (together where the pipeline can; alone if that raises)."""
         started = time.perf_counter()
         try:
             outputs = self.pipeline.decode_many([r.state for r in done])
-        except Exception as exc:
-            return [self._fail(r, exc) for r in done]
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(done) == 1:
+                return [self._fail(done[0], exc)]
+            return [event for req in done for event in self._finish([req])]
         decode_seconds = time.perf_counter() - started  # outputs are host images: the GPU work is done
         events = []
         for req, output in zip(done, outputs):

@@ -21,11 +21,22 @@
 Every hand-over is keyed by request id (principle 6): the AR requests are named
 `<id>:cond` / `<id>:cfg_text` / `<id>:cfg_img`, each transfer is taken from its
 own output, and the context is stored under `<id>` before the DiT request exists.
+
+Stages fail alone. If the AR stage's engine process dies (vLLM's monitor marks
+the AsyncLLM errored), the requests it was serving fail with `StageUnavailable`
+(a 503 naming the stage) and `health()` says so. An engine the orchestrator
+started itself (offline, `create`) is restarted by a supervisor task from the
+same engine args (off the event loop); requests during the restart get the same
+503, later ones run; after `max_ar_restarts` deaths the stage stays down. An
+engine client that vLLM's own API server owns (`attach`, `vllm serve --omni`)
+is vLLM's to handle: its server stops when its engine dies, as plain
+`vllm serve` does (VLLM_KEEP_ALIVE_ON_ENGINE_DEATH keeps it up, answering 503s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -41,7 +52,7 @@ from ..diffusion.params import ResolvedParams, SamplingParams
 from ..diffusion.pipelines.bagel import load_bagel_pipeline
 from ..diffusion.engine import DiffusionEngine
 from ..kv.store import request_params, take_transferred
-from .engine_loop import EngineLoop, ProgressFn
+from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from .stage_config import StageConfig
 
 logger = logging.getLogger("vllm.omni_plugin.orchestrator")
@@ -87,6 +98,14 @@ def ar_stage_engine_args(config: StageConfig, overrides: dict[str, Any] | None =
     return args
 
 
+def _new_ar_engine(model: str, ar_args: dict[str, Any]) -> Any:
+    """An AsyncLLM for the AR stage (offline `create` and the supervisor's restarts)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_args))
+
+
 def check_ar_engine(vllm_config: Any) -> None:
     """Refuse an AR engine that cannot hand its KV to the DiT stage (started without the stage
     config: e.g. plain `vllm serve` with the omni routes allowlisted, but without `--omni`).
@@ -124,16 +143,21 @@ class BagelOrchestrator:
         self.llm = llm
         self._owns_llm = owns_llm
         self._ids = itertools.count()
+        self._ar_args: dict[str, Any] = {}  # the engine args of an engine it started (restarts reuse them)
+        self.ar_status = "running"  # running | restarting | failed
+        self.ar_restarts = 0
+        self.max_ar_restarts = 3
+        self._supervisor: asyncio.Task | None = None
 
     @classmethod
     async def create(cls, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
                      **kwargs: Any) -> "BagelOrchestrator":
         """Offline: start an AsyncLLM for the AR stage (stage config engine args + `ar_engine_args`)."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_stage_engine_args(config, ar_engine_args)))
-        return cls.attach(model, config, llm, owns_llm=True, **kwargs)
+        ar_args = ar_stage_engine_args(config, ar_engine_args)
+        self = cls.attach(model, config, _new_ar_engine(model, ar_args), owns_llm=True, **kwargs)
+        self._ar_args = ar_args
+        self._supervisor = asyncio.create_task(self._supervise_ar())
+        return self
 
     @classmethod
     def attach(cls, model: str, config: StageConfig, llm: Any, *, owns_llm: bool = False,
@@ -144,7 +168,77 @@ class BagelOrchestrator:
         self.loop.start()
         return self
 
+    @property
+    def ar_alive(self) -> bool:
+        return self.ar_status == "running" and self.llm is not None and not self.llm.errored
+
+    def health(self) -> str | None:
+        """None while both stages serve; otherwise what is down, for /health."""
+        if not self.loop.alive:
+            return "the DiT stage's diffusion engine is not running"
+        if self.ar_alive:
+            return None
+        if self.ar_status == "failed":
+            return (f"the AR stage's engine (vLLM EngineCore) died {self.ar_restarts + 1} times and is not "
+                    "restarted again; restart the server")
+        if not self._owns_llm:
+            return "the AR stage's engine (vLLM EngineCore) died; vLLM's server stops with it: restart the server"
+        return "the AR stage's engine (vLLM EngineCore) died; the server is restarting it"
+
+    async def _supervise_ar(self, period: float = 0.5) -> None:
+        """Restart the AR engine when its process dies (vLLM's monitor marks it errored)."""
+        while True:
+            await asyncio.sleep(period)
+            if self.llm is None or not self.llm.errored:
+                continue
+            if self.ar_restarts >= self.max_ar_restarts:
+                logger.error("omni: the AR stage's engine died again after %d restarts; not restarting it",
+                             self.ar_restarts)
+                self.ar_status = "failed"
+                return
+            logger.error("omni: the AR stage's engine died; restarting it (restart %d of at most %d)",
+                         self.ar_restarts + 1, self.max_ar_restarts)
+            self.ar_status = "restarting"
+            self.ar_restarts += 1
+            dead, self.llm = self.llm, None
+            await asyncio.to_thread(dead.shutdown)
+            del dead
+            gc.collect()
+            try:
+                # Off the event loop: the server answers (503 for AR work) while the engine loads.
+                self.llm = await asyncio.to_thread(_new_ar_engine, self.model, self._ar_args)
+            except (RuntimeError, ValueError, OSError) as e:
+                logger.error("omni: restarting the AR stage's engine failed: %s", e)
+                self.ar_status = "failed"
+                return
+            self.ar_status = "running"
+            logger.info("omni: the AR stage's engine is running again")
+
+    def ar_engine(self) -> Any:
+        """The running AR engine (vLLM AsyncLLM); StageUnavailable while it is down."""
+        if not self.ar_alive:
+            raise StageUnavailable(self.health() or "the AR stage is not running")
+        return self.llm
+
+    async def _run_ar(self, prompt: Any, params: Any, request_id: str) -> Any:
+        """The one call into the AR engine: its final RequestOutput; a dead engine is StageUnavailable."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            async for out in self.ar_engine().generate(prompt, params, request_id):
+                final = out
+        except EngineDeadError as e:
+            then = "the server is restarting it, retry shortly" if self._owns_llm else "restart the server"
+            raise StageUnavailable(f"the AR stage's engine (vLLM EngineCore) died while running request "
+                                   f"{request_id}; {then}") from e
+        return final
+
     async def shutdown(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         await asyncio.to_thread(self.loop.stop)
         llm, self.llm = self.llm, None
         if llm is not None and self._owns_llm:
@@ -163,10 +257,7 @@ class BagelOrchestrator:
         from vllm import SamplingParams as VllmSamplingParams
 
         params = sampling_params or VllmSamplingParams(**self.ar_defaults)
-        final = None
-        async for out in self.llm.generate(prompt, params, request_id or self.new_id("bagel-text")):
-            final = out
-        return final
+        return await self._run_ar(prompt, params, request_id or self.new_id("bagel-text"))
 
     # ---- AR -> DiT ------------------------------------------------------------------
     def resolve(self, params: SamplingParams) -> ResolvedParams:
@@ -185,9 +276,7 @@ class BagelOrchestrator:
         # One token is the least the engine generates; only the prompt's KV is used.
         params = VllmSamplingParams(max_tokens=1, temperature=0.0,
                                     extra_args={"kv_transfer_params": request_params()})
-        final = None
-        async for out in self.llm.generate(prompt, params, request_id):
-            final = out
+        final = await self._run_ar(prompt, params, request_id)
         started = time.perf_counter()
         transferred = take_transferred(final.kv_transfer_params)
         # Hand-over = the producer's gather + store (inside the AR step) + this read.

@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..diffusion.capabilities import Capabilities, Knob, UnsupportedField
 from ..diffusion.params import ResolvedParams, SamplingParams
-from .images import decode_image
+from .body import checked_int, checked_text, finite_float
+from .image_input import decode_image
 from .limits import Limits, RequestError
 
 # Generation fields: wire name -> (SamplingParams field, kind).
@@ -54,7 +55,6 @@ BACKGROUNDS = ("auto", "opaque", "transparent")
 TASKS = ("image", "edit", "video")
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
-_INT = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
 @dataclass(frozen=True)
@@ -97,33 +97,30 @@ def parse_size(value: Any, limits: Limits | None = None) -> tuple[int, int] | No
     return width, height
 
 
-def _coerce(name: str, value: Any, kind: str) -> Any:
-    """JSON values as they are; multipart form values arrive as strings."""
+# Ranges of float fields beyond finiteness: a guidance scale is a weight in
+# [0, 100] (0 disables guidance; diffusers' pipelines use 1-20); anything else,
+# model knobs included, within +-Limits.max_float.
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "guidance_scale": (0.0, 100.0),
+    "guidance_scale_2": (0.0, 100.0),
+    "true_cfg_scale": (0.0, 100.0),
+    "cfg_scale": (0.0, 100.0),
+}
+
+
+def _coerce(name: str, value: Any, kind: str, limits: Limits | None = None) -> Any:
+    """JSON values as they are; multipart form values arrive as strings. Numbers finite, text valid Unicode."""
     if kind == "str":
         if not isinstance(value, str):
             raise RequestError(f"`{name}` must be a string, got {type(value).__name__}", name)
-        return value
+        return checked_text(value, name)
     if kind == "int":
-        if isinstance(value, bool):
-            raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _INT.match(value):
-            return int(value)
-        raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
-    # float
-    if isinstance(value, bool):
-        raise RequestError(f"`{name}` must be a number, got {value!r}", name)
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise RequestError(f"`{name}` must be a number, got {value!r}", name)
+        return checked_int(name, value)
+    number = finite_float(name, value, (limits or Limits()).max_float)
+    low, high = FLOAT_RANGES.get(name, (None, None))
+    if low is not None and not low <= number <= high:
+        raise RequestError(f"`{name}` must be within [{low:g}, {high:g}], got {number:g}", name)
+    return number
 
 
 def _positive(name: str, value: int | None, upper: int | None = None, flag: str = "") -> None:
@@ -135,7 +132,7 @@ def _positive(name: str, value: int | None, upper: int | None = None, flag: str 
         raise RequestError(f"`{name}`={value} is above this server's limit of {upper} ({flag})", name)
 
 
-def _coerce_knob(name: str, value: Any, knob: Knob) -> Any:
+def _coerce_knob(name: str, value: Any, knob: Knob, limits: Limits) -> Any:
     """A model's own knob, checked against its declared type (the pipeline checks the value)."""
     if knob.type is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -144,15 +141,16 @@ def _coerce_knob(name: str, value: Any, knob: Knob) -> Any:
             raise RequestError(f"`{name}` must be true or false, got {value!r}", name)
         return value
     if knob.type is tuple:
-        if isinstance(value, str):  # a form field: JSON text
+        if isinstance(value, str) and len(value) <= 256:  # a form field: JSON text (short: a few numbers)
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 pass
         if not isinstance(value, list) or len(value) != knob.length:
             raise RequestError(f"`{name}` must be a list of {knob.length} numbers, got {value!r}", name)
-        return tuple(_coerce(name, x, "float") for x in value)
-    return _coerce(name, value, {int: "int", float: "float", str: "str"}[knob.type])
+        return tuple(_coerce(name, x, "float", limits) for x in value)
+    kind = {int: "int", float: "float", str: "str"}[knob.type]
+    return _coerce(name, value, kind, limits)
 
 
 def build_sampling_params(
@@ -188,7 +186,7 @@ def build_sampling_params(
     values: dict[str, Any] = {}
     for wire, (ours, kind) in _GENERATION.items():
         if wire in fields:
-            value = _coerce(wire, fields[wire], kind)
+            value = _coerce(wire, fields[wire], kind, limits)
             if ours in values and values[ours] != value:
                 raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
             values[ours] = value
@@ -207,7 +205,7 @@ def build_sampling_params(
 
     seconds = None
     if "seconds" in fields:
-        seconds = _coerce("seconds", fields["seconds"], "float")
+        seconds = _coerce("seconds", fields["seconds"], "float", limits)
         if not seconds > 0:
             raise RequestError(f"`seconds` must be positive, got {seconds}", "seconds")
         if "num_frames" in values:
@@ -215,7 +213,7 @@ def build_sampling_params(
 
     if images:
         values["images"] = decode_images(images, limits)
-    extra = {k: _coerce_knob(k, fields[k], knob) for k, knob in knobs.items() if k in fields}
+    extra = {k: _coerce_knob(k, fields[k], knob, limits) for k, knob in knobs.items() if k in fields}
     if extra:
         values["extra"] = extra
 

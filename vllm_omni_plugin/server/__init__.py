@@ -13,7 +13,7 @@ checkpoints are served by an app made of vLLM's pieces with the same routes.
     app.py        OmniRuntime (InlineDiffusion | MultiStage), build_app of diffusion-only checkpoints
     (EngineLoop, the diffusion engine on a background thread, lives in orchestrator/engine_loop.py)
     videos.py     VideoStore: video jobs, their files, retention
-    media.py      image URLs through vLLM's MediaConnector rules
+    media.py      image URLs: vLLM's media settings -> the request layer's one image path
     encode.py     images -> png / jpeg / webp base64
     errors.py     OpenAI-format error bodies, for every status and every layer that answers
     metrics.py    Prometheus metrics of the omni routes and the engine (on vLLM's registry)

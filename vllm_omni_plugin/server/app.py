@@ -52,6 +52,10 @@ class InlineDiffusion:
     def alive(self) -> bool:
         return self.bridge.alive
 
+    def health(self) -> str | None:
+        """None while serving; otherwise what is down (the /health answer)."""
+        return None if self.bridge.alive else "the diffusion engine is not running"
+
     async def start(self) -> None:
         self.bridge.start()
 
@@ -87,8 +91,11 @@ class MultiStage:
 
     @property
     def alive(self) -> bool:
-        llm = self.orchestrator.llm
-        return self.bridge.alive and llm is not None and not llm.errored
+        return self.health() is None
+
+    def health(self) -> str | None:
+        """None while both stages serve; otherwise which is down and whether it is being restarted."""
+        return self.orchestrator.health()
 
     async def start(self) -> None:
         pass  # the orchestrator started its DiT engine when it was attached

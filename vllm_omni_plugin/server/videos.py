@@ -115,7 +115,9 @@ class VideoStore:
         now = int(time.time())
         job.status, job.completed_at = "failed", now
         job.expires_at = now + int(self.retention_s)
-        job.error = {"code": code, "message": message}
+        # An error text may quote anything an exception carried: keep it encodable, so
+        # one failed job can never break GET /v1/videos for every client.
+        job.error = {"code": code, "message": message.encode("utf-8", "backslashreplace").decode("utf-8")}
 
     def delete(self, video_id: str) -> VideoJob:
         path, partial = self.path_for(video_id), self.partial_path_for(video_id)

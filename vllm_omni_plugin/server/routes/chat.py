@@ -22,14 +22,13 @@ images in the one choice.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ...request import RequestError
+from ...request import RequestError, check_messages, parse_json_object
 from ...request.builder import FIELDS, IGNORED_FIELDS
 from ..encode import MIME
 from .common import check_request, json_body, json_response, omni_route, runtime
@@ -101,11 +100,11 @@ async def _vllm_answers(request: Request) -> bool:
     if request.app.state.omni_text_chat is None:
         return False
     try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return True  # vLLM's own 400 for a body it cannot parse
-    if not isinstance(body, dict):
-        return True
+        # the request layer's checks (depth, size, finite numbers, Unicode): a body they refuse gets
+        # the omni route's 400, not a RecursionError inside a JSON parser
+        body = parse_json_object(await request.body(), runtime(request).config.limits)
+    except RequestError:
+        return False
     try:
         wants_text = _wants_text(request, body.get("modalities"))
     except RequestError:
@@ -117,6 +116,7 @@ async def _vllm_answers(request: Request) -> bool:
 async def _omni_chat(request: Request):
     body = await json_body(request)
     check_request(request, body)
+    check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
         if request.app.state.omni_text_chat is None:
             raise RequestError(f"{runtime(request).model_name} answers with images, not text: "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
@@ -16,7 +15,8 @@ from starlette.exceptions import HTTPException
 
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import ResolvedParams
-from ...request import RequestError
+from ...request import RequestError, parse_json_object
+from ...request.body import BodyTooLarge
 from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
 from ..errors import REQUEST_ID_HEADER, OmniHTTPError, error_response, internal_error, to_http_error
 
@@ -78,14 +78,18 @@ def omni_route(name: str) -> Callable:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
+    """The JSON object of the body, checked by the request layer (size, depth, finite numbers, Unicode)."""
+    limits = runtime(request).config.limits
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise BodyTooLarge(limits.max_body_bytes)  # before reading it
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise BodyTooLarge(limits.max_body_bytes)
+        chunks.append(chunk)
+    return parse_json_object(b"".join(chunks), limits)
 
 
 def check_request(request: Request, fields: dict[str, Any]) -> None:
@@ -119,7 +123,7 @@ async def read_form(
         if key in image_files:
             if not isinstance(value, UploadFile):
                 raise RequestError(f"`{key}` must be an uploaded image file", key)
-            images.append(await value.read())
+            images.append(await _read_upload(value, key, runtime(request).config.limits.max_input_bytes))
         elif key in image_urls:
             images.append(await runtime(request).media.fetch_image(value, key))
         elif isinstance(value, UploadFile):
@@ -129,6 +133,12 @@ async def read_form(
         else:
             fields[key] = value
     return fields, images
+
+
+async def _read_upload(upload: Any, key: str, max_bytes: int) -> bytes:
+    if upload.size is not None and upload.size > max_bytes:
+        raise RequestError(f"`{key}` is larger than this server's limit of {max_bytes} bytes", key)
+    return await upload.read()
 
 
 def check_model(request: Request, model: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..errors import error_response
 from .common import json_response, runtime
 
 router = APIRouter()
@@ -40,7 +41,9 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    """200 while every stage runs (the diffusion engine thread; a multi-stage model's AR engine too)."""
-    if runtime(request).stages.alive:
+    """200 while every stage runs (the diffusion engine thread; a multi-stage model's AR engine too);
+    otherwise 503 with an OpenAI error body saying which stage is down."""
+    problem = runtime(request).stages.health()
+    if problem is None:
         return Response(status_code=200)
-    return Response(status_code=503)
+    return error_response(503, problem)

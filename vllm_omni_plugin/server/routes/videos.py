@@ -88,11 +88,14 @@ async def create_video(request: Request):
         resolved=p.public_dict(),
         ignored=canon.ignored,
     )
+    # A job either returns its id to its client or never exists: the answer is
+    # rendered before the work is queued, and the job is registered with it.
+    response = json_response(job.to_json())
     handle = omni.bridge.submit(p, job.on_progress, prefix="video")
     job.request_id = handle.request_id
     omni.videos.add(job)
     job.task = asyncio.create_task(_finish(request.app.state, job, handle))
-    return json_response(job.to_json())
+    return response
 
 
 @router.get("/v1/videos")
