@@ -40,6 +40,7 @@ from ..diffusion.params import ResolvedParams, SamplingParams
 from ..diffusion.pipelines.bagel import load_bagel_pipeline
 from ..diffusion.engine import DiffusionEngine
 from ..kv.store import request_params, take_transferred
+from .ar_memory import fit_ar_engine_args, platform_name
 from .engine_loop import EngineLoop, ProgressFn
 from .stage_config import StageConfig
 
@@ -65,12 +66,13 @@ class BagelOrchestrator:
         self.config = config
         ar, dit = config.stage("ar"), config.stage("dit")
         self._transfer_dir = tempfile.mkdtemp(prefix="vllm-omni-kv-")
-        args = {**ar.engine_args, **(ar_engine_args or {})}
+        args = {**ar.engine_args_for(platform_name()), **(ar_engine_args or {})}
         kv = dict(args.get("kv_transfer_config") or {})
         kv.setdefault("kv_connector_extra_config", {})
         kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transfer_dir": self._transfer_dir}
         args["kv_transfer_config"] = kv
-        self._ar_args = args
+        # CPU: a KV cache that fits what is free, unless the user sized it (ar_memory.py).
+        self._ar_args = fit_ar_engine_args(model, args, ar.max_batch_size)
         self.ar_defaults = dict(ar.default_sampling_params)
         self.pipeline = load_bagel_pipeline(model, dtype=dtype, device=device)
         self.engine = DiffusionEngine(self.pipeline, stage_defaults=dit.default_sampling_params or None)
