@@ -70,13 +70,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from vllm_omni_plugin.checkpoints import FAMILIES, PRESETS
-
     if argv[:1] == ["serve"]:
         # vLLM's serve parser (with its --help) takes every flag after `serve`.
         from vllm_omni_plugin.server.cli import serve_main
 
         return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vllm-omni` parser (`serve` is only listed: vLLM's serve parser takes its flags)."""
+    from vllm_omni_plugin.checkpoints import FAMILIES, PRESETS
 
     parser = argparse.ArgumentParser(prog="vllm-omni", description="vllm-omni-plugin tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,9 +107,7 @@ def _main(argv: list[str]) -> int:
         help="OpenAI-compatible image/video server: `vllm serve MODEL --omni` without vLLM's --omni hook "
         "(`vllm-omni serve --help` lists the flags)",
     )
-
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":
