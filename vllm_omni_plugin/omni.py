@@ -5,13 +5,24 @@ every prompt of a `generate` call submitted at once so their steps batch.
 Multi-stage models (BAGEL: AR stage in vLLM -> DiT stage) run through the
 orchestrator (orchestrator/bagel.py), chosen from the checkpoint's
 architecture by its stage config; only that path imports vLLM.
+
+A multi-stage `Omni` owns engine processes. Use it as a context manager (or call
+`shutdown()`); one still open when the main thread ends is shut down then, before
+the interpreter tears down what the shutdown needs, so a script that does neither
+still exits quietly. vLLM starts its engine in a spawned process that re-imports the main
+module: a script that builds a multi-stage `Omni` at top level must do it under
+`if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import functools
 import itertools
+import threading
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -30,11 +41,14 @@ class GenerationError(RuntimeError):
 
 
 class Omni:
-    """Generate images / videos with a diffusers-format model directory.
+    """Generate images / videos (and, for multi-stage models, text) with a local checkpoint.
+
+        with Omni("/path/to/checkpoint") as omni:      # shutdown() at the end of the block
+            (out,) = omni.generate("a red cat")
 
     model           a checkpoint directory (diffusers: model_index.json; multi-stage:
-                    config.json), or a Hugging Face repo id "ORG/NAME" resolved as
-                    vLLM resolves one (hub.py: HF_HOME, HF_HUB_OFFLINE ...)
+                    config.json, e.g. BAGEL), or a Hugging Face repo id "ORG/NAME"
+                    resolved as vLLM resolves one (hub.py: HF_HOME, HF_HUB_OFFLINE ...)
     revision        branch, tag or commit of a repo id (default "main")
     download_dir    the hub cache directory to use (vLLM's --download-dir)
     dtype, device   explicit; default float32 on CPU, bfloat16 on CUDA
@@ -63,6 +77,7 @@ class Omni:
         model = self.path
         self._ids = itertools.count()
         self._stages = None
+        self._closed = False
         from .orchestrator.offline import multistage_config
 
         config = multistage_config(model, stage_config)
@@ -74,9 +89,14 @@ class Omni:
 
             orchestrator_cls = orchestrator_for(model, config)
             self._background = BackgroundLoop()
-            self._stages = self._background.run(orchestrator_cls.create(
-                model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+            try:
+                self._stages = self._background.run(orchestrator_cls.create(
+                    model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+            except BaseException:
+                self._background.close()  # no thread left behind by a start-up that failed
+                raise
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
+            _at_main_thread_exit(functools.partial(_shutdown_at_exit, weakref.ref(self)))
             return
         self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
         self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
@@ -88,6 +108,7 @@ class Omni:
 
     def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:
         """Multi-stage models: text2text / img2text through the AR stage (vLLM RequestOutputs)."""
+        self._check_open()
         if self._stages is None or not self.capabilities.text_output:
             raise TypeError(f"{self.model} answers with {self.capabilities.output} only; it has no text output")
         items = prompts if isinstance(prompts, list) else [prompts]
@@ -98,11 +119,24 @@ class Omni:
         return self._background.run(all_of())
 
     def shutdown(self) -> None:
-        """Stop a multi-stage model's engines (single-stage models hold none)."""
+        """Stop a multi-stage model's engines (single-stage models hold none); idempotent."""
+        self._closed = True
         if self._stages is not None:
-            self._background.run(self._stages.shutdown())
-            self._background.close()
-            self._stages = None
+            stages, self._stages = self._stages, None
+            try:
+                self._background.run(stages.shutdown())
+            finally:
+                self._background.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"Omni({self.model!r}) was shut down; create a new one")
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -111,6 +145,7 @@ class Omni:
         on_event: Callable[[EngineEvent], None] | None = None,
     ) -> list[DiffusionOutput]:
         """One output per prompt, in prompt order; each carries its resolved params."""
+        self._check_open()
         requests = to_requests(prompts, params)
         if self._stages is not None:
             async def all_of() -> list[DiffusionOutput]:
@@ -128,6 +163,30 @@ class Omni:
                 raise GenerationError(f"request {rid} ended with {event.kind}") from event.error
             outputs.append(event.output)
         return outputs
+
+
+def _shutdown_at_exit(ref: "weakref.ref[Omni]") -> None:
+    omni = ref()  # a weak reference: the hook does not keep the Omni alive
+    if omni is not None:
+        omni.shutdown()  # a no-op when the caller already shut it down
+
+
+def _at_main_thread_exit(hook: Callable[[], None]) -> None:
+    """Run `hook` when the main thread ends, before the interpreter tears anything down.
+
+    The shutdown needs what a plain `atexit` hook no longer has: by then
+    concurrent.futures refuses new work ("cannot schedule new futures after
+    interpreter shutdown", which the orchestrator's `asyncio.to_thread` needs) and
+    vLLM's engine processes are being reaped, so its output handler raises
+    EngineDeadError and AsyncLLM.__del__ a TypeError. threading's exit hooks run
+    before all of that, last registered first -- the hook concurrent.futures itself
+    uses. `atexit` is the fallback on an interpreter without it.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(hook)
+    else:
+        register(hook)
 
 
 def to_requests(

@@ -190,3 +190,29 @@ def test_output_does_not_depend_on_process_wide_attention_switches(pipeline):
         torch.backends.cuda.enable_flash_sdp(flash)
         torch.backends.cuda.enable_mem_efficient_sdp(efficient)
     np.testing.assert_array_equal(after, before)
+
+
+def test_abort_stops_a_monolithic_run_at_its_next_step(pipeline):
+    """A generic (whole-request) run has no engine step boundary: the abort lands at the
+    pipeline's next denoise step instead of after all of them."""
+    import threading
+    import time
+
+    engine = DiffusionEngine(pipeline("qwen-image", generic=True))
+    total = 400
+    engine.add_request("m", req("long", 0, h=32, w=32, steps=total))
+    events = []
+    runner = threading.Thread(target=lambda: events.extend(engine.step()))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while engine.num_running == 0 and time.monotonic() < deadline:  # admitted: its run has begun
+        time.sleep(0.001)
+    time.sleep(0.2)
+    engine.abort("m")
+    runner.join(120)
+    steps = [e.step for e in events if e.kind == "step"]
+    assert [e.kind for e in events if e.kind != "step"] == ["aborted"]
+    assert 0 < len(steps) < total and steps == list(range(1, len(steps) + 1))
+    assert not engine.has_unfinished() and engine.num_running == 0
+    final = engine.run() if engine.add_request("next", req("next", 1, h=32, w=32, steps=2)) else {}
+    assert final["next"].kind == "finished"  # the engine goes on

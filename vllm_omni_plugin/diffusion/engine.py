@@ -19,7 +19,8 @@ Failures stay with their request: when a shared call (the batched forward,
 `prepare_many`, `decode_many`) raises, the requests in it are retried one by
 one and only those that raise alone fail; a scheduler step runs per request.
 
-Monolithic (generic) pipelines run one whole request per step.
+Monolithic (generic) pipelines run one whole request per step; an abort stops
+one at its next denoise step (the pipeline's step callback).
 No vLLM here: this runs on a bare GPU box (ARCHITECTURE.md, principle 3).
 """
 
@@ -39,6 +40,10 @@ from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
 from .state import DiffusionState
+
+
+class _AbortedMidRun(Exception):
+    """Raised from a monolithic pipeline's step callback to stop an aborted request."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,11 @@ class DiffusionEngine:
         return resolved
 
     def abort(self, request_id: str) -> None:
-        """Stop a request at the next step boundary; its memory is released there."""
+        """Stop a request at the end of the denoise step it is in; its memory is released there.
+
+        Step-wise pipelines stop at the engine's next step boundary; monolithic ones
+        (run as one unit) at the pipeline's next step callback.
+        """
         with self._lock:
             self._aborts.add(request_id)
 
@@ -295,10 +304,20 @@ class DiffusionEngine:
         events: list[EngineEvent] = []
 
         def progress(request_id: str, step: int, total: int) -> None:
+            # A whole-request run has no step boundary of the engine's: an abort is
+            # checked after every denoise step here, and ends the run by unwinding it.
+            with self._lock:
+                if request_id in self._aborts:
+                    self._aborts.discard(request_id)
+                    raise _AbortedMidRun(request_id)
             events.append(EngineEvent("step", request_id, step, total))
 
         try:
             output = self.pipeline.run_whole(req.params, rid, progress)
+        except _AbortedMidRun:
+            with self._lock:
+                self._running.pop(rid, None)
+            return events + [EngineEvent("aborted", rid)]
         except Exception as exc:
             return events + [self._fail(req, exc)]
         with self._lock:

@@ -52,6 +52,7 @@ from ..diffusion.params import ResolvedParams, SamplingParams
 from ..diffusion.pipelines.bagel import load_bagel_pipeline
 from ..diffusion.engine import DiffusionEngine
 from ..kv.store import request_params, take_transferred
+from .ar_memory import fit_ar_engine_args, platform_name
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from .stage_config import StageConfig
 
@@ -77,25 +78,32 @@ class StageTimings:
                 f"decode {self.decode:.3f}s, total {self.total:.3f}s")
 
 
-def ar_stage_engine_args(config: StageConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def ar_stage_engine_args(config: StageConfig, overrides: dict[str, Any] | None = None,
+                         model: str | None = None) -> dict[str, Any]:
     """The AR stage's vLLM engine args: `overrides` (vLLM flags given explicitly) > the stage config's
-    `engine_args`, with a fresh transfer directory for the OmniKVConnector (its files are deleted as
-    they are read).
+    `engine_args` with its `platform_engine_args` overlay for this platform, with a fresh transfer
+    directory for the OmniKVConnector (its files are deleted as they are read).
 
     Args:
         config: the multi-stage stage config (its `ar` stage).
         overrides: engine args that win over the stage config's.
+        model: the checkpoint directory; given, the CPU build sizes the KV cache from what is
+            free unless the user sized it (orchestrator/ar_memory.py).
 
     Returns:
         keyword arguments for `AsyncEngineArgs` (without `model`).
+
+    Raises:
+        ARStageDoesNotFit: (CPU) one max_model_len sequence does not fit the free memory.
     """
-    args = {**config.stage("ar").engine_args, **(overrides or {})}
+    ar = config.stage("ar")
+    args = {**ar.engine_args_for(platform_name()), **(overrides or {})}
     kv = dict(args.get("kv_transfer_config") or {})
     extra = dict(kv.get("kv_connector_extra_config") or {})
     extra.setdefault("transfer_dir", tempfile.mkdtemp(prefix="vllm-omni-kv-"))
     kv["kv_connector_extra_config"] = extra
     args["kv_transfer_config"] = kv
-    return args
+    return fit_ar_engine_args(model, args, ar.max_batch_size) if model is not None else args
 
 
 def _new_ar_engine(model: str, ar_args: dict[str, Any]) -> Any:
@@ -153,7 +161,7 @@ class BagelOrchestrator:
     async def create(cls, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
                      **kwargs: Any) -> "BagelOrchestrator":
         """Offline: start an AsyncLLM for the AR stage (stage config engine args + `ar_engine_args`)."""
-        ar_args = ar_stage_engine_args(config, ar_engine_args)
+        ar_args = ar_stage_engine_args(config, ar_engine_args, model)
         self = cls.attach(model, config, _new_ar_engine(model, ar_args), owns_llm=True, **kwargs)
         self._ar_args = ar_args
         self._supervisor = asyncio.create_task(self._supervise_ar())

@@ -13,6 +13,8 @@ a default.
       - id: ar                      # unique; referenced by `inputs_from`
         type: llm                   # llm: vLLM engine | diffusion: our engine
         engine_args: {...}          # passed to the stage's engine as-is
+        platform_engine_args:       # merged over engine_args on that platform
+          cpu: {...}                #   (cpu | cuda | rocm | xpu ...: vLLM's device type)
         devices: "0"                # device ids, comma separated
         max_batch_size: 16
         default_sampling_params: {...}
@@ -52,6 +54,7 @@ class StageSpec(BaseModel):
     id: str = Field(min_length=1)
     type: Literal["llm", "diffusion"]
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    platform_engine_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
     devices: str = "0"
     max_batch_size: int = Field(default=1, ge=1)
     default_sampling_params: dict[str, Any] = Field(default_factory=dict)
@@ -59,6 +62,10 @@ class StageSpec(BaseModel):
     input_processor: str | None = None
     connector: str | None = None
     final_output: bool = False
+
+    def engine_args_for(self, platform: str) -> dict[str, Any]:
+        """`engine_args` with the overlay for `platform` (vLLM's device type, e.g. "cpu", "cuda") merged over it."""
+        return {**self.engine_args, **self.platform_engine_args.get(platform, {})}
 
     @field_validator("devices")
     @classmethod

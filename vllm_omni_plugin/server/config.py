@@ -27,7 +27,7 @@ from typing import Any
 
 from ..hub import ModelNotFoundError, resolve_model
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
-from ..orchestrator.stage_config import StageConfig, StageConfigError, load_stage_config
+from ..orchestrator.stage_config import StageConfig, StageConfigError, builtin_stage_configs, load_stage_config
 from ..request import Limits
 
 
@@ -134,10 +134,14 @@ def _multistage_config(model: str, path: str | None, overrides: dict[str, Any]) 
     except StageConfigError as e:
         raise ConfigError(f"--stage-configs-path: {e}") from e
     if config is None:
+        if path:
+            raise ConfigError(f"--stage-configs-path {path}: it has a single stage; a multi-stage checkpoint needs two or more")
         archs = ", ".join(checkpoint_architectures(model)) or "none"
+        known = ", ".join(sorted({a for c in builtin_stage_configs().values() for a in c.architectures}))
         raise ConfigError(
-            f"{model}: no multi-stage stage config for its architectures ({archs})"
-            + (f"; {path} has a single stage" if path else "; pass one with --stage-configs-path")
+            f"{model}: not a checkpoint `--omni` serves: no model_index.json (a diffusers pipeline), and its "
+            f"config.json names architectures [{archs}], none with a stage config (shipped for: {known}); serve "
+            "a transformers model with plain `vllm serve`, or give its stages with --stage-configs-path"
         )
     final = _final_stage(config, path)
     if not overrides:

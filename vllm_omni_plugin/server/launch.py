@@ -46,7 +46,7 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
     """
     from ..orchestrator.bagel import ar_stage_engine_args
 
-    out = ar_stage_engine_args(config.stage_config, config.ar_engine_args)
+    out = ar_stage_engine_args(config.stage_config, config.ar_engine_args, config.model)
     defaults = config.stage_config.stage("ar").default_sampling_params
     unused = sorted(set(defaults) - set(_GENERATION_CONFIG_KEYS))
     if unused:
