@@ -148,3 +148,17 @@ def glm_ar_llm(glm_image_checkpoint):
     llm = LLM(**glm_ar_args(glm_image_checkpoint))
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+# The AR stage's CPU settings (the shipped stage config's are GPU-sized).
+GLM_AR_TEST_ARGS = {"dtype": "float32", "max_model_len": GLM_AR_MAX_MODEL_LEN, "enforce_eager": True, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def glm_omni(glm_image_checkpoint):
+    """`Omni` on the tiny deterministic GLM-Image: AR stage on vLLM, DiT stage inline."""
+    from vllm_omni_plugin import Omni
+
+    omni = Omni(str(glm_image_checkpoint), dtype="float32", device="cpu", ar_engine_args=GLM_AR_TEST_ARGS)
+    yield omni
+    omni.shutdown()

@@ -2,9 +2,9 @@
 
 Single-stage diffusion models run inline: one diffusion engine in this process,
 every prompt of a `generate` call submitted at once so their steps batch.
-Multi-stage models (BAGEL: AR stage in vLLM -> DiT stage) run through the
-orchestrator (orchestrator/bagel.py), chosen from the checkpoint's
-architecture by its stage config; only that path imports vLLM.
+Multi-stage models (BAGEL, GLM-Image: AR stage in vLLM -> DiT stage) run
+through the orchestrator (orchestrator/stages.py) their stage config names,
+chosen from the checkpoint's architecture; only that path imports vLLM.
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ class Omni:
 
         config = multistage_config(model, stage_config)
         if config is not None:
-            # Multi-stage (BAGEL): AR stage on vLLM, DiT stage inline; the same
+            # Multi-stage: AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
-            from .orchestrator.bagel import BagelOrchestrator
             from .orchestrator.offline import BackgroundLoop
+            from .orchestrator.stages import create_orchestrator
 
             self._background = BackgroundLoop()
-            self._stages = self._background.run(BagelOrchestrator.create(
+            self._stages = self._background.run(create_orchestrator(
                 model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
             return

@@ -26,96 +26,29 @@ own output, and the context is stored under `<id>` before the DiT request exists
 from __future__ import annotations
 
 import asyncio
-import gc
-import itertools
-import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..diffusion.bagel.context import BagelContext, BranchKV
 from ..diffusion.bagel.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
-from ..diffusion.output import DiffusionOutput
-from ..diffusion.params import ResolvedParams, SamplingParams
-from ..diffusion.pipelines.bagel import load_bagel_pipeline
-from ..diffusion.engine import DiffusionEngine
+from ..diffusion.params import ResolvedParams
+from ..diffusion.pipelines.bagel import BagelStepwise, load_bagel_pipeline
 from ..kv.store import request_params, take_transferred
-from .engine_loop import EngineLoop, ProgressFn
-from .stage_config import StageConfig
+from .stages import StageOrchestrator, StageTimings
+
+__all__ = ["BagelOrchestrator", "StageTimings"]
 
 
-@dataclass
-class StageTimings:
-    """Where one image request's wall time went (seconds); for the overhead benchmark."""
+class BagelOrchestrator(StageOrchestrator):
+    """BAGEL's input processor (`bagel_context`): AR prefills -> a BagelContext for the DiT stage."""
 
-    ar_prefill: float = 0.0
-    transfer: float = 0.0
-    diffusion: float = 0.0
-    total: float = 0.0
-    transferred_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    def load_pipeline(self, model: str, dtype: Any, device: Any) -> BagelStepwise:
+        return load_bagel_pipeline(model, dtype=dtype, device=device)
 
-
-class BagelOrchestrator:
-    """Create inside a running event loop (`await BagelOrchestrator.create(...)`)."""
-
-    def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
-                 dtype: Any = None, device: Any = None, max_queue: int = 64) -> None:
-        self.model = model
-        self.config = config
-        ar, dit = config.stage("ar"), config.stage("dit")
-        self._transfer_dir = tempfile.mkdtemp(prefix="vllm-omni-kv-")
-        args = {**ar.engine_args, **(ar_engine_args or {})}
-        kv = dict(args.get("kv_transfer_config") or {})
-        kv.setdefault("kv_connector_extra_config", {})
-        kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transfer_dir": self._transfer_dir}
-        args["kv_transfer_config"] = kv
-        self._ar_args = args
-        self.ar_defaults = dict(ar.default_sampling_params)
-        self.pipeline = load_bagel_pipeline(model, dtype=dtype, device=device)
-        self.engine = DiffusionEngine(self.pipeline, stage_defaults=dit.default_sampling_params or None)
-        self.loop = EngineLoop(self.engine, max_queue)
-        self.llm = None
-        self._ids = itertools.count()
-
-    @classmethod
-    async def create(cls, *args, **kwargs) -> "BagelOrchestrator":
-        self = cls(*args, **kwargs)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model, **self._ar_args))
-        self.loop.start()
-        return self
-
-    async def shutdown(self) -> None:
-        await asyncio.to_thread(self.loop.stop)
-        llm, self.llm = self.llm, None
-        if llm is not None:
-            llm.shutdown()
-            # Collect it now: AsyncLLM.__del__ run at interpreter exit, after
-            # module teardown, fails noisily.
-            del llm
-            gc.collect()
-
-    def new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
-
-    # ---- AR only -------------------------------------------------------------------
-    async def generate_text(self, prompt: Any, sampling_params: Any = None, request_id: str | None = None):
-        """text2text / img2text: the AR stage's final RequestOutput (vLLM's type)."""
-        from vllm import SamplingParams as VllmSamplingParams
-
-        params = sampling_params or VllmSamplingParams(**self.ar_defaults)
-        final = None
-        async for out in self.llm.generate(prompt, params, request_id or self.new_id("bagel-text")):
-            final = out
-        return final
+    def discard_hand_over(self, request_id: str) -> None:
+        self.pipeline.contexts.discard(request_id)
 
     # ---- AR -> DiT ------------------------------------------------------------------
-    def resolve(self, params: SamplingParams) -> ResolvedParams:
-        return self.pipeline.resolve(params, self.engine.stage_defaults)
-
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
         """A text-only context: [<|im_start|>] text [<|im_end|>]."""
         ids = text_block_ids(self.pipeline.model, text)
@@ -175,13 +108,7 @@ class BagelOrchestrator:
         return [with_images("cond", resolved.prompt), with_images("cfg_text", resolved.negative_prompt),
                 self._prefill(f"{rid}:cfg_img", resolved.prompt, timings)]
 
-    async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
-                             request_id: str | None = None, timings: StageTimings | None = None) -> DiffusionOutput:
-        timings = timings if timings is not None else StageTimings()
-        started = time.perf_counter()
-        resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
-        rid = request_id or self.new_id("bagel-image")
-        prefill_started = time.perf_counter()
+    async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> None:
         if resolved.images:
             cond, cfg_text, cfg_img = await asyncio.gather(*self._img2img_prefills(rid, resolved, timings))
         else:
@@ -190,18 +117,4 @@ class BagelOrchestrator:
                 branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
             kvs = await asyncio.gather(*branches)
             cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else empty_branch(self.pipeline.model), None
-        timings.ar_prefill = time.perf_counter() - prefill_started - timings.transfer
         self.pipeline.contexts.put(BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width))
-        try:
-            diffusion_started = time.perf_counter()
-            handle = self.loop.submit(resolved, on_progress, request_id=rid)
-            try:
-                output = await self.loop.result(handle)
-            except asyncio.CancelledError:
-                self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
-                raise
-            timings.diffusion = time.perf_counter() - diffusion_started
-        finally:
-            self.pipeline.contexts.discard(rid)  # no-op once the stage took it
-        timings.total = time.perf_counter() - started
-        return output

@@ -230,9 +230,9 @@ class OmniRuntime:
     @classmethod
     async def create_multistage(cls, config: OmniServerConfig) -> "OmniRuntime":
         """A multi-stage runtime; call on the server's event loop (the orchestrator lives there)."""
-        from ..orchestrator.bagel import BagelOrchestrator
+        from ..orchestrator.stages import create_orchestrator
 
-        orchestrator = await BagelOrchestrator.create(
+        orchestrator = await create_orchestrator(
             config.model, config.stage_config, ar_engine_args=config.ar_engine_args,
             dtype=config.dtype, max_queue=config.max_queue,
         )
