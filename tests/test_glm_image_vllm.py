@@ -124,3 +124,47 @@ def test_sampling_defaults_come_from_generation_config(glm_image_checkpoint, glm
     sampled = glm_ar_llm.generate(prompt, defaults, use_tqdm=False)[0].outputs[0].token_ids
     greedy = glm_ar_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
     assert list(sampled) == list(greedy[0].outputs[0].token_ids)
+
+
+def source_image():
+    """A 320x256 RGB noise image: sides multiples of 32 that GLM-Image's image processor keeps."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((256, 320, 3)) * 255).astype("uint8"))
+
+
+def reference_i2i_inputs(ckpt, image, height: int, width: int):
+    """The image-to-image AR prompt as diffusers' generate_prior_tokens builds it."""
+    messages = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]]
+    return _processor(ckpt).apply_chat_template(
+        messages, tokenize=True, target_h=height, target_w=width, return_dict=True, return_tensors="pt"
+    )
+
+
+def our_i2i_prompt(ckpt, image, height: int, width: int) -> dict:
+    processor = _processor(ckpt)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    text += target_grids(height, width, text_to_image=False).suffix(processor.tokenizer.bos_token)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": [image]}}
+
+
+def test_image_to_image_greedy_tokens_equal_transformers(glm_image_checkpoint, glm_ar_llm):
+    """Source image -> vision encoder -> VQ codes in the prompt, on their 2-D positions; the target grid after."""
+    from vllm import SamplingParams
+
+    height, width = 256, 320
+    n = (height // 32) * (width // 32) + 1
+    ref = reference_i2i_inputs(glm_image_checkpoint, source_image(), height, width)
+    model = _transformers_model(glm_image_checkpoint)
+    with torch.no_grad():
+        expected = model.generate(**ref, max_new_tokens=n, do_sample=False)[0, ref["input_ids"].shape[1] :].tolist()
+    prompt = our_i2i_prompt(glm_image_checkpoint, source_image(), height, width)
+    out = glm_ar_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n), use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) == ref["input_ids"].shape[1]  # the image expanded to its patches
+    assert list(out.outputs[0].token_ids) == expected
+    # Again: the image now comes from vLLM's multimodal processor cache.
+    again = glm_ar_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n), use_tqdm=False)[0]
+    assert list(again.outputs[0].token_ids) == expected

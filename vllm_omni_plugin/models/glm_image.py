@@ -33,12 +33,19 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.glm4 import Glm4DecoderLayer
-from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from .glm_image_positions import DecodeGridTable, prompt_positions
+from .glm_image_processing import (
+    IMAGE_TOKEN,
+    GlmImageDummyInputsBuilder,
+    GlmImageMultiModalProcessor,
+    GlmImageProcessingInfo,
+)
 from .glm_image_prompt import GRID_BOS, GRID_EOS, parse_grids
 
 
@@ -65,8 +72,17 @@ class GlmImageTextModel(LlamaModel):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GlmImageDecoderLayer)
 
 
-class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
-    """GLM-Image's AR prior: prompt (+ target grids) -> image tokens on those grids."""
+@MULTIMODAL_REGISTRY.register_processor(
+    GlmImageMultiModalProcessor, info=GlmImageProcessingInfo, dummy_inputs=GlmImageDummyInputsBuilder
+)
+class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    """GLM-Image's AR prior: prompt (+ source images) (+ target grids) -> image tokens on those grids."""
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality == "image":
+            return IMAGE_TOKEN
+        raise ValueError(f"GLM-Image takes images only, not {modality}")
 
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
@@ -111,7 +127,11 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """The prompt's GLM-Image positions, and the delta that turns generated tokens into grid codes."""
-        positions, start = prompt_positions(len(input_tokens), [])
+        images = []
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            _, h, w = f.data["image_grid_thw"].data.tolist()
+            images.append((f.mm_position.offset, f.mm_position.length, h, w))
+        positions, start = prompt_positions(len(input_tokens), images)
         groups = parse_grids(input_tokens, *self._grid_ids, self._decode)
         if not groups:
             # Text only, no target grid: GLM-Image numbers generated tokens on a line.
@@ -120,8 +140,19 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
 
     # ---------------------------------------------------------------- forward
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_input_ids(input_ids)
+    def get_language_model(self) -> nn.Module:
+        return self.language_model
+
+    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        """Each source image as the token embeddings of its VQ codes (what transformers feeds the text model)."""
+        pixels, grids = kwargs.get("pixel_values"), kwargs.get("image_grid_thw")
+        if pixels is None:
+            return ()
+        if isinstance(pixels, (list, tuple)):
+            pixels = torch.cat(list(pixels))
+        grids = torch.as_tensor(grids).reshape(-1, 3)
+        codes = image_codes(self.visual, self.vqmodel, pixels, grids)
+        return tuple(self.language_model.embed_input_ids(c) for c in codes)
 
     def forward(
         self,
@@ -144,3 +175,14 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+def image_codes(visual: nn.Module, vqmodel: nn.Module, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+    """Source images -> VQ codes (one [h*w] tensor per image, row-major), as transformers'
+    `GlmImageModel.get_image_features` + `get_image_tokens` compute them."""
+    hidden = visual(pixel_values.to(visual.dtype), grid_thw=grids, return_dict=True).pooler_output
+    codes = []
+    for embed, (t, h, w) in zip(torch.split(hidden, grids.prod(-1).tolist()), grids.tolist()):
+        embed = embed.view(t, h, w, -1).permute(0, 3, 1, 2).reshape(-1, h, w)
+        codes.append(vqmodel.encode(embed[None]).image_tokens.view(-1))
+    return codes

@@ -1,8 +1,9 @@
 """GLM-Image's input processor (`glm_image_prior`): AR prior tokens -> the DiT stage.
 
-    request (prompt, height x width, seed)
+    request (prompt, height x width, seed, source images for image-to-image)
       -> target_grids(height, width)          the size, turned ONCE into the grids
-      -> AR prompt: chat template + <sop>H W<eop><sop>h w<eop> + image start
+      -> AR prompt: chat template (source images as <|image|>) + <sop>H W<eop>
+         [+ <sop>h w<eop>, text-to-image's preview] + image start
       -> AR stage (vLLM, GlmImageForConditionalGeneration): preview grid h x w,
          then the image grid H x W, then one end token; sampled with the
          checkpoint's generation_config.json read as transformers reads it
@@ -49,26 +50,29 @@ class GlmImageOrchestrator(StageOrchestrator):
         values.update(self.ar.default_sampling_params)
         return values
 
-    def ar_prompt(self, resolved: ResolvedParams) -> tuple[list[int], Any]:
-        """The AR prompt's token ids for this request, and its target grids."""
-        if resolved.images:
-            raise ValueError("GLM-Image image-to-image is not served by this orchestrator yet; send the prompt only")
+    def ar_prompt(self, resolved: ResolvedParams) -> tuple[dict[str, Any], Any]:
+        """The AR stage's prompt for this request (token ids, source images), and its target grids."""
         processor = self.pipeline.pipe.processor
-        grids = target_grids(resolved.height, resolved.width, text_to_image=True)
-        messages = [{"role": "user", "content": [{"type": "text", "text": resolved.prompt}]}]
+        images = [image.convert("RGB") for image in resolved.images or ()]
+        grids = target_grids(resolved.height, resolved.width, text_to_image=not images)
+        content = [{"type": "image", "image": image} for image in images]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": resolved.prompt}]}]
         text = processor.apply_chat_template(messages, tokenize=False) + grids.suffix(processor.tokenizer.bos_token)
-        return processor.tokenizer(text, add_special_tokens=False)["input_ids"], grids
+        prompt: dict[str, Any] = {"prompt_token_ids": processor.tokenizer(text, add_special_tokens=False)["input_ids"]}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}  # vLLM expands each <|image|> to its patches
+        return prompt, grids
 
     async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> None:
         from vllm import SamplingParams as VllmSamplingParams
 
-        ids, grids = self.ar_prompt(resolved)
+        prompt, grids = self.ar_prompt(resolved)
         needed = decode_tokens(grids.decode_grids)
         # min_tokens: an end token cannot cut the grids short (diffusers asks for the same count).
         params = VllmSamplingParams(**self.ar_sampling, max_tokens=needed, min_tokens=needed - 1,
                                     seed=resolved.seed % 2**63)
         final = None
-        async for out in self.llm.generate({"prompt_token_ids": ids}, params, f"{rid}:ar"):
+        async for out in self.llm.generate(prompt, params, f"{rid}:ar"):
             final = out
         tokens = list(final.outputs[0].token_ids)
         preview = needed - 1 - grids.height * grids.width

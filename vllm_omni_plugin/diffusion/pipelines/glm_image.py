@@ -16,6 +16,15 @@ Sizes: the AR grid is one token per 32 px, so height and width are multiples
 of 32 (glm_image_prompt.ALLOWED_SIZES); anything else is refused when the
 request resolves, with the list of allowed sizes.
 
+Image-to-image: the request's images condition the DiT as diffusers does
+it -- each resized to multiples of 16 px, VAE-encoded (mode), and run once
+through the transformer with its own prior tokens (its VQ codes, upsampled)
+to fill a per-request `GlmImageKVCache` that every conditional forward reads.
+The codes come from GLM-Image's image tokenizer (the AR model's vision encoder
++ VQ, `image_codes`), loaded here from `vision_language_encoder/` without the
+text model: vLLM's AR stage computes the same codes for its prompt but
+returns no prompt-side values, so this stage tokenizes its own inputs.
+
 The diffusers pipeline object is loaded without its `vision_language_encoder`
 (the AR model runs in vLLM, not here).
 """
@@ -60,10 +69,12 @@ class GlmImageStepwise(StepwisePipeline):
 
     family = "glm-image"
 
-    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True, image_tokenizer: Any = None) -> None:
         super().__init__(pipe, model_id, batch_cfg)
         #: prior tokens handed over by the AR stage, keyed by request id
         self.priors: HandOverStore[GlmImagePrior] = HandOverStore()
+        #: (vision encoder, VQ model): condition images -> VQ codes (image-to-image)
+        self.image_tokenizer = image_tokenizer
 
     # ---- parameters -------------------------------------------------------------
     def defaults(self) -> PipelineDefaults:
@@ -75,8 +86,14 @@ class GlmImageStepwise(StepwisePipeline):
 
     @staticmethod
     def _derive(v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
-        check_size(v["height"], v["width"])  # refused here, at resolve: the request gets a 400
-        return {}
+        out = {}
+        images = v.get("images")
+        if images and not {"height", "width"} & explicit:
+            # Image-to-image without a size: the first image's, floored to the 32-px grid.
+            w, h = images[0].size
+            out = {"height": h // TOKEN_PIXELS * TOKEN_PIXELS, "width": w // TOKEN_PIXELS * TOKEN_PIXELS}
+        check_size(out.get("height", v["height"]), out.get("width", v["width"]))  # refused at resolve: a 400
+        return out
 
     # ---- prepare ------------------------------------------------------------------
     @torch.no_grad()
@@ -118,6 +135,7 @@ class GlmImageStepwise(StepwisePipeline):
             scheduler, steps, device, timesteps, timesteps / config.num_train_timesteps, mu=mu
         )
         extras = {
+            "kv_caches": self._condition(params, embeds, generator) if params.images else None,
             "prior_token_id": prior_ids,
             "target_size": torch.tensor([[height, width]], dtype=embeds.dtype, device=device).repeat(n, 1),
             "crop_coords": torch.zeros((n, 2), dtype=embeds.dtype, device=device),
@@ -126,6 +144,44 @@ class GlmImageStepwise(StepwisePipeline):
         return self.make_state(
             params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras, tokens
         )
+
+    def _condition(self, params: ResolvedParams, embeds: torch.Tensor, generator: torch.Generator) -> Any:
+        """Image-to-image: the condition images' KV cache (diffusers' "write" pass, per request)."""
+        from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+        from diffusers.pipelines.glm_image.pipeline_glm_image import retrieve_latents
+
+        from ...models.glm_image import image_codes
+
+        if self.image_tokenizer is None:
+            raise ValueError(f"{self.model_id}: no vision_language_encoder to tokenize condition images with")
+        pipe, device, vae = self.pipe, self.device, self.pipe.vae
+        images = [image.convert("RGB") for image in params.images]
+        ar_inputs = pipe.processor.image_processor(images=images, return_tensors="pt")
+        grids = ar_inputs["image_grid_thw"].to(device)
+        codes = image_codes(*self.image_tokenizer, ar_inputs["pixel_values"].to(device), grids)
+        transformer = pipe.transformer
+        cache = GlmImageKVCache(num_layers=transformer.config.num_layers)
+        cache.set_mode("write")
+        shape = (1, vae.config.latent_channels, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, embeds.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(device, embeds.dtype)
+        for image, code, (_, h, w) in zip(images, codes, grids.tolist()):
+            # The VAE sees the image at its token grid's size (32 px per AR token, so the
+            # upsampled codes cover the DiT's patches exactly). diffusers floors the image to
+            # 16 px instead, which equals this where its codes fit (sides multiples of 32 that
+            # the image processor keeps) and fails with a shape error elsewhere.
+            height, width = h * TOKEN_PIXELS, w * TOKEN_PIXELS
+            pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, embeds.dtype)
+            latent = (retrieve_latents(vae.encode(pixels), generator=generator, sample_mode="argmax") - mean) / std
+            prior = pipe._upsample_token_ids(code, h, w).squeeze(0)
+            transformer(
+                hidden_states=latent, encoder_hidden_states=torch.zeros_like(embeds)[:1, :0],
+                prior_token_id=prior, prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
+                timestep=torch.zeros((1,), device=device), target_size=torch.tensor([pixels.shape[-2:]], device=device),
+                crop_coords=torch.zeros((1, 2), device=device), kv_caches=cache,
+            )  # fmt: skip
+        cache.next_sample()
+        return cache
 
     # ---- denoise ------------------------------------------------------------------
     def batch_key(self, state: DiffusionState) -> Any:
@@ -137,10 +193,15 @@ class GlmImageStepwise(StepwisePipeline):
         # (glyph embeddings differ in length per prompt, and the model takes no text mask).
         preds = []
         for s in states:
+            cache = s.extras["kv_caches"]
+            if cache is not None:
+                cache.set_mode("read")  # the conditional branch sees the condition images
             cond = self._forward(s, s.cond)
             if s.uncond is None:
                 preds.append(cond)
                 continue
+            if cache is not None:
+                cache.set_mode("skip")  # the unconditional one does not
             uncond = self._forward(s, s.uncond)
             preds.append(uncond + s.guidance_scale_now() * (cond - uncond))
         return preds
@@ -156,7 +217,7 @@ class GlmImageStepwise(StepwisePipeline):
             target_size=s.extras["target_size"],
             crop_coords=s.extras["crop_coords"],
             return_dict=False,
-            kv_caches=None,  # image-to-image's condition-image cache; text-to-image has none
+            kv_caches=s.extras["kv_caches"],  # image-to-image's condition images; None for text-to-image
         )[0].float()
 
     # ---- decode -------------------------------------------------------------------
@@ -187,4 +248,28 @@ def load_glm_image_pipeline(
     pipe = GlmImagePipeline.from_pretrained(str(path), vision_language_encoder=None, dtype=config.dtype)
     pipe.to(config.device)
     pipe.set_progress_bar_config(disable=True)
-    return GlmImageStepwise(pipe, model_id=str(path))
+    return GlmImageStepwise(pipe, model_id=str(path), image_tokenizer=load_image_tokenizer(
+        Path(path) / "vision_language_encoder", config.dtype, config.device))
+
+
+def load_image_tokenizer(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """GLM-Image's vision encoder and VQ model from the AR checkpoint, without its text model."""
+    from safetensors import safe_open
+    from transformers import GlmImageConfig
+    from transformers.models.glm_image.modeling_glm_image import GlmImageVisionModel, GlmImageVQVAE
+
+    config = GlmImageConfig.from_pretrained(path)
+    config.vision_config._attn_implementation = "sdpa"
+    parts = {"model.visual.": GlmImageVisionModel._from_config(config.vision_config),
+             "model.vqmodel.": GlmImageVQVAE._from_config(config.vq_config)}
+    states: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in parts}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                prefix = next((p for p in parts if name.startswith(p)), None)
+                if prefix is not None:
+                    states[prefix][name[len(prefix):]] = f.get_tensor(name)
+    for prefix, module in parts.items():
+        module.load_state_dict(states[prefix], strict=True)
+        module.to(device=device, dtype=dtype).eval()
+    return parts["model.visual."], parts["model.vqmodel."]
