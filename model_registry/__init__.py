@@ -27,6 +27,15 @@ OMNI_MODELS: tuple[OmniModel, ...] = (
         mm_prefix=True,
         summary="BAGEL-7B-MoT understanding/AR stage (vLLM's Bagel, extended for generation)",
     ),
+    OmniModel(
+        # transformers' own name (config.json of GLM-Image's vision_language_encoder/):
+        # vLLM 0.32 has no such architecture, and register_models() leaves it to
+        # vLLM should a later vLLM bring its own.
+        architecture="GlmImageForConditionalGeneration",
+        target="vllm_omni_plugin.models.glm_image:GlmImageForConditionalGeneration",
+        mm_prefix=False,
+        summary="GLM-Image AR prior: prompt + target grids -> image tokens (M-RoPE on the grids)",
+    ),
 )
 
 MM_PREFIX_ARCHITECTURES: frozenset[str] = frozenset(m.architecture for m in OMNI_MODELS if m.mm_prefix)

@@ -101,3 +101,64 @@ def bagel_img2img_llm(checkpoint, tmp_path_factory):
     llm = _omni_bagel_kv_llm(str(checkpoint("bagel")), transfer_dir, 96, {"image": 1, "vae_image": 1})
     yield llm, transfer_dir
     llm.llm_engine.engine_core.shutdown()
+
+
+# ------------------------------------------------------------------ GLM-Image
+
+GLM_AR_MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def glm_image_checkpoint(checkpoint, tmp_path_factory):
+    """The tiny GLM-Image checkpoint with a deterministic AR stage.
+
+    Its generation_config.json gets top_k=1: diffusers' pipeline samples
+    (`do_sample=True`) and our AR stage honours the same file, so both then
+    take the arg-max token, and the whole pipelines can be compared pixel for pixel.
+    """
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("glm-image-deterministic") / "ckpt"
+    shutil.copytree(checkpoint("glm-image"), out)
+    path = out / "vision_language_encoder" / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["top_k"] = 1
+    path.write_text(json.dumps(config, indent=2))
+    return out
+
+
+def glm_ar_args(checkpoint) -> dict:
+    """`vllm.LLM` arguments for GLM-Image's AR model on the CPU build."""
+    return dict(
+        model=str(checkpoint / "vision_language_encoder"),
+        tokenizer=str(checkpoint / "processor"),
+        dtype="float32",
+        max_model_len=GLM_AR_MAX_MODEL_LEN,
+        enforce_eager=True,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def glm_ar_llm(glm_image_checkpoint):
+    """Plain `vllm.LLM` on the tiny GLM-Image AR model (the plugin's architecture)."""
+    from vllm import LLM
+
+    llm = LLM(**glm_ar_args(glm_image_checkpoint))
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+# The AR stage's CPU settings (the shipped stage config's are GPU-sized).
+GLM_AR_TEST_ARGS = {"dtype": "float32", "max_model_len": GLM_AR_MAX_MODEL_LEN, "enforce_eager": True, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def glm_omni(glm_image_checkpoint):
+    """`Omni` on the tiny deterministic GLM-Image: AR stage on vLLM, DiT stage inline."""
+    from vllm_omni_plugin import Omni
+
+    omni = Omni(str(glm_image_checkpoint), dtype="float32", device="cpu", ar_engine_args=GLM_AR_TEST_ARGS)
+    yield omni
+    omni.shutdown()

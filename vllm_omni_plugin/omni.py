@@ -2,9 +2,9 @@
 
 Single-stage diffusion models run inline: one diffusion engine in this process,
 every prompt of a `generate` call submitted at once so their steps batch.
-Multi-stage models (BAGEL: AR stage in vLLM -> DiT stage) run through the
-orchestrator (orchestrator/bagel.py), chosen from the checkpoint's
-architecture by its stage config; only that path imports vLLM.
+Multi-stage models (BAGEL, GLM-Image: AR stage in vLLM -> DiT stage) run
+through the orchestrator (orchestrator/stages.py) their family declares,
+chosen from the checkpoint's architecture; only that path imports vLLM.
 
 A multi-stage `Omni` owns engine processes. Use it as a context manager (or call
 `shutdown()`); one still open when the main thread ends is shut down then, before
@@ -82,7 +82,7 @@ class Omni:
 
         config = multistage_config(model, stage_config)
         if config is not None:
-            # Multi-stage (BAGEL): AR stage on vLLM, DiT stage inline; the same
+            # Multi-stage: AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
             from .orchestrator import orchestrator_for
             from .orchestrator.offline import BackgroundLoop

@@ -39,6 +39,7 @@ STAGE_DEFAULTS = {
     "wan2.2-ti2v-5b": '{"num_inference_steps": 2, "height": 32, "width": 64, "num_frames": 5}',
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
     "bagel": '{"num_inference_steps": 3}',
+    "glm-image": '{"num_inference_steps": 3}',
 }
 
 # The BAGEL server's stage config (--stage-configs-path): the shipped one with
@@ -66,6 +67,26 @@ stages:
     inputs_from: ar
     input_processor: bagel_context
     default_sampling_params: {num_inference_steps: 4}
+    final_output: true
+"""
+
+# The GLM-Image server's stage config: the shipped one with CPU-sized AR engine args.
+GLM_IMAGE_STAGE_CONFIG = """\
+name: glm-image-cpu-test
+architectures: [GlmImagePipeline]
+stages:
+  - id: ar
+    type: llm
+    subfolder: vision_language_encoder
+    tokenizer_subfolder: processor
+    engine_args: {dtype: float32, max_model_len: 1024, enforce_eager: true, seed: 0}
+    max_batch_size: 4
+    connector: inline
+  - id: dit
+    type: diffusion
+    inputs_from: ar
+    input_processor: glm_image_prior
+    max_batch_size: 4
     final_output: true
 """
 
@@ -151,7 +172,7 @@ def start_server(family: str, model: Path | str, workdir: Path, extra_args: list
 
 
 @pytest.fixture(scope="session")
-def omni_server(checkpoint, tmp_path_factory):
+def omni_server(checkpoint, tmp_path_factory, request):
     """`omni_server(family)` -> the running Server for that tiny checkpoint family.
 
     `omni_server(family, variant=NAME, model=..., env=..., extra=[...])` starts a
@@ -189,8 +210,14 @@ def omni_server(checkpoint, tmp_path_factory):
                       "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
         elif family == "wan2.2-t2v":
             extra += ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
-        server = start_server(family, model or checkpoint(family), workdir, extra,
-                              use_omni_cli=family == "qwen-image-edit", env=env)
+        elif family == "glm-image":
+            stage_config = workdir / "glm-image-stages.yaml"
+            stage_config.write_text(GLM_IMAGE_STAGE_CONFIG)
+            extra += ["--stage-configs-path", str(stage_config), "--served-model-name", "tiny-glm-image"]
+        if model is None:
+            # GLM-Image: the deterministic-AR copy the offline Omni of the GLM-Image tests runs.
+            model = request.getfixturevalue("glm_image_checkpoint") if family == "glm-image" else checkpoint(family)
+        server = start_server(family, model, workdir, extra, use_omni_cli=family == "qwen-image-edit", env=env)
         server.extra.update(media_dir=media_dir, video_dir=video_dir, key=key)
         state["current"] = server
         return server

@@ -29,6 +29,13 @@ diffusers pipeline feeds every sampled token to the DiT's codebook embedding
 unchecked, and a random LM head samples a control token within a few hundred
 steps; with only code rows it cannot. The control tokens stay in the vocabulary.
 The latents_mean/std of the real VAE are not public here: 0 and 1 are used.
+
+vision_language_encoder/generation_config.json: diffusers samples the AR stage
+(`generate(do_sample=True)`) with the checkpoint's generation config, and our AR
+stage honours the same file. The released values are not public here; the
+factory writes a sampling config of the same shape (`AR_GENERATION`). Tests that
+need a deterministic AR stage rewrite it with top_k=1 (both engines then pick
+the arg-max token).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from diffusers import (
 )
 from transformers import (
     ByT5Tokenizer,
+    GenerationConfig,
     GlmImageConfig,
     GlmImageForConditionalGeneration,
     GlmImageProcessor,
@@ -105,6 +113,8 @@ IMAGE_PROCESSOR = dict(
     image_mean=list(OPENAI_CLIP_MEAN),
     image_std=list(OPENAI_CLIP_STD),
 )
+# vision_language_encoder/generation_config.json (see the module docstring).
+AR_GENERATION = dict(do_sample=True, temperature=0.9, top_p=0.75)
 
 
 def _ar_config(preset: str, tok) -> GlmImageConfig:
@@ -153,7 +163,7 @@ def build_in_memory(
     glyph_config.architectures = ["T5EncoderModel"]
     n_blocks = len(VAE[preset]["block_out_channels"])
     vae_blocks = dict(down_block_types=["DownEncoderBlock2D"] * n_blocks, up_block_types=["UpDecoderBlock2D"] * n_blocks)
-    return GlmImagePipeline(
+    pipe = GlmImagePipeline(
         tokenizer=ByT5Tokenizer(),
         processor=GlmImageProcessor(
             image_processor=GlmImageImageProcessorPil(**IMAGE_PROCESSOR),
@@ -178,6 +188,11 @@ def build_in_memory(
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
     )
+    text = ar_config.text_config
+    pipe.vision_language_encoder.generation_config = GenerationConfig(
+        **AR_GENERATION, top_k=CODEBOOK[preset], eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    )
+    return pipe
 
 
 def build(out: Path, *, family: str, preset: str, seed: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 # imported on use (only multi-stage models need vLLM).
 ORCHESTRATORS: dict[str, str] = {
     "bagel": "bagel:BagelOrchestrator",
+    "glm_image": "glm_image:GlmImageOrchestrator",
 }
 
 

@@ -19,11 +19,16 @@ T = TypeVar("T")
 
 
 def checkpoint_architectures(model: str | Path) -> list[str]:
-    """Architectures a checkpoint names in config.json ([] for diffusers directories)."""
+    """What a checkpoint says it is: config.json's architectures, or a diffusers
+    directory's pipeline class (model_index.json `_class_name`, e.g. GlmImagePipeline)."""
     config = Path(model) / "config.json"
-    if not config.is_file():
-        return []
-    return list(json.loads(config.read_text()).get("architectures") or [])
+    if config.is_file():
+        return list(json.loads(config.read_text()).get("architectures") or [])
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        name = json.loads(index.read_text()).get("_class_name")
+        return [name] if name else []
+    return []
 
 
 def multistage_config(model: str | Path, stage_config: str | Path | StageConfig | None = None) -> StageConfig | None:

@@ -15,8 +15,10 @@ a default.
         engine_args: {...}          # passed to the stage's engine as-is
         platform_engine_args:       # merged over engine_args on that platform
           cpu: {...}                #   (cpu | cuda | rocm | xpu ...: vLLM's device type)
+        subfolder: null             # checkpoint sub-folder the engine loads (GLM-Image: vision_language_encoder)
+        tokenizer_subfolder: null   # and its tokenizer's (GLM-Image: processor)
         devices: "0"                # device ids, comma separated
-        max_batch_size: 16
+        max_batch_size: 16          # llm: vLLM's max_num_seqs; diffusion: requests stepping together
         default_sampling_params: {...}
         connector: omni_kv          # how this stage's output reaches the next
       - id: dit
@@ -39,8 +41,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Names a stage may use; each maps to a typed object in its family's code.
-INPUT_PROCESSORS = ("bagel_context",)
+# input_processor name -> "module:Class" of the family orchestrator that turns the
+# AR stage's output into the diffusion stage's input (orchestrator/stages.py).
+INPUT_PROCESSORS: dict[str, str] = {
+    "bagel_context": "vllm_omni_plugin.orchestrator.bagel:BagelOrchestrator",
+    "glm_image_prior": "vllm_omni_plugin.orchestrator.glm_image:GlmImageOrchestrator",
+}
+# omni_kv: the AR engine runs with the OmniKVConnector (KV cache + keyed metadata);
+# inline: the AR stage's output (generated tokens) is handed over in-process.
 CONNECTORS = ("omni_kv", "inline")
 
 
@@ -55,6 +63,8 @@ class StageSpec(BaseModel):
     type: Literal["llm", "diffusion"]
     engine_args: dict[str, Any] = Field(default_factory=dict)
     platform_engine_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    subfolder: str | None = None
+    tokenizer_subfolder: str | None = None
     devices: str = "0"
     max_batch_size: int = Field(default=1, ge=1)
     default_sampling_params: dict[str, Any] = Field(default_factory=dict)

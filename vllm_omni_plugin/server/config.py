@@ -36,10 +36,11 @@ class ConfigError(ValueError):
 
 
 def checkpoint_kind(model: str) -> str:
-    """"diffusion" for a diffusers directory (model_index.json), "multi-stage" for an HF model dir."""
+    """"multi-stage" for an HF model dir or a diffusers directory whose pipeline a shipped
+    multi-stage stage config names (GLM-Image), "diffusion" for other diffusers directories."""
     path = Path(model)
     if (path / "model_index.json").is_file():
-        return "diffusion"
+        return "multi-stage" if multistage_config(model) is not None else "diffusion"
     if (path / "config.json").is_file():
         return "multi-stage"
     raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")

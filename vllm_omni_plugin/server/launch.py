@@ -32,10 +32,13 @@ _GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "presence
 def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[str, Any]:
     """The serve args that make vLLM's engine client the AR stage.
 
-    Engine args: flags given on the command line > the stage config's `engine_args` (with the
-    OmniKVConnector's transfer directory). Text sampling defaults: an explicit
-    `--override-generation-config` > the AR stage's `default_sampling_params` (only the keys vLLM's
-    generation config carries; others are logged as not applied) > the checkpoint's generation config.
+    Engine args: flags given on the command line > the stage config's `engine_args` (with its
+    platform overlay, the OmniKVConnector's transfer directory, the stage's tokenizer and
+    batch limit; orchestrator/stages.py). The model: the checkpoint, or the stage's
+    `subfolder` (GLM-Image's vision_language_encoder), served under the names given (or the
+    model as given). Text sampling defaults: an explicit `--override-generation-config` > the
+    AR stage's `default_sampling_params` (only the keys vLLM's generation config carries;
+    others are logged as not applied) > the checkpoint's generation config.
 
     Args:
         args: the parsed serve args.
@@ -44,10 +47,14 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
     Returns:
         attribute -> value to set on `args` before vLLM builds its engine client.
     """
-    from ..orchestrator.bagel import ar_stage_engine_args
+    from ..orchestrator.stages import ar_model_path, ar_stage_engine_args, stage_pair
 
-    out = ar_stage_engine_args(config.stage_config, config.ar_engine_args, config.model)
-    defaults = config.stage_config.stage("ar").default_sampling_params
+    stage, _ = stage_pair(config.stage_config)
+    out = ar_stage_engine_args(config.model, config.stage_config, config.ar_engine_args)
+    out["model"] = ar_model_path(config.model, stage)
+    out["omni_model"] = config.model  # what the omni routes serve (server/plugin.py: omni_args)
+    out["served_model_name"] = list(config.served_model_names)
+    defaults = stage.default_sampling_params
     unused = sorted(set(defaults) - set(_GENERATION_CONFIG_KEYS))
     if unused:
         logger.warning("omni: AR default_sampling_params %s have no vLLM generation-config key; not applied", unused)

@@ -73,7 +73,10 @@ def omni_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in vars(defaults).items():
         if not hasattr(args, key):
             setattr(args, key, value)
-    return args
+    # `vllm serve --omni` may point vLLM at the AR stage's sub-folder (GLM-Image's
+    # vision_language_encoder); the omni routes serve the whole checkpoint.
+    model = getattr(args, "omni_model", None)
+    return args if model is None else argparse.Namespace(**{**vars(args), "model": model})
 
 
 def _is_multistage(args: argparse.Namespace) -> bool:
@@ -114,7 +117,7 @@ class OmniEndpointPlugin:
         from .routes import chat, images, meta, videos
 
         if not self.active:
-            self.active = _is_multistage(app.state.args)
+            self.active = _is_multistage(omni_args(app.state.args))
             if not self.active:
                 logger.info("omni: %s has no multi-stage stage config; no omni routes attached", app.state.args.model)
                 return

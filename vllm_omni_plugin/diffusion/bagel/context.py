@@ -18,10 +18,11 @@ request id, never by arrival order (ARCHITECTURE.md, principle 6).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
+
+from ..handover import HandOverStore
 
 
 @dataclass(frozen=True)
@@ -99,35 +100,5 @@ class BagelContext:
         return out
 
 
-class ContextStore:
-    """Contexts waiting for their diffusion request, keyed by request id (thread-safe).
-
-    The KV connector (or a caller running the stage standalone) `put`s a
-    context; the stage `pop`s it in `prepare` for the same request id, so the
-    tensors live exactly as long as the request needs them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: dict[str, BagelContext] = {}
-
-    def put(self, context: BagelContext) -> None:
-        with self._lock:
-            if context.request_id in self._items:
-                raise ValueError(f"a context for request {context.request_id!r} is already waiting")
-            self._items[context.request_id] = context
-
-    def pop(self, request_id: str) -> BagelContext | None:
-        with self._lock:
-            return self._items.pop(request_id, None)
-
-    def discard(self, request_id: str) -> None:
-        self.pop(request_id)
-
-    def __contains__(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._items
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+# BAGEL's contexts wait in the generic hand-over store.
+ContextStore = HandOverStore

@@ -30,6 +30,8 @@ STEPWISE: dict[str, str] = {
 MULTISTAGE: dict[str, str] = {
     "BagelForConditionalGeneration": "bagel:BagelStepwise",
     "OmniBagelForConditionalGeneration": "bagel:BagelStepwise",
+    # GLM-Image: a diffusers directory whose pipeline a shipped stage config runs in two stages
+    "GlmImagePipeline": "glm_image:GlmImageStepwise",
 }
 
 

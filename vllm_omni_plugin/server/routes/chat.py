@@ -41,6 +41,11 @@ _CHAT_FIELDS = FIELDS - frozenset(IGNORED_FIELDS)
 # Chat fields an image answer reads in its own way (`messages` -> prompt and images) or
 # takes silently (the route checks `model`; `user` is metadata).
 _CHAT_OWN = frozenset({"messages", "model", "user", "modalities", "stream"})
+# Chat's sampling fields: an image answer accepts them without acting on them (OpenAI
+# clients send them by default) and reports them in `omni.ignored`; `n` and `seed` are
+# image fields too. Any other chat field (tools, logprobs ...) is refused as unknown.
+_TEXT_SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k",
+                            "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "stop"})
 
 
 def _vllm_chat_fields() -> frozenset[str]:
@@ -97,8 +102,8 @@ async def chat_completions(request: Request):
 async def _vllm_answers(request: Request) -> bool:
     """Whether this is a text request vLLM can take as it is (anything else goes to `_omni_chat`,
     which answers images or refuses with a 400 that says why)."""
-    if request.app.state.omni_text_chat is None:
-        return False
+    if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
+        return False  # no text answers here (GLM-Image's AR stage only makes image tokens)
     try:
         # the request layer's checks (depth, size, finite numbers, Unicode): a body they refuse gets
         # the omni route's 400, not a RecursionError inside a JSON parser
@@ -118,8 +123,8 @@ async def _omni_chat(request: Request):
     check_request(request, body)
     check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
-        if request.app.state.omni_text_chat is None:
-            raise RequestError(f"{runtime(request).model_name} answers with images, not text: "
+        if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
+            raise RequestError(f"{runtime(request).model_name} answers with images, not text (it makes images only): "
                                'omit `modalities` or send ["image"]', "modalities")
         field = _image_only_fields(request, body)[0]
         raise RequestError(f"`{field}` is a field of image answers; this request asks for text. "
@@ -132,13 +137,9 @@ async def _image_answer(request: Request, body: dict[str, Any]):
     prompt, images = await _prompt_and_images(request, body.get("messages"))
     if "prompt" in body:
         raise RequestError("the prompt comes from `messages`; do not also send `prompt`", "prompt")
-    # vLLM's chat fields that are not image fields (temperature, max_tokens ...: OpenAI clients
-    # send sampling values by default) are accepted without effect and reported in `omni.ignored`;
-    # anything else the builder checks against the model's declaration.
-    ours = _CHAT_FIELDS | frozenset(builder.knobs)
-    text_only = _vllm_chat_fields() - ours - _CHAT_OWN
-    ignored = tuple(k for k in body if k in text_only and body[k] is not None)
-    fields = {k: v for k, v in body.items() if k not in _CHAT_OWN and k not in text_only}
+    # anything but chat's own and sampling fields: the builder checks it against the model's declaration
+    ignored = tuple(k for k in body if k in _TEXT_SAMPLING and body[k] is not None)
+    fields = {k: v for k, v in body.items() if k not in _CHAT_OWN and k not in _TEXT_SAMPLING}
     fields["prompt"] = prompt
     fields["model"] = body.get("model")
     task = "edit" if images else "image"
