@@ -110,9 +110,36 @@ class DiffusionEngine:
         return len(self._running)
 
     # ---- engine loop -----------------------------------------------------------
+    @property
+    def _group(self):
+        return getattr(self.pipeline, "parallel", None)
+
     def step(self) -> list[EngineEvent]:
-        events = self._apply_aborts()
-        events += self._admit()
+        dropped, admitted = self._take_plan()
+        group = self._group
+        if group is not None:  # multi-GPU: every rank applies rank 0's plan (parallel.py)
+            group.broadcast_plan(
+                ([r.request_id for r in dropped], [(r.request_id, r.params, r.arrival) for r in admitted])
+            )
+        return self._apply_plan(dropped, admitted)
+
+    def follow(self) -> None:
+        """Worker ranks: apply rank 0's plan each step until rank 0 sends the stop plan (None)."""
+        group = self._group
+        while (plan := group.broadcast_plan(None)) is not None:
+            dropped_ids, admitted = plan
+            with self._lock:
+                dropped = [self._running.pop(r) for r in dropped_ids if r in self._running]
+            self._apply_plan(dropped, [_Request(rid, params, arrival) for rid, params, arrival in admitted])
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the worker ranks from `follow()`."""
+        if self._group is not None:
+            self._group.broadcast_plan(None)
+
+    def _apply_plan(self, dropped: list[_Request], admitted: list[_Request]) -> list[EngineEvent]:
+        events = self._release_aborted(dropped)
+        events += self._admit(admitted)
         if isinstance(self.pipeline, StepwisePipeline):
             events += self._denoise_one_batch()
         else:
@@ -131,25 +158,26 @@ class DiffusionEngine:
                     final[event.request_id] = event
         return final
 
-    def _apply_aborts(self) -> list[EngineEvent]:
+    def _take_plan(self) -> tuple[list[_Request], list[_Request]]:
+        """This step's aborted requests (at this step boundary) and the waiting requests it admits."""
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             dropped = [self._waiting.pop(r, None) or self._running.pop(r, None) for r in aborts]
+            room = self.config.max_running - len(self._running)
+            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+        return [r for r in dropped if r is not None], admitted
+
+    def _release_aborted(self, dropped: list[_Request]) -> list[EngineEvent]:
         events = []
         for req in dropped:
-            if req is None:
-                continue
             if req.state is not None:
                 req.state.release()
                 req.state = None
             events.append(EngineEvent("aborted", req.request_id))
         return events
 
-    def _admit(self) -> list[EngineEvent]:
-        """Move waiting requests to running; all admitted in this step are prepared in one call."""
-        with self._lock:
-            room = self.config.max_running - len(self._running)
-            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+    def _admit(self, admitted: list[_Request]) -> list[EngineEvent]:
+        """Move admitted requests to running; all admitted in one step are prepared in one call."""
         if not admitted:
             return []
         if isinstance(self.pipeline, StepwisePipeline):
@@ -205,8 +233,12 @@ class DiffusionEngine:
 
     def _finish(self, done: list[_Request]) -> list[EngineEvent]:
         """Decode requests that finished in this step (together where the pipeline can)."""
+        group = self._group
         try:
-            outputs = self.pipeline.decode_many([r.state for r in done])
+            if group is not None and not group.is_driver:  # only rank 0 decodes and answers
+                outputs = [None] * len(done)
+            else:
+                outputs = self.pipeline.decode_many([r.state for r in done])
         except Exception as exc:
             return [self._fail(r, exc) for r in done]
         events = []

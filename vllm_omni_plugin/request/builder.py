@@ -39,6 +39,7 @@ _GENERATION: dict[str, tuple[str, str]] = {
     "resolution": ("resolution", "int"),
     "num_frames": ("num_frames", "int"),
     "fps": ("fps", "int"),
+    "cache_threshold": ("cache_threshold", "float"),
 }
 # Handled here but not a SamplingParams field one-to-one.
 _SPECIAL = ("size", "seconds")

@@ -15,6 +15,7 @@ padding does not move them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import step_cache
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -51,6 +53,7 @@ class QwenImageStepwise(StepwisePipeline):
     """Text-to-image (QwenImagePipeline)."""
 
     family = "qwen-image"
+    supports_step_cache = True
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
@@ -264,17 +267,31 @@ class QwenImageStepwise(StepwisePipeline):
                 t_cond.append(s.extras["additional_t_cond"])
         embeds, mask = _pad_text(texts)
         rows = sum(s.rows for s, _ in blocks)
-        return self.pipe.transformer(
-            hidden_states=torch.cat(hidden),
-            timestep=torch.cat(timesteps),
-            guidance=torch.cat(guidance) if guidance else None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=embeds,
-            img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
-            attention_kwargs={},
-            return_dict=False,
-            **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
-        )[0]
+        with self._step_cache(blocks):
+            return self.pipe.transformer(
+                hidden_states=torch.cat(hidden),
+                timestep=torch.cat(timesteps),
+                guidance=torch.cat(guidance) if guidance else None,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
+                attention_kwargs={},
+                return_dict=False,
+                **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
+            )[0]
+
+    def _step_cache(self, blocks: list[tuple[DiffusionState, int]]) -> Any:
+        """A context that switches step caching on for this forward when one of its requests asked for it."""
+        if all(s.params.cache_threshold is None for s, _ in blocks):
+            return contextlib.nullcontext()
+        cached = step_cache.install(self.pipe.transformer)
+        row_blocks, start = [], 0
+        for s, branch in blocks:
+            store = s.extras.setdefault("step_cache", ({}, {}))[branch]
+            row_blocks.append(step_cache.RowBlock(start, s.rows, s.params.cache_threshold, store))
+            start += s.rows
+        agree = self.parallel.all_agree if self.parallel is not None else None
+        return step_cache.active(cached, step_cache.CacheContext(row_blocks, agree))
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         with torch.no_grad():
