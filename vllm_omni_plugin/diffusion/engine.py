@@ -96,6 +96,9 @@ class DiffusionEngine:
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals))
         return resolved
 
+    def close(self) -> None:
+        """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step boundary; its memory is released there."""
         with self._lock:

@@ -29,12 +29,16 @@ batching and scheduler steps are deterministic, so the ranks stay in lockstep.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any, Mapping
 from unittest import mock
 
 import torch
 import torch.distributed as dist
+
+# Worker ranks wait in the plan broadcast while the engine is idle: no timeout for that.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ class ParallelGroup:
         self.cfg_rank = self.mesh["cfg"].get_local_rank()
         self.cfg_group = self.mesh["cfg"].get_group()
         # Plans are Python objects (parameters, PIL images): broadcast them on a CPU group.
-        self.object_group = dist.new_group(backend="gloo") if device.type != "cpu" else dist.group.WORLD
+        self.object_group = (
+            dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if device.type != "cpu" else dist.group.WORLD
+        )
 
     @property
     def is_driver(self) -> bool:

@@ -65,6 +65,9 @@ class CachedBlockList(torch.nn.ModuleList):
     """
 
     context: CacheContext | None = None
+    #: (request, branch) blocks that skipped / ran the later blocks, over all forwards
+    skipped: int = 0
+    computed: int = 0
 
     def __iter__(self):
         ctx = self.context
@@ -178,3 +181,5 @@ def active(blocks: CachedBlockList, ctx: CacheContext) -> Iterator[CacheContext]
         yield ctx
     finally:
         blocks.context = None
+        blocks.skipped += len(ctx.skipped)
+        blocks.computed += len(ctx.computed)

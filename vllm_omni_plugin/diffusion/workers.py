@@ -16,7 +16,6 @@ each rank builds its own copy, so nothing big crosses process boundaries.
 
 from __future__ import annotations
 
-import datetime
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -28,11 +27,8 @@ import torch.multiprocessing as mp
 from .acceleration import DitOptions, apply_dit_options, dit_modules
 from .engine import DiffusionEngine, EngineConfig
 from .interface import StepwisePipeline
-from .parallel import ParallelGroup, enable_sequence_parallel
+from .parallel import IDLE_TIMEOUT, ParallelGroup, enable_sequence_parallel
 from .params import SamplingParams
-
-# Worker ranks wait in a broadcast while the server is idle: no timeout for that.
-IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -106,15 +102,25 @@ class ParallelEngine(DiffusionEngine):
 
     workers: list[Any]
 
-    def close(self) -> None:
-        """Stop the worker ranks and leave the process group (idempotent)."""
+    def close(self, force: bool = False) -> None:
+        """Stop the worker ranks and leave the process group (idempotent).
+
+        force: the ranks may be out of step (rank 0 was interrupted inside a
+        step): terminate the workers without the stop broadcast, which could
+        wait forever, and leave the process group to process exit.
+        """
         if not getattr(self, "workers", None):
             return
-        self.stop_followers()
+        if not force:
+            self.stop_followers()
         for proc in self.workers:
-            proc.join(timeout=60)
+            proc.join(timeout=0 if force else 60)
+            if proc.is_alive():
+                proc.terminate()
         self.workers = []
-        dist.destroy_process_group()
+        self.pipeline.parallel = None
+        if not force:
+            dist.destroy_process_group()
 
 
 def launch_engine(
@@ -124,6 +130,7 @@ def launch_engine(
     options: DitOptions | None = None,
     engine_config: EngineConfig | None = None,
     stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
+    main_pipeline: Any = None,
 ) -> DiffusionEngine:
     """Build the pipeline (on every rank when parallel) and return rank 0's engine.
 
@@ -132,13 +139,15 @@ def launch_engine(
         device: "cuda" / "cpu" / None (CUDA when available); ranks use cuda:<rank>.
         options: parallel degrees and quantization; None = one device, model dtype.
         engine_config, stage_defaults: as for DiffusionEngine.
+        main_pipeline: rank 0's pipeline when already built on its device
+            (benchmarks reuse their one-device pipeline); `build` then runs on the workers only.
     Returns:
         the engine to submit requests to; call `close()` on a ParallelEngine when done.
     """
     options = options or DitOptions()
     world = options.parallel.world_size
     if world == 1:
-        pipeline = build(rank_device(device, 0) if device is not None else None)
+        pipeline = main_pipeline or build(rank_device(device, 0) if device is not None else None)
         apply_dit_options(pipeline, options)
         return DiffusionEngine(pipeline, engine_config, stage_defaults)
     main_device = rank_device(device, 0)
@@ -158,7 +167,7 @@ def launch_engine(
         proc.start()
         workers.append(proc)
     init_rank(0, world, port, main_device)
-    pipeline = build(main_device)
+    pipeline = main_pipeline or build(main_device)
     apply_dit_options(pipeline, options)
     attach_parallel(pipeline, options, main_device)
     engine = ParallelEngine(pipeline, engine_config, stage_defaults)

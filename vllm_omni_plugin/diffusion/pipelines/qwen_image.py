@@ -325,14 +325,17 @@ class QwenImageStepwise(StepwisePipeline):
                 outputs.update(zip((s.request_id for s in group), self._decode_images(group)))
         return [outputs[s.request_id] for s in states]
 
+    def decode_latents(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent")."""
+        latents = self.pipe._unpack_latents(latents, params.height, params.width, self.pipe.vae_scale_factor)
+        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        return list(self.pipe.image_processor.postprocess(image, output_type=params.output_type))
+
     def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
         if p.output_type == "latent":
             return [DiffusionOutput(s.request_id, "latent", s.params, latents=s.latents) for s in states]
-        latents = torch.cat([s.latents for s in states])
-        latents = self.pipe._unpack_latents(latents, p.height, p.width, self.pipe.vae_scale_factor)
-        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
-        images = list(self.pipe.image_processor.postprocess(image, output_type=p.output_type))
+        images = self.decode_latents(torch.cat([s.latents for s in states]), p)
         outputs, start = [], 0
         for s in states:
             outputs.append(DiffusionOutput(s.request_id, "image", s.params, images=images[start : start + s.rows]))
