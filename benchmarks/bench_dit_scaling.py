@@ -52,21 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qwen_image import CFG, NEGATIVE, PROMPTS  # noqa: E402
 from vllm_omni_plugin.checkpoints.qwen_image import build_in_memory  # noqa: E402
 from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams, step_cache  # noqa: E402
-from vllm_omni_plugin.diffusion.acceleration import DitOptions, quantize_fp8  # noqa: E402
+from vllm_omni_plugin.diffusion.acceleration import DitOptions, compile_dit, quantize_fp8  # noqa: E402
 from vllm_omni_plugin.diffusion.parallel import ParallelConfig  # noqa: E402
 from vllm_omni_plugin.diffusion.pipelines.qwen_image import QwenImageStepwise  # noqa: E402
 from vllm_omni_plugin.diffusion.workers import launch_engine  # noqa: E402
 
 CACHE_THRESHOLDS = (0.0, 0.12, 1.0)
-
-
-def compile_dit(transformer: torch.nn.Module, mode: str | None = None) -> None:
-    """Regional torch.compile of the repeated blocks (what the other benchmark uses)."""
-    # Batch sizes and text lengths vary between variants: allow the recompiles.
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 1024
-    kwargs = {"mode": mode} if mode else {}
-    transformer.compile_repeated_blocks(fullgraph=True, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,7 @@ class BenchBuilder:
         pipe = build_in_memory("qwen-image", self.preset, seed=0, dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
         if self.compiled:
-            compile_dit(pipe.transformer)
+            compile_dit(pipe.transformer, "regional")
         return QwenImageStepwise(pipe, model_id=f"qwen-image-{self.preset}")
 
 
@@ -311,7 +302,7 @@ class Suite:
                            component="transformer", dtype=bf16.dtype, device=bf16.device)
         n = quantize_fp8(dit)
         if not a.eager:
-            compile_dit(dit)
+            compile_dit(dit, "regional")
         ours.pipe.transformer = dit
         try:
             ms = self.step_ms(a.size)
@@ -481,7 +472,7 @@ class Suite:
 
         def cudagraphs():
             torch._dynamo.reset()
-            compile_dit(self.pipeline().pipe.transformer, mode="reduce-overhead")
+            compile_dit(self.pipeline().pipe.transformer, "cudagraphs")
             self.part_overhead("regional compile + CUDA graphs (reduce-overhead)")
 
         self.variant("cudagraphs", cudagraphs)

@@ -15,25 +15,35 @@ import torch
 from .parallel import ParallelConfig
 
 QUANTIZATIONS = ("fp8",)
+#: "regional": torch.compile of the repeated transformer blocks (diffusers'
+#: `compile_repeated_blocks`, fullgraph); "cudagraphs": the same with
+#: mode="reduce-overhead", so each block replays as a CUDA graph (no per-kernel
+#: launch cost on the host; for steps whose shapes repeat).
+COMPILE_MODES = ("regional", "cudagraphs")
 
 
 @dataclass(frozen=True)
 class DitOptions:
-    """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8"."""
+    """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8";
+    compile: None (eager), "regional" or "cudagraphs" (see COMPILE_MODES)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: str | None = None
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or unset, got {self.quantization!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES} or unset, got {self.compile!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "DitOptions":
-        """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8"} -> DitOptions."""
+        """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8", "compile": "regional"}."""
         values = dict(values or {})
         quantization = values.pop("quantization", None)
-        return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization)
+        compile_mode = values.pop("compile", None)
+        return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization, compile=compile_mode)
 
 
 def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -70,11 +80,26 @@ def quantize_fp8(transformer: torch.nn.Module) -> int:
     return count
 
 
+def compile_dit(transformer: torch.nn.Module, mode: str) -> None:
+    """Regional torch.compile of the DiT's repeated blocks (`mode` from COMPILE_MODES)."""
+    # Batch sizes and text lengths change with the engine's batches: allow the recompiles.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    kwargs = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
+    transformer.compile_repeated_blocks(fullgraph=True, **kwargs)
+
+
 def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
-    """Apply the model-level options to a loaded step-wise pipeline's transformer(s) (fp8)."""
-    if options.quantization == "fp8":
-        for transformer in dit_modules(pipeline):
+    """Apply the model-level options to a loaded pipeline's transformer(s): fp8, then compile."""
+    if options.quantization is None and options.compile is None:
+        return
+    if not dit_modules(pipeline):
+        raise ValueError(f"{type(pipeline.pipe).__name__} has no DiT (`transformer`) for quantization / compile")
+    for transformer in dit_modules(pipeline):
+        if options.quantization == "fp8":
             quantize_fp8(transformer)
+        if options.compile is not None:
+            compile_dit(transformer, options.compile)
 
 
 def dit_modules(pipeline: Any) -> list[torch.nn.Module]:

@@ -188,6 +188,32 @@ class StepwisePipeline(DiffusionPipelineBase):
             by_layout.setdefault(self.text_layout(s, b), []).append((s, b))
         return list(by_layout.values())
 
+    @staticmethod
+    def cfg_split(
+        states: list[DiffusionState], blocks: list[tuple[DiffusionState, int]], ranks: int
+    ) -> list[list[tuple[DiffusionState, int]]]:
+        """CFG-parallel: which (state, branch) blocks each CFG rank runs, in block order.
+
+        Branch b of a CFG request goes to rank b; a request without CFG goes to the
+        rank with fewer tokens so far (ties: rank 0). Each rank thus runs exactly
+        the cond (uncond) forward the one-device engine runs with batch_cfg=False.
+        """
+        if ranks == 1:
+            return [blocks]
+        owner: dict[tuple[int, int], int] = {}
+        load = [0] * ranks
+        for s in states:
+            if s.cfg.branches == 2:
+                for b in (0, 1):
+                    owner[(id(s), b)] = b
+                    load[b] += s.tokens_per_row * s.rows
+        for s in states:
+            if s.cfg.branches == 1:
+                r = min(range(ranks), key=lambda i: (load[i], i))
+                owner[(id(s), 0)] = r
+                load[r] += s.tokens_per_row * s.rows
+        return [[x for x in blocks if owner[(id(x[0]), x[1])] == r] for r in range(ranks)]
+
     def run_branches(
         self, states: list[DiffusionState], forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor]
     ) -> list[list[torch.Tensor]]:
@@ -199,9 +225,7 @@ class StepwisePipeline(DiffusionPipelineBase):
         blocks = [(s, b) for s in states for b in range(s.cfg.branches)]
         par = self.parallel
         cfg_ranks = 1 if par is None else par.config.cfg_degree
-        # CFG-parallel: blocks dealt round-robin over the CFG ranks (one request's
-        # cond and uncond land on different ranks); then every rank gets all outputs.
-        owned = [[x for i, x in enumerate(blocks) if i % cfg_ranks == r] for r in range(cfg_ranks)]
+        owned = self.cfg_split(states, blocks, cfg_ranks)
         mine = owned[0 if par is None else par.cfg_rank]
         outs: dict[tuple[int, int], torch.Tensor] = {}
         for group in self.group_blocks(mine):

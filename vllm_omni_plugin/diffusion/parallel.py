@@ -221,3 +221,18 @@ def enable_sequence_parallel(transformer: Any, group: ParallelGroup) -> None:
             transformer.enable_parallelism(config=cp)
     else:
         transformer.enable_parallelism(config=cp)
+
+
+def sequence_shard(transformer: Any, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """This rank's shard of `x` along `dim`, cut exactly as diffusers' context-parallel input hook cuts it.
+
+    Step caching compares a block's output with its input; under sequence
+    parallelism the first block's hook shards the input inside the call, so the
+    cache shards its copy the same way.
+    """
+    from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
+
+    cp = transformer._parallel_config.context_parallel_config
+    if cp.ulysses_anything or cp.ring_anything:
+        return PartitionAnythingSharder.shard_anything(x, dim, cp._flattened_mesh)
+    return EquipartitionSharder.shard(x, dim, cp._flattened_mesh)

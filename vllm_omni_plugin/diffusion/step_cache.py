@@ -46,6 +46,7 @@ class CacheContext:
 
     blocks: list[RowBlock]
     agree: Callable[[torch.Tensor], torch.Tensor] | None = None  # SP ranks: AND of skip flags
+    shard: Callable[[torch.Tensor], torch.Tensor] | None = None  # SP: this rank's part of a block input
     compute: torch.Tensor | None = None  # row indices that run the remaining blocks (None: all)
     after_first: torch.Tensor | None = None
     skipped: list[RowBlock] = field(default_factory=list)
@@ -98,7 +99,7 @@ class _First:
     def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs: Any):
         ctx = self.ctx
         text, image = self.block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
-        residual = image - hidden_states
+        residual = image - (ctx.shard(hidden_states) if ctx.shard is not None else hidden_states)
         wants = []
         for rb in ctx.blocks:
             first = residual[rb.start : rb.start + rb.rows]

@@ -147,7 +147,7 @@ def launch_engine(
     options = options or DitOptions()
     world = options.parallel.world_size
     if world == 1:
-        pipeline = main_pipeline or build(rank_device(device, 0) if device is not None else None)
+        pipeline = main_pipeline or build(device)
         apply_dit_options(pipeline, options)
         return DiffusionEngine(pipeline, engine_config, stage_defaults)
     main_device = rank_device(device, 0)

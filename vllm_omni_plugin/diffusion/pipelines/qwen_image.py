@@ -16,6 +16,7 @@ padding does not move them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from .. import step_cache
 from ..interface import StepwisePipeline
+from ..parallel import sequence_shard
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
 from ..state import CfgLayout, DiffusionState
@@ -290,8 +292,16 @@ class QwenImageStepwise(StepwisePipeline):
             store = s.extras.setdefault("step_cache", ({}, {}))[branch]
             row_blocks.append(step_cache.RowBlock(start, s.rows, s.params.cache_threshold, store))
             start += s.rows
-        agree = self.parallel.all_agree if self.parallel is not None else None
-        return step_cache.active(cached, step_cache.CacheContext(row_blocks, agree))
+        transformer = self.pipe.transformer
+        if getattr(transformer, "zero_cond_t", False):
+            raise ValueError("step caching does not support zero_cond_t Qwen-Image models (doubled timestep rows)")
+        sp = self.parallel is not None and self.parallel.config.sp_degree > 1
+        ctx = step_cache.CacheContext(
+            row_blocks,
+            agree=self.parallel.all_agree if sp else None,
+            shard=functools.partial(sequence_shard, transformer) if sp else None,
+        )
+        return step_cache.active(cached, ctx)
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         with torch.no_grad():
