@@ -88,6 +88,8 @@ class StepwisePipeline(DiffusionPipelineBase):
     """prepare -> denoise_step xN -> scheduler_step xN -> decode, on explicit states."""
 
     monolithic = False
+    #: this rank's multi-GPU DiT group (parallel.py, set by workers.attach_parallel); None on one device
+    parallel: ParallelGroup | None = None
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id)
@@ -97,8 +99,6 @@ class StepwisePipeline(DiffusionPipelineBase):
         #: False: one forward for all cond rows and one for all uncond rows, which
         #: for a single request is exactly diffusers' own sequence of forwards.
         self.batch_cfg = batch_cfg
-        #: multi-GPU DiT (parallel.py); None on one device
-        self.parallel: "ParallelGroup | None" = None
 
     def new_scheduler(self) -> Any:
         """A private scheduler for one request: a deep copy, never the shared instance."""
