@@ -115,10 +115,22 @@ class ParallelGroup:
         )
         self.cfg_rank = self.mesh["cfg"].get_local_rank()
         self.cfg_group = self.mesh["cfg"].get_group()
+        # gloo twin of the CFG group for the host-side shape exchange (on CPU the mesh is gloo already)
+        self.cfg_object_group = self.cfg_group if device.type == "cpu" else self._gloo_cfg_group()
         # Plans are Python objects (parameters, PIL images): broadcast them on a CPU group.
         self.object_group = (
             dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if device.type != "cpu" else dist.group.WORLD
         )
+
+    def _gloo_cfg_group(self) -> Any:
+        # new_group is collective over all ranks: every rank creates every CFG group, keeps its own.
+        ranks = self.mesh.mesh.reshape(self.config.cfg_degree, -1)
+        mine = None
+        for column in ranks.t().tolist():
+            group = dist.new_group(ranks=column, backend="gloo", timeout=IDLE_TIMEOUT)
+            if self.rank in column:
+                mine = group
+        return mine
 
     @property
     def is_driver(self) -> bool:
@@ -145,16 +157,18 @@ class ParallelGroup:
         """
         if self.config.cfg_degree == 1:
             return [local]
-        # Shapes first (a tiny int tensor), then one flat payload padded to the longest.
+        # Shapes first (a tiny CPU tensor over gloo: reading them back must not wait
+        # for the GPU, or the host could not queue the next step while this one
+        # runs), then one flat payload, padded to the longest, on the device group.
         ndim = 6
         most = max(counts)
-        shapes = torch.zeros(most, ndim + 1, dtype=torch.int64, device=self.device)
+        shapes = torch.zeros(most, ndim + 1, dtype=torch.int64)
         for i, t in enumerate(local):
             shapes[i, 0] = t.dim()
             shapes[i, 1 : 1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
         all_shapes = [torch.empty_like(shapes) for _ in range(self.config.cfg_degree)]
-        dist.all_gather(all_shapes, shapes, group=self.cfg_group)
-        dims = [[tuple(row[1 : 1 + row[0]].tolist()) for row in s[:n].cpu()] for s, n in zip(all_shapes, counts)]
+        dist.all_gather(all_shapes, shapes, group=self.cfg_object_group)
+        dims = [[tuple(row[1 : 1 + row[0]].tolist()) for row in s[:n]] for s, n in zip(all_shapes, counts)]
         sizes = [sum(int(torch.Size(d).numel()) for d in per) for per in dims]
         dtype = local[0].dtype if local else self.payload_dtype
         flat = torch.zeros(max(sizes), dtype=dtype, device=self.device)
