@@ -105,3 +105,25 @@ def test_parallel_config_validation():
         DitOptions.from_dict({"compile": "max"})
     with pytest.raises(ValueError, match="quantization must be one of"):
         DitOptions.from_dict({"quantization": "int4"})
+
+
+def test_wan_cfg_parallel_equals_one_process(checkpoint):
+    """Wan2.2 (two experts, per-step CFG scale): two concurrent requests over 2 CFG ranks."""
+    def wan(seed):
+        return SamplingParams(prompt="a dog runs", negative_prompt="static", height=32, width=32, num_frames=5,
+                              num_inference_steps=4, seed=seed, output_type="latent")
+
+    path = str(checkpoint("wan2.2-t2v"))
+    one = DiffusionEngine(load_pipeline(path, dtype=torch.float32, device="cpu", batch_cfg=False))
+    engine = launch_engine(PipelineBuilder(path, torch.float32, {"batch_cfg": False}), device="cpu",
+                           options=DitOptions(parallel=ParallelConfig(cfg_degree=2)))
+    try:
+        results = []
+        for e in (one, engine):
+            for seed in (1, 2):
+                e.add_request(f"w{seed}", wan(seed))
+            results.append(e.run())
+    finally:
+        engine.close()
+    for seed in (1, 2):
+        assert torch.equal(results[0][f"w{seed}"].output.latents, results[1][f"w{seed}"].output.latents)
