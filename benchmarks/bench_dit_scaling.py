@@ -204,12 +204,18 @@ class Suite:
     def deviation(self, latents: torch.Tensor, ref: torch.Tensor, size: int) -> dict:
         """max |latent error| and PSNR of the decoded images against the reference run."""
         ours = self.pipeline()
+        out = {"max_latent_err": float((latents.float().to(ref.device) - ref.float()).abs().max())}
         p = ours.resolve(SamplingParams(height=size, width=size, num_inference_steps=1, output_type="np"))
-        with torch.no_grad():
-            a = np.stack(ours.decode_latents(latents.to(ref.device), p))
-            b = np.stack(ours.decode_latents(ref, p))
-        return {"max_latent_err": float((latents.float().to(ref.device) - ref.float()).abs().max()),
-                "psnr_db": round(psnr(a, b), 2)}
+        try:
+            with torch.no_grad():
+                a = np.stack(ours.decode_latents(latents.to(ref.device), p))
+                b = np.stack(ours.decode_latents(ref, p))
+            out["psnr_db"] = round(psnr(a, b), 2)
+        except torch.OutOfMemoryError:  # a 2048^2 VAE decode next to two pipelines: keep the timing
+            out["psnr_db"] = "n/a (VAE decode out of memory)"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return out
 
     # ---- parts -------------------------------------------------------------------
     def e2e_1gpu(self, size: int, steps: int, key: str, **kw) -> float:
