@@ -74,7 +74,7 @@ def quantize_fp8(transformer: torch.nn.Module) -> int:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as exc:
-        raise ValueError("quantization='fp8' needs torchao (pip install torchao)") from exc
+        raise ValueError(f"quantization='fp8' needs an importable torchao matching this torch ({exc})") from exc
     count = sum(1 for name, m in transformer.named_modules() if _fp8_linear(m, name))
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_linear)
     return count
