@@ -27,8 +27,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .diffusion.engine import DiffusionEngine, EngineConfig, EngineEvent
-from .diffusion.loader import load_pipeline
+from .diffusion.acceleration import DitOptions
+from .diffusion.engine import EngineConfig, EngineEvent
+from .diffusion.parallel import ParallelConfig
+from .diffusion.workers import PipelineBuilder, launch_engine
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
 from .hub import resolve_model
@@ -55,6 +57,11 @@ class Omni:
     stage_defaults  defaults between the request and the pipeline's own
                     (SamplingParams or a mapping), e.g. from a stage config
     engine_config   token budget / max running requests of the step batcher
+    parallel        multi-GPU DiT: ParallelConfig or {"cfg_degree": 2, "ulysses_degree": 1,
+                    "ring_degree": 1}; world size = their product, one GPU per rank
+                    (this process is rank 0; call `shutdown()` to stop the others)
+    quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
+    compile         None, "regional" or "cudagraphs" (torch.compile of the DiT blocks)
     """
 
     def __init__(
@@ -70,6 +77,9 @@ class Omni:
         ar_engine_args: Mapping[str, Any] | None = None,
         revision: str | None = None,
         download_dir: str | None = None,
+        parallel: ParallelConfig | Mapping[str, int] | None = None,
+        quantization: str | None = None,
+        compile: str | None = None,
     ) -> None:
         self.model = model
         #: the local directory `model` resolved to
@@ -80,8 +90,14 @@ class Omni:
         self._closed = False
         from .orchestrator.offline import multistage_config
 
+        if not isinstance(parallel, ParallelConfig):
+            parallel = ParallelConfig.from_dict(parallel)
+        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
         config = multistage_config(model, stage_config)
         if config is not None:
+            if options != DitOptions():
+                raise ValueError("parallel / quantization / compile apply to diffusers DiT models, not to "
+                                 f"the multi-stage model {model}")
             # Multi-stage: AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
             from .orchestrator import orchestrator_for
@@ -98,8 +114,10 @@ class Omni:
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
             _at_main_thread_exit(functools.partial(_shutdown_at_exit, weakref.ref(self)))
             return
-        self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
-        self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
+        build = PipelineBuilder(model, dtype, {"force_generic": force_generic})
+        self.engine = launch_engine(build, device=device, options=options, engine_config=engine_config,
+                                    stage_defaults=stage_defaults)
+        self.pipeline = self.engine.pipeline
 
     @property
     def capabilities(self) -> Any:
@@ -119,14 +137,18 @@ class Omni:
         return self._background.run(all_of())
 
     def shutdown(self) -> None:
-        """Stop a multi-stage model's engines (single-stage models hold none); idempotent."""
+        """Stop a multi-stage model's engines, or a multi-GPU DiT's worker ranks; idempotent."""
+        if self._closed:
+            return
         self._closed = True
-        if self._stages is not None:
-            stages, self._stages = self._stages, None
-            try:
-                self._background.run(stages.shutdown())
-            finally:
-                self._background.close()
+        if self._stages is None:
+            self.engine.close()
+            return
+        stages, self._stages = self._stages, None
+        try:
+            self._background.run(stages.shutdown())
+        finally:
+            self._background.close()
 
     def _check_open(self) -> None:
         if self._closed:

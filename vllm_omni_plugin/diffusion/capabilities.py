@@ -33,7 +33,9 @@ from typing import Any, Iterable, Mapping
 OUTPUT_KINDS = ("image", "layers", "video")
 
 #: SamplingParams fields every pipeline reads: nothing to declare for them.
-ALWAYS_HONOURED = frozenset({"prompt", "seed", "num_outputs_per_prompt", "output_type"})
+# cache_threshold (step caching) is the engine's: a family that cannot cache refuses it by
+# its `supports_step_cache` class attribute, with a message that says so (interface.resolve).
+ALWAYS_HONOURED = frozenset({"prompt", "seed", "num_outputs_per_prompt", "output_type", "cache_threshold"})
 
 #: SamplingParams fields a family may declare (`images` is declared through `input_images`).
 DECLARABLE_FIELDS = frozenset({

@@ -117,6 +117,9 @@ class DiffusionEngine:
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals))
         return resolved
 
+    def close(self) -> None:
+        """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the end of the denoise step it is in; its memory is released there.
 
@@ -135,6 +138,10 @@ class DiffusionEngine:
         return len(self._running)
 
     # ---- engine loop -----------------------------------------------------------
+    @property
+    def _group(self):
+        return getattr(self.pipeline, "parallel", None)
+
     def step(self) -> list[EngineEvent]:
         # The attention kernels are pinned here rather than left to torch's process-wide flags:
         # importing vLLM's server switches cuDNN SDPA off for the whole process, which made a
@@ -143,8 +150,32 @@ class DiffusionEngine:
             return self._step()
 
     def _step(self) -> list[EngineEvent]:
-        events = self._apply_aborts()
-        events += self._admit()
+        dropped, admitted = self._take_plan()
+        group = self._group
+        if group is not None:  # multi-GPU: every rank applies rank 0's plan (parallel.py)
+            group.broadcast_plan(
+                ([r.request_id for r in dropped], [(r.request_id, r.params, r.arrival) for r in admitted])
+            )
+        return self._apply_plan(dropped, admitted)
+
+    def follow(self) -> None:
+        """Worker ranks: apply rank 0's plan each step until rank 0 sends the stop plan (None)."""
+        group = self._group
+        while (plan := group.broadcast_plan(None)) is not None:
+            dropped_ids, admitted = plan
+            with self._lock:
+                dropped = [self._running.pop(r) for r in dropped_ids if r in self._running]
+            with sdpa_kernel(SDPA_BACKENDS, set_priority=True):  # the same kernels as rank 0
+                self._apply_plan(dropped, [_Request(rid, params, arrival) for rid, params, arrival in admitted])
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the worker ranks from `follow()`."""
+        if self._group is not None:
+            self._group.broadcast_plan(None)
+
+    def _apply_plan(self, dropped: list[_Request], admitted: list[_Request]) -> list[EngineEvent]:
+        events = self._release_aborted(dropped)
+        events += self._admit(admitted)
         if isinstance(self.pipeline, StepwisePipeline):
             events += self._denoise_one_batch()
         else:
@@ -163,25 +194,26 @@ class DiffusionEngine:
                     final[event.request_id] = event
         return final
 
-    def _apply_aborts(self) -> list[EngineEvent]:
+    def _take_plan(self) -> tuple[list[_Request], list[_Request]]:
+        """This step's aborted requests (at this step boundary) and the waiting requests it admits."""
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             dropped = [self._waiting.pop(r, None) or self._running.pop(r, None) for r in aborts]
+            room = self.config.max_running - len(self._running)
+            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+        return [r for r in dropped if r is not None], admitted
+
+    def _release_aborted(self, dropped: list[_Request]) -> list[EngineEvent]:
         events = []
         for req in dropped:
-            if req is None:
-                continue
             if req.state is not None:
                 req.state.release()
                 req.state = None
             events.append(EngineEvent("aborted", req.request_id))
         return events
 
-    def _admit(self) -> list[EngineEvent]:
-        """Move waiting requests to running; all admitted in this step are prepared in one call."""
-        with self._lock:
-            room = self.config.max_running - len(self._running)
-            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+    def _admit(self, admitted: list[_Request]) -> list[EngineEvent]:
+        """Move admitted requests to running; all admitted in one step are prepared in one call."""
         if not admitted:
             return []
         if isinstance(self.pipeline, StepwisePipeline):
@@ -270,9 +302,13 @@ class DiffusionEngine:
 
     def _finish(self, done: list[_Request]) -> list[EngineEvent]:
         """Decode requests that finished in this step (together where the pipeline can; alone if that raises)."""
+        group = self._group
         started = time.perf_counter()
         try:
-            outputs = self.pipeline.decode_many([r.state for r in done])
+            if group is not None and not group.is_driver:  # only rank 0 decodes and answers
+                outputs = [None] * len(done)
+            else:
+                outputs = self.pipeline.decode_many([r.state for r in done])
         except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
             if len(done) == 1:
                 return [self._fail(done[0], exc)]
@@ -280,7 +316,8 @@ class DiffusionEngine:
         decode_seconds = time.perf_counter() - started  # outputs are host images: the GPU work is done
         events = []
         for req, output in zip(done, outputs):
-            output.timings["decode"] = decode_seconds
+            if output is not None:  # (None on worker ranks)
+                output.timings["decode"] = decode_seconds
             with self._lock:
                 self._running.pop(req.request_id, None)
             req.state.release()

@@ -38,6 +38,7 @@ _GENERATION: dict[str, tuple[str, str]] = {
     "resolution": ("resolution", "int"),
     "num_frames": ("num_frames", "int"),
     "fps": ("fps", "int"),
+    "cache_threshold": ("cache_threshold", "float"),
 }
 # Handled here but not a SamplingParams field one-to-one: wire name -> the fields it sets.
 _SPECIAL = {"size": ("height", "width"), "seconds": ("num_frames",)}

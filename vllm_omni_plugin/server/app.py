@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 from vllm.exceptions import VLLMClientError
 
-from ..diffusion.engine import DiffusionEngine, EngineConfig
+from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
@@ -61,6 +61,7 @@ class InlineDiffusion:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.bridge.stop)
+        self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
 
     async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
                              request_id: str | None = None) -> DiffusionOutput:
@@ -144,15 +145,15 @@ class OmniRuntime:
     @classmethod
     def load(cls, config: OmniServerConfig) -> "OmniRuntime":
         """A diffusion-only runtime (blocking: loads the pipeline)."""
-        from ..diffusion.loader import load_pipeline
+        from ..diffusion.workers import PipelineBuilder, launch_engine
 
-        pipeline = load_pipeline(config.model, dtype=config.dtype)
-        engine = DiffusionEngine(
-            pipeline,
-            EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
-            config.stage_defaults or None,
+        engine = launch_engine(
+            PipelineBuilder(config.model, config.dtype),
+            options=config.dit_options,
+            engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
+            stage_defaults=config.stage_defaults or None,
         )
-        return cls._assemble(config, pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
+        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub import ModelNotFoundError, resolve_model
+from ..diffusion.acceleration import DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
 from ..orchestrator.stage_config import StageConfig, StageConfigError, builtin_stage_configs, load_stage_config
 from ..request import Limits
@@ -63,6 +64,8 @@ class OmniServerConfig:
     #: --default-sampling-params) and the AR engine args given as vLLM serve flags
     stage_config: StageConfig | None = None
     ar_engine_args: dict[str, Any] = field(default_factory=dict)
+    #: the diffusion stage's DiT options (flags > the stage config's `dit_options`)
+    dit_options: DitOptions = field(default_factory=DitOptions)
 
     @property
     def multi_stage(self) -> bool:
@@ -82,7 +85,7 @@ class OmniServerConfig:
             raise ConfigError(str(e)) from e
         dtype = None if args.dtype in (None, "auto") else {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
         overrides = _json_defaults(args.default_sampling_params)
-        stage_config, stage_defaults, ar_engine_args = None, dict(overrides), {}
+        stage_config, stage_defaults, ar_engine_args, dit_options = None, dict(overrides), {}, {}
         if checkpoint_kind(model) == "multi-stage":
             stage_config = _multistage_config(model, args.stage_configs_path, overrides)
             ar_engine_args = explicit_engine_args(args, parser)
@@ -90,6 +93,8 @@ class OmniServerConfig:
         elif args.stage_configs_path:
             config = _load(args.stage_configs_path)
             stage_defaults = {**_final_stage(config, args.stage_configs_path).default_sampling_params, **overrides}
+            dit_options = dict(_final_stage(config, args.stage_configs_path).dit_options)
+        dit = _dit_options(args, dit_options, multi_stage=stage_config is not None)
         return cls(
             model=model,
             served_model_names=names,
@@ -110,7 +115,30 @@ class OmniServerConfig:
             allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
             stage_config=stage_config,
             ar_engine_args=ar_engine_args,
+            dit_options=dit,
         )
+
+
+_DIT_FLAGS = {
+    "cfg_degree": "omni_cfg_parallel_size",
+    "ulysses_degree": "omni_ulysses_degree",
+    "ring_degree": "omni_ring_degree",
+    "quantization": "omni_dit_quantization",
+    "compile": "omni_dit_compile",
+}
+
+
+def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_stage: bool) -> DitOptions:
+    """The DiT options: --omni-* flags over the stage config's final-stage `dit_options`."""
+    flags = {key: getattr(args, dest, None) for key, dest in _DIT_FLAGS.items()}
+    values = {**from_stage, **{k: v for k, v in flags.items() if v is not None}}
+    if values and multi_stage:
+        given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" for k in values)
+        raise ConfigError(f"{given}: DiT parallelism / fp8 / compile apply to diffusers checkpoints, not multi-stage ones")
+    try:
+        return DitOptions.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(f"DiT options ({', '.join(f'--{_DIT_FLAGS[k]}'.replace('_', '-') for k in values)}): {e}") from e
 
 
 def _load(path: str) -> StageConfig:

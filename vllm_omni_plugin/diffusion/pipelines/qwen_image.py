@@ -15,6 +15,8 @@ padding does not move them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections import OrderedDict
 from typing import Any, Mapping
@@ -23,7 +25,9 @@ import numpy as np
 import torch
 
 from ..capabilities import Capabilities, Knob
+from .. import step_cache
 from ..interface import StepwisePipeline
+from ..parallel import sequence_shard
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
 from ..state import CfgLayout, DiffusionState
@@ -68,6 +72,7 @@ class QwenImageStepwise(StepwisePipeline):
 
     family = "qwen-image"
     capabilities = Capabilities(output="image", fields=QWEN_FIELDS)
+    supports_step_cache = True
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
@@ -283,17 +288,39 @@ class QwenImageStepwise(StepwisePipeline):
                 t_cond.append(s.extras["additional_t_cond"])
         embeds, mask = _pad_text(texts)
         rows = sum(s.rows for s, _ in blocks)
-        return self.pipe.transformer(
-            hidden_states=torch.cat(hidden),
-            timestep=torch.cat(timesteps),
-            guidance=torch.cat(guidance) if guidance else None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=embeds,
-            img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
-            attention_kwargs={},
-            return_dict=False,
-            **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
-        )[0]
+        with self._step_cache(blocks):
+            return self.pipe.transformer(
+                hidden_states=torch.cat(hidden),
+                timestep=torch.cat(timesteps),
+                guidance=torch.cat(guidance) if guidance else None,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
+                attention_kwargs={},
+                return_dict=False,
+                **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
+            )[0]
+
+    def _step_cache(self, blocks: list[tuple[DiffusionState, int]]) -> Any:
+        """A context that switches step caching on for this forward when one of its requests asked for it."""
+        if all(s.params.cache_threshold is None for s, _ in blocks):
+            return contextlib.nullcontext()
+        cached = step_cache.install(self.pipe.transformer)
+        row_blocks, start = [], 0
+        for s, branch in blocks:
+            store = s.extras.setdefault("step_cache", ({}, {}))[branch]
+            row_blocks.append(step_cache.RowBlock(start, s.rows, s.params.cache_threshold, store))
+            start += s.rows
+        transformer = self.pipe.transformer
+        if getattr(transformer, "zero_cond_t", False):
+            raise ValueError("step caching does not support zero_cond_t Qwen-Image models (doubled timestep rows)")
+        sp = self.parallel is not None and self.parallel.config.sp_degree > 1
+        ctx = step_cache.CacheContext(
+            row_blocks,
+            agree=self.parallel.all_agree if sp else None,
+            shard=functools.partial(sequence_shard, transformer) if sp else None,
+        )
+        return step_cache.active(cached, ctx)
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -327,14 +354,17 @@ class QwenImageStepwise(StepwisePipeline):
                 outputs.update(zip((s.request_id for s in group), self._decode_images(group)))
         return [outputs[s.request_id] for s in states]
 
+    def decode_latents(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent")."""
+        latents = self.pipe._unpack_latents(latents, params.height, params.width, self.pipe.vae_scale_factor)
+        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        return list(self.pipe.image_processor.postprocess(image, output_type=params.output_type))
+
     def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
         if p.output_type == "latent":
             return [DiffusionOutput(s.request_id, "latent", s.params, latents=s.latents) for s in states]
-        latents = torch.cat([s.latents for s in states])
-        latents = self.pipe._unpack_latents(latents, p.height, p.width, self.pipe.vae_scale_factor)
-        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
-        images = list(self.pipe.image_processor.postprocess(image, output_type=p.output_type))
+        images = self.decode_latents(torch.cat([s.latents for s in states]), p)
         outputs, start = [], 0
         for s in states:
             outputs.append(DiffusionOutput(s.request_id, "image", s.params, images=images[start : start + s.rows]))
