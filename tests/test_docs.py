@@ -184,13 +184,15 @@ _PATHISH = re.compile(r"`([\w./-]+\.(?:md|py|yaml|toml|sh))(?::[^`]*)?`")
 
 
 def _exists(rel: str, doc: Path) -> bool:
-    """A path as the docs write it: repo-relative, package-relative, a bare file name, or vLLM's (`vllm/...`)."""
+    """A path as the docs write it: repo-relative, package-relative, a bare file name, or an installed
+    dependency's (`vllm/...`, `torch/...`: docs/gpu.md quotes torch's source)."""
     if "/" not in rel:  # a bare file name in a section about its folder
         return any(p.name == rel for p in ROOT.rglob(rel) if ".venv" not in p.parts)
-    if rel.startswith("vllm/"):
-        import vllm
+    top = rel.split("/", 1)[0]
+    if top in ("vllm", "torch", "diffusers", "transformers"):
+        import importlib
 
-        return (Path(vllm.__file__).parents[1] / rel).exists()
+        return (Path(importlib.import_module(top).__file__).parents[1] / rel).exists()
     bases = (ROOT, ROOT / "vllm_omni_plugin", ROOT / "vllm_omni_plugin" / "diffusion", ROOT / "vllm_omni", doc.parent)
     return any((base / rel).exists() for base in bases)
 

@@ -106,16 +106,13 @@ def serve_main(argv: Sequence[str]) -> int:
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
-    from .config import ConfigError
     from .launch import run_server
 
     cli_env_setup()
     args = parse_args(argv)
-    try:
-        uvloop.run(run_server(args))
-    except ConfigError as e:  # a bad flag or a model that is not there: one line, no traceback
-        print(f"vllm serve --omni: error: {e}", file=sys.stderr)
-        return 2
+    # A bad flag, a model that is not there, a stage default the model does not read: the
+    # caller (cli_errors.run_command) prints one line and exits 1; --debug shows the traceback.
+    uvloop.run(run_server(args))
     return 0
 
 
