@@ -175,7 +175,12 @@ def test_meta_routes_and_still_serving(omni_server):
     server = omni_server("bagel")
     client = server.client()
     (model,) = client.models.list().data
-    assert model.id == MODEL and model.model_extra["omni"] == {"family": "bagel", "output": "image", "text_output": True}
+    omni = model.model_extra["omni"]
+    assert model.id == MODEL and {k: omni[k] for k in ("family", "output", "text_output")} == {
+        "family": "bagel", "output": "image", "text_output": True}
+    caps = omni["capabilities"]  # the family's declaration
+    assert caps["orchestrator"] == "bagel" and caps["input_images"] == {"min": 0, "max": 1}
+    assert caps["knobs"]["cfg_interval"] == "tuple[2]" and "guidance_scale" not in caps["fields"]
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     r = client.images.generate(prompt="still here", size="32x32", extra_body={"seed": 2})
     # omitted steps: --default-sampling-params (3) beat the stage config's dit default (4)

@@ -97,6 +97,7 @@ def serve_main(argv: Sequence[str]) -> int:
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+    from ..diffusion.capabilities import UnsupportedField
     from .config import ConfigError
     from .launch import run_server
 
@@ -104,7 +105,8 @@ def serve_main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     try:
         uvloop.run(run_server(args))
-    except ConfigError as e:  # a bad flag or a model that is not there: one line, no traceback
+    # a bad flag, a model that is not there, a stage default the model does not read: one line, no traceback
+    except (ConfigError, UnsupportedField) as e:
         print(f"vllm serve --omni: error: {e}", file=sys.stderr)
         return 2
     return 0
