@@ -56,7 +56,7 @@ def test_input_image_counts_follow_the_declaration(pipeline, rgb_image):
 
 
 def test_stage_defaults_the_model_does_not_read_are_refused_at_start(pipeline):
-    with pytest.raises(UnsupportedField, match="the stage defaults sets `num_frames`"):
+    with pytest.raises(UnsupportedField, match="stage defaults: `num_frames` is not used by this model"):
         DiffusionEngine(pipeline("qwen-image"), stage_defaults={"num_frames": 5})
 
 

@@ -239,7 +239,8 @@ def test_error_bodies_of_every_layer(omni_server):
 def test_meta_routes_and_still_serving(omni_server):
     server = omni_server("bagel")
     client = server.client()
-    (model,) = client.models.list().data  # vLLM's own model card: --max-model-len 512 beat the stage config
+    # vLLM's own model card (--max-model-len 512 beat the stage config), with the family's declaration
+    (model,) = client.models.list().data
     assert model.id == MODEL and model.model_extra["max_model_len"] == 512
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     r = client.images.generate(prompt="still here", size="32x32", extra_body={"seed": 2})

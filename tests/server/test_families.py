@@ -179,3 +179,20 @@ def test_wan_ti2v_text_and_image_to_video_match_offline(omni_server, checkpoint,
     assert resolved["num_input_images"] == 1 and resolved["guidance_scale_2"] is None
     _post_error(server, "/v1/videos", 400, "guidance_scale_2", "not used by this model",
                 data={"prompt": "x", "guidance_scale_2": "3"})  # one transformer: no second expert
+
+
+def test_a_stage_default_the_model_does_not_read_stops_the_server(checkpoint, tmp_path):
+    import os
+    import subprocess
+
+    from .conftest import VLLM
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    out = subprocess.run(
+        [str(VLLM), "serve", str(checkpoint("qwen-image")), "--omni", "--port", "0",
+         "--default-sampling-params", '{"guidance_scale": 3.0}'],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]  # the CLI's one-line failure (cli_errors.py)
+    assert "stage defaults: `guidance_scale` is not used by this model" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -139,12 +139,12 @@ class Capabilities:
         if count < low or (high is not None and count > high):
             raise UnsupportedField(f"this model takes {self.describe_images()}, got {count}", "images")
 
-    def check_fields(self, names: Iterable[str], source: str = "the request") -> None:
+    def check_fields(self, names: Iterable[str], source: str = "request") -> None:
         """Raise UnsupportedField for the first name (sorted) this family does not read."""
         unread = sorted(n for n in names if n not in self.honoured)
         if unread:
             raise UnsupportedField(
-                f"{source} sets `{unread[0]}`, which this model does not use "
+                f"{source}: `{unread[0]}` is not used by this model "
                 f"(it reads: {', '.join(sorted(self.honoured - {'images', 'output_type'}))})",
                 unread[0],
             )

@@ -96,7 +96,7 @@ class DiffusionEngine:
         if stage_defaults is not None:
             # A default the model never reads is a deployment mistake: refused once, here.
             layer = stage_defaults if isinstance(stage_defaults, SamplingParams) else SamplingParams.from_dict(stage_defaults)
-            pipeline.capabilities.check_fields(set(layer.set_fields()) - {"images"}, "the stage defaults")
+            pipeline.capabilities.check_fields(set(layer.set_fields()) - {"images"}, "stage defaults")
         self.stage_defaults = stage_defaults
         self.stats = EngineStats()
         self._lock = threading.Lock()

@@ -42,6 +42,10 @@ class DiffusionOutput:
         return export_mp4(self.videos[index], path, fps=self.fps or 16, codec=codec, crf=crf)
 
 
+#: x264 encoder threads (one, so that exports are reproducible; see export_mp4)
+X264_THREADS = 1
+
+
 def _frame_array(frame: Any) -> np.ndarray:
     if isinstance(frame, np.ndarray):
         arr = frame
@@ -67,7 +71,13 @@ def export_mp4(frames: list[Any], path: str | Path, fps: int, codec: str = "libx
         stream.width, stream.height = width + pad_w, height + pad_h
         stream.pix_fmt = "yuv420p"
         if codec.startswith("libx264"):
-            stream.options = {"crf": str(crf)}
+            # One encoder thread: x264's frame threading changes the bitstream with the thread
+            # count (its default follows the cores of the process) and with timing, so the
+            # server and an offline run wrote different files from identical frames (measured:
+            # frame 0 of a 5-frame video decoded differently at threads 2, 4, 8, 16 vs 1).
+            # Single-threaded, the same frames give the same mp4 anywhere; encoding is a
+            # small part of a video request's time.
+            stream.options = {"crf": str(crf), "threads": str(X264_THREADS)}
         for arr in arrays:
             if pad_h or pad_w:
                 arr = np.pad(arr, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
