@@ -4,6 +4,7 @@ detection says what it looked for."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*cmd], capture_output=True, text=True, timeout=300)
+def _run(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _error_lines(done: subprocess.CompletedProcess, prog: str) -> list[str]:
@@ -78,3 +80,19 @@ def test_a_missing_directory_and_a_non_diffusers_directory_say_what_they_are(tmp
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"no model_index.json \(found config.json"):
         read_model_index(tmp_path)
+
+
+def test_an_ar_stage_that_cannot_fit_names_the_field_and_the_value(checkpoint, tmp_path):
+    # 10^9 tokens of KV cache (~477 GiB for the tiny BAGEL) fit no machine this runs on; given in the
+    # stage config, it reaches the AR stage's sizing (vLLM's serve parser checks a --max-model-len flag itself).
+    shipped = (ROOT / "stage_configs" / "bagel.yaml").read_text()
+    config = tmp_path / "huge.yaml"
+    config.write_text(shipped.replace("max_model_len: 16384", "max_model_len: 1000000000"))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # else the user sized it
+    done = _run(str(BIN / "vllm-omni"), "serve", str(checkpoint("bagel")), "--stage-configs-path", str(config), env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out[-3000:]
+    (line,) = _error_lines(done, "vllm-omni")
+    assert "one 1000000000-token sequence needs" in line and "Lower max_model_len to " in line
+    fits = int(line.split("--max-model-len ")[1].split("`")[0])
+    assert 0 < fits <= 32768 and "stages[ar].engine_args.max_model_len" in line  # at most what the model takes

@@ -235,18 +235,19 @@ def probe_imports(modules: tuple[str, ...] | None = None, timeout: float = 300) 
                                 f"run `{sys.executable} -c 'import {started}'` to see the error", blocks_import=True))
     for name, row in results.items():
         if not row["ok"]:
-            findings.append(Finding(f"import {name}", False, row["error"], _import_fix(row["error"]), blocks_import=True))
+            findings.append(Finding(f"import {name}", False, row["error"], _import_fix(name, row["error"]), blocks_import=True))
     if not findings:
         findings.append(Finding("imports", True, ", ".join(modules) + " import cleanly"))
     return findings
 
 
-def _import_fix(error: str) -> str:
+def _import_fix(module: str, error: str) -> str:
+    """The fix for a failed import: a torch companion (the module itself, or named by the error) is removed."""
     for name in COMPANIONS:
-        if f"{name}::" in error or f"lib{name}" in error:
+        if module == name or f"{name}::" in error or f"/{name}/" in error:
             return (f"{name} does not match torch {_version('torch')}: pip uninstall -y {name} "
                     f"(or install the build matching torch; see `torch companions` above)")
-    return "see the error; `vllm-omni doctor` above names mismatched packages"
+    return "see the error; the checks above name mismatched packages"
 
 
 def diagnose(probe: bool = True) -> list[Finding]:

@@ -212,7 +212,8 @@ def test_abort_stops_a_monolithic_run_at_its_next_step(pipeline):
     runner.join(120)
     steps = [e.step for e in events if e.kind == "step"]
     assert [e.kind for e in events if e.kind != "step"] == ["aborted"]
-    assert 0 < len(steps) < total and steps == list(range(1, len(steps) + 1))
+    # admitted before the abort, so the run had begun; under load it may not have finished a step yet
+    assert len(steps) < total and steps == list(range(1, len(steps) + 1))
     assert not engine.has_unfinished() and engine.num_running == 0
     final = engine.run() if engine.add_request("next", req("next", 1, h=32, w=32, steps=2)) else {}
     assert final["next"].kind == "finished"  # the engine goes on

@@ -96,7 +96,7 @@ def size_cpu_kv_cache(model: str | Path, engine_args: Mapping[str, Any], max_bat
     budget = int(free * KV_SHARE_OF_FREE)
     one_sequence = per_token * max_len
     if one_sequence > budget:
-        fits = (budget // per_token) // 256 * 256
+        fits = min((budget // per_token) // 256 * 256, _checkpoint_max_len(model))  # never past the model's own limit
         raise ARStageDoesNotFit(
             f"the AR stage's KV cache for one {max_len}-token sequence needs {one_sequence / GiB:.2f} GiB, but only "
             f"{budget / GiB:.2f} GiB can be given to it ({KV_SHARE_OF_FREE:.0%} of the {free / GiB:.2f} GiB free). "
