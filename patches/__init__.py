@@ -11,6 +11,10 @@ patch, and nowhere else. Each module exports `PATCH`, a `Patch` that declares:
   checked    the vLLM versions the patch was verified against
   signature  the upstream signature we rely on; a mismatch refuses the patch
   requires   other upstream symbols the replacement calls, checked the same way
+  platforms  the vLLM platforms (`current_platform.device_type`) whose behaviour
+             it fixes; empty = all. Elsewhere it is neither verified nor
+             applied, and doctor reports it "not applicable" with the reason,
+             so a CPU-only fix never touches CUDA behaviour.
 
 Applying is idempotent (vLLM loads general plugins in every process it starts,
 sometimes twice in one), and a target that moved or changed shape fails with a
@@ -60,6 +64,16 @@ class Patch:
     requires: tuple[str, ...]
     # original upstream attribute -> replacement attribute
     make_replacement: Callable[[Any], Any]
+    platforms: tuple[str, ...] = ()
+
+    def not_applicable_reason(self) -> str | None:
+        """Why this patch has nothing to do on the running platform, or None if it applies."""
+        if not self.platforms:
+            return None
+        device = _device_type()
+        if device in self.platforms:
+            return None
+        return f"only for platform {', '.join(self.platforms)}; this process runs on {device}"
 
     def resolve(self, target: str | None = None) -> tuple[Any, str, Any]:
         """Return (owner, attribute name, current attribute) of the target."""
@@ -89,7 +103,7 @@ class Patch:
 class PatchResult:
     name: str
     target: str
-    status: Literal["applied", "already applied", "not applied", "failed"]
+    status: Literal["applied", "already applied", "not applied", "not applicable", "failed"]
     detail: str = ""
 
 
@@ -102,6 +116,12 @@ def _vllm_version() -> str:
         return f"<unavailable: {e}>"
 
 
+def _device_type() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
 def _signature_of(attr: Any) -> str:
     func = attr.func if hasattr(attr, "func") else attr  # cached_property/partial
     func = getattr(func, "fget", func)  # property
@@ -109,6 +129,8 @@ def _signature_of(attr: Any) -> str:
 
 
 def _apply(patch: Patch) -> PatchResult:
+    if (reason := patch.not_applicable_reason()) is not None:
+        return PatchResult(patch.name, patch.target, "not applicable", reason)
     owner, name, current = patch.resolve()
     if getattr(current, _MARK, None) == patch.name:
         return PatchResult(patch.name, patch.target, "already applied")
@@ -148,6 +170,9 @@ def status() -> list[PatchResult]:
     """Whether each patch is in place in this process, without applying anything."""
     results = []
     for patch in all_patches():
+        if (reason := patch.not_applicable_reason()) is not None:
+            results.append(PatchResult(patch.name, patch.target, "not applicable", reason))
+            continue
         try:
             _, _, current = patch.resolve()
         except PatchError as e:

@@ -62,4 +62,5 @@ PATCH = Patch(
         "vllm.v1.attention.backend:AttentionType.DECODER",
     ),
     make_replacement=_make_replacement,
+    platforms=("cpu",),
 )

@@ -57,4 +57,5 @@ PATCH = Patch(
         "vllm._custom_ops:cpu_attn_get_scheduler_metadata",
     ),
     make_replacement=_make_replacement,
+    platforms=("cpu",),
 )

@@ -25,12 +25,10 @@ def _make_replacement(original):
     @functools.wraps(original)
     def __post_init__(self):
         original(self)
-        from vllm.platforms import current_platform
-
+        # Installed on the CPU platform only (PATCH.platforms).
         model_config, scheduler_config = self.model_config, self.scheduler_config
         if (
-            current_platform.is_cpu()
-            and model_config is not None
+            model_config is not None
             and model_config.is_mm_prefix_lm
             and scheduler_config.is_multimodal_model
             and not scheduler_config.disable_chunked_mm_input
@@ -55,7 +53,7 @@ PATCH = Patch(
         "(patches cpu_mm_prefix_*) would be wrong. CUDA and ROCm force --disable-chunked-mm-input."
     ),
     how=(
-        "Run the original __post_init__, then, on the CPU platform, for a multimodal model with "
+        "Run the original __post_init__, then (installed on the CPU platform only), for a multimodal model with "
         "model_config.is_mm_prefix_lm, set scheduler_config.disable_chunked_mm_input = True "
         "(the CUDA platform's rule, applied after the platform hook). Other configs are untouched."
     ),
@@ -67,7 +65,7 @@ PATCH = Patch(
     signature="(self)",
     requires=(
         "vllm.config.scheduler:SchedulerConfig.disable_chunked_mm_input",
-        "vllm.platforms.interface:Platform.is_cpu",
     ),
     make_replacement=_make_replacement,
+    platforms=("cpu",),
 )

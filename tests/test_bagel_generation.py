@@ -98,7 +98,9 @@ def test_batched_equals_single(pipe):
     assert set(engine.stats.batch_sizes) == {2}  # every step ran both requests in one forward
     for rid in requests:
         assert final[rid].kind == "finished"
-        np.testing.assert_array_equal(np.asarray(final[rid].output.images[0]), alone[rid])
+        # Padded batch rows change BLAS reduction splits (they also vary with the threads a loaded
+        # machine gives): one uint8 level on a value or two was seen, so the stated tolerance applies.
+        _close(np.asarray(final[rid].output.images[0]), alone[rid])
 
 
 def test_handed_over_context_is_keyed_by_request(pipe):

@@ -34,9 +34,11 @@ def _params(n: int, transfer: bool = True):
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=extra)
 
 
-def _facts_held(model) -> int:
-    """Runs in the worker: records the model holds right now."""
-    return len(model._kv_transfer_facts)
+def _is_metadata_source(model) -> bool:
+    """Runs in the worker: the model registered itself as the connector's metadata source."""
+    from vllm_omni_plugin.kv.connector import metadata_source
+
+    return metadata_source() is model
 
 
 def _run_in_order(llm, requests: list[tuple[str, object, object]]) -> tuple[list[str], dict]:
@@ -63,12 +65,12 @@ def _reference_kv(model, token_ids: list[int]) -> list[tuple[torch.Tensor, torch
 def test_startup_and_untagged_requests_leave_nothing(bagel_kv_llm):
     """Profiling / warm-up forwards ran at start-up; a request that does not opt in is untouched."""
     llm, transfer_dir = bagel_kv_llm
-    assert llm.apply_model(_facts_held) == [0]
+    assert llm.apply_model(_is_metadata_source) == [True]
     assert len(KVTransferStore(transfer_dir)) == 0
     out = llm.generate([SHORT], _params(2, transfer=False), use_tqdm=False)[0]
     assert not (out.kv_transfer_params or {}).get(PARAMS_KEY)
     assert len(KVTransferStore(transfer_dir)) == 0
-    assert llm.apply_model(_facts_held) == [0]
+    assert llm.apply_model(_is_metadata_source) == [True]
 
 
 def test_prompt_kv_and_metadata_keyed_by_request(bagel_kv_llm, checkpoint):
@@ -102,7 +104,7 @@ def test_prompt_kv_and_metadata_keyed_by_request(bagel_kv_llm, checkpoint):
         assert len(t.keys) == len(t.values) == 2  # every layer
         assert t.keys[0].shape == (len(ids), 1, 64)  # (tokens, kv_heads, head_dim)
     assert len(store) == 0  # consumption frees the storage
-    assert llm.apply_model(_facts_held) == [0]
+    assert llm.apply_model(_is_metadata_source) == [True]
 
     assert got["req-long"].num_tokens > 128  # really spans three 64-token prefill steps
     assert got["req-short"].metadata["image_shapes"] == got["req-long"].metadata["image_shapes"] == []

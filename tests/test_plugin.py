@@ -89,7 +89,8 @@ def test_omni_architectures_are_registered_with_vllm(registered):
 def test_every_patch_is_declared_completely():
     for patch in all_patches():
         for field in dataclasses.fields(patch):
-            assert getattr(patch, field.name), f"patch {patch.name} leaves {field.name} empty"
+            if field.name != "platforms":  # empty = every platform
+                assert getattr(patch, field.name), f"patch {patch.name} leaves {field.name} empty"
         assert (Path(__file__).parents[1] / "patches" / f"{patch.name}.py").exists()
 
 
@@ -113,6 +114,25 @@ def test_a_changed_upstream_signature_refuses_the_patch(registered):
     )
     with pytest.raises(PatchError, match="'changed_signature'.*expected signature"):
         _apply(changed)
+
+
+def test_a_patch_for_another_platform_is_neither_verified_nor_applied(registered):
+    """A CPU-only fix must not touch CUDA behaviour: here, a CUDA-only patch on the CPU platform."""
+    from vllm.config.model import ModelConfig
+
+    from vllm_omni_plugin.patches import _apply
+
+    before = vars(ModelConfig)["get_head_size"]
+    elsewhere = Patch(
+        name="cuda_only", target="vllm.config.model:ModelConfig.get_head_size", why="t", how="t",
+        upstream="t", checked=("0.32.0",), signature="(self, extra) -> int",  # would be refused if verified
+        requires=(), make_replacement=lambda original: (lambda self: 0), platforms=("cuda",),
+    )
+    result = _apply(elsewhere)
+    assert result.status == "not applicable"
+    assert "only for platform cuda; this process runs on cpu" in result.detail
+    assert vars(ModelConfig)["get_head_size"] is before
+    assert [p.platforms for p in all_patches()] == [(), ("cpu",), ("cpu",), ("cpu",)]
 
 
 def test_ordinary_llm_keeps_false(registered, plain_llm_dir):

@@ -2,10 +2,13 @@
 
 1. Builds the tiny seeded Qwen-Image checkpoint, starts `vllm serve <ckpt> --omni`
    on 127.0.0.1, asks it for one image through the official `openai` client,
-   saves the PNG, prints its path and stops the server.
+   saves the PNG and stops the server.
 2. Builds the tiny seeded BAGEL checkpoint, loads it with plain `vllm.LLM()`
-   (the plugin loads through vLLM's own entry-point machinery) and prints the
-   greedy answer to a text prompt and to an image+text prompt.
+   (the plugin loads through vLLM's own entry-point machinery) in a child process
+   and prints the greedy answer to a text prompt and to an image+text prompt.
+
+Engine and server logs go to files in the output directory (named on the way);
+the last line printed is the PNG's path, so `make demo | tail -1` is the image.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def served_image() -> Path:
     vllm = Path(sys.executable).with_name("vllm")
     log = OUT / "server.log"
     cmd = [str(vllm), "serve", str(ckpt), "--omni", "--host", "127.0.0.1", "--port", str(port)]
-    print("starting:", " ".join(cmd), flush=True)
+    print("starting:", " ".join(cmd), f"(log: {log})", flush=True)
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     try:
@@ -74,7 +77,7 @@ def served_image() -> Path:
         )
         path = OUT / "qwen-image-tiny.png"
         path.write_bytes(base64.b64decode(result.data[0].b64_json))
-        print(f"image: {path} (resolved: {result.model_extra['omni']['resolved']})", flush=True)
+        print(f"image resolved with: {result.model_extra['omni']['resolved']}", flush=True)
         return path
     finally:
         proc.send_signal(signal.SIGINT)
@@ -110,11 +113,29 @@ def bagel_text() -> None:
     print(f"img2text answer:  {img[0].outputs[0].text!r} (token ids {list(img[0].outputs[0].token_ids)})")
 
 
-def main() -> int:
+def bagel_text_quietly() -> None:
+    """`bagel_text` in a child process whose vLLM logs go to a file; its answers are printed here."""
+    log = OUT / "bagel.log"
+    print(f"BAGEL through plain vllm.LLM() (log: {log})", flush=True)
+    with open(log, "w") as fh:
+        done = subprocess.run([sys.executable, "-m", "vllm_omni_plugin.demo", "bagel-text"], stdout=fh,
+                              stderr=subprocess.STDOUT)
+    answers = [line for line in log.read_text().splitlines() if line.startswith(("checkpoint:", "text2text", "img2text"))]
+    print("\n".join(answers), flush=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the BAGEL part exited with {done.returncode}; see {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     OUT.mkdir(parents=True, exist_ok=True)
-    served_image()
-    if os.environ.get("OMNI_DEMO_SKIP_BAGEL") != "1":
+    if argv == ["bagel-text"]:  # the child process of bagel_text_quietly
         bagel_text()
+        return 0
+    image = served_image()
+    if os.environ.get("OMNI_DEMO_SKIP_BAGEL") != "1":
+        bagel_text_quietly()
+    print(image, flush=True)  # the last line: the output path
     return 0
 
 

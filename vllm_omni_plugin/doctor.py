@@ -25,7 +25,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(p["status"] in ("applied", "already applied") for p in self.patches) and all(
+        return all(p["status"] in ("applied", "already applied", "not applicable") for p in self.patches) and all(
             a["registered"] for a in self.architectures
         )
 

@@ -3,23 +3,37 @@
 Single-stage diffusion models run inline: one diffusion engine in this process,
 every prompt of a `generate` call submitted at once so their steps batch.
 Multi-stage models (BAGEL, GLM-Image: AR stage in vLLM -> DiT stage) run
-through the orchestrator (orchestrator/stages.py) their stage config names,
+through the orchestrator (orchestrator/stages.py) their family declares,
 chosen from the checkpoint's architecture; only that path imports vLLM.
+
+A multi-stage `Omni` owns engine processes. Use it as a context manager (or call
+`shutdown()`); one still open when the main thread ends is shut down then, before
+the interpreter tears down what the shutdown needs, so a script that does neither
+still exits quietly. vLLM starts its engine in a spawned process that re-imports the main
+module: a script that builds a multi-stage `Omni` at top level must do it under
+`if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import functools
 import itertools
+import threading
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .diffusion.engine import DiffusionEngine, EngineConfig, EngineEvent
-from .diffusion.loader import load_pipeline
+from .diffusion.acceleration import DitOptions
+from .diffusion.engine import EngineConfig, EngineEvent
+from .diffusion.parallel import ParallelConfig
+from .diffusion.workers import PipelineBuilder, launch_engine
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
+from .hub import resolve_model
 
 PromptLike = str | Mapping[str, Any] | SamplingParams
 
@@ -29,13 +43,25 @@ class GenerationError(RuntimeError):
 
 
 class Omni:
-    """Generate images / videos with a diffusers-format model directory.
+    """Generate images / videos (and, for multi-stage models, text) with a local checkpoint.
 
-    model           path of a diffusers checkpoint (model_index.json)
+        with Omni("/path/to/checkpoint") as omni:      # shutdown() at the end of the block
+            (out,) = omni.generate("a red cat")
+
+    model           a checkpoint directory (diffusers: model_index.json; multi-stage:
+                    config.json, e.g. BAGEL), or a Hugging Face repo id "ORG/NAME"
+                    resolved as vLLM resolves one (hub.py: HF_HOME, HF_HUB_OFFLINE ...)
+    revision        branch, tag or commit of a repo id (default "main")
+    download_dir    the hub cache directory to use (vLLM's --download-dir)
     dtype, device   explicit; default float32 on CPU, bfloat16 on CUDA
     stage_defaults  defaults between the request and the pipeline's own
                     (SamplingParams or a mapping), e.g. from a stage config
     engine_config   token budget / max running requests of the step batcher
+    parallel        multi-GPU DiT: ParallelConfig or {"cfg_degree": 2, "ulysses_degree": 1,
+                    "ring_degree": 1}; world size = their product, one GPU per rank
+                    (this process is rank 0; call `shutdown()` to stop the others)
+    quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
+    compile         None, "regional" or "cudagraphs" (torch.compile of the DiT blocks)
     """
 
     def __init__(
@@ -49,31 +75,60 @@ class Omni:
         force_generic: bool = False,
         stage_config: Any = None,
         ar_engine_args: Mapping[str, Any] | None = None,
+        revision: str | None = None,
+        download_dir: str | None = None,
+        parallel: ParallelConfig | Mapping[str, int] | None = None,
+        quantization: str | None = None,
+        compile: str | None = None,
     ) -> None:
         self.model = model
+        #: the local directory `model` resolved to
+        self.path = str(resolve_model(model, revision, download_dir))
+        model = self.path
         self._ids = itertools.count()
         self._stages = None
+        self._closed = False
         from .orchestrator.offline import multistage_config
 
+        if not isinstance(parallel, ParallelConfig):
+            parallel = ParallelConfig.from_dict(parallel)
+        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
         config = multistage_config(model, stage_config)
         if config is not None:
+            if options != DitOptions():
+                raise ValueError("parallel / quantization / compile apply to diffusers DiT models, not to "
+                                 f"the multi-stage model {model}")
             # Multi-stage: AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
+            from .orchestrator import orchestrator_for
             from .orchestrator.offline import BackgroundLoop
-            from .orchestrator.stages import create_orchestrator
 
+            orchestrator_cls = orchestrator_for(model, config)
             self._background = BackgroundLoop()
-            self._stages = self._background.run(create_orchestrator(
-                model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+            try:
+                self._stages = self._background.run(orchestrator_cls.create(
+                    model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+            except BaseException:
+                self._background.close()  # no thread left behind by a start-up that failed
+                raise
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
+            _at_main_thread_exit(functools.partial(_shutdown_at_exit, weakref.ref(self)))
             return
-        self.pipeline = load_pipeline(model, dtype=dtype, device=device, force_generic=force_generic)
-        self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults)
+        build = PipelineBuilder(model, dtype, {"force_generic": force_generic})
+        self.engine = launch_engine(build, device=device, options=options, engine_config=engine_config,
+                                    stage_defaults=stage_defaults)
+        self.pipeline = self.engine.pipeline
+
+    @property
+    def capabilities(self) -> Any:
+        """What the loaded model makes, takes and reads (its family's `Capabilities`)."""
+        return self.pipeline.capabilities
 
     def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:
         """Multi-stage models: text2text / img2text through the AR stage (vLLM RequestOutputs)."""
-        if self._stages is None:
-            raise TypeError(f"{self.model} is a single-stage diffusion model; it has no text output")
+        self._check_open()
+        if self._stages is None or not self.capabilities.text_output:
+            raise TypeError(f"{self.model} answers with {self.capabilities.output} only; it has no text output")
         items = prompts if isinstance(prompts, list) else [prompts]
 
         async def all_of() -> list[Any]:
@@ -82,11 +137,28 @@ class Omni:
         return self._background.run(all_of())
 
     def shutdown(self) -> None:
-        """Stop a multi-stage model's engines (single-stage models hold none)."""
-        if self._stages is not None:
-            self._background.run(self._stages.shutdown())
+        """Stop a multi-stage model's engines, or a multi-GPU DiT's worker ranks; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stages is None:
+            self.engine.close()
+            return
+        stages, self._stages = self._stages, None
+        try:
+            self._background.run(stages.shutdown())
+        finally:
             self._background.close()
-            self._stages = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"Omni({self.model!r}) was shut down; create a new one")
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -95,6 +167,7 @@ class Omni:
         on_event: Callable[[EngineEvent], None] | None = None,
     ) -> list[DiffusionOutput]:
         """One output per prompt, in prompt order; each carries its resolved params."""
+        self._check_open()
         requests = to_requests(prompts, params)
         if self._stages is not None:
             async def all_of() -> list[DiffusionOutput]:
@@ -112,6 +185,30 @@ class Omni:
                 raise GenerationError(f"request {rid} ended with {event.kind}") from event.error
             outputs.append(event.output)
         return outputs
+
+
+def _shutdown_at_exit(ref: "weakref.ref[Omni]") -> None:
+    omni = ref()  # a weak reference: the hook does not keep the Omni alive
+    if omni is not None:
+        omni.shutdown()  # a no-op when the caller already shut it down
+
+
+def _at_main_thread_exit(hook: Callable[[], None]) -> None:
+    """Run `hook` when the main thread ends, before the interpreter tears anything down.
+
+    The shutdown needs what a plain `atexit` hook no longer has: by then
+    concurrent.futures refuses new work ("cannot schedule new futures after
+    interpreter shutdown", which the orchestrator's `asyncio.to_thread` needs) and
+    vLLM's engine processes are being reaped, so its output handler raises
+    EngineDeadError and AsyncLLM.__del__ a TypeError. threading's exit hooks run
+    before all of that, last registered first -- the hook concurrent.futures itself
+    uses. `atexit` is the fallback on an interpreter without it.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(hook)
+    else:
+        register(hook)
 
 
 def to_requests(

@@ -166,3 +166,53 @@ def test_wan_requests_in_different_experts_do_not_share_a_forward(pipeline):
     assert together.stats.batch_sizes == [2] * 4  # same expert at every step: shared forwards
     for rid, ref in zip("ab", single):
         assert_pixels_close(np.asarray(final[rid].output.videos), ref, 1)
+
+
+def test_output_does_not_depend_on_process_wide_attention_switches(pipeline):
+    """Importing vLLM's server turns cuDNN SDPA off process-wide; served images then differed from
+    offline ones on an H200. The engine pins its SDPA kernels, so global switches change nothing."""
+    import torch
+
+    params = SamplingParams(prompt="a red cat", height=64, width=64, num_inference_steps=2, seed=3)
+
+    def run() -> np.ndarray:
+        engine = DiffusionEngine(pipeline("qwen-image"))
+        engine.add_request("r", params)
+        return np.asarray(engine.run()["r"].output.images[0])
+
+    before = run()
+    flash, efficient = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)  # on the CPU this switches SDPA to the math kernel
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    try:
+        after = run()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+        torch.backends.cuda.enable_mem_efficient_sdp(efficient)
+    np.testing.assert_array_equal(after, before)
+
+
+def test_abort_stops_a_monolithic_run_at_its_next_step(pipeline):
+    """A generic (whole-request) run has no engine step boundary: the abort lands at the
+    pipeline's next denoise step instead of after all of them."""
+    import threading
+    import time
+
+    engine = DiffusionEngine(pipeline("qwen-image", generic=True))
+    total = 400
+    engine.add_request("m", req("long", 0, h=32, w=32, steps=total))
+    events = []
+    runner = threading.Thread(target=lambda: events.extend(engine.step()))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while engine.num_running == 0 and time.monotonic() < deadline:  # admitted: its run has begun
+        time.sleep(0.001)
+    time.sleep(0.2)
+    engine.abort("m")
+    runner.join(120)
+    steps = [e.step for e in events if e.kind == "step"]
+    assert [e.kind for e in events if e.kind != "step"] == ["aborted"]
+    assert 0 < len(steps) < total and steps == list(range(1, len(steps) + 1))
+    assert not engine.has_unfinished() and engine.num_running == 0
+    final = engine.run() if engine.add_request("next", req("next", 1, h=32, w=32, steps=2)) else {}
+    assert final["next"].kind == "finished"  # the engine goes on

@@ -8,9 +8,24 @@ from vllm_omni_plugin.diffusion import SamplingParams
 
 
 def test_qwen_image_defaults(pipeline):
-    r = pipeline("qwen-image").resolve(SamplingParams(prompt="p"))
-    assert r.num_inference_steps == 50 and r.true_cfg_scale == 4.0
+    r = pipeline("qwen-image").resolve(SamplingParams(prompt="p", negative_prompt=" "))
+    assert r.num_inference_steps == 50 and r.true_cfg_scale == 4.0 and r.negative_prompt == " "
     assert (r.height, r.width) == (1024, 1024) and r.max_sequence_length == 512
+
+
+def test_qwen_image_reports_true_cfg_off_without_a_negative_prompt(pipeline):
+    # diffusers runs true CFG only with a negative prompt and a scale > 1: otherwise
+    # neither is used, and the resolved (reported) parameters say so.
+    pipe = pipeline("qwen-image")
+    assert pipe.resolve(SamplingParams(prompt="p")).true_cfg_scale is None
+    assert pipe.resolve(SamplingParams(prompt="p", true_cfg_scale=6.0)).true_cfg_scale is None
+    r = pipe.resolve(SamplingParams(prompt="p", negative_prompt="blur", true_cfg_scale=1.0))
+    assert r.true_cfg_scale is None and r.negative_prompt is None
+
+
+def test_wan_reports_cfg_off_when_guidance_scale_is_at_most_one(pipeline):
+    r = pipeline("wan2.2-t2v").resolve(SamplingParams(prompt="p", negative_prompt="n", guidance_scale=1.0))
+    assert r.guidance_scale == 1.0 and r.guidance_scale_2 is None and r.negative_prompt is None
 
 
 def test_qwen_image_size_rounds_to_the_latent_grid(pipeline):

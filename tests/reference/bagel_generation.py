@@ -52,9 +52,14 @@ class Block:
 
 
 class BagelReference:
-    def __init__(self, path: str | Path) -> None:
+    """`device`: where it runs. Weights stay in the checkpoint's dtype there and are
+    upcast to float32 at every use (exact: bf16 -> f32), so the math is float32
+    on any checkpoint while a full-size one takes half the memory."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer
 
+        self.device = torch.device(device)
         self.path = Path(path)
         cfg = json.loads((self.path / "config.json").read_text())
         self.cfg = cfg
@@ -66,7 +71,7 @@ class BagelReference:
         self.z = cfg["vae_config"]["z_channels"]
         self.down = cfg["vae_config"]["downsample"] * self.p
         self.max_latent = cfg["max_latent_size"]
-        self.w = {k: v.float() for k, v in load_file(str(self.path / "ema.safetensors")).items()}
+        self.w = load_file(str(self.path / "ema.safetensors"), device=str(self.device))
         self.tok = AutoTokenizer.from_pretrained(str(self.path))
         self.vae = self._load_vae(cfg["vae_config"])
         self.vit = self._load_vit(cfg["vit_config"])
@@ -87,7 +92,7 @@ class BagelReference:
         vae = AutoencoderKL(**config)
         state = convert_ldm_vae_checkpoint(load_file(str(self.path / "ae.safetensors")), config)
         vae.load_state_dict(state, strict=True)
-        return vae.eval().float()
+        return vae.eval().float().to(self.device)
 
     def _load_vit(self, vit_cfg: dict):
         from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -95,7 +100,7 @@ class BagelReference:
         prefix = "vit_model."
         layers = len({k.split(".")[4] for k in self.w if k.startswith(prefix + "vision_model.encoder.layers.")})
         config = SiglipVisionConfig(**{**vit_cfg, "num_hidden_layers": layers, "vision_use_head": False})
-        vit = SiglipVisionModel(config).eval().float()
+        vit = SiglipVisionModel(config).eval().float().to(self.device)
         # transformers 5 names the SiglipVisionModel parameters without "vision_model."
         own = set(vit.state_dict())
         strip = prefix if "vision_model.post_layernorm.weight" in own else prefix + "vision_model."
@@ -111,51 +116,54 @@ class BagelReference:
     def tid(self, token: str) -> int:
         return self.tok.convert_tokens_to_ids(token)
 
+    def W(self, name: str) -> torch.Tensor:
+        return self.w[name].float()
+
     def embed(self, ids: list[int]) -> torch.Tensor:
-        return self.w[f"{LM}.embed_tokens.weight"][torch.tensor(ids)]
+        return self.W(f"{LM}.embed_tokens.weight")[torch.tensor(ids, device=self.device)]
 
     def lin(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.w[f"{name}.weight"].T
-        return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
+        y = x @ self.W(f"{name}.weight").T
+        return y + self.W(f"{name}.bias") if f"{name}.bias" in self.w else y
 
     def timestep_features(self, t: float) -> torch.Tensor:
-        k = torch.arange(128, dtype=torch.float32)
+        k = torch.arange(128, dtype=torch.float32, device=self.device)
         ang = t * torch.exp(-math.log(10000.0) * k / 128)
         f = torch.cat([torch.cos(ang), torch.sin(ang)])
         h = self.lin("time_embedder.mlp.0", f)
         return self.lin("time_embedder.mlp.2", h * torch.sigmoid(h))
 
     def latent_ids(self, h: int, w: int) -> torch.Tensor:
-        return torch.tensor([r * self.max_latent + c for r in range(h) for c in range(w)])
+        return torch.tensor([r * self.max_latent + c for r in range(h) for c in range(w)], device=self.device)
 
     def image_block(self, tokens: torch.Tensor, t: float, h: int, w: int) -> Block:
-        lat = self.lin("vae2llm", tokens) + self.timestep_features(t) + self.w["latent_pos_embed.pos_embed"][self.latent_ids(h, w)]
+        lat = self.lin("vae2llm", tokens) + self.timestep_features(t) + self.W("latent_pos_embed.pos_embed")[self.latent_ids(h, w)]
         emb = torch.cat([self.embed([self.tid("<|vision_start|>")]), lat, self.embed([self.tid("<|vision_end|>")])])
-        gen = torch.zeros(len(emb), dtype=torch.bool)
+        gen = torch.zeros(len(emb), dtype=torch.bool, device=self.device)
         gen[1:-1] = True
         return Block(emb, gen, causal=False, advance=1)
 
     def text_block(self, text: str) -> Block:
         ids = [self.tid("<|im_start|>")] + self.tok(text, add_special_tokens=False)["input_ids"] + [self.tid("<|im_end|>")]
-        return Block(self.embed(ids), torch.zeros(len(ids), dtype=torch.bool), causal=True, advance=len(ids))
+        return Block(self.embed(ids), torch.zeros(len(ids), dtype=torch.bool, device=self.device), causal=True, advance=len(ids))
 
     def vit_block(self, image) -> Block:
         size = self.cfg["vit_config"]["image_size"]
-        pix = _to_tensor(image, size, size)
+        pix = _to_tensor(image, size, size).to(self.device)
         with torch.no_grad():
             feats = self.vit(pixel_values=pix[None]).last_hidden_state[0]
         h = self.lin("connector.fc1", feats)
         h = self.lin("connector.fc2", torch.nn.functional.gelu(h, approximate="tanh"))
         # BAGEL's frozen sin-cos table, computed exactly as ByteDance's PositionEmbedding builds it
         # (and vLLM's Bagel recomputes it); the checkpoint's copy is rounded to bfloat16.
-        table = sincos_2d(self.hidden, self.cfg["vit_max_num_patch_per_side"]).float()
+        table = sincos_2d(self.hidden, self.cfg["vit_max_num_patch_per_side"]).float().to(self.device)
         h = h + table[: len(h)]  # full grid: ids 0..n-1 row-major
         emb = torch.cat([self.embed([self.tid("<|vision_start|>")]), h, self.embed([self.tid("<|vision_end|>")])])
-        return Block(emb, torch.zeros(len(emb), dtype=torch.bool), causal=False, advance=1)
+        return Block(emb, torch.zeros(len(emb), dtype=torch.bool, device=self.device), causal=False, advance=1)
 
     def vae_block(self, image, height: int, width: int) -> Block:
         with torch.no_grad():
-            mean = self.vae.encode(_to_tensor(image, height, width)[None]).latent_dist.mean[0]
+            mean = self.vae.encode(_to_tensor(image, height, width)[None].to(self.device)).latent_dist.mean[0]
         z = (mean - SHIFT) * SCALE
         h, w = height // self.down, width // self.down
         tokens = torch.einsum("chpwq->hwpqc", z.reshape(self.z, h, self.p, w, self.p)).reshape(h * w, -1)
@@ -166,14 +174,14 @@ class BagelReference:
         def rms(w):
             return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return torch.where(gen.view(shape), rms(self.w[f"{name}_moe_gen.weight"]), rms(self.w[f"{name}.weight"]))
+        return torch.where(gen.view(shape), rms(self.W(f"{name}_moe_gen.weight")), rms(self.W(f"{name}.weight")))
 
     def _both(self, name: str, x: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
         return torch.where(gen[:, None], self.lin(name.format("_moe_gen"), x), self.lin(name.format(""), x))
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         half = self.hd // 2
-        inv = self.theta ** (-torch.arange(half, dtype=torch.float32) * 2 / self.hd)
+        inv = self.theta ** (-torch.arange(half, dtype=torch.float32, device=self.device) * 2 / self.hd)
         ang = pos[:, None].float() * inv  # (n, half)
         c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
         a, b = x[..., :half], x[..., half:]
@@ -190,12 +198,12 @@ class BagelReference:
             block_id += [i] * n
             causal += [b.causal] * n
             p += b.advance
-        pos, block_id, causal = torch.tensor(pos), torch.tensor(block_id), torch.tensor(causal)
-        idx = torch.arange(len(x))
+        pos, block_id, causal = (torch.tensor(v, device=self.device) for v in (pos, block_id, causal))
+        idx = torch.arange(len(x), device=self.device)
         earlier = block_id[None, :] < block_id[:, None]
         same = block_id[None, :] == block_id[:, None]
         allowed = earlier | (same & (~causal[:, None] | (idx[None, :] <= idx[:, None])))
-        bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, device=self.device).masked_fill(~allowed, float("-inf"))
         group = self.heads // self.kv_heads
         for layer in range(self.layers):
             pre = f"{LM}.layers.{layer}"
@@ -233,7 +241,7 @@ class BagelReference:
                         "cfg_text": img_blocks + ([] if negative_prompt is None else [self.text_block(negative_prompt)]),
                         "cfg_img": [self.text_block(prompt)]}
         h, w = height // self.down, width // self.down
-        x = torch.randn(1, h * w, self.p * self.p * self.z, generator=torch.Generator("cpu").manual_seed(seed))[0]
+        x = torch.randn(1, h * w, self.p * self.p * self.z, generator=torch.Generator("cpu").manual_seed(seed))[0].to(self.device)
         ts = torch.linspace(1, 0, steps)
         ts = timestep_shift * ts / (1 + (timestep_shift - 1) * ts)
         for i in range(steps - 1):
@@ -266,7 +274,7 @@ class BagelReference:
             x = x - v * float(ts[i] - ts[i + 1])
         z = torch.einsum("hwpqc->chpwq", x.reshape(h, w, self.p, self.p, self.z)).reshape(1, self.z, h * self.p, w * self.p)
         img = self.vae.decode(z / SCALE + SHIFT).sample[0]
-        return ((img * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return ((img * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _to_tensor(image, height: int, width: int) -> torch.Tensor:

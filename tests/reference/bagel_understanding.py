@@ -76,18 +76,22 @@ def sincos_2d(dim: int, side: int) -> torch.Tensor:
 
 
 class BagelUnderstanding:
-    def __init__(self, path: str | Path) -> None:
+    """`device`, `dtype`: where and in what precision it runs (float64 on the CPU by default;
+    the GPU tier runs float32 with TF32 off, as full-size float64 would not fit beside vLLM)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = DTYPE) -> None:
         from transformers import AutoTokenizer
 
+        self.device, self.dtype = torch.device(device), dtype
         self.path = Path(path)
         self.cfg = json.loads((self.path / "config.json").read_text())
         self.tok = AutoTokenizer.from_pretrained(str(self.path))
-        weights = {k: v.to(DTYPE) for k, v in load_file(str(self.path / "ema.safetensors")).items()}
+        weights = {k: v for k, v in load_file(str(self.path / "ema.safetensors")).items() if "moe_gen" not in k}
         self.vit = self._vit(weights)
         self.llm = self._llm(weights)
         self.connector = {k: v for k, v in weights.items() if k.startswith("connector.")}
         side = self.cfg["vit_max_num_patch_per_side"]
-        self.vit_pos_embed = sincos_2d(self.cfg["llm_config"]["hidden_size"], side)
+        self.vit_pos_embed = sincos_2d(self.cfg["llm_config"]["hidden_size"], side).to(self.device, dtype)
         self.ids = {t: self.tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")}
 
     # ------------------------------------------------------------------ weights
@@ -97,7 +101,7 @@ class BagelUnderstanding:
 
         vit_cfg = self.cfg["vit_config"]
         layers = len({k.split(".")[4] for k in w if k.startswith("vit_model.vision_model.encoder.layers.")})
-        model = SiglipVisionModel(SiglipVisionConfig(**{**vit_cfg, "num_hidden_layers": layers, "vision_use_head": False})).to(DTYPE).eval()
+        model = SiglipVisionModel(SiglipVisionConfig(**{**vit_cfg, "num_hidden_layers": layers, "vision_use_head": False})).to(self.device, self.dtype).eval()
         target = model.state_dict()
         # transformers 5 drops the "vision_model." level of SiglipVisionModel's names; accept both.
         strip = "vit_model.vision_model." if "post_layernorm.weight" in target else "vit_model."
@@ -121,14 +125,14 @@ class BagelUnderstanding:
             attention_bias=True, tie_word_embeddings=False, max_position_embeddings=c["max_position_embeddings"],
             attn_implementation="eager",
         )
-        model = Qwen3ForCausalLM(config).to(DTYPE).eval()
+        model = Qwen3ForCausalLM(config).to(self.device, self.dtype).eval()
         state = {
             k.removeprefix("language_model."): v
             for k, v in w.items()
             if k.startswith("language_model.") and "moe_gen" not in k
         }
         for i in range(config.num_hidden_layers):  # BAGEL's o_proj has no bias
-            state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, dtype=DTYPE)
+            state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, dtype=self.dtype)
         model.load_state_dict(state, strict=True)
         return model
 
@@ -144,12 +148,13 @@ class BagelUnderstanding:
     @torch.no_grad()
     def image_embeds(self, image) -> torch.Tensor:
         """(patches, hidden): ViT -> connector -> + vit_pos_embed."""
-        feats = self.vit(pixel_values=self.pixels(image)[None].to(DTYPE)).last_hidden_state[0]
-        lin = lambda name, x: x @ self.connector[f"{name}.weight"].T + self.connector[f"{name}.bias"]  # noqa: E731
+        feats = self.vit(pixel_values=self.pixels(image)[None].to(self.device, self.dtype)).last_hidden_state[0]
+        c = {k: v.to(self.device, self.dtype) for k, v in self.connector.items()}
+        lin = lambda name, x: x @ c[f"{name}.weight"].T + c[f"{name}.bias"]  # noqa: E731
         h = lin("connector.fc2", torch.nn.functional.gelu(lin("connector.fc1", feats), approximate="tanh"))
         side = self.cfg["vit_config"]["image_size"] // self.cfg["vit_config"]["patch_size"]
         max_side = self.cfg["vit_max_num_patch_per_side"]
-        flat = (torch.arange(side)[:, None] * max_side + torch.arange(side)).flatten()
+        flat = (torch.arange(side)[:, None] * max_side + torch.arange(side)).flatten().to(self.device)
         return h + self.vit_pos_embed[flat]
 
     def sequence(self, token_ids: list[int], layout: Layout) -> Sequence:
@@ -179,24 +184,25 @@ class BagelUnderstanding:
     def logits(self, seq: Sequence, images: list[torch.Tensor]) -> torch.Tensor:
         """(len, vocab) next-token logits at every row."""
         assert len(images) == len(seq.image_runs)
-        x = self.llm.model.embed_tokens(torch.tensor(seq.token_ids))
+        x = self.llm.model.embed_tokens(torch.tensor(seq.token_ids, device=self.device))
         for (start, end), emb in zip(seq.image_runs, images):
             assert end - start + 1 == len(emb), "placeholder run and image token count differ"
-            x[start : end + 1] = emb
+            x[start : end + 1] = emb.to(self.device, self.dtype)
         n = len(seq.token_ids)
-        rows = torch.arange(n)
+        rows = torch.arange(n, device=self.device)
         allowed = rows[None, :] <= rows[:, None]
         for start, end in seq.bidirectional:
             inside = (rows >= start) & (rows <= end)
             allowed |= inside[:, None] & inside[None, :]
-        mask = torch.zeros(n, n, dtype=DTYPE).masked_fill(~allowed, torch.finfo(DTYPE).min)
-        out = self.llm(inputs_embeds=x[None], attention_mask=mask[None, None], position_ids=torch.tensor([seq.positions]))
+        mask = torch.zeros(n, n, dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        position_ids = torch.tensor([seq.positions], device=self.device)
+        out = self.llm(inputs_embeds=x[None], attention_mask=mask[None, None], position_ids=position_ids, logits_to_keep=0)
         return out.logits[0]
 
     def prompt_logprobs(self, seq: Sequence, images: list[torch.Tensor]) -> torch.Tensor:
         """(len - 1,) log p(token i | tokens < i), for i = 1 ... len - 1."""
         logp = self.logits(seq, images).log_softmax(-1)
-        return logp[:-1].gather(1, torch.tensor(seq.token_ids[1:])[:, None])[:, 0]
+        return logp[:-1].gather(1, torch.tensor(seq.token_ids[1:], device=logp.device)[:, None])[:, 0].cpu()
 
     def greedy(self, seq: Sequence, images: list[torch.Tensor], n: int) -> tuple[list[int], list[float]]:
         """n greedy tokens and their logprobs; generated tokens are causal text at the next positions."""

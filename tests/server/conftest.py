@@ -8,6 +8,7 @@ starts once per session (edits, then qwen-image, then videos).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -24,12 +25,18 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM = Path(sys.executable).with_name("vllm")
 OMNI_CLI = Path(sys.executable).with_name("vllm-omni")
 API_KEY = "omni-test-key"
+BODY_LIMIT = "body_limit.EightMegabyteBodyLimit"  # a deployment's own middleware (413s)
+FETCH_TIMEOUT_S = 3  # VLLM_IMAGE_FETCH_TIMEOUT of the test servers: one deadline per image fetch
 
 # Stage defaults every test server runs with: keeps omitted-parameter requests
 # cheap on CPU and exercises precedence (request > these > the pipeline's own).
 STAGE_DEFAULTS = {
     "qwen-image": '{"num_inference_steps": 2, "height": 64, "width": 64}',
     "qwen-image-edit": '{"num_inference_steps": 2}',
+    "qwen-image-edit-plus": '{"num_inference_steps": 2}',
+    "qwen-image-layered": '{"num_inference_steps": 2}',
+    "wan2.2-i2v": '{"num_inference_steps": 2, "height": 32, "width": 48, "num_frames": 5}',
+    "wan2.2-ti2v-5b": '{"num_inference_steps": 2, "height": 32, "width": 64, "num_frames": 5}',
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
     "bagel": '{"num_inference_steps": 3}',
     "glm-image": '{"num_inference_steps": 3}',
@@ -133,13 +140,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(family: str, model: Path, workdir: Path, extra_args: list[str], use_omni_cli: bool = False) -> Server:
+def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
+                 env: dict[str, str] | None = None) -> Server:
     port = free_port()
     log = workdir / f"server-{family}.log"
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
             "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
     cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # PYTHONPATH: the server imports --middleware body_limit.EightMegabyteBodyLimit from this folder (not
+    # the repository root, where a stale *.egg-info would shadow the installed entry points)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+           **(env or {})}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(family, model, port, proc, log)
@@ -160,41 +173,52 @@ def start_server(family: str, model: Path, workdir: Path, extra_args: list[str],
 
 @pytest.fixture(scope="session")
 def omni_server(checkpoint, tmp_path_factory, request):
-    """`omni_server(family)` -> the running Server for that tiny checkpoint family."""
+    """`omni_server(family)` -> the running Server for that tiny checkpoint family.
+
+    `omni_server(family, variant=NAME, model=..., env=..., extra=[...])` starts a
+    differently configured server of that family (e.g. served from a hub id); it
+    is one more "family" for the one-server-at-a-time rule.
+    """
     state: dict[str, Server | None] = {"current": None}
     workdir = tmp_path_factory.mktemp("omni-servers")
     media_dir = workdir / "media"
     media_dir.mkdir()
     video_dir = workdir / "videos"
 
-    def get(family: str) -> Server:
+    def get(family: str, variant: str = "", model: str | None = None, env: dict | None = None,
+            extra: list[str] | None = None) -> Server:
         current = state["current"]
-        if current is not None and current.family == family and current.proc.poll() is None:
+        key = f"{family}:{variant}" if variant else family
+        if current is not None and current.extra.get("key") == key and current.proc.poll() is None:
             return current
         if current is not None:
             current.stop()
             state["current"] = None
-        extra: list[str] = []
-        if family == "qwen-image":
-            extra = ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image"]
+        extra = list(extra or [])
+        if family == "qwen-image" and not variant:
+            extra += ["--omni-max-queue", "2", "--served-model-name", "tiny-qwen-image", "--middleware", BODY_LIMIT]
         elif family == "qwen-image-edit":
-            extra = ["--allowed-local-media-path", str(media_dir)]
+            # http(s) image URLs only from 127.0.0.1 (the tests' own media server; a redirect
+            # to `localhost` is a hop to a host that is not allowed)
+            extra += ["--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1"]
+        elif family in ("qwen-image-edit-plus", "qwen-image-layered", "wan2.2-i2v"):
+            extra += ["--allowed-local-media-path", str(media_dir)]
         elif family == "bagel":
             stage_config = workdir / "bagel-stages.yaml"
             stage_config.write_text(BAGEL_STAGE_CONFIG)
-            extra = ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
-                     "--served-model-name", "tiny-bagel", "--omni-max-queue", "1"]
+            extra += ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
+                      "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
         elif family == "wan2.2-t2v":
-            extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
-        model = checkpoint(family)
-        if family == "glm-image":
-            # The deterministic-AR copy the offline Omni of the GLM-Image tests runs.
-            model = request.getfixturevalue("glm_image_checkpoint")
+            extra += ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
+        elif family == "glm-image":
             stage_config = workdir / "glm-image-stages.yaml"
             stage_config.write_text(GLM_IMAGE_STAGE_CONFIG)
-            extra = ["--stage-configs-path", str(stage_config), "--served-model-name", "tiny-glm-image"]
-        server = start_server(family, model, workdir, extra, use_omni_cli=family == "qwen-image-edit")
-        server.extra.update(media_dir=media_dir, video_dir=video_dir)
+            extra += ["--stage-configs-path", str(stage_config), "--served-model-name", "tiny-glm-image"]
+        if model is None:
+            # GLM-Image: the deterministic-AR copy the offline Omni of the GLM-Image tests runs.
+            model = request.getfixturevalue("glm_image_checkpoint") if family == "glm-image" else checkpoint(family)
+        server = start_server(family, model, workdir, extra, use_omni_cli=family == "qwen-image-edit", env=env)
+        server.extra.update(media_dir=media_dir, video_dir=video_dir, key=key)
         state["current"] = server
         return server
 
@@ -212,6 +236,18 @@ def decoded_md5(data: bytes) -> str:
     img = Image.open(io.BytesIO(data))
     img.load()
     return hashlib.md5(img.tobytes() + img.mode.encode() + str(img.size).encode()).hexdigest()
+
+
+def first_image_md5(answer) -> str:
+    """decoded_md5 of the first image of an answer: an openai ImagesResponse, a ChatCompletion with
+    image parts, or the JSON body (dict) of an images route."""
+    if isinstance(answer, dict):
+        b64 = answer["data"][0]["b64_json"]
+    elif hasattr(answer, "choices"):
+        b64 = answer.choices[0].message.content[0]["image_url"]["url"].split(",", 1)[1]
+    else:
+        b64 = answer.data[0].b64_json
+    return decoded_md5(base64.b64decode(b64))
 
 
 def pil_md5(img) -> str:
@@ -262,3 +298,41 @@ def assert_openai_error(server: Server, path: str, body, status: int, param: str
     err = r.json()["error"]
     assert fragment in err["message"], err
     assert err["param"] == param and err["code"] == status and err["type"].endswith("Error")
+
+
+def assert_error_shape(r, status: int, fragment: str = "") -> dict:
+    """`r` has `status` and an OpenAI error body (message, type, param, code); returns the error."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    # type: ours and the reshaped ones end in "Error"; vLLM's own handlers use the status phrase
+    assert err["code"] == status and isinstance(err["message"], str) and isinstance(err["type"], str) and err["type"], err
+    assert fragment in err["message"], err
+    return err
+
+
+def assert_framework_errors_shaped(server: Server, completions_422: bool) -> None:
+    """What vLLM's and Starlette's own layers answer, in the OpenAI shape: --api-key's 401, unknown
+    path 404, wrong method 405, a body limit's 413 (plain text from Starlette), multipart the parser
+    refuses (400), and, where vLLM serves /v1/completions, its request-validation 422 / 400."""
+    url, auth = server.url, server.headers()
+    assert_error_shape(requests.get(url + "/v1/models", timeout=10), 401, "Unauthorized")
+    assert_error_shape(requests.post(url + "/v1/images/generations", json={"prompt": "x"},
+                                     headers={"Authorization": "Bearer wrong"}, timeout=10), 401)
+    assert_error_shape(requests.get(url + "/v1/no-such-route", headers=auth, timeout=10), 404, "Not Found")
+    assert_error_shape(requests.get(url + "/v1/images/generations", headers=auth, timeout=10), 405, "Method Not Allowed")
+    from .body_limit import LIMIT
+
+    big = requests.post(url + "/v1/images/generations", headers={**auth, "Content-Type": "application/json"},
+                        data=b'{"prompt": "' + b"x" * LIMIT + b'"}', timeout=60)
+    assert_error_shape(big, 413, "Content Too Large")
+    no_boundary = requests.post(url + "/v1/images/edits", data=b"--zz\r\n",
+                                headers={**auth, "Content-Type": "multipart/form-data"}, timeout=10)
+    assert_error_shape(no_boundary, 400, "boundary")
+    huge_field = requests.post(url + "/v1/images/edits", headers=auth, timeout=30,
+                               files={"image": ("a.png", b"x", "image/png")}, data={"prompt": "x" * (1024 * 1024 + 1)})
+    assert_error_shape(huge_field, 400, "maximum size")
+    if completions_422:
+        assert_error_shape(requests.post(url + "/v1/completions", json={"model": "x", "prompt": {"a": 1}},
+                                         headers=auth, timeout=10), 400)

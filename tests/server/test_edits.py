@@ -12,7 +12,7 @@ from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import decoded_md5, pil_md5, png_bytes, striped_image
+from .conftest import first_image_md5, pil_md5, png_bytes, striped_image
 from .offline import comparable, offline
 
 pytestmark = pytest.mark.engine
@@ -49,10 +49,7 @@ def test_edit_upload_url_chat_offline_identical(omni_server, checkpoint):
     )[0]
 
     md5 = pil_md5(off.images[0])
-    assert decoded_md5(base64.b64decode(upload.data[0].b64_json)) == md5
-    assert decoded_md5(base64.b64decode(by_url.json()["data"][0]["b64_json"])) == md5
-    url = chat.choices[0].message.content[0]["image_url"]["url"]
-    assert decoded_md5(base64.b64decode(url.split(",", 1)[1])) == md5
+    assert [first_image_md5(a) for a in (upload, by_url.json(), chat)] == [md5] * 3
     resolved = comparable(off.params.public_dict())
     assert resolved["num_inference_steps"] == 2  # the server's stage default, same offline
     assert upload.model_extra["omni"]["resolved"] == resolved
@@ -71,6 +68,9 @@ def test_edit_errors(omni_server, tmp_path):
         (dict(data={"prompt": "x"}, files={"image": ("a.png", png, "image/png"), "mask": ("m.png", png, "image/png")}),
          400, "`mask` is not supported"),
         (dict(data={"prompt": "x", "n": "0"}, files={"image": ("a.png", png, "image/png")}), 400, "positive integer"),
+        # Qwen-Image-Edit takes one image (Edit Plus takes several): a second one is refused, not dropped
+        (dict(data={"prompt": "x"}, files=[("image[]", ("a.png", png, "image/png"))] * 2), 400,
+         "exactly 1 input image, got 2"),
         # outside --allowed-local-media-path
         (dict(json={"prompt": "x", "images": [{"image_url": "file:///etc/hostname"}]}), 400, "must be a subpath"),
         (dict(json={"prompt": "x", "images": [{"image_url": "ftp://example.com/a.png"}]}), 400, "HTTP, data or file"),
@@ -81,4 +81,5 @@ def test_edit_errors(omni_server, tmp_path):
         assert fragment in r.json()["error"]["message"], r.text
     # text-to-image on an edit model: the model's own rule, still a 400
     r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"}, timeout=60)
-    assert r.status_code == 400 and "needs an input image" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs exactly 1 input image" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "image"

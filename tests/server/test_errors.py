@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from .conftest import assert_aborted_and_idle, assert_openai_error
+from .conftest import assert_aborted_and_idle, assert_framework_errors_shaped, assert_openai_error
 
 pytestmark = pytest.mark.engine
 
@@ -29,7 +29,15 @@ CASES = [
     (GEN, {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "positive integer"),
     (GEN, {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "--omni-max-steps"),
     (GEN, {"prompt": "x", "seed": -1}, 400, "seed", "seed"),
-    (GEN, {"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale", "must be a number"),
+    (GEN, {"prompt": "x", "true_cfg_scale": "high"}, 400, "true_cfg_scale", "must be a number"),
+    # fields Qwen-Image does not read (its declaration): refused by name, never dropped
+    (GEN, {"prompt": "x", "guidance_scale": 3.5}, 400, "guidance_scale", "not used by this model"),
+    (GEN, {"prompt": "x", "layers": 2}, 400, "layers", "not used by this model"),
+    (GEN, {"prompt": "x", "cfg_text_scale": 2.0}, 400, "cfg_text_scale", "unknown parameter"),  # BAGEL's knob
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "num_frames": 5}, 400, "num_frames",
+     "not used by this model"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
+     "unknown parameter"),
     (GEN, {"prompt": "x", "output_format": "gif"}, 400, "output_format", "png, jpeg, webp"),
     (GEN, {"prompt": "x", "response_format": "url"}, 400, "response_format", "use b64_json"),
     (GEN, {"prompt": "x", "background": "transparent"}, 400, "background", "layered model"),
@@ -74,6 +82,14 @@ def test_undecodable_json_and_edit_on_text_model(omni_server):
     for video_id in ("video_" + "0" * 32, "nope"):
         r = requests.get(f"{server.url}/v1/videos/{video_id}", headers=server.headers())
         assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_error_bodies_of_every_layer(omni_server):
+    """The diffusion-only app (vLLM's middleware and handlers) answers like vLLM's own server."""
+    assert_framework_errors_shaped(omni_server("qwen-image"), completions_422=False)
+    r = requests.post(omni_server("qwen-image").url + CHAT, headers=omni_server("qwen-image").headers(), timeout=30,
+                      json={"messages": [{"role": "user", "content": "x"}], "modalities": ["text"]})
+    assert r.status_code == 400 and "answers with images, not text" in r.json()["error"]["message"]
 
 
 def test_server_keeps_serving_after_errors(omni_server):

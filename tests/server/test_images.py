@@ -61,7 +61,8 @@ def test_omitted_params_resolve_to_defaults_on_every_path(omni_server, checkpoin
     resolved = comparable(off.params.public_dict())
     # stage defaults (server flag) for steps and size, the pipeline's own for the rest
     assert (resolved["num_inference_steps"], resolved["width"], resolved["height"]) == (2, 64, 64)
-    assert resolved["true_cfg_scale"] == 4.0 and resolved["max_sequence_length"] == 512
+    # no negative prompt: true CFG does not run, and is reported off
+    assert resolved["true_cfg_scale"] is None and resolved["max_sequence_length"] == 512
     assert resolved["num_outputs_per_prompt"] == 1
     assert http.model_extra["omni"]["resolved"] == resolved
     assert chat.model_extra["omni"]["resolved"] == resolved
@@ -88,3 +89,19 @@ def test_output_formats(omni_server, fmt, magic):
     if fmt != "jpeg":  # png and (default, lossless) webp keep the pixels
         png = client.images.generate(prompt="a tree", extra_body={"seed": 1})
         assert decoded_md5(data).split() == decoded_md5(base64.b64decode(png.data[0].b64_json)).split()
+
+
+def test_fields_without_effect_are_listed_as_ignored(omni_server):
+    """OpenAI fields clients send by default (quality, style ...) and chat sampling values on an
+    image answer are accepted and named in `omni.ignored`; a request without them has none."""
+    server = omni_server("qwen-image")
+    client = server.client()
+    r = client.images.generate(model=MODEL, prompt="a boat", quality="hd", style="vivid", user="u1",
+                               extra_body={"seed": 2})
+    assert r.model_extra["omni"]["ignored"] == ["quality", "style"]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a boat"}],
+                                          temperature=0.7, max_tokens=30, extra_body={"seed": 2})
+    assert sorted(chat.model_extra["omni"]["ignored"]) == ["max_tokens", "temperature"]
+    assert decoded_md5(_chat_images(chat)[0]) == decoded_md5(base64.b64decode(r.data[0].b64_json))
+    plain = client.images.generate(model=MODEL, prompt="a boat", extra_body={"seed": 2})
+    assert plain.model_extra["omni"]["ignored"] == []

@@ -1,45 +1,24 @@
-"""Without a server: the text-answer builder, model extension fields, and how the
-multi-stage server's settings come together (stage config + vLLM serve flags)."""
+"""Without a server: model knobs, and how the multi-stage server's settings come
+together (stage config + vLLM serve flags -> the args vLLM's own server is started with)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_omni_plugin.request import Limits, RequestError, build_sampling_params, build_text_request
+from vllm_omni_plugin.request import RequestError, build_sampling_params
 
 
-def test_text_request_resolves_over_stage_defaults():
-    defaults = {"temperature": 0.0, "max_tokens": 256}
-    t = build_text_request({"messages": [], "max_completion_tokens": "7", "stop": "\n", "model": "m"}, defaults=defaults)
-    assert t.sampling == {"temperature": 0.0, "max_tokens": 7, "stop": ["\n"]}
-    assert defaults == {"temperature": 0.0, "max_tokens": 256}  # shared defaults untouched
-    assert build_text_request({"temperature": None}, defaults=defaults).sampling == defaults  # null = unset
+def test_knobs_are_typed_by_the_family_declaration():
+    from vllm_omni_plugin.diffusion.pipelines.bagel import BagelStepwise
 
-
-@pytest.mark.parametrize("fields,param,fragment", [
-    ({"size": "64x64"}, "size", "modalities"),
-    ({"cfg_text_scale": 2.0}, "cfg_text_scale", "modalities"),
-    ({"tools": []}, "tools", "unsupported parameter"),
-    ({"n": 9}, "n", "--omni-max-n"),
-    ({"max_tokens": 0}, "max_tokens", "positive integer"),
-    ({"stop": [1]}, "stop", "list of strings"),
-    ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "conflicts"),
-])
-def test_text_request_errors(fields, param, fragment):
-    with pytest.raises(RequestError) as e:
-        build_text_request(fields, limits=Limits(), extensions=("cfg_text_scale",))
-    assert e.value.param == param and fragment in e.value.message
-
-
-def test_extension_fields_are_typed_by_their_default():
-    ext = {"cfg_text_scale": 4.0, "cfg_interval": (0.4, 1.0), "cfg_renorm_type": "global"}
+    ext = BagelStepwise.capabilities.knobs
     p, _, _ = build_sampling_params(
-        {"prompt": "p", "cfg_text_scale": "3", "cfg_interval": "[0.5, 1]", "cfg_renorm_type": "channel"}, extensions=ext)
+        {"prompt": "p", "cfg_text_scale": "3", "cfg_interval": "[0.5, 1]", "cfg_renorm_type": "channel"}, knobs=ext)
     assert p.extra == {"cfg_text_scale": 3.0, "cfg_interval": (0.5, 1.0), "cfg_renorm_type": "channel"}
     with pytest.raises(RequestError, match="unknown parameter"):
         build_sampling_params({"prompt": "p", "cfg_text_scale": 3.0})  # not this model's knob
     with pytest.raises(RequestError, match="list of 2 numbers"):
-        build_sampling_params({"prompt": "p", "cfg_interval": [1]}, extensions=ext)
+        build_sampling_params({"prompt": "p", "cfg_interval": [1]}, knobs=ext)
 
 
 def test_multistage_settings_precedence(checkpoint, tmp_path):
@@ -71,3 +50,44 @@ def test_multistage_settings_precedence(checkpoint, tmp_path):
     with pytest.raises(ConfigError) as e:
         OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(bad)]))
     assert str(bad) in str(e.value) and "input_procesor" in str(e.value) and "unknown field" in str(e.value)
+
+
+def test_vllm_server_args_of_the_ar_stage(checkpoint, tmp_path):
+    """What `vllm serve <bagel> --omni` hands vLLM's own server: command-line flags over the stage
+    config's engine args, the AR stage's sampling defaults as vLLM's generation-config override
+    (an explicit --override-generation-config wins), as AsyncEngineArgs reads them."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.config import OmniServerConfig
+    from vllm_omni_plugin.server.launch import ar_stage_args
+
+    from .conftest import BAGEL_STAGE_CONFIG
+
+    path = tmp_path / "stages.yaml"
+    path.write_text(BAGEL_STAGE_CONFIG)
+    args = parse_args([str(checkpoint("bagel")), "--stage-configs-path", str(path), "--max-model-len", "512",
+                       "--override-generation-config", '{"max_new_tokens": 3}'])
+    for key, value in ar_stage_args(args, OmniServerConfig.from_args(args)).items():
+        setattr(args, key, value)
+    engine = AsyncEngineArgs.from_cli_args(args)
+    assert engine.max_model_len == 512 and engine.enforce_eager is True  # flag > stage config > vLLM
+    assert engine.hf_overrides == {"architectures": ["OmniBagelForConditionalGeneration"]}
+    assert engine.limit_mm_per_prompt == {"image": 1, "vae_image": 1}
+    kv = engine.kv_transfer_config
+    kv = kv if isinstance(kv, dict) else kv.model_dump()
+    assert kv["kv_connector"] == "OmniKVConnector" and kv["kv_connector_extra_config"]["transfer_dir"]
+    assert engine.override_generation_config == {"temperature": 0.0, "max_new_tokens": 3}
+
+
+def test_allowlist_keeps_every_plugin_that_would_load(monkeypatch):
+    from importlib.metadata import entry_points
+
+    from vllm_omni_plugin.server.plugin import allowlist_omni
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    names = set(allowlist_omni().split(","))
+    assert "omni" in names and {ep.name for ep in entry_points(group="vllm.general_plugins")} <= names
+    assert not {ep.name for ep in entry_points(group="vllm.endpoint_plugins")} - {"omni"} & names
+    monkeypatch.setenv("VLLM_PLUGINS", "mine")
+    assert allowlist_omni() == "mine,omni"

@@ -46,7 +46,7 @@ def test_omitted_params_resolve_to_pipeline_defaults(checkpoint):
 
     omni = Omni(str(checkpoint("qwen-image")))
     pipeline = omni.pipeline
-    builder = RequestBuilder(pipeline.resolve, "image", None, Limits())
+    builder = RequestBuilder(pipeline.resolve, pipeline.capabilities, None, Limits())
     canon = builder.build({"prompt": "a cat", "seed": 3}, task="image")
     engine_side = omni.engine.add_request("probe", SamplingParams(prompt="a cat", seed=3))
     omni.engine.abort("probe")
@@ -54,8 +54,9 @@ def test_omitted_params_resolve_to_pipeline_defaults(checkpoint):
     assert canon.params == engine_side
     size = pipeline.pipe.default_sample_size * pipeline.pipe.vae_scale_factor
     assert (canon.params.num_inference_steps, canon.params.height, canon.params.width) == (50, size, size)
-    assert canon.params.true_cfg_scale == 4.0
+    assert canon.params.true_cfg_scale is None  # no negative prompt: true CFG does not run, reported off
     # the resolved-size limit applies to defaults too
-    small = RequestBuilder(pipeline.resolve, "image", None, dataclasses.replace(Limits(), max_pixels=size * size - 1))
+    small = RequestBuilder(pipeline.resolve, pipeline.capabilities, None,
+                           dataclasses.replace(Limits(), max_pixels=size * size - 1))
     with pytest.raises(RequestError, match="resolved size"):
         small.build({"prompt": "a cat"}, task="image")

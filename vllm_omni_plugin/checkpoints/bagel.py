@@ -361,8 +361,12 @@ def build_in_memory(
     return {file: dict(_tensors(spec, seed, dtype, torch.device(device))) for file, (spec, dtype) in files.items()}
 
 
-def build(out: Path, *, family: str = "bagel", preset: str, seed: int, weights: bool = True) -> None:
-    """Write a BAGEL checkpoint into `out`; `weights=False` leaves out the safetensors files."""
+def build(out: Path, *, family: str = "bagel", preset: str, seed: int, weights: bool = True,
+          device: str | torch.device = "cpu") -> None:
+    """Write a BAGEL checkpoint into `out`; `weights=False` leaves out the safetensors files.
+
+    `device` is where the values are drawn (a GPU makes `full` in seconds); files are written from host memory.
+    """
     out = Path(out)
     d = PRESETS[preset]
     tok = write_qwen2_tokenizer(out)
@@ -371,5 +375,5 @@ def build(out: Path, *, family: str = "bagel", preset: str, seed: int, weights: 
     if weights:
         # One file at a time: `full` holds the ~29 GB of ema in host memory while writing it.
         for file, (spec, dtype) in _weight_files(d).items():
-            tensors = dict(_tensors(spec, seed, dtype, torch.device("cpu")))
+            tensors = {name: t.cpu() for name, t in _tensors(spec, seed, dtype, torch.device(device))}
             save_file(tensors, out / file, metadata={"format": "pt"})

@@ -1,4 +1,4 @@
-"""Qwen-Image family checkpoints: qwen-image, qwen-image-edit, qwen-image-layered.
+"""Qwen-Image family checkpoints: qwen-image, qwen-image-edit(-plus), qwen-image-layered.
 
 Layout (as the Qwen/Qwen-Image* repos): model_index.json, scheduler/,
 transformer/ (QwenImageTransformer2DModel), vae/ (AutoencoderKLQwenImage),
@@ -29,6 +29,7 @@ from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImageLayeredPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -43,6 +44,7 @@ from .tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 PIPELINES = {
     "qwen-image": QwenImagePipeline,
     "qwen-image-edit": QwenImageEditPipeline,
+    "qwen-image-edit-plus": QwenImageEditPlusPipeline,  # Qwen/Qwen-Image-Edit-2509: the same components
     "qwen-image-layered": QwenImageLayeredPipeline,
 }
 
@@ -174,8 +176,8 @@ def build_in_memory(
     return PIPELINES[family](**components)
 
 
-def build(out: Path, *, family: str, preset: str, seed: int) -> None:
-    pipe = build_in_memory(family, preset, seed, SAVE_DTYPE[preset], with_processor=False)
+def build(out: Path, *, family: str, preset: str, seed: int, device: str | torch.device = "cpu") -> None:
+    pipe = build_in_memory(family, preset, seed, SAVE_DTYPE[preset], device, with_processor=False)
     pipe.save_pretrained(out)
     if family != "qwen-image":
         _write_processor(out / "processor", pipe.tokenizer)

@@ -15,7 +15,12 @@ Each `step()`:
   5. runs denoise_step + scheduler_step for that batch, emits a progress event
      per request, and decodes requests that finished.
 
-Monolithic (generic) pipelines run one whole request per step.
+Failures stay with their request: when a shared call (the batched forward,
+`prepare_many`, `decode_many`) raises, the requests in it are retried one by
+one and only those that raise alone fail; a scheduler step runs per request.
+
+Monolithic (generic) pipelines run one whole request per step; an abort stops
+one at its next denoise step (the pipeline's step callback).
 No vLLM here: this runs on a bare GPU box (ARCHITECTURE.md, principle 3).
 """
 
@@ -23,16 +28,22 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
 from .state import DiffusionState
+
+
+class _AbortedMidRun(Exception):
+    """Raised from a monolithic pipeline's step callback to stop an aborted request."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,12 @@ class _Request:
     state: DiffusionState | None = None
 
 
+# Every forward of the engine (text encoders, denoiser, VAE) picks its SDPA kernel from this
+# list, in this order, whatever else in the process changed torch's global switches.
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+
+
 @dataclass
 class EngineStats:
     forwards: int = 0
@@ -76,6 +93,10 @@ class DiffusionEngine:
     ) -> None:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
+        if stage_defaults is not None:
+            # A default the model never reads is a deployment mistake: refused once, here.
+            layer = stage_defaults if isinstance(stage_defaults, SamplingParams) else SamplingParams.from_dict(stage_defaults)
+            pipeline.capabilities.check_fields(set(layer.set_fields()) - {"images"}, "the stage defaults")
         self.stage_defaults = stage_defaults
         self.stats = EngineStats()
         self._lock = threading.Lock()
@@ -96,8 +117,15 @@ class DiffusionEngine:
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals))
         return resolved
 
+    def close(self) -> None:
+        """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
+
     def abort(self, request_id: str) -> None:
-        """Stop a request at the next step boundary; its memory is released there."""
+        """Stop a request at the end of the denoise step it is in; its memory is released there.
+
+        Step-wise pipelines stop at the engine's next step boundary; monolithic ones
+        (run as one unit) at the pipeline's next step callback.
+        """
         with self._lock:
             self._aborts.add(request_id)
 
@@ -110,9 +138,44 @@ class DiffusionEngine:
         return len(self._running)
 
     # ---- engine loop -----------------------------------------------------------
+    @property
+    def _group(self):
+        return getattr(self.pipeline, "parallel", None)
+
     def step(self) -> list[EngineEvent]:
-        events = self._apply_aborts()
-        events += self._admit()
+        # The attention kernels are pinned here rather than left to torch's process-wide flags:
+        # importing vLLM's server switches cuDNN SDPA off for the whole process, which made a
+        # served image differ from the offline one by a few levels (seen on an H200).
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            return self._step()
+
+    def _step(self) -> list[EngineEvent]:
+        dropped, admitted = self._take_plan()
+        group = self._group
+        if group is not None:  # multi-GPU: every rank applies rank 0's plan (parallel.py)
+            group.broadcast_plan(
+                ([r.request_id for r in dropped], [(r.request_id, r.params, r.arrival) for r in admitted])
+            )
+        return self._apply_plan(dropped, admitted)
+
+    def follow(self) -> None:
+        """Worker ranks: apply rank 0's plan each step until rank 0 sends the stop plan (None)."""
+        group = self._group
+        while (plan := group.broadcast_plan(None)) is not None:
+            dropped_ids, admitted = plan
+            with self._lock:
+                dropped = [self._running.pop(r) for r in dropped_ids if r in self._running]
+            with sdpa_kernel(SDPA_BACKENDS, set_priority=True):  # the same kernels as rank 0
+                self._apply_plan(dropped, [_Request(rid, params, arrival) for rid, params, arrival in admitted])
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the worker ranks from `follow()`."""
+        if self._group is not None:
+            self._group.broadcast_plan(None)
+
+    def _apply_plan(self, dropped: list[_Request], admitted: list[_Request]) -> list[EngineEvent]:
+        events = self._release_aborted(dropped)
+        events += self._admit(admitted)
         if isinstance(self.pipeline, StepwisePipeline):
             events += self._denoise_one_batch()
         else:
@@ -131,32 +194,30 @@ class DiffusionEngine:
                     final[event.request_id] = event
         return final
 
-    def _apply_aborts(self) -> list[EngineEvent]:
+    def _take_plan(self) -> tuple[list[_Request], list[_Request]]:
+        """This step's aborted requests (at this step boundary) and the waiting requests it admits."""
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             dropped = [self._waiting.pop(r, None) or self._running.pop(r, None) for r in aborts]
+            room = self.config.max_running - len(self._running)
+            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+        return [r for r in dropped if r is not None], admitted
+
+    def _release_aborted(self, dropped: list[_Request]) -> list[EngineEvent]:
         events = []
         for req in dropped:
-            if req is None:
-                continue
             if req.state is not None:
                 req.state.release()
                 req.state = None
             events.append(EngineEvent("aborted", req.request_id))
         return events
 
-    def _admit(self) -> list[EngineEvent]:
-        """Move waiting requests to running; all admitted in this step are prepared in one call."""
-        with self._lock:
-            room = self.config.max_running - len(self._running)
-            admitted = [self._waiting.popitem(last=False)[1] for _ in range(min(room, len(self._waiting)))]
+    def _admit(self, admitted: list[_Request]) -> list[EngineEvent]:
+        """Move admitted requests to running; all admitted in one step are prepared in one call."""
         if not admitted:
             return []
         if isinstance(self.pipeline, StepwisePipeline):
-            try:
-                states = self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
-            except Exception as exc:  # a shared step (one text-encoder call) failed: each request ends in it
-                states = [exc] * len(admitted)
+            states = self._prepare(admitted)
         else:
             states = [None] * len(admitted)
         events = []
@@ -168,6 +229,15 @@ class DiffusionEngine:
             with self._lock:
                 self._running[req.request_id] = req
         return events
+
+    def _prepare(self, admitted: list[_Request]) -> list[DiffusionState | Exception]:
+        """`prepare_many` for the admitted requests; if its shared work raises, each is prepared alone."""
+        try:
+            return self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(admitted) == 1:
+                return [exc]
+            return [state for req in admitted for state in self._prepare([req])]
 
     def _pick_batch(self) -> list[_Request]:
         pipe = self.pipeline
@@ -189,28 +259,65 @@ class DiffusionEngine:
         if not self._running:
             return []
         batch = self._pick_batch()
-        states = [r.state for r in batch]
         pipe = self.pipeline
         try:
             with torch.no_grad():
-                preds = pipe.denoise_step(states)
-                pipe.scheduler_step(states, preds)
-        except Exception as exc:
-            return [self._fail(r, exc) for r in batch]
+                preds = pipe.denoise_step([r.state for r in batch])
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(batch) == 1:
+                return [self._fail(batch[0], exc)]
+            # A shared forward raised: run each request alone, so only the one(s)
+            # that raise on their own fail and the others take their step.
+            return self._denoise_one_by_one(batch)
         self.stats.forwards += 1
         self.stats.batch_sizes.append(len(batch))
-        events = [EngineEvent("step", r.request_id, r.state.step_index, r.state.num_steps) for r in batch]
-        done = [r for r in batch if r.state.done]
+        return self._advance(list(zip(batch, preds)))
+
+    def _denoise_one_by_one(self, batch: list[_Request]) -> list[EngineEvent]:
+        events, stepped = [], []
+        for req in batch:
+            try:
+                with torch.no_grad():
+                    stepped.append((req, self.pipeline.denoise_step([req.state])[0]))
+            except Exception as exc:  # noqa: BLE001 -- this request's own error
+                events.append(self._fail(req, exc))
+            else:
+                self.stats.forwards += 1
+                self.stats.batch_sizes.append(1)
+        return events + self._advance(stepped)
+
+    def _advance(self, stepped: list[tuple[_Request, torch.Tensor]]) -> list[EngineEvent]:
+        """Scheduler step per request (a failure fails that request only), progress events, decodes."""
+        events, done = [], []
+        for req, pred in stepped:
+            try:
+                self.pipeline.scheduler_step([req.state], [pred])
+            except Exception as exc:  # noqa: BLE001 -- this request's own error
+                events.append(self._fail(req, exc))
+                continue
+            events.append(EngineEvent("step", req.request_id, req.state.step_index, req.state.num_steps))
+            if req.state.done:
+                done.append(req)
         return events + (self._finish(done) if done else [])
 
     def _finish(self, done: list[_Request]) -> list[EngineEvent]:
-        """Decode requests that finished in this step (together where the pipeline can)."""
+        """Decode requests that finished in this step (together where the pipeline can; alone if that raises)."""
+        group = self._group
+        started = time.perf_counter()
         try:
-            outputs = self.pipeline.decode_many([r.state for r in done])
-        except Exception as exc:
-            return [self._fail(r, exc) for r in done]
+            if group is not None and not group.is_driver:  # only rank 0 decodes and answers
+                outputs = [None] * len(done)
+            else:
+                outputs = self.pipeline.decode_many([r.state for r in done])
+        except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
+            if len(done) == 1:
+                return [self._fail(done[0], exc)]
+            return [event for req in done for event in self._finish([req])]
+        decode_seconds = time.perf_counter() - started  # outputs are host images: the GPU work is done
         events = []
         for req, output in zip(done, outputs):
+            if output is not None:  # (None on worker ranks)
+                output.timings["decode"] = decode_seconds
             with self._lock:
                 self._running.pop(req.request_id, None)
             req.state.release()
@@ -234,10 +341,20 @@ class DiffusionEngine:
         events: list[EngineEvent] = []
 
         def progress(request_id: str, step: int, total: int) -> None:
+            # A whole-request run has no step boundary of the engine's: an abort is
+            # checked after every denoise step here, and ends the run by unwinding it.
+            with self._lock:
+                if request_id in self._aborts:
+                    self._aborts.discard(request_id)
+                    raise _AbortedMidRun(request_id)
             events.append(EngineEvent("step", request_id, step, total))
 
         try:
             output = self.pipeline.run_whole(req.params, rid, progress)
+        except _AbortedMidRun:
+            with self._lock:
+                self._running.pop(rid, None)
+            return events + [EngineEvent("aborted", rid)]
         except Exception as exc:
             return events + [self._fail(req, exc)]
         with self._lock:

@@ -20,7 +20,9 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
+from .capabilities import Capabilities
 from .output import DiffusionOutput
+from .parallel import ParallelGroup
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
 from .state import BatchKey, DiffusionState
 
@@ -34,6 +36,9 @@ class DiffusionPipelineBase(ABC):
     monolithic: bool = False
     #: name used in docs and logs
     family: str = "?"
+    #: what this family makes, takes and reads (diffusion/capabilities.py); every
+    #: concrete pipeline class declares it, an instance may refine it in __init__
+    capabilities: Capabilities
 
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         self.pipe = pipe
@@ -57,10 +62,20 @@ class DiffusionPipelineBase(ABC):
     def defaults(self) -> PipelineDefaults:
         """This family's own defaults and derived-value rule (see params.resolve)."""
 
+    #: the family runs step caching (`cache_threshold`, step_cache.py)
+    supports_step_cache: bool = False
+
     def resolve(
         self, request: SamplingParams, stage_defaults: SamplingParams | Mapping[str, Any] | None = None
     ) -> ResolvedParams:
-        return resolve(request, stage_defaults, self.defaults())
+        """request > stage defaults > this family's defaults; a field the family does not
+        read, or an input-image count it does not take, is refused (`UnsupportedField`);
+        step caching only where the family supports it (`supports_step_cache`)."""
+        check_request(self.capabilities, request)
+        resolved = resolve(request, stage_defaults, self.defaults())
+        if resolved.cache_threshold is not None and not self.supports_step_cache:
+            raise ValueError(f"{self.family} does not support step caching; leave cache_threshold unset")
+        return resolved
 
     def generate(
         self,
@@ -77,10 +92,18 @@ class DiffusionPipelineBase(ABC):
         """Run one resolved request to its output."""
 
 
+def check_request(capabilities: Capabilities, request: SamplingParams) -> None:
+    """Refuse what the declaration says the family does not read (raises `UnsupportedField`)."""
+    capabilities.check_images(len(request.images or ()))
+    capabilities.check_fields(set(request.set_fields()) - {"images"})
+
+
 class StepwisePipeline(DiffusionPipelineBase):
     """prepare -> denoise_step xN -> scheduler_step xN -> decode, on explicit states."""
 
     monolithic = False
+    #: this rank's multi-GPU DiT group (parallel.py, set by workers.attach_parallel); None on one device
+    parallel: ParallelGroup | None = None
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id)
@@ -152,16 +175,19 @@ class StepwisePipeline(DiffusionPipelineBase):
 
     def group_blocks(self, blocks: list[tuple[DiffusionState, int]]) -> list[list[tuple[DiffusionState, int]]]:
         """Split (state, branch) blocks into forwards (see `batch_cfg`, `small_forward_tokens`)."""
+        # diffusers' ring attention takes no attention mask: under ring SP, rows
+        # of different text layouts never share a (padded, masked) forward.
+        masks_allowed = self.parallel is None or self.parallel.config.ring_degree == 1
         if not self.batch_cfg:
-            return [g for g in ([x for x in blocks if x[1] == b] for b in (0, 1)) if g]
+            by_branch = [g for g in ([x for x in blocks if x[1] == b] for b in (0, 1)) if g]
+            return by_branch if masks_allowed else [g for br in by_branch for g in self._by_layout(br)]
 
         def tokens(group: list[tuple[DiffusionState, int]]) -> int:
             return sum(s.tokens_per_row * s.rows for s, _ in group)
 
-        by_layout: dict[Hashable, list[tuple[DiffusionState, int]]] = {}
-        for s, b in blocks:
-            by_layout.setdefault(self.text_layout(s, b), []).append((s, b))
-        groups = sorted(by_layout.values(), key=tokens)
+        groups = sorted(self._by_layout(blocks), key=tokens)
+        if not masks_allowed:
+            return groups
         big = [g for g in groups if tokens(g) >= self.small_forward_tokens]
         small = [x for g in groups if tokens(g) < self.small_forward_tokens for x in g]
         if not small:
@@ -169,6 +195,38 @@ class StepwisePipeline(DiffusionPipelineBase):
         if big and tokens(small) < self.small_forward_tokens:
             return [big[0] + small, *big[1:]]
         return [*big, small]
+
+    def _by_layout(self, blocks: list[tuple[DiffusionState, int]]) -> list[list[tuple[DiffusionState, int]]]:
+        by_layout: dict[Hashable, list[tuple[DiffusionState, int]]] = {}
+        for s, b in blocks:
+            by_layout.setdefault(self.text_layout(s, b), []).append((s, b))
+        return list(by_layout.values())
+
+    @staticmethod
+    def cfg_split(
+        states: list[DiffusionState], blocks: list[tuple[DiffusionState, int]], ranks: int
+    ) -> list[list[tuple[DiffusionState, int]]]:
+        """CFG-parallel: which (state, branch) blocks each CFG rank runs, in block order.
+
+        Branch b of a CFG request goes to rank b; a request without CFG goes to the
+        rank with fewer tokens so far (ties: rank 0). Each rank thus runs exactly
+        the cond (uncond) forward the one-device engine runs with batch_cfg=False.
+        """
+        if ranks == 1:
+            return [blocks]
+        owner: dict[tuple[int, int], int] = {}
+        load = [0] * ranks
+        for s in states:
+            if s.cfg.branches == 2:
+                for b in (0, 1):
+                    owner[(id(s), b)] = b
+                    load[b] += s.tokens_per_row * s.rows
+        for s in states:
+            if s.cfg.branches == 1:
+                r = min(range(ranks), key=lambda i: (load[i], i))
+                owner[(id(s), 0)] = r
+                load[r] += s.tokens_per_row * s.rows
+        return [[x for x in blocks if owner[(id(x[0]), x[1])] == r] for r in range(ranks)]
 
     def run_branches(
         self, states: list[DiffusionState], forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor]
@@ -179,11 +237,19 @@ class StepwisePipeline(DiffusionPipelineBase):
         order. Returns, per state, its outputs per branch (0 = cond, 1 = uncond).
         """
         blocks = [(s, b) for s in states for b in range(s.cfg.branches)]
+        par = self.parallel
+        cfg_ranks = 1 if par is None else par.config.cfg_degree
+        owned = self.cfg_split(states, blocks, cfg_ranks)
+        mine = owned[0 if par is None else par.cfg_rank]
         outs: dict[tuple[int, int], torch.Tensor] = {}
-        for group in self.group_blocks(blocks):
+        for group in self.group_blocks(mine):
             result = forward(group)
             for (s, b), chunk in zip(group, result.split([s.rows for s, _ in group])):
                 outs[(id(s), b)] = chunk
+        if cfg_ranks > 1:
+            gathered = par.gather_blocks([outs[(id(s), b)] for s, b in mine], [len(o) for o in owned])
+            for rank_blocks, tensors in zip(owned, gathered):
+                outs.update(((id(s), b), t) for (s, b), t in zip(rank_blocks, tensors))
         return [[outs[(id(s), b)] for b in range(s.cfg.branches)] for s in states]
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:

@@ -37,9 +37,34 @@ def default_load_config(dtype: torch.dtype | str | None = None, device: str | to
 
 def read_model_index(path: str | Path) -> dict[str, Any]:
     index = Path(path) / "model_index.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (a diffusers checkpoint is a directory with model_index.json)")
     if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers checkpoint: no model_index.json")
+        found = "config.json (a transformers model, not a diffusers pipeline)" if (Path(path) / "config.json").is_file() else "neither it nor config.json"
+        raise FileNotFoundError(f"{path} is not a diffusers checkpoint: no model_index.json (found {found})")
     return json.loads(index.read_text())
+
+
+def check_component_weights(path: str | Path, model_index: dict[str, Any]) -> None:
+    """Every model component (a sub-folder with config.json) has its weight files, before diffusers looks.
+
+    diffusers reports a missing `*.safetensors` as a missing `diffusion_pytorch_model.bin`
+    (its fallback), which sends the reader after the wrong file. Checked here: the
+    folder has a `*.safetensors` (or `.bin`) file, and a sharded index's shards all exist.
+    """
+    for name, spec in model_index.items():
+        folder = Path(path) / name
+        if name.startswith("_") or not isinstance(spec, list) or not (folder / "config.json").is_file():
+            continue  # metadata, or a component without weights (scheduler, tokenizer, processor)
+        for index in folder.glob("*.safetensors.index.json"):
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: {index.name} lists weight shards that are missing: {', '.join(missing)}")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise FileNotFoundError(
+                f"{folder}: component {name!r} ({'.'.join(map(str, spec))}) has config.json but no weights "
+                "(looked for *.safetensors, *.safetensors.index.json shards, *.bin)")
 
 
 def pipeline_class(model_index: dict[str, Any]) -> type:
@@ -72,6 +97,7 @@ def _component_overrides(path: Path, model_index: dict[str, Any]) -> dict[str, A
 def load_diffusers_pipeline(path: str | Path, config: LoadConfig) -> Any:
     """The diffusers pipeline object, on `config.device` in `config.dtype`."""
     model_index = read_model_index(path)
+    check_component_weights(path, model_index)
     cls = pipeline_class(model_index)
     overrides = _component_overrides(Path(path), model_index)
     pipe = cls.from_pretrained(str(path), dtype=config.dtype, **overrides)

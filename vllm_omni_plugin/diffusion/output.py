@@ -31,6 +31,9 @@ class DiffusionOutput:
     videos: list[list[Any]] = field(default_factory=list)
     fps: int | None = None
     latents: Any = None
+    # Seconds spent on this output inside the engine, by phase ("decode": the VAE decode of the
+    # batch it finished in); for operators' logs and the benchmarks, never for results.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def save_mp4(self, path: str | Path, index: int = 0, codec: str = "libx264", crf: int = 18) -> Path:
         """Write video `index` to an mp4 file (H.264, yuv420p) and return its path."""

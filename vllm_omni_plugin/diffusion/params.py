@@ -47,6 +47,10 @@ class SamplingParams:
     max_sequence_length       text tokens kept
     images                    input images (edit / layered / image-to-video)
     output_type               "pil" (default), "np" or "latent"
+    cache_threshold           step caching (step_cache.py): skip the DiT's later
+                              blocks while the first block's residual changes by
+                              less than this (relative L1); unset = no caching,
+                              0 = caching machinery on but never skipping
     extra                     family-specific knobs (e.g. `cfg_normalize`)
     """
 
@@ -67,6 +71,7 @@ class SamplingParams:
     max_sequence_length: int | None = None
     images: list[Any] | None = None
     output_type: str | None = None
+    cache_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cfg_scale: dataclasses.InitVar[float | None] = None
 
@@ -119,6 +124,7 @@ class ResolvedParams:
     max_sequence_length: int | None
     images: tuple[Any, ...] | None
     output_type: str
+    cache_threshold: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
@@ -205,10 +211,13 @@ def _validate(v: Mapping[str, Any]) -> None:
         raise ValueError("num_inference_steps is unset and the pipeline has no default")
     if v["output_type"] not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}")
-    for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
+    for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale", "cache_threshold"):
         x = v.get(name)
-        if x is not None and not isinstance(x, (int, float)):
+        if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)):
             raise ValueError(f"{name} must be a number, got {x!r}")
+    threshold = v.get("cache_threshold")
+    if threshold is not None and not 0 <= threshold < float("inf"):
+        raise ValueError(f"cache_threshold must be a finite number >= 0, got {threshold!r}")
     seed = v["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")

@@ -16,8 +16,9 @@ untouched. For an opted-in request:
   worker side     after that step's forward (`wait_for_save`), gathers every
                   layer's K/V of exactly the prompt's tokens from the paged
                   cache (`layout.gather_kv`), adds the model's metadata for the
-                  request (`get_kv_transfer_metadata(req_id)`), writes it to the
-                  transfer store keyed by request id.
+                  request (`kv_transfer_metadata(spec)` of the model registered
+                  with `register_metadata_source`), writes it to the transfer
+                  store keyed by request id.
   request output  kv_transfer_params = {"omni_kv": {"status": "saved", "request_id": ...,
                   "path": ..., "num_tokens": ...}}; `store.take_transferred` reads and
                   frees it. The id is the engine's (vLLM suffixes the caller's id).
@@ -32,6 +33,7 @@ connector is for single-rank AR stages, as BAGEL's is).
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -75,28 +77,34 @@ class OmniKVMetadata(KVConnectorMetadata):
 class MetadataSource(Protocol):
     """What a model offers the connector (OmniBagelForConditionalGeneration does)."""
 
-    def get_kv_transfer_metadata(self, req_id: str) -> dict[str, Any] | None: ...
+    def kv_transfer_metadata(self, spec: SaveSpec) -> dict[str, Any]: ...
+
+
+# The model of this worker process that describes its requests to the connector.
+# Why a process-wide registration and not a record made inside the model's
+# forward: with CUDA graphs a forward is replayed without running any Python,
+# and a host-side record there would also need the batch's request ids, which
+# a forward does not see. The facts depend only on the scheduler's SaveSpec
+# (prompt length, multimodal ranges) and the model's config, so the connector
+# asks the model for them at save time. A worker process builds one model
+# (the connector serves single-rank AR stages), so one slot is enough; it is
+# held weakly so a model that goes away is not kept alive by the connector.
+_source: "weakref.ReferenceType[MetadataSource] | None" = None
+
+
+def register_metadata_source(source: MetadataSource) -> None:
+    """Make `source` the model this process's connector asks for per-request metadata."""
+    global _source
+    _source = weakref.ref(source)
+
+
+def metadata_source() -> MetadataSource | None:
+    return _source() if _source is not None else None
 
 
 def wants_transfer(kv_transfer_params: dict[str, Any] | None) -> bool:
     report = (kv_transfer_params or {}).get(PARAMS_KEY)
     return isinstance(report, dict) and bool(report.get("transfer"))
-
-
-def active_connector() -> "OmniKVConnector | None":
-    """This process's worker-side OmniKVConnector while a step's metadata is bound, else None.
-
-    Dummy / profiling forwards run without it, so whatever a model records
-    through it belongs to a real scheduled request.
-    """
-    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-    if not has_kv_transfer_group():
-        return None
-    connector = get_kv_transfer_group()
-    if isinstance(connector, OmniKVConnector) and connector.has_connector_metadata():
-        return connector
-    return None
 
 
 @dataclass
@@ -111,13 +119,14 @@ class _Tracked:
 class OmniKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.store = KVTransferStore(self._kv_transfer_config.get_from_extra_config("transfer_dir", None))
+        extra = self._kv_transfer_config.get_from_extra_config
+        # transport: "auto" keeps GPU K/V on the GPU (CUDA IPC) and uses files otherwise (store.py).
+        self.store = KVTransferStore(extra("transfer_dir", None), extra("transport", "auto"))
         self._block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
         # worker side: layer name -> (cache, layout, head_dim), in layer order
         self._layers: list[tuple[str, torch.Tensor, str, int]] = []
-        self._source: weakref.ReferenceType[MetadataSource] | None = None
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
 
         self._writes = role != KVConnectorRole.WORKER or not model_parallel_is_initialized() or get_tensor_model_parallel_rank() == 0
@@ -194,15 +203,6 @@ class OmniKVConnector(KVConnectorBase_V1):
                            layout, layer.head_size))
         self._layers = sorted(layers, key=lambda x: extract_layer_index(x[0]))
 
-    def attach_metadata_source(self, source: MetadataSource) -> None:
-        """The model that answers get_kv_transfer_metadata(req_id) (held weakly)."""
-        if self._source is None or self._source() is not source:
-            self._source = weakref.ref(source)
-
-    def saves_this_step(self) -> list[SaveSpec]:
-        meta = self._get_connector_metadata()
-        return list(meta.saves) if isinstance(meta, OmniKVMetadata) else []
-
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         return
 
@@ -215,19 +215,27 @@ class OmniKVConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
-        if not self.has_connector_metadata():
+        if not self._writes or not self.has_connector_metadata():
             return
-        source = self._source() if self._source is not None else None
-        for spec in self.saves_this_step():
-            # Always ask, so the model's record for the request is consumed on every rank.
-            facts = (source.get_kv_transfer_metadata(spec.req_id) if source is not None else None) or {}
-            if not self._writes:
-                continue
+        self.store.release_consumed()  # shared GPU buffers the consumer has taken since the last step
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, OmniKVMetadata) or not meta.saves:
+            return
+        source = metadata_source()
+        if torch.cuda.is_available() and self._layers and self._layers[0][1].is_cuda:
+            # The K/V are valid once this step's forward ran; waiting here (once per saving step)
+            # also keeps that compute out of the hand-over time measured below.
+            torch.cuda.current_stream().synchronize()
+        for spec in meta.saves:
+            # The producer's share of the hand-over (gather + store) is measured by the consumer from
+            # this and the file's modification time (store.take_file: metadata["save_seconds"]).
+            started = time.time()
+            facts = source.kv_transfer_metadata(spec) if source is not None else {}
             slots = slot_mapping(spec.block_ids, self._block_size, spec.num_tokens)
             pairs = [gather_kv(cache, layout, head_dim, slots) for _, cache, layout, head_dim in self._layers]
             self.store.put(TransferredKV(
                 request_id=spec.req_id,
                 keys=tuple(k for k, _ in pairs),
                 values=tuple(v for _, v in pairs),
-                metadata={**facts, "num_tokens": spec.num_tokens},
+                metadata={**facts, "num_tokens": spec.num_tokens, "save_started_unix": started},
             ))

@@ -7,18 +7,38 @@ file is deleted as it is read, so storage lives exactly until consumption.
 Large tensors go through the file system -- by default /dev/shm, i.e. shared
 memory -- never pickled through a queue.
 
-File format: safetensors with tensors `k.{layer}` / `v.{layer}`, each
-(tokens, kv_heads, head_dim), and the metadata as JSON in the header. Writes
-go to a temporary name first and are renamed, so a reader never sees half a
-file. No vLLM imports here: the diffusion side reads these files without vLLM.
+Two transports, one file per request either way (safetensors, the metadata
+as JSON in its header; written to a temporary name and renamed, so a reader
+never sees half a file):
+
+  file      the tensors `k.{layer}` / `v.{layer}`, each (tokens, kv_heads,
+            head_dim), are in the file. Any process on the host reads them.
+  cuda_ipc  the K/V stay on the GPU: the producer stacks them into one buffer
+            (2, layers, tokens, kv_heads, head_dim) and the file's header holds
+            its CUDA IPC handle (torch.multiprocessing's own reduction, as
+            torch's queues send CUDA tensors). The consumer opens it, copies it
+            device-to-device and deletes the file; the producer keeps the buffer
+            until the file is gone (`release_consumed`, called every engine
+            step) or MAX_SHARED_SECONDS passed. No host round trip: a 0.5 GB
+            img2img context moves in about a millisecond instead of ~0.5 s.
+            Needs the consumer on the same host with access to the device
+            (the AR and DiT stages of one GPU), and the producer alive until
+            consumption. The handle is pickled; the store's folder is private
+            to the user that runs both stages.
+
+`transport="auto"` picks cuda_ipc for CUDA tensors and file otherwise. No
+vLLM imports here: the diffusion side reads these files without vLLM.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +49,11 @@ from safetensors.torch import load_file, save_file
 # The key in a request's kv_transfer_params (SamplingParams.extra_args["kv_transfer_params"])
 # that asks for the transfer, and under which the output reports it.
 PARAMS_KEY = "omni_kv"
+
+TRANSPORTS = ("auto", "file", "cuda_ipc")
+# A shared GPU buffer nobody took (its request was aborted after the prefill) is freed after this.
+MAX_SHARED_SECONDS = 600.0
+_IPC_KEY = "cuda_ipc"
 
 
 def request_params() -> dict[str, Any]:
@@ -49,7 +74,7 @@ class TransferredKV:
     the attention cache holds them -- the layout of the diffusion stage's
     `BranchKV` (diffusion/bagel/context.py): `BranchKV(t.keys, t.values,
     t.metadata["latent_position"])`. `metadata` is what the model class reports
-    for the request (`get_kv_transfer_metadata`), plus `num_tokens`.
+    for the request (`kv_transfer_metadata(spec)`), plus `num_tokens`.
     """
 
     request_id: str
@@ -63,19 +88,58 @@ class TransferredKV:
 
 
 class KVTransferStore:
-    def __init__(self, root: str | Path | None = None) -> None:
+    """Args:
+        root: the folder of the per-request files (default: /dev/shm/vllm-omni-kv-<uid>).
+        transport: "auto" (cuda_ipc for CUDA tensors, else file), "file" or "cuda_ipc".
+    """
+
+    def __init__(self, root: str | Path | None = None, transport: str = "auto") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown KV transport {transport!r}; one of {', '.join(TRANSPORTS)}")
         self.root = Path(root) if root is not None else default_root()
+        self.transport = transport
+        self._shared: dict[Path, tuple[torch.Tensor, float]] = {}  # cuda_ipc buffers until consumed
 
     def path(self, request_id: str) -> Path:
         # Request ids are caller-chosen strings: hash them into a safe file name.
         return self.root / (hashlib.sha256(request_id.encode()).hexdigest()[:32] + ".safetensors")
 
+    def uses_ipc(self, item: TransferredKV) -> bool:
+        on_gpu = item.keys[0].is_cuda
+        if self.transport == "cuda_ipc" and not on_gpu:
+            raise ValueError("KV transport cuda_ipc needs CUDA tensors; this stage's KV cache is on "
+                             f"{item.keys[0].device} (use transport file or auto)")
+        return on_gpu and self.transport != "file"
+
     def put(self, item: TransferredKV) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        header = {"request_id": item.request_id, "metadata": json.dumps(item.metadata)}
+        if self.uses_ipc(item):
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            buffer = torch.stack([torch.stack(item.keys), torch.stack(item.values)])
+            _, args = reduce_tensor(buffer)
+            header[_IPC_KEY] = base64.b64encode(pickle.dumps(args)).decode()
+            final = self._write({}, header, item.request_id)
+            self._shared[final] = (buffer, time.monotonic())
+            return final
         tensors = {f"k.{i}": k.detach().cpu().contiguous() for i, k in enumerate(item.keys)}
         tensors.update({f"v.{i}": v.detach().cpu().contiguous() for i, v in enumerate(item.values)})
-        header = {"request_id": item.request_id, "metadata": json.dumps(item.metadata)}
-        final = self.path(item.request_id)
+        return self._write(tensors, header, item.request_id)
+
+    def release_consumed(self, now: float | None = None) -> int:
+        """Free shared GPU buffers whose file was taken (or that waited too long); returns how many are held."""
+        now = time.monotonic() if now is None else now
+        for path, (_, since) in list(self._shared.items()):
+            if not path.exists():
+                del self._shared[path]
+            elif now - since > MAX_SHARED_SECONDS:
+                path.unlink(missing_ok=True)
+                del self._shared[path]
+        return len(self._shared)
+
+    def _write(self, tensors: dict[str, torch.Tensor], header: dict[str, str], request_id: str) -> Path:
+        final = self.path(request_id)
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         os.close(fd)
         try:
@@ -112,6 +176,18 @@ def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
     stored_id = header.get("request_id")
     if request_id is not None and stored_id != request_id:
         raise KeyError(f"{path} holds request {stored_id!r}, not {request_id!r}")
+    metadata = json.loads(header.get("metadata", "{}"))
+    if "save_started_unix" in metadata:  # the producer's gather + write, ended when the file was renamed in
+        metadata["save_seconds"] = max(0.0, path.stat().st_mtime - metadata["save_started_unix"])
+    if _IPC_KEY in header:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        shared = rebuild_cuda_tensor(*pickle.loads(base64.b64decode(header[_IPC_KEY])))
+        kv = shared.clone()  # our own copy: the producer may free its buffer once the file is gone
+        torch.cuda.current_stream(kv.device).synchronize()
+        del shared
+        path.unlink()
+        return TransferredKV(stored_id, tuple(kv[0].unbind(0)), tuple(kv[1].unbind(0)), metadata)
     tensors = load_file(path)
     path.unlink()
     layers = len(tensors) // 2
@@ -119,7 +195,7 @@ def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
         request_id=stored_id,
         keys=tuple(tensors[f"k.{i}"] for i in range(layers)),
         values=tuple(tensors[f"v.{i}"] for i in range(layers)),
-        metadata=json.loads(header.get("metadata", "{}")),
+        metadata=metadata,
     )
 
 

@@ -6,20 +6,19 @@ names this architecture loads through the plugin's registry and gets
 bidirectional attention over image tokens from the `is_mm_prefix_lm` patch,
 plus what the diffusion stage needs from the AR stage besides the KV cache:
 per request, the RoPE position the generated image block takes and the shapes
-of the request's input images, keyed by request id
-(`get_kv_transfer_metadata(req_id)`, ARCHITECTURE.md principle 6).
+of the request's input images, keyed by request id (ARCHITECTURE.md
+principle 6).
 
-Why the facts are recorded from the KV connector's metadata: in vLLM 0.32 a
-model's forward sees one flattened batch (input ids, positions) and no request
-ids, and the runner may reorder requests in the batch, so batch rows are no
-key. The KV connector's scheduler side does know, per step, which requests
-complete their prompt (`SaveSpec`: id, prompt tokens, multimodal ranges). The
-forward reads that list from the active connector and records the facts under
-each id; the connector's `wait_for_save`, after the same forward, takes them
-with `get_kv_transfer_metadata` and stores them next to the request's K/V.
-Warm-up and profiling forwards run without bound connector metadata, so they
-record nothing; a record lives from the forward of a request's last prefill
-step to that step's save.
+Why those facts are computed from the KV connector's `SaveSpec` and not in the
+forward: in vLLM 0.32 a model's forward sees one flattened batch and no
+request ids (the runner may reorder requests, so batch rows are no key), and
+with CUDA graphs a forward is replayed without running Python at all. The
+connector's scheduler side knows, per step, which requests complete their
+prompt (`SaveSpec`: id, prompt length, multimodal ranges), and the facts are a
+function of that spec and the model's config alone. So the model registers
+itself as the process's metadata source when it is built, and the connector's
+`wait_for_save` asks it (`kv_transfer_metadata(spec)`) while it stores the
+request's K/V. The forward holds no per-request state.
 
 BAGEL's prompt layout (what makes the KV cache the one ByteDance's BAGEL
 computes, and what the diffusion stage expects): each image block
@@ -47,7 +46,7 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from vllm_omni_plugin.kv.connector import SaveSpec, active_connector
+from vllm_omni_plugin.kv.connector import SaveSpec, register_metadata_source
 
 from .bagel_gen import BagelGenerationSide, is_generation_weight
 from .bagel_positions import bagel_positions, block_ranges
@@ -96,7 +95,7 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
         self._vae_pad_id = vae_pad_id(tokenizer)
         embed = self.language_model.model.embed_tokens.weight
         self.generation = BagelGenerationSide(self.config, embed.dtype, embed.device)
-        self._kv_transfer_facts: dict[str, dict[str, Any]] = {}
+        register_metadata_source(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's Bagel loading, plus the generation side's tensors (which vLLM's Bagel drops)."""
@@ -158,18 +157,6 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
             "vae_latent_tokens": [length - 2 for m, _, length in spec.mm_ranges if m == VAE_IMAGE],
         }
 
-    def get_kv_transfer_metadata(self, req_id: str) -> dict[str, Any] | None:
-        """The facts recorded for `req_id` (and forget them), or None if there are none."""
-        return self._kv_transfer_facts.pop(req_id, None)
-
-    def _record_kv_transfer_facts(self) -> None:
-        connector = active_connector()
-        if connector is None:  # no transfer configured, or a dummy / profiling run
-            return
-        connector.attach_metadata_source(self)
-        for spec in connector.saves_this_step():
-            self._kv_transfer_facts[spec.req_id] = self.kv_transfer_metadata(spec)
-
     def forward(
         self,
         input_ids: torch.Tensor | None,
@@ -178,11 +165,18 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor | IntermediateTensors:
-        self._record_kv_transfer_facts()
-        if input_ids is not None and inputs_embeds is not None and intermediate_tensors is None:
+        if input_ids is not None and inputs_embeds is not None and intermediate_tensors is None and not _capturing(input_ids):
             gen = input_ids == self._vae_pad_id
+            # A host sync, once per eager step. Never reached under CUDA-graph capture:
+            # vLLM captures (and replays) whole forwards only for uniform decode batches,
+            # and VAE blocks only occur in prompts, scheduled whole (>= 3 tokens per request).
             if bool(gen.any()):  # an img2img VAE block in this batch: MoT routing
                 if not self.generation.loaded:
                     raise RuntimeError("an img2img (vae_image) input, but the checkpoint's generation weights were not loaded")
                 return self.generation.forward(self.language_model.model, positions, inputs_embeds, gen)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on `t`'s device (host syncs are illegal then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

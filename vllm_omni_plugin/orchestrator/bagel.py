@@ -62,12 +62,11 @@ class BagelOrchestrator(StageOrchestrator):
         # One token is the least the engine generates; only the prompt's KV is used.
         params = VllmSamplingParams(max_tokens=1, temperature=0.0,
                                     extra_args={"kv_transfer_params": request_params()})
-        final = None
-        async for out in self.llm.generate(prompt, params, request_id):
-            final = out
+        final = await self._run_ar(prompt, params, request_id)
         started = time.perf_counter()
         transferred = take_transferred(final.kv_transfer_params)
-        timings.transfer += time.perf_counter() - started
+        # Hand-over = the producer's gather + store (inside the AR step) + this read.
+        timings.transfer += time.perf_counter() - started + transferred.metadata.get("save_seconds", 0.0)
         timings.transferred_bytes += sum(t.numel() * t.element_size() for t in (*transferred.keys, *transferred.values))
         if transferred.num_tokens != num_tokens:
             raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {num_tokens}")
@@ -82,8 +81,8 @@ class BagelOrchestrator(StageOrchestrator):
 
         from ..models.bagel_processing import VAE_IMAGE
 
-        limits = self._ar_args.get("limit_mm_per_prompt") or {}
-        if not limits.get(VAE_IMAGE):
+        # The running engine's own setting (on the server it is vLLM's engine, built from its flags).
+        if not self.ar_engine().vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):
             raise ValueError(f"img2img needs the AR stage to take {VAE_IMAGE} inputs: set its engine_args "
                              f"limit_mm_per_prompt to include {{{VAE_IMAGE}: 1}} (stage config {self.config.name!r})")
         m, c = self.pipeline.model, self.pipeline.model.config

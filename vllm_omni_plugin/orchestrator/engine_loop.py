@@ -43,6 +43,10 @@ class EngineStopped(RuntimeError):
     """The server shut down before the request finished."""
 
 
+class StageUnavailable(EngineStopped):
+    """A stage's engine is down (its process died; the orchestrator is restarting it): 503 until it is back."""
+
+
 class RequestAborted(RuntimeError):
     """The request was aborted (client disconnected, video deleted)."""
 

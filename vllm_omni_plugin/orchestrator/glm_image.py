@@ -71,9 +71,7 @@ class GlmImageOrchestrator(StageOrchestrator):
         # min_tokens: an end token cannot cut the grids short (diffusers asks for the same count).
         params = VllmSamplingParams(**self.ar_sampling, max_tokens=needed, min_tokens=needed - 1,
                                     seed=resolved.seed % 2**63)
-        final = None
-        async for out in self.llm.generate(prompt, params, f"{rid}:ar"):
-            final = out
+        final = await self._run_ar(prompt, params, f"{rid}:ar")
         tokens = list(final.outputs[0].token_ids)
         preview = needed - 1 - grids.height * grids.width
         image = tokens[preview : preview + grids.height * grids.width]

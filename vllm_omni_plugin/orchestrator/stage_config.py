@@ -13,12 +13,16 @@ a default.
       - id: ar                      # unique; referenced by `inputs_from`
         type: llm                   # llm: vLLM engine | diffusion: our engine
         engine_args: {...}          # passed to the stage's engine as-is
+        platform_engine_args:       # merged over engine_args on that platform
+          cpu: {...}                #   (cpu | cuda | rocm | xpu ...: vLLM's device type)
         subfolder: null             # checkpoint sub-folder the engine loads (GLM-Image: vision_language_encoder)
         tokenizer_subfolder: null   # and its tokenizer's (GLM-Image: processor)
         devices: "0"                # device ids, comma separated
         max_batch_size: 16          # llm: vLLM's max_num_seqs; diffusion: requests stepping together
         default_sampling_params: {...}
         connector: omni_kv          # how this stage's output reaches the next
+        dit_options: {...}          # diffusion stages: cfg_degree, ulysses_degree,
+                                    # ring_degree, quantization, compile (DitOptions)
       - id: dit
         type: diffusion
         inputs_from: ar
@@ -60,6 +64,7 @@ class StageSpec(BaseModel):
     id: str = Field(min_length=1)
     type: Literal["llm", "diffusion"]
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    platform_engine_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
     subfolder: str | None = None
     tokenizer_subfolder: str | None = None
     devices: str = "0"
@@ -69,6 +74,12 @@ class StageSpec(BaseModel):
     input_processor: str | None = None
     connector: str | None = None
     final_output: bool = False
+    #: diffusion stages: multi-GPU DiT / fp8 / compile (diffusion/acceleration.py DitOptions)
+    dit_options: dict[str, Any] = Field(default_factory=dict)
+
+    def engine_args_for(self, platform: str) -> dict[str, Any]:
+        """`engine_args` with the overlay for `platform` (vLLM's device type, e.g. "cpu", "cuda") merged over it."""
+        return {**self.engine_args, **self.platform_engine_args.get(platform, {})}
 
     @field_validator("devices")
     @classmethod
@@ -91,6 +102,20 @@ class StageSpec(BaseModel):
         if v is not None and v not in CONNECTORS:
             raise ValueError(f"unknown connector {v!r}; known: {', '.join(CONNECTORS)}")
         return v
+
+    @field_validator("dit_options")
+    @classmethod
+    def _dit_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..diffusion.acceleration import DitOptions
+
+        DitOptions.from_dict(v)  # raises ValueError naming the bad key or value
+        return v
+
+    @model_validator(mode="after")
+    def _dit_options_on_diffusion(self) -> "StageSpec":
+        if self.dit_options and self.type != "diffusion":
+            raise ValueError(f"stage {self.id!r}: dit_options apply to diffusion stages only")
+        return self
 
 
 class StageConfig(BaseModel):

@@ -1,30 +1,42 @@
 """The multi-stage orchestrator: a stage config's AR stage (vLLM) feeding its diffusion stage.
 
 The stage config is the topology (stage_config.py): the `llm` stage is a
-vLLM `AsyncLLM` built from its engine_args (on the checkpoint's `subfolder`,
-with its `tokenizer_subfolder`), wired to the next stage by its `connector`;
-the final `diffusion` stage is the diffusion engine behind an `EngineLoop`
-holding at most `max_batch_size` requests; its `input_processor` names the
-registered family code that turns the AR stage's output into the diffusion
-stage's input (`INPUT_PROCESSORS`). A family supplies exactly that code, as a
-subclass of `StageOrchestrator` implementing
+vLLM engine built from its engine_args (with the overlay for this platform,
+on the checkpoint's `subfolder`, with its `tokenizer_subfolder`), wired to the
+next stage by its `connector`; the final `diffusion` stage is the diffusion
+engine behind an `EngineLoop` holding at most `max_batch_size` requests; its
+`input_processor` names the registered family code that turns the AR stage's
+output into the diffusion stage's input (`INPUT_PROCESSORS`). A family
+supplies exactly that code, as a subclass of `StageOrchestrator` implementing
 
     load_pipeline(model, dtype, device)        its diffusion stage
     hand_over(resolved, request_id, timings)   run the AR stage for one request
                                                and put its hand-over in the
                                                pipeline's keyed store
+    discard_hand_over(request_id)              drop one the stage did not take
 
-and everything else -- engines, queueing, cancellation, timings, text
-answers -- is here, once. `create_orchestrator` picks the class from the
-config; nothing here names a family.
+and everything else -- engines, queueing, cancellation, timings and the
+per-request breakdown line, text answers, stage failure -- is here, once.
+Nothing here names a family.
+
+Two ways to get the AR engine:
+
+* offline (`Omni`): `await Cls.create(...)` starts an AsyncLLM the orchestrator
+  owns; if its engine process dies, a supervisor task restarts it from the same
+  engine args (requests meanwhile fail with `StageUnavailable`, a 503);
+* the server (`vllm serve --omni`): `Cls.attach(...)` takes the engine client
+  vLLM's own API server built (from `ar_stage_engine_args`); vLLM owns and
+  stops it, and its server stops with a dead engine, as plain `vllm serve` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import itertools
+import logging
 import os
 import tempfile
 import time
@@ -37,20 +49,30 @@ from ..diffusion.engine import DiffusionEngine, EngineConfig
 from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
-from .engine_loop import EngineLoop, ProgressFn
+from .ar_memory import fit_ar_engine_args, platform_name
+from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from .stage_config import INPUT_PROCESSORS, StageConfig, StageSpec
+
+logger = logging.getLogger("vllm.omni_plugin.orchestrator")
 
 
 @dataclass
 class StageTimings:
-    """Where one image request's wall time went (seconds); for the overhead benchmark."""
+    """Where one image request's wall time went (seconds); logged per request, read by the benchmarks."""
 
     ar_prefill: float = 0.0
-    transfer: float = 0.0
-    diffusion: float = 0.0
+    transfer: float = 0.0  # the hand-over: the producer's save + reading it (all branches)
+    diffusion: float = 0.0  # queue + denoising steps + decode in the DiT stage
+    decode: float = 0.0  # the VAE decode, part of `diffusion`
     total: float = 0.0
     transferred_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = self.transferred_bytes / self.transfer / 1e9 if self.transfer > 0 else 0.0
+        return (f"ar_prefill {self.ar_prefill:.3f}s, kv hand-over {self.transfer:.3f}s "
+                f"({self.transferred_bytes / 1e6:.1f} MB, {rate:.2f} GB/s), dit {self.diffusion - self.decode:.3f}s, "
+                f"decode {self.decode:.3f}s, total {self.total:.3f}s")
 
 
 def orchestrator_class(config: StageConfig) -> type["StageOrchestrator"]:
@@ -67,16 +89,101 @@ async def create_orchestrator(model: str, config: StageConfig, **kwargs: Any) ->
     return await orchestrator_class(config).create(model, config, **kwargs)
 
 
+def stage_pair(config: StageConfig) -> tuple[StageSpec, StageSpec]:
+    """(the llm stage, the final diffusion stage it feeds); ValueError for any other topology."""
+    llm = [s for s in config.stages if s.type == "llm"]
+    final = config.final_stage
+    if len(config.stages) != 2 or len(llm) != 1 or final.type != "diffusion" or final.inputs_from != llm[0].id:
+        raise ValueError(f"stage config {config.name!r}: this orchestrator runs one llm stage feeding the final "
+                         f"diffusion stage, got {[(s.id, s.type, s.inputs_from) for s in config.stages]}")
+    return llm[0], final
+
+
+def ar_model_path(model: str, stage: StageSpec) -> str:
+    """The directory the AR engine loads: the checkpoint, or its `subfolder`."""
+    return str(Path(model) / stage.subfolder) if stage.subfolder else str(model)
+
+
+def ar_stage_engine_args(model: str, config: StageConfig, overrides: dict[str, Any] | None = None, *,
+                         fit: bool = True) -> dict[str, Any]:
+    """The AR stage's vLLM engine args.
+
+    `overrides` (vLLM flags given explicitly) > the stage's `engine_args` with its
+    `platform_engine_args` overlay for this platform; the tokenizer from its
+    `tokenizer_subfolder`, `max_num_seqs` from its `max_batch_size`; for the
+    `omni_kv` connector the OmniKVConnector with a fresh transfer directory (its
+    files are deleted as they are read).
+
+    Args:
+        model: the checkpoint directory.
+        config: the multi-stage stage config.
+        overrides: engine args that win over the stage config's.
+        fit: size the KV cache from what is free on the CPU build, unless the user
+            sized it (orchestrator/ar_memory.py); what an engine about to start needs.
+
+    Returns:
+        keyword arguments for `AsyncEngineArgs` (without `model`: `ar_model_path`).
+
+    Raises:
+        ARStageDoesNotFit: (CPU, fit) one max_model_len sequence does not fit the free memory.
+    """
+    stage, _ = stage_pair(config)
+    args = {**stage.engine_args_for(platform_name()), **(overrides or {})}
+    if stage.tokenizer_subfolder is not None:
+        args.setdefault("tokenizer", str(Path(model) / stage.tokenizer_subfolder))
+    args.setdefault("max_num_seqs", stage.max_batch_size)
+    if stage.connector == "omni_kv":
+        kv = dict(args.get("kv_transfer_config") or {"kv_connector": "OmniKVConnector", "kv_role": "kv_producer"})
+        extra = dict(kv.get("kv_connector_extra_config") or {})
+        extra.setdefault("transfer_dir", tempfile.mkdtemp(prefix="vllm-omni-kv-"))
+        kv["kv_connector_extra_config"] = extra
+        args["kv_transfer_config"] = kv
+    return fit_ar_engine_args(ar_model_path(model, stage), args, stage.max_batch_size) if fit else args
+
+
+def check_ar_engine(config: StageConfig, vllm_config: Any) -> None:
+    """Refuse an AR engine that cannot hand its output to the diffusion stage (started without the
+    stage config: e.g. plain `vllm serve` with the omni routes allowlisted, but without `--omni`).
+
+    Raises:
+        ValueError: naming what is missing and the command that sets it.
+    """
+    from ..kv import CONNECTOR_NAME
+
+    stage, _ = stage_pair(config)
+    if stage.connector != "omni_kv":
+        return
+    connector = getattr(vllm_config.kv_transfer_config, "kv_connector", None)
+    if connector != CONNECTOR_NAME:
+        raise ValueError(
+            f"the AR engine runs with kv_connector={connector!r}, not {CONNECTOR_NAME!r}: {config.name} image "
+            "generation needs the stage config's engine args; start the server with `vllm serve MODEL --omni`"
+        )
+
+
+def _new_ar_engine(model: str, ar_args: dict[str, Any], devices: str | None) -> Any:
+    """An AsyncLLM for the AR stage (offline `create` and the supervisor's restarts)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return _with_devices(devices, lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **ar_args)))
+
+
 class StageOrchestrator(ABC):
-    """Create inside a running event loop (`await Cls.create(...)`)."""
+    """A family's AR stage -> diffusion stage; `await Cls.create(...)` or `Cls.attach(...)`."""
+
+    #: True: the AR stage also answers text requests (its default_sampling_params apply)
+    answers_text: bool = True
 
     def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
-                 dtype: Any = None, device: Any = None, max_queue: int = 64) -> None:
+                 dtype: Any = None, device: Any = None, max_queue: int = 64, *, llm: Any = None,
+                 owns_llm: bool = False) -> None:
         self.model = model
         self.config = config
-        self.ar, self.dit = self._stages(config)
-        self._transfer_dir: str | None = None
-        self._ar_args = self._engine_args(self.ar, dict(ar_engine_args or {}))
+        self.ar, self.dit = stage_pair(config)
+        self._ar_args = ar_stage_engine_args(model, config, dict(ar_engine_args or {}), fit=False)
+        kv = self._ar_args.get("kv_transfer_config") or {}
+        self._transfer_dir: str | None = (kv.get("kv_connector_extra_config") or {}).get("transfer_dir")
         self.ar_defaults = dict(self.ar.default_sampling_params) if self.answers_text else None
         if device is None:
             device = _device_for(self.dit.devices)
@@ -84,55 +191,113 @@ class StageOrchestrator(ABC):
         self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
                                       stage_defaults=self.dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)
-        self.llm = None
+        self.llm = llm
+        self._owns_llm = owns_llm
         self._ids = itertools.count()
-
-    #: True: the AR stage also answers text requests (its default_sampling_params apply)
-    answers_text: bool = True
-
-    @staticmethod
-    def _stages(config: StageConfig) -> tuple[StageSpec, StageSpec]:
-        llm = [s for s in config.stages if s.type == "llm"]
-        final = config.final_stage
-        if len(config.stages) != 2 or len(llm) != 1 or final.type != "diffusion" or final.inputs_from != llm[0].id:
-            raise ValueError(f"stage config {config.name!r}: this orchestrator runs one llm stage feeding the final "
-                             f"diffusion stage, got {[(s.id, s.type, s.inputs_from) for s in config.stages]}")
-        return llm[0], final
-
-    def _engine_args(self, stage: StageSpec, overrides: dict[str, Any]) -> dict[str, Any]:
-        """The AR engine's arguments: the stage's engine_args < the caller's, plus the connector's wiring."""
-        args = {**stage.engine_args, **overrides}
-        if stage.tokenizer_subfolder is not None:
-            args.setdefault("tokenizer", str(Path(self.model) / stage.tokenizer_subfolder))
-        args.setdefault("max_num_seqs", stage.max_batch_size)
-        if stage.connector == "omni_kv":
-            self._transfer_dir = tempfile.mkdtemp(prefix="vllm-omni-kv-")
-            kv = dict(args.get("kv_transfer_config") or {"kv_connector": "OmniKVConnector", "kv_role": "kv_producer"})
-            kv["kv_connector_extra_config"] = {**kv.get("kv_connector_extra_config", {}),
-                                               "transfer_dir": self._transfer_dir}
-            args["kv_transfer_config"] = kv
-        return args
+        self.ar_status = "running"  # running | restarting | failed
+        self.ar_restarts = 0
+        self.max_ar_restarts = 3
+        self._supervisor: asyncio.Task | None = None
 
     @property
     def ar_model(self) -> str:
-        sub = self.ar.subfolder
-        return str(Path(self.model) / sub) if sub else self.model
+        return ar_model_path(self.model, self.ar)
 
     @classmethod
-    async def create(cls, *args: Any, **kwargs: Any) -> "StageOrchestrator":
-        self = cls(*args, **kwargs)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    async def create(cls, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
+                     **kwargs: Any) -> "StageOrchestrator":
+        """Offline: start an AsyncLLM for the AR stage (stage config engine args < `ar_engine_args`)."""
+        self = cls(model, config, ar_engine_args, owns_llm=True, **kwargs)
+        # CPU: a KV cache that fits what is free, unless the user sized it (ar_memory.py).
+        self._ar_args = fit_ar_engine_args(self.ar_model, self._ar_args, self.ar.max_batch_size)
+        self.llm = _new_ar_engine(self.ar_model, self._ar_args, self.ar.devices)
+        self.loop.start()
+        self._supervisor = asyncio.create_task(self._supervise_ar())
+        return self
 
-        self.llm = _with_devices(self.ar.devices, lambda: AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=self.ar_model, **self._ar_args)))
+    @classmethod
+    def attach(cls, model: str, config: StageConfig, llm: Any, **kwargs: Any) -> "StageOrchestrator":
+        """Around an AR engine client that exists (vLLM's own server's; call inside the running event loop)."""
+        check_ar_engine(config, llm.vllm_config)
+        self = cls(model, config, llm=llm, owns_llm=False, **kwargs)
         self.loop.start()
         return self
 
+    # ---- the AR stage's health -------------------------------------------------------
+    @property
+    def ar_alive(self) -> bool:
+        return self.ar_status == "running" and self.llm is not None and not self.llm.errored
+
+    def health(self) -> str | None:
+        """None while both stages serve; otherwise what is down, for /health."""
+        if not self.loop.alive:
+            return "the DiT stage's diffusion engine is not running"
+        if self.ar_alive:
+            return None
+        if self.ar_status == "failed":
+            return (f"the AR stage's engine (vLLM EngineCore) died {self.ar_restarts + 1} times and is not "
+                    "restarted again; restart the server")
+        if not self._owns_llm:
+            return "the AR stage's engine (vLLM EngineCore) died; vLLM's server stops with it: restart the server"
+        return "the AR stage's engine (vLLM EngineCore) died; the server is restarting it"
+
+    async def _supervise_ar(self, period: float = 0.5) -> None:
+        """Restart an AR engine this orchestrator started when its process dies (vLLM's monitor marks it errored)."""
+        while True:
+            await asyncio.sleep(period)
+            if self.llm is None or not self.llm.errored:
+                continue
+            if self.ar_restarts >= self.max_ar_restarts:
+                logger.error("omni: the AR stage's engine died again after %d restarts; not restarting it",
+                             self.ar_restarts)
+                self.ar_status = "failed"
+                return
+            logger.error("omni: the AR stage's engine died; restarting it (restart %d of at most %d)",
+                         self.ar_restarts + 1, self.max_ar_restarts)
+            self.ar_status = "restarting"
+            self.ar_restarts += 1
+            dead, self.llm = self.llm, None
+            await asyncio.to_thread(dead.shutdown)
+            del dead
+            gc.collect()
+            try:
+                # Off the event loop: the server answers (503 for AR work) while the engine loads.
+                self.llm = await asyncio.to_thread(_new_ar_engine, self.ar_model, self._ar_args, self.ar.devices)
+            except (RuntimeError, ValueError, OSError) as e:
+                logger.error("omni: restarting the AR stage's engine failed: %s", e)
+                self.ar_status = "failed"
+                return
+            self.ar_status = "running"
+            logger.info("omni: the AR stage's engine is running again")
+
+    def ar_engine(self) -> Any:
+        """The running AR engine (vLLM AsyncLLM); StageUnavailable while it is down."""
+        if not self.ar_alive:
+            raise StageUnavailable(self.health() or "the AR stage is not running")
+        return self.llm
+
+    async def _run_ar(self, prompt: Any, params: Any, request_id: str) -> Any:
+        """The one call into the AR engine: its final RequestOutput; a dead engine is StageUnavailable."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            async for out in self.ar_engine().generate(prompt, params, request_id):
+                final = out
+        except EngineDeadError as e:
+            then = "the server is restarting it, retry shortly" if self._owns_llm else "restart the server"
+            raise StageUnavailable(f"the AR stage's engine (vLLM EngineCore) died while running request "
+                                   f"{request_id}; {then}") from e
+        return final
+
     async def shutdown(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         await asyncio.to_thread(self.loop.stop)
         llm, self.llm = self.llm, None
-        if llm is not None:
+        if llm is not None and self._owns_llm:
             llm.shutdown()
             # Collect it now: AsyncLLM.__del__ run at interpreter exit, after
             # module teardown, fails noisily.
@@ -163,10 +328,7 @@ class StageOrchestrator(ABC):
         if self.ar_defaults is None:
             raise ValueError(f"{self.config.name} answers with images only")
         params = sampling_params or VllmSamplingParams(**self.ar_defaults)
-        final = None
-        async for out in self.llm.generate(prompt, params, request_id or self.new_id(f"{self.config.name}-text")):
-            final = out
-        return final
+        return await self._run_ar(prompt, params, request_id or self.new_id(f"{self.config.name}-text"))
 
     # ---- AR -> diffusion --------------------------------------------------------------
     def resolve(self, params: SamplingParams) -> ResolvedParams:
@@ -190,9 +352,11 @@ class StageOrchestrator(ABC):
                 self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
                 raise
             timings.diffusion = time.perf_counter() - diffusion_started
+            timings.decode = output.timings.get("decode", 0.0)
         finally:
             self.discard_hand_over(rid)  # no-op once the stage took it
         timings.total = time.perf_counter() - started
+        logger.info("omni request %s: %s", rid, timings.summary())
         return output
 
 
@@ -208,7 +372,7 @@ def _with_devices(devices: str | None, build):
     """Build the AR engine with CUDA_VISIBLE_DEVICES set to the stage's devices (its workers inherit it)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or devices is None:
         return build()
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = devices

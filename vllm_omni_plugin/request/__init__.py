@@ -1,33 +1,38 @@
 """The ONE canonical-request builder (ARCHITECTURE.md, principle 1).
 
 Every entry point -- `/v1/images/generations`, `/v1/images/edits`,
-`/v1/chat/completions`, `/v1/videos`, and anything later -- hands its wire
+`/v1/chat/completions` (image answers), `/v1/videos`, and anything later -- hands its wire
 fields to `RequestBuilder.build`, which validates them once and returns the
 `ResolvedParams` the diffusion engine runs (the offline `Omni.generate` takes
 the same `SamplingParams` that `build_sampling_params` produces and resolves
 it with the same `resolve`). No route builds stage inputs itself.
 
-    limits.py   Limits (pixels, frames, n, steps, input images) and RequestError
-    images.py   decoding of input images (bytes or PIL) with limits
-    builder.py  wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
-    text.py     chat fields -> the AR stage's sampling values (text answers of multi-stage models)
+    limits.py       Limits (pixels, frames, n, steps, input images, bodies) and RequestError
+    body.py         JSON bodies and scalars: size, depth, finite numbers, valid Unicode
+    image_input.py  the one input-image path: URL fetch (data/file/http, allowlist at every
+                    hop, one deadline) -> bytes -> decode with header checks
+    messages.py     the structure of a chat body's `messages` (image answers; text answers are vLLM's)
+    builder.py      wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
 
-This package imports neither vLLM nor FastAPI.
+This package imports neither vLLM nor FastAPI (aiohttp fetches image URLs).
 """
 
 from .builder import FIELDS, RequestBuilder, build_sampling_params, parse_size
-from .images import decode_image
+from .body import parse_json_object
+from .image_input import MediaPolicy, decode_image, fetch_image_bytes
 from .limits import Limits, RequestError
-from .text import TextRequest, build_text_request
+from .messages import check_messages
 
 __all__ = [
     "FIELDS",
     "Limits",
+    "MediaPolicy",
     "RequestBuilder",
     "RequestError",
-    "TextRequest",
-    "build_text_request",
     "build_sampling_params",
+    "check_messages",
     "decode_image",
+    "fetch_image_bytes",
+    "parse_json_object",
     "parse_size",
 ]

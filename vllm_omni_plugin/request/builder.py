@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from ..diffusion.capabilities import Capabilities, Knob, UnsupportedField
 from ..diffusion.params import ResolvedParams, SamplingParams
-from .images import decode_image
+from .body import checked_int, checked_text, finite_float
+from .image_input import decode_image
 from .limits import Limits, RequestError
-
-if TYPE_CHECKING:
-    from .text import TextRequest
 
 # Generation fields: wire name -> (SamplingParams field, kind).
 _GENERATION: dict[str, tuple[str, str]] = {
@@ -39,12 +38,16 @@ _GENERATION: dict[str, tuple[str, str]] = {
     "resolution": ("resolution", "int"),
     "num_frames": ("num_frames", "int"),
     "fps": ("fps", "int"),
+    "cache_threshold": ("cache_threshold", "float"),
 }
-# Handled here but not a SamplingParams field one-to-one.
-_SPECIAL = ("size", "seconds")
+# Handled here but not a SamplingParams field one-to-one: wire name -> the fields it sets.
+_SPECIAL = {"size": ("height", "width"), "seconds": ("num_frames",)}
 OUTPUT_FIELDS = ("response_format", "output_format", "output_compression", "background")
-# OpenAI fields we accept and do not act on (they do not change the pixels).
+# OpenAI fields we accept and do not act on (clients send them by default; they do not
+# change the pixels). Except `model` (checked by the route) and `user` (an end-user id,
+# metadata only), a request that sets them gets them back in `omni.ignored`.
 IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "input_fidelity")
+_SILENT_FIELDS = frozenset({"model", "user"})
 FIELDS = frozenset(_GENERATION) | frozenset(_SPECIAL) | frozenset(OUTPUT_FIELDS) | frozenset(IGNORED_FIELDS)
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -53,7 +56,6 @@ BACKGROUNDS = ("auto", "opaque", "transparent")
 TASKS = ("image", "edit", "video")
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
-_INT = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class CanonicalRequest:
     params: ResolvedParams
     output: OutputSpec
     task: str
+    #: fields the request set that the server accepted without acting on them
+    ignored: tuple[str, ...] = ()
 
 
 def parse_size(value: Any, limits: Limits | None = None) -> tuple[int, int] | None:
@@ -94,33 +98,30 @@ def parse_size(value: Any, limits: Limits | None = None) -> tuple[int, int] | No
     return width, height
 
 
-def _coerce(name: str, value: Any, kind: str) -> Any:
-    """JSON values as they are; multipart form values arrive as strings."""
+# Ranges of float fields beyond finiteness: a guidance scale is a weight in
+# [0, 100] (0 disables guidance; diffusers' pipelines use 1-20); anything else,
+# model knobs included, within +-Limits.max_float.
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "guidance_scale": (0.0, 100.0),
+    "guidance_scale_2": (0.0, 100.0),
+    "true_cfg_scale": (0.0, 100.0),
+    "cfg_scale": (0.0, 100.0),
+}
+
+
+def _coerce(name: str, value: Any, kind: str, limits: Limits | None = None) -> Any:
+    """JSON values as they are; multipart form values arrive as strings. Numbers finite, text valid Unicode."""
     if kind == "str":
         if not isinstance(value, str):
             raise RequestError(f"`{name}` must be a string, got {type(value).__name__}", name)
-        return value
+        return checked_text(value, name)
     if kind == "int":
-        if isinstance(value, bool):
-            raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _INT.match(value):
-            return int(value)
-        raise RequestError(f"`{name}` must be an integer, got {value!r}", name)
-    # float
-    if isinstance(value, bool):
-        raise RequestError(f"`{name}` must be a number, got {value!r}", name)
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise RequestError(f"`{name}` must be a number, got {value!r}", name)
+        return checked_int(name, value)
+    number = finite_float(name, value, (limits or Limits()).max_float)
+    low, high = FLOAT_RANGES.get(name, (None, None))
+    if low is not None and not low <= number <= high:
+        raise RequestError(f"`{name}` must be within [{low:g}, {high:g}], got {number:g}", name)
+    return number
 
 
 def _positive(name: str, value: int | None, upper: int | None = None, flag: str = "") -> None:
@@ -132,30 +133,25 @@ def _positive(name: str, value: int | None, upper: int | None = None, flag: str 
         raise RequestError(f"`{name}`={value} is above this server's limit of {upper} ({flag})", name)
 
 
-def _coerce_extension(name: str, value: Any, default: Any) -> Any:
-    """A model's own knob, checked against the type of its default (the pipeline checks the value)."""
-    if isinstance(default, bool):
+def _coerce_knob(name: str, value: Any, knob: Knob, limits: Limits) -> Any:
+    """A model's own knob, checked against its declared type (the pipeline checks the value)."""
+    if knob.type is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
             raise RequestError(f"`{name}` must be true or false, got {value!r}", name)
         return value
-    if isinstance(default, int):
-        return _coerce(name, value, "int")
-    if isinstance(default, float):
-        return _coerce(name, value, "float")
-    if isinstance(default, str):
-        return _coerce(name, value, "str")
-    if isinstance(default, (tuple, list)):
-        if isinstance(value, str):  # a form field: JSON text
+    if knob.type is tuple:
+        if isinstance(value, str) and len(value) <= 256:  # a form field: JSON text (short: a few numbers)
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 pass
-        if not isinstance(value, list) or len(value) != len(default):
-            raise RequestError(f"`{name}` must be a list of {len(default)} numbers, got {value!r}", name)
-        return tuple(_coerce(name, x, "float") for x in value)
-    return value
+        if not isinstance(value, list) or len(value) != knob.length:
+            raise RequestError(f"`{name}` must be a list of {knob.length} numbers, got {value!r}", name)
+        return tuple(_coerce(name, x, "float", limits) for x in value)
+    kind = {int: "int", float: "float", str: "str"}[knob.type]
+    return _coerce(name, value, kind, limits)
 
 
 def build_sampling_params(
@@ -163,33 +159,35 @@ def build_sampling_params(
     images: Sequence[Any] = (),
     limits: Limits | None = None,
     *,
-    strict: bool = True,
     require_prompt: bool = True,
-    extensions: Mapping[str, Any] | None = None,
+    knobs: Mapping[str, Knob] | None = None,
 ) -> tuple[SamplingParams, OutputSpec, float | None]:
     """Validate wire fields; return (SamplingParams, OutputSpec, seconds).
 
-    `images` are raw bytes or PIL images (decoded and checked here).
-    strict: unknown fields are an error (images / videos routes); the chat route
-    passes only the fields it knows and sets strict=False.
-    extensions: the served model's own knobs (name -> its default value; e.g.
-    BAGEL's cfg_text_scale), accepted as fields and passed in `SamplingParams.extra`.
-    A field sent as null counts as not sent.
+    Args:
+        fields: wire fields (JSON values, or strings from a form); null counts as not sent.
+        images: raw bytes or PIL images (decoded and checked here).
+        limits: the server's limits (defaults: `Limits()`).
+        require_prompt: a missing `prompt` is an error.
+        knobs: the served model's own fields (its `Capabilities.knobs`, e.g. BAGEL's
+            cfg_text_scale), accepted and passed in `SamplingParams.extra`.
+
+    Returns:
+        (the request, how to hand the output back, `seconds` of a video or None).
     """
     limits = limits or Limits()
-    extensions = extensions or {}
+    knobs = knobs or {}
     fields = {k: v for k, v in fields.items() if v is not None}
-    if strict:
-        unknown = sorted(set(fields) - FIELDS - set(extensions))
-        if unknown:
-            raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
+    unknown = sorted(set(fields) - FIELDS - set(knobs))
+    if unknown:
+        raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
     if require_prompt and "prompt" not in fields:
         raise RequestError("`prompt` is required", "prompt")
 
     values: dict[str, Any] = {}
     for wire, (ours, kind) in _GENERATION.items():
         if wire in fields:
-            value = _coerce(wire, fields[wire], kind)
+            value = _coerce(wire, fields[wire], kind, limits)
             if ours in values and values[ours] != value:
                 raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
             values[ours] = value
@@ -208,7 +206,7 @@ def build_sampling_params(
 
     seconds = None
     if "seconds" in fields:
-        seconds = _coerce("seconds", fields["seconds"], "float")
+        seconds = _coerce("seconds", fields["seconds"], "float", limits)
         if not seconds > 0:
             raise RequestError(f"`seconds` must be positive, got {seconds}", "seconds")
         if "num_frames" in values:
@@ -216,7 +214,7 @@ def build_sampling_params(
 
     if images:
         values["images"] = decode_images(images, limits)
-    extra = {k: _coerce_extension(k, fields[k], d) for k, d in extensions.items() if k in fields}
+    extra = {k: _coerce_knob(k, fields[k], knob, limits) for k, knob in knobs.items() if k in fields}
     if extra:
         values["extra"] = extra
 
@@ -258,36 +256,34 @@ def _output_spec(fields: Mapping[str, Any]) -> OutputSpec:
 
 
 class RequestBuilder:
-    """Builds and resolves requests for one served model.
+    """Builds and resolves requests for one served model, by what that model declares.
 
     resolve_fn     the pipeline's `resolve(request, stage_defaults)` -- the same
                    function the engine and the offline API use
-    output_kind    "image" | "layers" | "video": what the model makes
-    takes_images   whether the model takes input images (edit, layered, i2v)
-    extensions     the model's own request knobs, name -> default value
-                   (`server.app.extension_fields`: its pipeline defaults that
-                   are not SamplingParams fields)
-    text_defaults  multi-stage models: the AR stage's default sampling params
-                   (None: the model answers with images only)
+    capabilities   the pipeline's declaration (`diffusion/capabilities.py`): what
+                   it outputs, how many images it takes, which fields it reads,
+                   its own knobs
     """
 
     def __init__(
         self,
         resolve_fn: Callable[[SamplingParams, Any], ResolvedParams],
-        output_kind: str,
+        capabilities: Capabilities,
         stage_defaults: SamplingParams | Mapping[str, Any] | None = None,
         limits: Limits | None = None,
-        takes_images: bool = False,
-        extensions: Mapping[str, Any] | None = None,
-        text_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.resolve_fn = resolve_fn
-        self.extensions = dict(extensions or {})
-        self.text_defaults = text_defaults
-        self.output_kind = output_kind
-        self.takes_images = takes_images
+        self.capabilities = capabilities
         self.stage_defaults = stage_defaults
         self.limits = limits or Limits()
+
+    @property
+    def output_kind(self) -> str:
+        return self.capabilities.output
+
+    @property
+    def knobs(self) -> Mapping[str, Knob]:
+        return self.capabilities.knobs
 
     def build(
         self,
@@ -295,39 +291,45 @@ class RequestBuilder:
         images: Sequence[Any] = (),
         *,
         task: str,
-        strict: bool = True,
+        ignored: Sequence[str] = (),
     ) -> CanonicalRequest:
+        """Validate, check against the model's declaration, resolve.
+
+        Args:
+            fields: the route's wire fields (null = not sent).
+            images: the request's input images (bytes or PIL).
+            task: "image" | "edit" | "video": what the route makes.
+            ignored: fields the route already accepted without acting on them
+                (reported back with the ones found here).
+
+        Returns:
+            the CanonicalRequest the engine runs.
+
+        Raises:
+            RequestError: bad input, a field the model does not read, an image count
+                it does not take, a value above a limit.
+        """
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self._check_task(task)
-        request, output, seconds = build_sampling_params(fields, images, self.limits, strict=strict,
-                                                         extensions=self.extensions)
-        if task == "edit" and not request.images:
-            raise RequestError("`image` is required for an edit", "image")
-        if request.images and not self.takes_images:
-            raise RequestError(
-                "this model does not take input images (text-to-image / text-to-video); send the prompt only",
-                "image",
-            )
+        present = {k for k, v in fields.items() if v is not None and not (k == "size" and parse_size(v) is None)}
+        self._check_honoured(present)
+        request, output, seconds = build_sampling_params(fields, images, self.limits, knobs=self.knobs)
+        self._check_image_count(task, len(images))  # after decoding: an undecodable file is named as such
         if output.background == "transparent" and self.output_kind != "layers":
             raise RequestError(
                 "background=transparent needs a layered model (e.g. Qwen-Image-Layered); this model makes opaque images",
                 "background",
             )
+        if output.background == "opaque" and self.output_kind == "layers":
+            raise RequestError("this model makes transparent RGBA layers; send background=transparent or auto",
+                               "background")
         if seconds is not None:
             request = self._frames_from_seconds(request, seconds)
         params = self._resolve(request)
         self._check_resolved(params)
-        return CanonicalRequest(params, output, task)
-
-    def build_text(self, fields: Mapping[str, Any], images: Sequence[Any] = ()) -> "TextRequest":
-        """A text answer (AR stage): sampling values resolved as request > the AR stage's defaults."""
-        from .text import build_text_request
-
-        if self.text_defaults is None:
-            raise RequestError('this model answers with images only; send `"modalities": ["image"]` or leave '
-                               "`modalities` out", "modalities")
-        return build_text_request(fields, images, self.limits, self.text_defaults, tuple(self.extensions))
+        reported = tuple(dict.fromkeys([*ignored, *sorted(present & set(IGNORED_FIELDS) - _SILENT_FIELDS)]))
+        return CanonicalRequest(params, output, task, reported)
 
     def _check_task(self, task: str) -> None:
         if task == "video" and self.output_kind != "video":
@@ -335,11 +337,49 @@ class RequestBuilder:
         if task in ("image", "edit") and self.output_kind == "video":
             raise RequestError("this model generates videos; use /v1/videos", "model")
 
+    def _check_honoured(self, present: set[str]) -> None:
+        """A generation field the model does not read is a 400 naming the wire field."""
+        honoured = self.capabilities.honoured
+        for wire in sorted(present):
+            ours = _SPECIAL.get(wire) or ((_GENERATION[wire][0],) if wire in _GENERATION else ())
+            unread = [f for f in ours if f not in honoured]
+            if unread:
+                raise RequestError(
+                    f"`{wire}` is not used by this model; leave it out (this model reads: "
+                    f"{', '.join(self._wire_fields())})",
+                    wire,
+                )
+
+    def _wire_fields(self) -> list[str]:
+        """The generation fields this model reads, by their wire names (for messages)."""
+        honoured = self.capabilities.honoured
+        wires = [w for w, (ours, _) in _GENERATION.items() if ours in honoured and w != "cfg_scale"]
+        wires += [w for w, ours in _SPECIAL.items() if all(f in honoured for f in ours)]
+        return sorted(wires) + sorted(self.knobs)
+
+    def _check_image_count(self, task: str, count: int) -> None:
+        caps = self.capabilities
+        low, high = caps.input_images
+        if task == "edit" and count == 0:
+            raise RequestError("`image` is required for an edit", "image")
+        if count and not caps.takes_images:
+            raise RequestError(
+                "this model does not take input images (text-to-image / text-to-video); send the prompt only",
+                "image",
+            )
+        if count < low:
+            route = "/v1/videos with `input_reference`" if caps.output == "video" else "/v1/images/edits"
+            raise RequestError(f"this model needs {caps.describe_images()}; use {route}", "image")
+        if high is not None and count > high:
+            raise RequestError(f"this model takes {caps.describe_images()}, got {count}", "image")
+
     def _resolve(self, request: SamplingParams) -> ResolvedParams:
         try:
             return self.resolve_fn(request, self.stage_defaults)
         except RequestError:
             raise
+        except UnsupportedField as e:
+            raise RequestError(str(e), e.field) from e
         except (ValueError, TypeError) as e:  # the pipeline's own rules (missing image, bad resolution ...)
             raise RequestError(str(e)) from e
 

@@ -1,19 +1,16 @@
-"""The app factory, the omni runtime and the omni routes as a vLLM endpoint plugin.
+"""The omni runtime and the app of diffusion-only checkpoints.
 
-One app, one set of routes, two kinds of runtime behind them:
+One set of routes, two kinds of runtime behind them:
 
 * diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`);
+  background thread (`EngineLoop`), served by `build_app`: an app made of
+  vLLM's own pieces (its exception handlers, its middleware -- CORS,
+  --api-key, request ids, --middleware --, its Prometheus registry and
+  /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
+  vLLM's server loads;
 * multi-stage checkpoints (BAGEL): `MultiStage`, the `BagelOrchestrator`
-  created on the server's event loop -- the AR stage on vLLM's AsyncLLM, the
-  DiT stage inline -- the same orchestrator offline `Omni` runs. It answers
-  text chat (text2text, img2text) from the AR stage and images (text2img,
-  img2img) from AR -> DiT.
-
-`build_app` makes a FastAPI app of our own with vLLM's middleware (CORS,
---api-key authentication, request ids, --middleware) and vLLM's exception
-handlers, and attaches `OmniEndpointPlugin` (an object with vLLM's
-`EndpointPlugin` shape: `attach_router` + `init_state`).
+  around the AR engine client that vLLM's own API server created (see
+  server/plugin.py): vLLM answers text, the orchestrator images (AR -> DiT).
 """
 
 from __future__ import annotations
@@ -29,14 +26,13 @@ from typing import Any
 from fastapi import FastAPI
 from vllm.exceptions import VLLMClientError
 
-from ..diffusion.engine import DiffusionEngine, EngineConfig
+from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
-from ..diffusion.params import ResolvedParams, SamplingParams
+from ..diffusion.params import ResolvedParams
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
-from .errors import install_error_handlers
 from .media import MediaFetcher
 from .metrics import OmniMetrics
 from .videos import VideoStore
@@ -44,40 +40,10 @@ from .videos import VideoStore
 logger = logging.getLogger("vllm.omni_plugin.server")
 
 
-def output_kind(pipeline: DiffusionPipelineBase) -> str:
-    """"image" | "layers" | "video": what a loaded pipeline makes.
-
-    Workaround: the pipelines do not declare it (see docs/server.md, "needed
-    upstream"); decided from the family name, and for the generic fallback from
-    the diffusers pipeline having a video processor.
-    """
-    family = getattr(pipeline, "family", "")
-    if family == "qwen-image-layered":
-        return "layers"
-    if family.startswith("wan"):
-        return "video"
-    if family == "generic" and hasattr(pipeline.pipe, "video_processor"):
-        return "video"
-    return "image"
-
-
-def takes_images(pipeline: DiffusionPipelineBase) -> bool:
-    """Whether a loaded pipeline takes input images (same workaround as `output_kind`)."""
-    family = getattr(pipeline, "family", "")
-    if family in ("qwen-image-edit", "qwen-image-layered", "wan-i2v"):
-        return True
-    if family == "generic":
-        import inspect
-
-        return "image" in inspect.signature(type(pipeline.pipe).__call__).parameters
-    return False
-
-
 class InlineDiffusion:
     """A single-stage diffusion model: the engine on a background thread."""
 
     text = False  # no text output
-    text_defaults = None
 
     def __init__(self, bridge: EngineLoop) -> None:
         self.bridge = bridge
@@ -86,14 +52,20 @@ class InlineDiffusion:
     def alive(self) -> bool:
         return self.bridge.alive
 
+    def health(self) -> str | None:
+        """None while serving; otherwise what is down (the /health answer)."""
+        return None if self.bridge.alive else "the diffusion engine is not running"
+
     async def start(self) -> None:
         self.bridge.start()
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.bridge.stop)
+        self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
 
-    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
-        handle = self.bridge.submit(params, on_progress)
+    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
+                             request_id: str | None = None) -> DiffusionOutput:
+        handle = self.bridge.submit(params, on_progress, request_id=request_id)
         try:
             return await self.bridge.result(handle)
         except asyncio.CancelledError:
@@ -101,46 +73,39 @@ class InlineDiffusion:
             raise
 
 
-def client_error(exc: BaseException, param: str | None = None) -> RequestError:
-    """A request refused by vLLM (its validation errors, or a ValueError) as our 400, keeping vLLM's parameter name."""
-    if isinstance(exc, RequestError):
-        return exc
-    return RequestError(str(exc), getattr(exc, "parameter", None) or param)
-
-
 class MultiStage:
     """A multi-stage model (BAGEL) through its orchestrator, on the server's event loop.
 
     Image requests count against --omni-max-queue from the moment they are
     admitted (before the AR prefill), so the limit bounds the whole pipeline;
-    text requests are queued by vLLM's scheduler, as in plain `vllm serve`.
+    text requests never come here: vLLM's own handlers answer them on the same
+    AR engine client, queued by vLLM's scheduler as in plain `vllm serve`.
     """
-
-    text = True
 
     def __init__(self, orchestrator: Any, max_queue: int) -> None:
         self.orchestrator = orchestrator
+        #: whether chat answers in text unless images are asked for (the family's declaration)
+        self.text = orchestrator.pipeline.capabilities.text_output
         self.bridge: EngineLoop = orchestrator.loop
         self.max_queue = max_queue
         self.images_in_flight = 0
 
     @property
-    def text_defaults(self) -> dict[str, Any]:
-        """The AR stage's default sampling params (stage config)."""
-        return self.orchestrator.ar_defaults
-
-    @property
     def alive(self) -> bool:
-        llm = self.orchestrator.llm
-        return self.bridge.alive and llm is not None and not llm.errored
+        return self.health() is None
+
+    def health(self) -> str | None:
+        """None while both stages serve; otherwise which is down and whether it is being restarted."""
+        return self.orchestrator.health()
 
     async def start(self) -> None:
-        pass  # the orchestrator started its engines when it was created
+        pass  # the orchestrator started its DiT engine when it was attached
 
     async def stop(self) -> None:
-        await self.orchestrator.shutdown()
+        await self.orchestrator.shutdown()  # the AR engine is vLLM's to stop
 
-    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
+    async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
+                             request_id: str | None = None) -> DiffusionOutput:
         if self.images_in_flight >= self.max_queue:
             self.bridge.stats.rejected += 1
             raise QueueFull(
@@ -149,48 +114,12 @@ class MultiStage:
             )
         self.images_in_flight += 1
         try:
-            return await self.orchestrator.generate_image(params, on_progress, request_id=self.orchestrator.new_id("omni"))
-        except (ValueError, VLLMClientError) as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
-            raise client_error(e) from e
+            return await self.orchestrator.generate_image(
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"))
+        except VLLMClientError as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
+            raise RequestError(str(e), getattr(e, "parameter", None)) from e
         finally:
             self.images_in_flight -= 1
-
-    async def generate_text(self, prompt: Any, sampling_params: Any) -> Any:
-        try:
-            return await self.orchestrator.generate_text(prompt, sampling_params, self.orchestrator.new_id("chatcmpl"))
-        except (ValueError, VLLMClientError) as e:  # vLLM's input checks (prompt too long, too many images ...)
-            raise client_error(e) from e
-
-    @staticmethod
-    def text_params(values: Any) -> Any:
-        """Resolved sampling values -> vllm.SamplingParams; vLLM's own checks of them are 400s."""
-        from vllm import SamplingParams as VllmSamplingParams
-
-        try:
-            return VllmSamplingParams(**values)
-        except (ValueError, TypeError, VLLMClientError) as e:
-            raise client_error(e) from e
-
-    async def render(self, messages: list[dict[str, Any]]) -> Any:
-        """Chat messages -> the AR engine's prompt, by vLLM's renderer of that engine (the
-        checkpoint's chat template, as plain `vllm serve` renders it)."""
-        from vllm.renderers.params import ChatParams
-
-        try:
-            params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False})
-            _, prompt = await self.orchestrator.llm.renderer.render_messages_async(messages, params)
-        except (ValueError, TypeError, KeyError, VLLMClientError) as e:
-            raise client_error(e, "messages") from e
-        return prompt
-
-
-def extension_fields(pipeline: DiffusionPipelineBase) -> dict[str, Any]:
-    """The model's own request knobs (BAGEL: cfg_text_scale, timestep_shift ...): the keys of its
-    pipeline defaults that are not `SamplingParams` fields, with their default values (their types)."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    return {k: v for k, v in pipeline.defaults().values.items() if k not in known}
 
 
 @dataclass
@@ -216,38 +145,37 @@ class OmniRuntime:
     @classmethod
     def load(cls, config: OmniServerConfig) -> "OmniRuntime":
         """A diffusion-only runtime (blocking: loads the pipeline)."""
-        from ..diffusion.loader import load_pipeline
+        from ..diffusion.workers import PipelineBuilder, launch_engine
 
-        pipeline = load_pipeline(config.model, dtype=config.dtype)
-        engine = DiffusionEngine(
-            pipeline,
-            EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
-            config.stage_defaults or None,
+        engine = launch_engine(
+            PipelineBuilder(config.model, config.dtype),
+            options=config.dit_options,
+            engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
+            stage_defaults=config.stage_defaults or None,
         )
-        return cls._assemble(config, pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)),
-                             output_kind(pipeline), takes_images(pipeline))
+        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
 
     @classmethod
-    async def create_multistage(cls, config: OmniServerConfig) -> "OmniRuntime":
-        """A multi-stage runtime; call on the server's event loop (the orchestrator lives there)."""
-        from ..orchestrator.stages import create_orchestrator
+    def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
+        """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop.
+        Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
+        from ..orchestrator import orchestrator_for
 
-        orchestrator = await create_orchestrator(
-            config.model, config.stage_config, ar_engine_args=config.ar_engine_args,
-            dtype=config.dtype, max_queue=config.max_queue,
-        )
-        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue), "image", True)
+        orchestrator_cls = orchestrator_for(config.model, config.stage_config)
+        orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
+                                               dtype=config.dtype, max_queue=config.max_queue)
+        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue))
 
     @classmethod
-    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase, stages: InlineDiffusion | MultiStage,
-                  kind: str, images_in: bool) -> "OmniRuntime":
+    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase,
+                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = stages.bridge.engine.stage_defaults
-        builder = RequestBuilder(pipeline.resolve, kind, stage_defaults, config.limits, takes_images=images_in,
-                                 extensions=extension_fields(pipeline), text_defaults=stages.text_defaults)
+        caps = pipeline.capabilities
+        builder = RequestBuilder(pipeline.resolve, caps, stage_defaults, config.limits)
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
-            config.model, pipeline.family, kind, " and text" if stages.text else "",
+            config.model, pipeline.family, caps.output, " and text" if stages.text else "",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
         return cls(
@@ -287,55 +215,35 @@ class OmniRuntime:
                 logger.info("omni: video %s expired and was deleted", video_id)
 
 
-class OmniEndpointPlugin:
-    """The omni routes in the shape of vLLM's `EndpointPlugin` protocol."""
-
-    name = "omni"
-    required_tasks = None
-
-    def __init__(self, runtime: OmniRuntime | None = None) -> None:
-        self.runtime = runtime
-
-    def attach_router(self, app: FastAPI) -> None:
-        from .routes import chat, images, meta, videos
-
-        for module in (images, videos, chat, meta):
-            app.include_router(module.router)
-        install_error_handlers(app)
-
-    async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
-        if self.runtime is None:
-            config = OmniServerConfig.from_args(args)
-            if config.multi_stage:
-                self.runtime = await OmniRuntime.create_multistage(config)
-            else:
-                self.runtime = await asyncio.to_thread(OmniRuntime.load, config)
-        state.omni = self.runtime
-
-
 def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
-    """The omni server's app, for either kind of runtime."""
+    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
+    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
+
+    Args:
+        args: the parsed `vllm serve ... --omni` arguments.
+        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
+
+    Returns:
+        the FastAPI app for vLLM's `serve_http`.
+    """
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
     from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
+    from .plugin import OmniEndpointPlugin
 
     if args.disable_fastapi_docs:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     else:
-        app = FastAPI(lifespan=lifespan)
+        app = FastAPI()
     app.root_path = args.root_path
     app.state.args = args
-    # vLLM's serve_http looks for one (None: no vLLM engine, or one the orchestrator owns and stops)
+    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
     app.state.engine_client = None
-    app.state.omni = runtime
+    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
+    plugin = OmniEndpointPlugin(runtime)
+    plugin.attach_router(app)
     init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
-    OmniEndpointPlugin(runtime).attach_router(app)  # ours on top (request / queue / engine errors)
     init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
+    app.state.endpoint_plugins = [plugin]
     return app

@@ -62,6 +62,15 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=3600.0,
         help="Seconds a finished video is kept before it is deleted (DELETE /v1/videos/{id} removes it at once).",
     )
+    group.add_argument("--omni-cfg-parallel-size", type=int, default=None,
+                       help="DiT CFG-parallel degree (2: cond and uncond on two GPUs). Overrides the stage config's "
+                       "dit_options; world size = cfg x ulysses x ring, one GPU per rank.")
+    group.add_argument("--omni-ulysses-degree", type=int, default=None, help="DiT Ulysses sequence-parallel degree.")
+    group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")
+    group.add_argument("--omni-dit-quantization", choices=["fp8"], default=None,
+                       help="fp8: torchao float8 DiT linear layers (CUDA, compute capability >= 8.9).")
+    group.add_argument("--omni-dit-compile", choices=["regional", "cudagraphs"], default=None,
+                       help="torch.compile the DiT's repeated blocks (cudagraphs: replayed as CUDA graphs).")
     return parser
 
 
@@ -97,11 +106,16 @@ def serve_main(argv: Sequence[str]) -> int:
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+    from .config import ConfigError
     from .launch import run_server
 
     cli_env_setup()
     args = parse_args(argv)
-    uvloop.run(run_server(args))
+    try:
+        uvloop.run(run_server(args))
+    except ConfigError as e:  # a bad flag or a model that is not there: one line, no traceback
+        print(f"vllm serve --omni: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hub import ModelNotFoundError, resolve_model
+from ..diffusion.acceleration import DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
-from ..orchestrator.stage_config import StageConfig, StageConfigError, load_stage_config
+from ..orchestrator.stage_config import StageConfig, StageConfigError, builtin_stage_configs, load_stage_config
 from ..request import Limits
 
 
@@ -38,11 +40,6 @@ def checkpoint_kind(model: str) -> str:
     """"multi-stage" for an HF model dir or a diffusers directory whose pipeline a shipped
     multi-stage stage config names (GLM-Image), "diffusion" for other diffusers directories."""
     path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(
-            f"{model!r} is not a local checkpoint directory; `vllm serve --omni` loads local checkpoints "
-            "(download the model first, or build one with `vllm-omni make-checkpoint`)"
-        )
     if (path / "model_index.json").is_file():
         return "multi-stage" if multistage_config(model) is not None else "diffusion"
     if (path / "config.json").is_file():
@@ -67,6 +64,8 @@ class OmniServerConfig:
     #: --default-sampling-params) and the AR engine args given as vLLM serve flags
     stage_config: StageConfig | None = None
     ar_engine_args: dict[str, Any] = field(default_factory=dict)
+    #: the diffusion stage's DiT options (flags > the stage config's `dit_options`)
+    dit_options: DitOptions = field(default_factory=DitOptions)
 
     @property
     def multi_stage(self) -> bool:
@@ -79,19 +78,25 @@ class OmniServerConfig:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
         if args.omni_video_retention <= 0:
             raise ConfigError(f"--omni-video-retention must be positive seconds, got {args.omni_video_retention}")
-        names = tuple(args.served_model_name or [args.model])
+        names = tuple(args.served_model_name or [args.model])  # the id as given, as vLLM names it
+        try:
+            model = str(resolve_model(args.model, args.revision, args.download_dir))
+        except ModelNotFoundError as e:
+            raise ConfigError(str(e)) from e
         dtype = None if args.dtype in (None, "auto") else {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
         overrides = _json_defaults(args.default_sampling_params)
-        stage_config, stage_defaults, ar_engine_args = None, dict(overrides), {}
-        if checkpoint_kind(args.model) == "multi-stage":
-            stage_config = _multistage_config(args.model, args.stage_configs_path, overrides)
+        stage_config, stage_defaults, ar_engine_args, dit_options = None, dict(overrides), {}, {}
+        if checkpoint_kind(model) == "multi-stage":
+            stage_config = _multistage_config(model, args.stage_configs_path, overrides)
             ar_engine_args = explicit_engine_args(args, parser)
             stage_defaults = dict(_final_stage(stage_config, args.stage_configs_path).default_sampling_params)
         elif args.stage_configs_path:
             config = _load(args.stage_configs_path)
             stage_defaults = {**_final_stage(config, args.stage_configs_path).default_sampling_params, **overrides}
+            dit_options = dict(_final_stage(config, args.stage_configs_path).dit_options)
+        dit = _dit_options(args, dit_options, multi_stage=stage_config is not None)
         return cls(
-            model=args.model,
+            model=model,
             served_model_names=names,
             limits=Limits(
                 max_pixels=args.omni_max_pixels,
@@ -110,7 +115,30 @@ class OmniServerConfig:
             allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
             stage_config=stage_config,
             ar_engine_args=ar_engine_args,
+            dit_options=dit,
         )
+
+
+_DIT_FLAGS = {
+    "cfg_degree": "omni_cfg_parallel_size",
+    "ulysses_degree": "omni_ulysses_degree",
+    "ring_degree": "omni_ring_degree",
+    "quantization": "omni_dit_quantization",
+    "compile": "omni_dit_compile",
+}
+
+
+def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_stage: bool) -> DitOptions:
+    """The DiT options: --omni-* flags over the stage config's final-stage `dit_options`."""
+    flags = {key: getattr(args, dest, None) for key, dest in _DIT_FLAGS.items()}
+    values = {**from_stage, **{k: v for k, v in flags.items() if v is not None}}
+    if values and multi_stage:
+        given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" for k in values)
+        raise ConfigError(f"{given}: DiT parallelism / fp8 / compile apply to diffusers checkpoints, not multi-stage ones")
+    try:
+        return DitOptions.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(f"DiT options ({', '.join(f'--{_DIT_FLAGS[k]}'.replace('_', '-') for k in values)}): {e}") from e
 
 
 def _load(path: str) -> StageConfig:
@@ -135,10 +163,14 @@ def _multistage_config(model: str, path: str | None, overrides: dict[str, Any]) 
     except StageConfigError as e:
         raise ConfigError(f"--stage-configs-path: {e}") from e
     if config is None:
+        if path:
+            raise ConfigError(f"--stage-configs-path {path}: it has a single stage; a multi-stage checkpoint needs two or more")
         archs = ", ".join(checkpoint_architectures(model)) or "none"
+        known = ", ".join(sorted({a for c in builtin_stage_configs().values() for a in c.architectures}))
         raise ConfigError(
-            f"{model}: no multi-stage stage config for its architectures ({archs})"
-            + (f"; {path} has a single stage" if path else "; pass one with --stage-configs-path")
+            f"{model}: not a checkpoint `--omni` serves: no model_index.json (a diffusers pipeline), and its "
+            f"config.json names architectures [{archs}], none with a stage config (shipped for: {known}); serve "
+            "a transformers model with plain `vllm serve`, or give its stages with --stage-configs-path"
         )
     final = _final_stage(config, path)
     if not overrides:
@@ -147,8 +179,9 @@ def _multistage_config(model: str, path: str | None, overrides: dict[str, Any]) 
     return config.model_copy(update={"stages": tuple(merged if s.id == final.id else s for s in config.stages)})
 
 
-# Flags of vLLM's serve parser that are not engine settings of the AR stage.
-_NOT_AR_ENGINE_ARGS = frozenset({"model", "logging_config", "log_config_file"})
+# Flags of vLLM's serve parser that are not engine settings of the AR stage
+# (--revision / --download-dir were used to resolve the model to a local directory).
+_NOT_AR_ENGINE_ARGS = frozenset({"model", "logging_config", "log_config_file", "revision", "download_dir"})
 
 
 def explicit_engine_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:

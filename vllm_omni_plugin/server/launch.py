@@ -1,29 +1,102 @@
-"""Start the omni server: vLLM's socket setup and HTTP launcher around our app."""
+"""Start the omni server.
+
+* a checkpoint with an AR stage (BAGEL): vLLM's own OpenAI API server
+  (`vllm.entrypoints.launchers.api_server.entry.run_server`: its engine
+  client, its app factory, all of its routes and flags) with the AR stage's
+  engine args from the stage config, and the omni routes allowlisted as the
+  "omni" endpoint plugin (server/plugin.py);
+* a diffusion-only checkpoint (no LLM engine): the app of server/app.py
+  (vLLM's pieces, the same plugin) on vLLM's socket setup and HTTP launcher.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+from typing import Any
 
 from .app import OmniRuntime, build_app
 from .config import OmniServerConfig
+from .plugin import allowlist_omni
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
+# What a stage config's `default_sampling_params` of the AR stage may set through vLLM's
+# --override-generation-config (vLLM's names: `max_new_tokens` is its `max_tokens`).
+_GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                           "frequency_penalty": "frequency_penalty", "temperature": "temperature",
+                           "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_tokens": "max_new_tokens"}
+
+
+def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[str, Any]:
+    """The serve args that make vLLM's engine client the AR stage.
+
+    Engine args: flags given on the command line > the stage config's `engine_args` (with its
+    platform overlay, the OmniKVConnector's transfer directory, the stage's tokenizer and
+    batch limit; orchestrator/stages.py). The model: the checkpoint, or the stage's
+    `subfolder` (GLM-Image's vision_language_encoder), served under the names given (or the
+    model as given). Text sampling defaults: an explicit `--override-generation-config` > the
+    AR stage's `default_sampling_params` (only the keys vLLM's generation config carries;
+    others are logged as not applied) > the checkpoint's generation config.
+
+    Args:
+        args: the parsed serve args.
+        config: the omni config (its stage config and the explicitly given engine flags).
+
+    Returns:
+        attribute -> value to set on `args` before vLLM builds its engine client.
+    """
+    from ..orchestrator.stages import ar_model_path, ar_stage_engine_args, stage_pair
+
+    stage, _ = stage_pair(config.stage_config)
+    out = ar_stage_engine_args(config.model, config.stage_config, config.ar_engine_args)
+    out["model"] = ar_model_path(config.model, stage)
+    out["omni_model"] = config.model  # what the omni routes serve (server/plugin.py: omni_args)
+    out["served_model_name"] = list(config.served_model_names)
+    defaults = stage.default_sampling_params
+    unused = sorted(set(defaults) - set(_GENERATION_CONFIG_KEYS))
+    if unused:
+        logger.warning("omni: AR default_sampling_params %s have no vLLM generation-config key; not applied", unused)
+    generation = {_GENERATION_CONFIG_KEYS[k]: v for k, v in defaults.items() if k in _GENERATION_CONFIG_KEYS}
+    explicit = config.ar_engine_args.get("override_generation_config") or {}
+    out["override_generation_config"] = {**generation, **explicit}
+    return out
+
 
 async def run_server(args: argparse.Namespace) -> None:
+    config = OmniServerConfig.from_args(args)
+    if config.multi_stage:
+        await _serve_on_vllm(args, config)
+    else:
+        await _serve_diffusion(args, config)
+
+
+async def _serve_on_vllm(args: argparse.Namespace, config: OmniServerConfig) -> None:
+    from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
+
+    from .config import ConfigError
+
+    # The DiT stage lives in the API server process: one of them, serving (vLLM's `serve` would
+    # start several, or none, for these flags).
+    if getattr(args, "headless", False) or (getattr(args, "api_server_count", None) or 1) != 1:
+        raise ConfigError("`--omni` serves a multi-stage model from one API server process: drop --headless "
+                          f"and --api-server-count (got {getattr(args, 'api_server_count', None)})")
+    for key, value in ar_stage_args(args, config).items():
+        setattr(args, key, value)
+    logger.info("omni: serving %s on vLLM's OpenAI API server; VLLM_PLUGINS=%s", config.model, allowlist_omni())
+    await vllm_run_server(args)
+
+
+async def _serve_diffusion(args: argparse.Namespace, config: OmniServerConfig) -> None:
     import vllm.envs as envs
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    config = OmniServerConfig.from_args(args)
     listen_address, sock = setup_server(args, reuse_port=False)
-    if config.multi_stage:
-        # The orchestrator (and its AsyncLLM) lives on this, the server's, event loop.
-        runtime = await OmniRuntime.create_multistage(config)
-    else:
-        runtime = await asyncio.to_thread(OmniRuntime.load, config)
+    runtime = await asyncio.to_thread(OmniRuntime.load, config)
     app = build_app(args, runtime)
+    for plugin in app.state.endpoint_plugins:  # vLLM's phase B, as init_app_state runs it
+        await plugin.init_state(None, app.state, args)
     logger.info("omni: starting server on %s", listen_address)
     shutdown_task = await serve_http(
         app,

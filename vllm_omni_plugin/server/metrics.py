@@ -1,15 +1,18 @@
 """Prometheus metrics of the omni routes and the diffusion engine (GET /metrics).
 
-A registry of our own: the diffusion-only server has no vLLM engine metrics,
-and the multi-stage server (vLLM's app) can append this registry's output to
-its /metrics.
+A registry of our own, registered as one collector into vLLM's Prometheus
+registry, so vLLM's GET /metrics serves both (vLLM's engine and HTTP metrics,
+and these) on either kind of server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..orchestrator.engine_loop import EngineLoop
+
+# (vLLM's registry, the omni registry registered in it): at most one per process
+_exposed: tuple[CollectorRegistry, CollectorRegistry] | None = None
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -51,5 +54,16 @@ class OmniMetrics:
         self.step_latency.observe(seconds)
         self.step_batch.observe(requests)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def expose_in_vllm_registry(self) -> None:
+        """Serve these metrics on vLLM's /metrics (vLLM's process-wide registry). One runtime serves a
+        process; a later one (tests that build several apps) takes the place of the earlier one."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        global _exposed
+        target = get_prometheus_registry()
+        if _exposed is not None:
+            if _exposed[1] is self.registry:
+                return
+            _exposed[0].unregister(_exposed[1])
+        target.register(self.registry)
+        _exposed = (target, self.registry)

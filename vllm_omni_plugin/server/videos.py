@@ -4,7 +4,9 @@ A video id is `video_` + 32 hex digits, made here; it is checked against that
 pattern and looked up in the job table before any path is formed, and the
 path is `<storage>/<id>.mp4` checked to lie directly in `<storage>`. A client
 string never reaches the file system. Finished videos are deleted on DELETE
-and `retention_s` seconds after they complete.
+and `retention_s` seconds after they complete. Deleting an unfinished job
+cancels it first: the job says `cancelling` until the engine has dropped its
+work (at the end of the denoise step it is in), then `cancelled`.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ class VideoJob:
     size: str
     seconds: str
     created_at: int = field(default_factory=lambda: int(time.time()))
-    status: str = "queued"  # queued | in_progress | completed | failed
+    status: str = "queued"  # queued | in_progress | completed | failed | cancelling | cancelled
     progress: int = 0
     completed_at: int | None = None
     expires_at: int | None = None
     error: dict[str, Any] | None = None
     request_id: str | None = None
     resolved: dict[str, Any] | None = None
+    ignored: tuple[str, ...] = ()  # fields accepted without effect
     deleted: bool = False
     task: Any = None  # the asyncio task that finishes the job (kept referenced)
 
@@ -64,7 +67,7 @@ class VideoJob:
             "size": self.size,
             "error": self.error,
             "remixed_from_video_id": None,
-            "omni": {"resolved": self.resolved},
+            "omni": {"resolved": self.resolved, "ignored": list(self.ignored)},
         }
 
 
@@ -110,11 +113,21 @@ class VideoStore:
         job.status, job.progress, job.completed_at = "completed", 100, now
         job.expires_at = now + int(self.retention_s)
 
+    def cancelling(self, job: VideoJob) -> None:
+        """DELETE of an unfinished job: its engine work is being aborted."""
+        job.status = "cancelling"
+
+    def cancelled(self, job: VideoJob) -> None:
+        """The engine dropped the job's work (at the end of the denoise step it was in)."""
+        job.status, job.completed_at = "cancelled", int(time.time())
+
     def fail(self, job: VideoJob, code: str, message: str) -> None:
         now = int(time.time())
         job.status, job.completed_at = "failed", now
         job.expires_at = now + int(self.retention_s)
-        job.error = {"code": code, "message": message}
+        # An error text may quote anything an exception carried: keep it encodable, so
+        # one failed job can never break GET /v1/videos for every client.
+        job.error = {"code": code, "message": message.encode("utf-8", "backslashreplace").decode("utf-8")}
 
     def delete(self, video_id: str) -> VideoJob:
         path, partial = self.path_for(video_id), self.partial_path_for(video_id)

@@ -51,6 +51,7 @@ from ..bagel.context import BagelContext, BranchKV, ContextStore
 from ..bagel.encode import check_size, default_size, encode_context
 from ..bagel.mot import MoTDecoder, Route
 from ..bagel.weights import BagelModel, load_bagel_model
+from ..capabilities import Capabilities, Knob
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -104,6 +105,21 @@ class _Components:
 
 class BagelStepwise(StepwisePipeline):
     family = "bagel"
+    capabilities = Capabilities(
+        output="image",
+        input_images=(0, 1),  # text2img, or img2img with one image
+        fields=frozenset({"negative_prompt", "height", "width", "num_inference_steps"}),
+        knobs={
+            "timestep_shift": Knob(float),
+            "cfg_text_scale": Knob(float),
+            "cfg_img_scale": Knob(float),
+            "cfg_interval": Knob(tuple, length=2),
+            "cfg_renorm_type": Knob(str),
+            "cfg_renorm_min": Knob(float),
+        },
+        text_output=True,  # the AR stage answers text2text / img2text
+        orchestrator="bagel",
+    )
 
     def __init__(self, model: BagelModel, model_id: str = "", batch_cfg: bool = True) -> None:
         # No diffusers scheduler to copy: each state carries its own flow-time table.
@@ -140,12 +156,15 @@ class BagelStepwise(StepwisePipeline):
             dh, dw = default_size(self.model.config, image)
             height, width = height or dh, width or dw
         check_size(self.model.config, height, width)
-        return {
+        out = {
             "cfg_interval": interval,
             "cfg_img_scale": None if image is None else float(v["cfg_img_scale"]),
             "height": height,
             "width": width,
         }
+        if not float(v["cfg_text_scale"]) > 1:  # no text CFG: the negative prompt's context is never used
+            out["negative_prompt"] = None
+        return out
 
     def _cfg(self, params: ResolvedParams) -> BagelCfg:
         x = params.extra

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..capabilities import ALWAYS_HONOURED, Capabilities, Knob
 from ..interface import DiffusionPipelineBase, ProgressFn
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -37,6 +38,8 @@ _OUR_FIELDS = (
     "resolution",
     "max_sequence_length",
 )
+# __call__ arguments that are plumbing, not request knobs.
+_NOT_KNOBS = frozenset({"output_type", "return_dict", "callback_on_step_end_tensor_inputs", "callback_steps"})
 
 
 class GenericPipeline(DiffusionPipelineBase):
@@ -46,6 +49,28 @@ class GenericPipeline(DiffusionPipelineBase):
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         super().__init__(pipe, model_id)
         self._signature = inspect.signature(type(pipe).__call__).parameters
+        self.capabilities = self._declared()
+
+    def _declared(self) -> Capabilities:
+        """The declaration read off the diffusers pipeline: the fields its `__call__` takes, its
+        other simply-typed arguments as knobs, video if it has a video processor, images if it
+        takes `image` (how many it needs is the pipeline's own business: 0 or more)."""
+        fields = {ours for ours in _OUR_FIELDS if self._call_name(ours) is not None}
+        if hasattr(self.pipe, "video_processor") and "num_frames" in fields:
+            fields.add("fps")  # the frame rate of the exported video
+        mapped = {self._call_name(ours) for ours in (*_OUR_FIELDS, "images")}
+        knobs = {
+            name: Knob(type(p.default))
+            for name, p in self._signature.items()
+            if name not in mapped and name not in _NOT_KNOBS
+            and type(p.default) in (bool, int, float, str)
+        }
+        return Capabilities(
+            output="video" if hasattr(self.pipe, "video_processor") else "image",
+            input_images=(0, None) if self._call_name("images") else (0, 0),
+            fields=frozenset(fields - ALWAYS_HONOURED),
+            knobs=knobs,
+        )
 
     def _call_name(self, ours: str) -> str | None:
         for name in (ours, *_ALIASES.get(ours, ())):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ...models.glm_image_prompt import TOKEN_PIXELS, check_size
+from ..capabilities import Capabilities
 from ..handover import HandOverStore
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
@@ -68,6 +69,12 @@ class GlmImageStepwise(StepwisePipeline):
     """Text-to-image from handed-over prior tokens (diffusers' GlmImagePipeline after its AR step)."""
 
     family = "glm-image"
+    capabilities = Capabilities(
+        output="image",
+        input_images=(0, None),  # text-to-image, or image-to-image with condition images
+        fields=frozenset({"height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"}),
+        orchestrator="glm_image",  # the AR prior in vLLM -> this DiT (orchestrator/glm_image.py)
+    )
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True, image_tokenizer: Any = None) -> None:
         super().__init__(pipe, model_id, batch_cfg)

@@ -15,19 +15,30 @@ padding does not move them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from ..capabilities import Capabilities, Knob
+from .. import step_cache
 from ..interface import StepwisePipeline
+from ..parallel import sequence_shard
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
 from ..state import CfgLayout, DiffusionState
 
 PROMPT_CACHE_SIZE = 32
+
+# What every Qwen-Image family reads (`guidance_scale` only on guidance-distilled
+# checkpoints: added per instance, see QwenImageStepwise.__init__).
+QWEN_FIELDS = frozenset({
+    "negative_prompt", "height", "width", "num_inference_steps", "true_cfg_scale", "max_sequence_length",
+})
 
 
 def _calculate_shift(image_seq_len: int, config: Any) -> float:
@@ -38,6 +49,15 @@ def _calculate_shift(image_seq_len: int, config: Any) -> float:
     max_shift = config.get("max_shift", 1.15)
     m = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * m + (base_shift - m * base_len)
+
+
+def _true_cfg_that_runs(v: Mapping[str, Any]) -> dict[str, Any]:
+    """Report true CFG as it will run: diffusers runs it only with a negative prompt and a
+    scale > 1; otherwise neither the scale nor the negative prompt is used (both resolve to None)."""
+    scale = v.get("true_cfg_scale")
+    if scale is not None and scale > 1 and v.get("negative_prompt") is not None:
+        return {}
+    return {"true_cfg_scale": None, "negative_prompt": None}
 
 
 def _dims_for_area(target_area: int, ratio: float) -> tuple[int, int]:
@@ -51,9 +71,13 @@ class QwenImageStepwise(StepwisePipeline):
     """Text-to-image (QwenImagePipeline)."""
 
     family = "qwen-image"
+    capabilities = Capabilities(output="image", fields=QWEN_FIELDS)
+    supports_step_cache = True
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
+        if pipe.transformer.config.guidance_embeds:  # a guidance-distilled checkpoint reads guidance_scale
+            self.capabilities = self.capabilities.with_fields("guidance_scale")
         # text -> [1, L, D] embeddings encoded alone (see "Text encoding" below)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -78,7 +102,7 @@ class QwenImageStepwise(StepwisePipeline):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         m = self.multiple_of
         # The sizes the latents really have (diffusers rounds down to the packing grid).
-        return {"height": v["height"] // m * m, "width": v["width"] // m * m}
+        return {"height": v["height"] // m * m, "width": v["width"] // m * m, **_true_cfg_that_runs(v)}
 
     # ---- prepare ------------------------------------------------------------------
     # Text encoding. The embeddings of one text do not depend on the request
@@ -264,17 +288,39 @@ class QwenImageStepwise(StepwisePipeline):
                 t_cond.append(s.extras["additional_t_cond"])
         embeds, mask = _pad_text(texts)
         rows = sum(s.rows for s, _ in blocks)
-        return self.pipe.transformer(
-            hidden_states=torch.cat(hidden),
-            timestep=torch.cat(timesteps),
-            guidance=torch.cat(guidance) if guidance else None,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=embeds,
-            img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
-            attention_kwargs={},
-            return_dict=False,
-            **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
-        )[0]
+        with self._step_cache(blocks):
+            return self.pipe.transformer(
+                hidden_states=torch.cat(hidden),
+                timestep=torch.cat(timesteps),
+                guidance=torch.cat(guidance) if guidance else None,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=[list(blocks[0][0].extras["img_shapes"])] * rows,
+                attention_kwargs={},
+                return_dict=False,
+                **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
+            )[0]
+
+    def _step_cache(self, blocks: list[tuple[DiffusionState, int]]) -> Any:
+        """A context that switches step caching on for this forward when one of its requests asked for it."""
+        if all(s.params.cache_threshold is None for s, _ in blocks):
+            return contextlib.nullcontext()
+        cached = step_cache.install(self.pipe.transformer)
+        row_blocks, start = [], 0
+        for s, branch in blocks:
+            store = s.extras.setdefault("step_cache", ({}, {}))[branch]
+            row_blocks.append(step_cache.RowBlock(start, s.rows, s.params.cache_threshold, store))
+            start += s.rows
+        transformer = self.pipe.transformer
+        if getattr(transformer, "zero_cond_t", False):
+            raise ValueError("step caching does not support zero_cond_t Qwen-Image models (doubled timestep rows)")
+        sp = self.parallel is not None and self.parallel.config.sp_degree > 1
+        ctx = step_cache.CacheContext(
+            row_blocks,
+            agree=self.parallel.all_agree if sp else None,
+            shard=functools.partial(sequence_shard, transformer) if sp else None,
+        )
+        return step_cache.active(cached, ctx)
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -308,14 +354,17 @@ class QwenImageStepwise(StepwisePipeline):
                 outputs.update(zip((s.request_id for s in group), self._decode_images(group)))
         return [outputs[s.request_id] for s in states]
 
+    def decode_latents(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent")."""
+        latents = self.pipe._unpack_latents(latents, params.height, params.width, self.pipe.vae_scale_factor)
+        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        return list(self.pipe.image_processor.postprocess(image, output_type=params.output_type))
+
     def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
         if p.output_type == "latent":
             return [DiffusionOutput(s.request_id, "latent", s.params, latents=s.latents) for s in states]
-        latents = torch.cat([s.latents for s in states])
-        latents = self.pipe._unpack_latents(latents, p.height, p.width, self.pipe.vae_scale_factor)
-        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
-        images = list(self.pipe.image_processor.postprocess(image, output_type=p.output_type))
+        images = self.decode_latents(torch.cat([s.latents for s in states]), p)
         outputs, start = [], 0
         for s in states:
             outputs.append(DiffusionOutput(s.request_id, "image", s.params, images=images[start : start + s.rows]))
@@ -344,49 +393,92 @@ class QwenImageEditStepwise(QwenImageStepwise):
     """Image + instruction -> image (QwenImageEditPipeline)."""
 
     family = "qwen-image-edit"
+    capabilities = Capabilities(output="image", input_images=(1, 1), fields=QWEN_FIELDS)
+    #: which input image sets the default output size (diffusers: the first for Edit, the last for Edit Plus)
+    _size_image = 0
 
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         images = v.get("images")
         if not images:
-            raise ValueError("Qwen-Image-Edit needs an input image (`images`)")
-        w, h = images[0].size
+            raise ValueError(f"{self.family} needs an input image (`images`)")
+        w, h = images[self._size_image].size
         calc_w, calc_h = _dims_for_area(1024 * 1024, w / h)
         m = self.multiple_of
         height = v["height"] if "height" in explicit else calc_h
         width = v["width"] if "width" in explicit else calc_w
-        return {"height": height // m * m, "width": width // m * m}
+        return {"height": height // m * m, "width": width // m * m, **_true_cfg_that_runs(v)}
 
     def _texts(self, params: ResolvedParams) -> list[str]:
         return []  # the text is encoded with the request's image, per request
 
+    def _conditions(self, params: ResolvedParams) -> tuple[Any, Any, list[tuple[int, int]]]:
+        """(what the text encoder sees, what the VAE encodes, the VAE input's (width, height) per image)."""
+        pipe, image = self.pipe, params.images[0]
+        calc_w, calc_h = _dims_for_area(1024 * 1024, image.size[0] / image.size[1])
+        image = pipe.image_processor.resize(image, calc_h, calc_w)
+        return image, pipe.image_processor.preprocess(image, calc_h, calc_w).unsqueeze(2), [(calc_w, calc_h)]
+
     def _prepare(self, params: ResolvedParams, request_id: str, encoded: dict | None = None) -> DiffusionState:
         pipe, n = self.pipe, params.num_outputs_per_prompt
-        image = params.images[0]
-        calc_w, calc_h = _dims_for_area(1024 * 1024, image.size[0] / image.size[1])
         height, width = params.height, params.width
-        image = pipe.image_processor.resize(image, calc_h, calc_w)
-        prompt_image = image
-        image = pipe.image_processor.preprocess(image, calc_h, calc_w).unsqueeze(2)
+        prompt_images, vae_images, vae_sizes = self._conditions(params)
         cfg = self._cfg(params)
         generator = params.generator()
-        cond = self._encode(params.prompt, params, image=prompt_image)
-        uncond = self._encode(params.negative_prompt, params, image=prompt_image) if cfg.branches == 2 else None
+        cond = self._encode(params.prompt, params, image=prompt_images)
+        uncond = self._encode(params.negative_prompt, params, image=prompt_images) if cfg.branches == 2 else None
         channels = pipe.transformer.config.in_channels // 4
         latents, image_latents = pipe.prepare_latents(
-            image, n, channels, height, width, cond["encoder_hidden_states"].dtype, self.device, generator
+            vae_images, n, channels, height, width, cond["encoder_hidden_states"].dtype, self.device, generator
         )
         vsf = pipe.vae_scale_factor
         sigmas = np.linspace(1.0, 1 / params.num_inference_steps, params.num_inference_steps)
         scheduler, timesteps = self._timesteps(params, sigmas, _calculate_shift(latents.shape[1], pipe.scheduler.config))
-        img_shapes = ((1, height // vsf // 2, width // vsf // 2), (1, calc_h // vsf // 2, calc_w // vsf // 2))
+        # one RoPE block for the output, one per condition image
+        img_shapes = ((1, height // vsf // 2, width // vsf // 2),
+                      *((1, h // vsf // 2, w // vsf // 2) for w, h in vae_sizes))
         extras = {"img_shapes": img_shapes, "image_latents": image_latents}
         return self._state(params, request_id, cfg, generator, cond, uncond, latents, scheduler, timesteps, extras)
+
+
+class QwenImageEditPlusStepwise(QwenImageEditStepwise):
+    """Several images + instruction -> image (QwenImageEditPlusPipeline, Qwen-Image-Edit-2509 and later).
+
+    As diffusers: each input image is shown to the text encoder at ~384x384
+    ("Picture i: ..." in the prompt) and VAE-encoded at ~1024x1024, all at
+    their own aspect; their latent tokens follow the noise tokens, one RoPE
+    block per image; the default output size follows the LAST image.
+    """
+
+    family = "qwen-image-edit-plus"
+    capabilities = Capabilities(output="image", input_images=(1, None), fields=QWEN_FIELDS)
+    _size_image = -1
+    CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE
+    VAE_AREA = 1024 * 1024  # diffusers' VAE_IMAGE_SIZE
+
+    def _conditions(self, params: ResolvedParams) -> tuple[Any, Any, list[tuple[int, int]]]:
+        pipe = self.pipe
+        condition_images, vae_images, vae_sizes = [], [], []
+        for img in params.images:
+            ratio = img.size[0] / img.size[1]
+            cond_w, cond_h = _dims_for_area(self.CONDITION_AREA, ratio)
+            vae_w, vae_h = _dims_for_area(self.VAE_AREA, ratio)
+            condition_images.append(pipe.image_processor.resize(img, cond_h, cond_w))
+            vae_images.append(pipe.image_processor.preprocess(img, vae_h, vae_w).unsqueeze(2))
+            vae_sizes.append((vae_w, vae_h))
+        return condition_images, vae_images, vae_sizes
 
 
 class QwenImageLayeredStepwise(QwenImageStepwise):
     """Image -> RGBA layers (QwenImageLayeredPipeline). RGB inputs are converted to RGBA."""
 
     family = "qwen-image-layered"
+    capabilities = Capabilities(
+        output="layers",
+        input_images=(1, 1),
+        # the size comes from `resolution` and the image's aspect, never from height / width
+        fields=(QWEN_FIELDS - {"height", "width"}) | {"layers", "resolution"},
+        knobs={"cfg_normalize": Knob(bool), "use_en_prompt": Knob(bool)},
+    )
 
     def defaults(self) -> PipelineDefaults:
         return PipelineDefaults(
@@ -408,9 +500,6 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
             raise ValueError("Qwen-Image-Layered needs an input image (`images`)")
         if v["resolution"] not in (640, 1024):
             raise ValueError(f"resolution must be 640 or 1024, got {v['resolution']!r}")
-        for name in ("height", "width"):
-            if name in explicit:
-                raise ValueError(f"Qwen-Image-Layered takes its size from `resolution` and the image, not `{name}`")
         w, h = images[0].size
         calc_w, calc_h = _dims_for_area(v["resolution"] ** 2, w / h)
         m = self.multiple_of
@@ -418,6 +507,7 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
             "height": calc_h // m * m,
             "width": calc_w // m * m,
             "images": [img if img.mode == "RGBA" else img.convert("RGBA") for img in images],
+            **_true_cfg_that_runs(v),
         }
 
     def _cfg(self, params: ResolvedParams, renorm: bool = True) -> CfgLayout:

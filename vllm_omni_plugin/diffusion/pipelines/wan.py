@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..capabilities import Capabilities
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -27,6 +28,11 @@ from ..state import CfgLayout, DiffusionState
 WAN21_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0)
 WAN22_T2V_DEFAULTS = dict(num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0)
 WAN22_I2V_DEFAULTS = dict(num_inference_steps=40, guidance_scale=3.5, guidance_scale_2=3.5)
+# What Wan reads (`guidance_scale_2` only with two experts: dropped per instance for Wan2.1).
+WAN_FIELDS = frozenset({
+    "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+    "num_frames", "fps", "max_sequence_length",
+})
 VIDEO_DEFAULTS = dict(height=480, width=832, num_frames=81, fps=16, max_sequence_length=512)
 
 
@@ -34,7 +40,13 @@ class WanStepwise(StepwisePipeline):
     """Text-to-video (WanPipeline)."""
 
     family = "wan-t2v"
+    capabilities = Capabilities(output="video", fields=WAN_FIELDS)
     _wan22_defaults = WAN22_T2V_DEFAULTS
+
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+        super().__init__(pipe, model_id, batch_cfg)
+        if self.boundary_ratio is None:  # Wan2.1: one expert, no second guidance scale
+            self.capabilities = self.capabilities.without_fields("guidance_scale_2")
 
     @property
     def boundary_ratio(self) -> float | None:
@@ -52,12 +64,14 @@ class WanStepwise(StepwisePipeline):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.boundary_ratio is None:
-            if "guidance_scale_2" in explicit:
-                raise ValueError("guidance_scale_2 needs a two-expert model (Wan2.2, boundary_ratio set)")
             out["guidance_scale_2"] = None
         elif "guidance_scale_2" not in explicit and "guidance_scale" in explicit:
             # Derived from the *resolved* guidance_scale, as diffusers does for an unset value.
             out["guidance_scale_2"] = v["guidance_scale"]
+        if not v["guidance_scale"] > 1.0:
+            # diffusers runs CFG iff guidance_scale > 1: then neither the second scale nor the
+            # negative prompt is used, and they are reported as not used.
+            out.update(guidance_scale_2=None, negative_prompt=None)
         temporal = self.pipe.vae_scale_factor_temporal
         frames = v["num_frames"]
         if frames % temporal != 1:
@@ -142,6 +156,10 @@ class WanStepwise(StepwisePipeline):
     def _model_input(self, state: DiffusionState) -> torch.Tensor:
         return state.latents
 
+    def _timestep(self, state: DiffusionState) -> torch.Tensor:
+        """The transformer's timestep input for the state's rows: one value per row."""
+        return state.current_timestep.expand(state.rows)
+
     @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         preds = []
@@ -161,7 +179,7 @@ class WanStepwise(StepwisePipeline):
         for s, branch in blocks:
             inputs = s.cond if branch == 0 else s.uncond
             hidden.append(self._model_input(s).to(dtype))
-            timesteps.append(s.current_timestep.expand(s.rows))
+            timesteps.append(self._timestep(s))
             texts.append(inputs["encoder_hidden_states"])
             if "encoder_hidden_states_image" in inputs:
                 images.append(inputs["encoder_hidden_states_image"])
@@ -183,11 +201,14 @@ class WanStepwise(StepwisePipeline):
         with torch.no_grad():
             return self._decode(state)
 
+    def _final_latents(self, state: DiffusionState) -> torch.Tensor:
+        return state.latents
+
     def _decode(self, state: DiffusionState) -> DiffusionOutput:
         p, vae = state.params, self.pipe.vae
         if p.output_type == "latent":
-            return DiffusionOutput(state.request_id, "latent", p, latents=state.latents, fps=p.fps)
-        latents = state.latents.to(vae.dtype)
+            return DiffusionOutput(state.request_id, "latent", p, latents=self._final_latents(state), fps=p.fps)
+        latents = self._final_latents(state).to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
             latents.device, latents.dtype
@@ -201,6 +222,7 @@ class WanImageToVideoStepwise(WanStepwise):
     """Image-to-video (WanImageToVideoPipeline, first-frame conditioning)."""
 
     family = "wan-i2v"
+    capabilities = Capabilities(output="video", input_images=(1, 1), fields=WAN_FIELDS)
     _wan22_defaults = WAN22_I2V_DEFAULTS
 
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
@@ -235,3 +257,77 @@ class WanImageToVideoStepwise(WanStepwise):
 
     def _model_input(self, state: DiffusionState) -> torch.Tensor:
         return torch.cat([state.latents, state.extras["condition"]], dim=1)
+
+
+# Wan2.2 TI2V-5B model card (wan/configs/wan_ti2v_5B.py): 50 steps, scale 5.0, 720P (1280x704), 121 frames at 24 fps.
+TI2V_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=704, width=1280, num_frames=121, fps=24,
+                     max_sequence_length=512)
+
+
+class WanTI2VStepwise(WanStepwise):
+    """Wan2.2 TI2V-5B: text-to-video, or image-to-video with the same weights (`expand_timesteps`).
+
+    As diffusers' WanPipeline / WanImageToVideoPipeline with `expand_timesteps=True`: the
+    transformer takes one timestep per latent token. Text-to-video: every token at t.
+    With an image: its VAE latent is the first latent frame -- the model input is
+    `(1 - mask) * condition + mask * latents` with mask 0 on frame 0, whose tokens run
+    at t = 0 -- and the decoded latents get the same composition. The image path uses
+    diffusers' own `WanImageToVideoPipeline.prepare_latents` on a pipeline object that
+    shares this checkpoint's modules (nothing is copied). Requests with and without an
+    image share forwards (same latent shape, per-row token timesteps).
+    """
+
+    family = "wan-ti2v"
+    capabilities = Capabilities(output="video", input_images=(0, 1), fields=WAN_FIELDS)
+
+    def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
+        super().__init__(pipe, model_id, batch_cfg)
+        self._image_pipe: Any = None
+
+    def defaults(self) -> PipelineDefaults:
+        return PipelineDefaults(values=dict(TI2V_DEFAULTS), derive=self._derive)
+
+    @property
+    def image_pipe(self) -> Any:
+        """diffusers' WanImageToVideoPipeline over this checkpoint's modules (for its image helpers)."""
+        if self._image_pipe is None:
+            from diffusers import WanImageToVideoPipeline
+
+            p = self.pipe
+            self._image_pipe = WanImageToVideoPipeline(
+                tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
+                transformer=p.transformer, transformer_2=p.transformer_2, image_encoder=None, image_processor=None,
+                boundary_ratio=p.config.boundary_ratio, expand_timesteps=True,
+            )
+        return self._image_pipe
+
+    def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+        if not params.images:
+            state = super()._prepare(params, request_id)
+            state.extras["token_mask"] = torch.ones_like(state.latents[0, 0, :, ::2, ::2]).flatten()
+            return state
+        pipe, n = self.image_pipe, params.num_outputs_per_prompt
+        cond, uncond = self._encode(params, params.guidance_scale > 1.0)
+        scheduler, timesteps = self._schedule(params)
+        pixels = pipe.video_processor.preprocess(params.images[0], height=params.height, width=params.width)
+        pixels = pixels.to(self.device, dtype=torch.float32)
+        generator = params.generator()
+        size = (params.height, params.width, params.num_frames)
+        latents, condition, mask = pipe.prepare_latents(
+            pixels, n, pipe.vae.config.z_dim, *size, torch.float32, self.device, generator, None, None
+        )
+        scheduler.set_begin_index(0)
+        extras = {"condition": condition, "mask": mask, "token_mask": mask[0][0][:, ::2, ::2].flatten()}
+        return self._state(params, request_id, latents, scheduler, timesteps, generator, cond, uncond, extras)
+
+    def _timestep(self, state: DiffusionState) -> torch.Tensor:
+        return (state.extras["token_mask"] * state.current_timestep).unsqueeze(0).expand(state.rows, -1)
+
+    def _with_condition(self, state: DiffusionState) -> torch.Tensor:
+        mask = state.extras.get("mask")
+        if mask is None:
+            return state.latents
+        return (1 - mask) * state.extras["condition"] + mask * state.latents
+
+    _model_input = _with_condition
+    _final_latents = _with_condition

@@ -1,8 +1,14 @@
-"""POST /v1/chat/completions: image answers, and text answers of multi-stage models.
+"""POST /v1/chat/completions: one route, the requested output decides who answers.
 
 What the answer is: `modalities` (OpenAI's chat field). `["image"]` (or any
 list with "image") asks for images; `["text"]` for text. Left out, a model
 with an AR stage (BAGEL) answers in text, a diffusion-only model with images.
+
+Text answers (AR stage: text2text, img2text) are vLLM's: the request goes on,
+untouched, to the chat handler of vLLM's own server (its renderer and chat
+template, streaming, logprobs, tools, sampling defaults and checks). Only the
+omni generation fields are refused there (400 pointing at `modalities`), so
+an image request that forgot `modalities` is not answered in text.
 
 Image answers: the prompt is the text of the last user message; its
 `image_url` parts (fetched under vLLM's media rules) are the input images of
@@ -11,12 +17,6 @@ negative_prompt, the model's own knobs ...) come in the body -- with the
 openai client through `extra_body` -- and mean what they mean on
 /v1/images/generations: the same builder reads them. `n` is the number of
 images in the one choice.
-
-Text answers (AR stage: text2text, img2text): the whole conversation, its
-`image_url` parts fetched under the same media rules and checked by the same
-builder, rendered by the AR engine's own vLLM renderer (the checkpoint's chat
-template, as plain `vllm serve` renders it), sampled with the OpenAI sampling
-fields (request > the AR stage's default_sampling_params > vLLM's defaults).
 """
 
 from __future__ import annotations
@@ -28,16 +28,30 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ...request import RequestError
+from ...request import RequestError, check_messages, parse_json_object
 from ...request.builder import FIELDS, IGNORED_FIELDS
 from ..encode import MIME
-from .common import check_request, json_body, json_response, omni_route, runtime, until_disconnect
+from .common import check_request, json_body, json_response, omni_route, runtime
 from .images import run_images
 
 router = APIRouter()
 
 # Generation / output fields read from a chat body; chat's own fields are not ours.
 _CHAT_FIELDS = FIELDS - frozenset(IGNORED_FIELDS)
+# Chat fields an image answer reads in its own way (`messages` -> prompt and images) or
+# takes silently (the route checks `model`; `user` is metadata).
+_CHAT_OWN = frozenset({"messages", "model", "user", "modalities", "stream"})
+# Chat's sampling fields: an image answer accepts them without acting on them (OpenAI
+# clients send them by default) and reports them in `omni.ignored`; `n` and `seed` are
+# image fields too. Any other chat field (tools, logprobs ...) is refused as unknown.
+_TEXT_SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k",
+                            "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "stop"})
+
+
+def _vllm_chat_fields() -> frozenset[str]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return frozenset(ChatCompletionRequest.model_fields)
 
 
 async def _prompt_and_images(request: Request, messages: Any) -> tuple[str, list[Any]]:
@@ -72,25 +86,64 @@ def _wants_text(request: Request, modalities: Any) -> bool:
     return "image" not in modalities
 
 
+def _image_only_fields(request: Request, body: dict[str, Any]) -> list[str]:
+    """Fields of `body` that only an image answer reads (vLLM's chat request does not know them)."""
+    ours = _CHAT_FIELDS | frozenset(runtime(request).builder.knobs)
+    return sorted(k for k in body if k in ours and k not in _vllm_chat_fields())
+
+
 @router.post("/v1/chat/completions")
-@omni_route("chat.completions")
 async def chat_completions(request: Request):
+    if await _vllm_answers(request):
+        return await request.app.state.omni_text_chat(request)  # vLLM's own chat handler
+    return await _omni_chat(request)
+
+
+async def _vllm_answers(request: Request) -> bool:
+    """Whether this is a text request vLLM can take as it is (anything else goes to `_omni_chat`,
+    which answers images or refuses with a 400 that says why)."""
+    if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
+        return False  # no text answers here (GLM-Image's AR stage only makes image tokens)
+    try:
+        # the request layer's checks (depth, size, finite numbers, Unicode): a body they refuse gets
+        # the omni route's 400, not a RecursionError inside a JSON parser
+        body = parse_json_object(await request.body(), runtime(request).config.limits)
+    except RequestError:
+        return False
+    try:
+        wants_text = _wants_text(request, body.get("modalities"))
+    except RequestError:
+        return False
+    return wants_text and not _image_only_fields(request, body)
+
+
+@omni_route("chat.completions")
+async def _omni_chat(request: Request):
     body = await json_body(request)
     check_request(request, body)
+    check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
-        return await _text_answer(request, body)
+        if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
+            raise RequestError(f"{runtime(request).model_name} answers with images, not text (it makes images only): "
+                               'omit `modalities` or send ["image"]', "modalities")
+        field = _image_only_fields(request, body)[0]
+        raise RequestError(f"`{field}` is a field of image answers; this request asks for text. "
+                           'Send modalities: ["image"] for an image', field)
     return await _image_answer(request, body)
 
 
 async def _image_answer(request: Request, body: dict[str, Any]):
     builder = runtime(request).builder
     prompt, images = await _prompt_and_images(request, body.get("messages"))
-    fields = {k: v for k, v in body.items() if k in _CHAT_FIELDS or k in builder.extensions}
-    if "prompt" in fields:
+    if "prompt" in body:
         raise RequestError("the prompt comes from `messages`; do not also send `prompt`", "prompt")
+    # anything but chat's own and sampling fields: the builder checks it against the model's declaration
+    ignored = tuple(k for k in body if k in _TEXT_SAMPLING and body[k] is not None)
+    fields = {k: v for k, v in body.items() if k not in _CHAT_OWN and k not in _TEXT_SAMPLING}
     fields["prompt"] = prompt
+    fields["model"] = body.get("model")
     task = "edit" if images else "image"
-    canon = await asyncio.to_thread(builder.build, fields, images, task=task, strict=False)
+    canon = await asyncio.to_thread(builder.build, fields, images, task=task, ignored=ignored)
     result = await run_images(request, canon)
     mime = MIME[canon.output.output_format]
     parts = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{d['b64_json']}"}} for d in result["data"]]
@@ -110,72 +163,5 @@ async def _image_answer(request: Request, body: dict[str, Any]):
             ],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             "omni": result["omni"],
-        }
-    )
-
-
-async def _conversation(request: Request, messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The messages with each `image_url` part fetched; (messages with image slots, fetched images in order)."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("`messages` must be a non-empty list", "messages")
-    out, images = [], []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError("each message must be an object with a `role`", "messages")
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            out.append(dict(message))
-            continue
-        if not isinstance(content, list):
-            raise RequestError("a message's `content` must be a string or a list of parts", "messages")
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append({"type": "text", "text": part.get("text") or ""})
-            elif kind == "image_url":
-                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
-                images.append(await runtime(request).media.fetch_image(url, "messages.content.image_url"))
-                parts.append({"type": "image_pil", "image_pil": len(images) - 1})  # filled once checked
-            else:
-                raise RequestError(f"unsupported content part type {kind!r} (text and image_url are)", "messages")
-        out.append({**message, "content": parts})
-    if not any(m["role"] == "user" for m in out):
-        raise RequestError("`messages` has no user message", "messages")
-    return out, images
-
-
-async def _text_answer(request: Request, body: dict[str, Any]):
-    omni = runtime(request)
-    messages, fetched = await _conversation(request, body.get("messages"))
-    text = await asyncio.to_thread(omni.builder.build_text, body, fetched)
-    for message in messages:
-        for part in message["content"] if isinstance(message.get("content"), list) else ():
-            if part["type"] == "image_pil":
-                part["image_pil"] = text.images[part["image_pil"]]
-    stages = omni.stages
-    sampling = stages.text_params(text.sampling)
-    prompt = await stages.render(messages)
-    final = await until_disconnect(request, stages.generate_text(prompt, sampling))
-    completion = sum(len(o.token_ids) for o in final.outputs)
-    prompt_tokens = len(final.prompt_token_ids or ())
-    return json_response(
-        {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model") or omni.model_name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": o.finish_reason or "stop",
-                    "logprobs": None,
-                }
-                for i, o in enumerate(final.outputs)
-            ],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
-            "omni": {"request_id": final.request_id, "sampling": dict(text.sampling)},
         }
     )

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
+import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import ResolvedParams
-from ...request import RequestError
+from ...request import RequestError, parse_json_object
+from ...request.body import BodyTooLarge
 from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
-from ..errors import OmniHTTPError, error_response, to_http_error
+from ..errors import REQUEST_ID_HEADER, OmniHTTPError, error_response, internal_error, to_http_error
 
 T = TypeVar("T")
 
@@ -31,31 +33,44 @@ def runtime(request: Request):
     return request.app.state.omni
 
 
+def request_id(request: Request) -> str:
+    """This request's id: made once per request by `omni_route`, unique (it keys engine work),
+    returned in the `X-Request-Id` header and in `omni.request_id`."""
+    return request.state.omni_request_id
+
+
 def omni_route(name: str) -> Callable:
-    """Record per-route metrics and turn omni errors into OpenAI error bodies."""
+    """Give the request its id, record per-route metrics and turn errors into OpenAI error bodies:
+    omni errors keep their status; anything else raised (a `ValueError` from a pipeline included)
+    is a 500 carrying the request id, logged with its traceback."""
 
     def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
         @functools.wraps(handler)
         async def wrapped(request: Request, *args: Any, **kwargs: Any) -> Response:
             metrics = runtime(request).metrics
+            rid = request.state.omni_request_id = f"{name.split('.')[0]}-{uuid.uuid4().hex}"
             started = time.monotonic()
             metrics.in_flight_route.labels(name).inc()
-            status = 500
             try:
                 response = await handler(request, *args, **kwargs)
-                status = response.status_code
-                return response
             except _OMNI_ERRORS as exc:
                 err = to_http_error(exc)
-                status = err.status
-                return error_response(err.status, err.message, err.param)
+                if err.status >= 500 and isinstance(exc, GenerationFailed):
+                    response = internal_error(exc, rid, name)
+                else:
+                    response = error_response(err.status, err.message, err.param)
+            except HTTPException as exc:  # Starlette's own refusals (a multipart body it cannot parse)
+                response = error_response(exc.status_code, str(exc.detail))
             except ClientDisconnected:
-                status = 499  # nginx's "client closed request"; never sent
-                return Response(status_code=499)
+                response = Response(status_code=499)  # nginx's "client closed request"; never sent
+            except Exception as exc:  # noqa: BLE001 -- not swallowed: logged with traceback, answered 500
+                response = internal_error(exc, rid, name)
             finally:
                 metrics.in_flight_route.labels(name).dec()
-                metrics.requests.labels(name, str(status)).inc()
-                metrics.latency.labels(name).observe(time.monotonic() - started)
+            response.headers.setdefault(REQUEST_ID_HEADER, rid)
+            metrics.requests.labels(name, str(response.status_code)).inc()
+            metrics.latency.labels(name).observe(time.monotonic() - started)
+            return response
 
         return wrapped
 
@@ -63,14 +78,18 @@ def omni_route(name: str) -> Callable:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
+    """The JSON object of the body, checked by the request layer (size, depth, finite numbers, Unicode)."""
+    limits = runtime(request).config.limits
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise BodyTooLarge(limits.max_body_bytes)  # before reading it
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise BodyTooLarge(limits.max_body_bytes)
+        chunks.append(chunk)
+    return parse_json_object(b"".join(chunks), limits)
 
 
 def check_request(request: Request, fields: dict[str, Any]) -> None:
@@ -104,7 +123,7 @@ async def read_form(
         if key in image_files:
             if not isinstance(value, UploadFile):
                 raise RequestError(f"`{key}` must be an uploaded image file", key)
-            images.append(await value.read())
+            images.append(await _read_upload(value, key, runtime(request).config.limits.max_input_bytes))
         elif key in image_urls:
             images.append(await runtime(request).media.fetch_image(value, key))
         elif isinstance(value, UploadFile):
@@ -114,6 +133,12 @@ async def read_form(
         else:
             fields[key] = value
     return fields, images
+
+
+async def _read_upload(upload: Any, key: str, max_bytes: int) -> bytes:
+    if upload.size is not None and upload.size > max_bytes:
+        raise RequestError(f"`{key}` is larger than this server's limit of {max_bytes} bytes", key)
+    return await upload.read()
 
 
 def check_model(request: Request, model: Any) -> None:
@@ -151,15 +176,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 async def generate(request: Request, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
     """Run one image request (diffusion engine, or AR -> DiT); abort it if the client disconnects first."""
-    return await until_disconnect(request, runtime(request).stages.generate_image(params, on_progress))
+    work = runtime(request).stages.generate_image(params, on_progress, request_id=request_id(request))
+    return await until_disconnect(request, work)
 
 
 def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(content, status_code=status)
 
 
-def resolved_json(params: ResolvedParams, request_id: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"resolved": params.public_dict()}
+def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `omni` block of a response: the parameters that ran, and the fields accepted without effect."""
+    out: dict[str, Any] = {"resolved": params.public_dict(), "ignored": list(ignored)}
     if request_id is not None:
         out["request_id"] = request_id
     return out

@@ -1,17 +1,22 @@
-"""GET /v1/models, /health, /metrics."""
+"""GET /health (both apps) and GET /v1/models (the diffusion-only app; vLLM's own where vLLM serves the model).
+
+/metrics is vLLM's route on vLLM's registry, which the omni metrics join
+(`OmniMetrics.expose_in_vllm_registry`).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..errors import error_response
 from .common import json_response, runtime
 
 router = APIRouter()
+models_router = APIRouter()
 
 
-@router.get("/v1/models")
+@models_router.get("/v1/models")
 async def models(request: Request):
     omni = runtime(request)
     data = [
@@ -26,6 +31,7 @@ async def models(request: Request):
                 "family": omni.pipeline.family,
                 "output": omni.builder.output_kind,
                 "text_output": omni.stages.text,  # chat answers in text (AR stage) unless images are asked for
+                "capabilities": omni.pipeline.capabilities.as_json(),
             },
         }
         for name in omni.config.served_model_names
@@ -35,11 +41,9 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    if runtime(request).stages.alive:
+    """200 while every stage runs (the diffusion engine thread; a multi-stage model's AR engine too);
+    otherwise 503 with an OpenAI error body saying which stage is down."""
+    problem = runtime(request).stages.health()
+    if problem is None:
         return Response(status_code=200)
-    return Response(status_code=503)
-
-
-@router.get("/metrics")
-async def metrics(request: Request):
-    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return error_response(503, problem)

@@ -3,7 +3,9 @@
 A video is a job: POST validates and queues it (bad input fails right there,
 with a 4xx), the engine runs it in the background, GET reports status and
 progress, GET .../content streams the mp4 once it is completed. Deleting a
-job that is still running aborts its engine work.
+job that is still running aborts its engine work and answers once the engine
+has dropped it (at the end of the denoise step it was in), with `status:
+"cancelled"`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from ..videos import VideoJob, VideoNotFound
 from .common import check_request, json_body, json_response, omni_route, read_form, runtime
 
 router = APIRouter()
+# How long DELETE of a running video waits for the engine to drop its work; a step
+# that takes longer still stops at its end, and the answer then says "cancelling".
+CANCEL_WAIT_S = 120.0
 logger = logging.getLogger("vllm.omni_plugin.server")
 
 
@@ -50,6 +55,9 @@ async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
     omni = request_app_state.omni
     try:
         output = await omni.bridge.result(handle)
+        if job.status == "cancelling":  # finished in the step the DELETE arrived in: dropped all the same
+            omni.videos.cancelled(job)
+            return
         if job.deleted:
             return
         path = omni.videos.path_for(job.id)
@@ -61,13 +69,15 @@ async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
         part.replace(path)
         omni.videos.complete(job)
     except (RequestAborted, EngineStopped) as exc:
-        if not job.deleted:
+        if job.status == "cancelling":
+            omni.videos.cancelled(job)
+        elif not job.deleted:
             omni.videos.fail(job, "aborted", str(exc))
     except (GenerationFailed, OSError, ValueError) as exc:  # engine errors, mp4 export errors
-        logger.warning("omni: video %s failed: %s", job.id, exc)
+        # the request was validated before it was queued: a failure now is the server's
+        logger.error("omni: video %s (request %s) failed", job.id, job.request_id, exc_info=exc)
         if not job.deleted:
-            bad_input = isinstance(exc, GenerationFailed) and isinstance(exc.__cause__, (ValueError, TypeError))
-            omni.videos.fail(job, "invalid_request" if bad_input else "generation_failed", str(exc))
+            omni.videos.fail(job, "generation_failed", f"{exc}; request id {job.request_id}")
 
 
 @router.post("/v1/videos")
@@ -86,12 +96,16 @@ async def create_video(request: Request):
         size=f"{p.width}x{p.height}",
         seconds=f"{seconds:g}",
         resolved=p.public_dict(),
+        ignored=canon.ignored,
     )
+    # A job either returns its id to its client or never exists: the answer is
+    # rendered before the work is queued, and the job is registered with it.
+    response = json_response(job.to_json())
     handle = omni.bridge.submit(p, job.on_progress, prefix="video")
     job.request_id = handle.request_id
     omni.videos.add(job)
     job.task = asyncio.create_task(_finish(request.app.state, job, handle))
-    return json_response(job.to_json())
+    return response
 
 
 @router.get("/v1/videos")
@@ -135,7 +149,13 @@ async def video_content(request: Request, video_id: str, variant: str = "video")
 async def delete_video(request: Request, video_id: str):
     omni = runtime(request)
     job = _job(request, video_id)
-    if job.status in ("queued", "in_progress") and job.request_id is not None:
-        omni.bridge.abort(job.request_id)
-    omni.videos.delete(job.id)
-    return json_response({"id": job.id, "object": "video.deleted", "deleted": True})
+    if job.status in ("queued", "in_progress", "cancelling") and job.task is not None:
+        if job.status != "cancelling":
+            omni.videos.cancelling(job)
+            omni.bridge.abort(job.request_id)
+        # Answer once the engine has dropped the work (the end of the denoise step it is
+        # in), so the answer and /metrics say it stopped, not only that the record is gone.
+        await asyncio.wait({job.task}, timeout=CANCEL_WAIT_S)
+    if job.id in omni.videos.jobs:  # a concurrent DELETE may have removed it meanwhile
+        omni.videos.delete(job.id)
+    return json_response({"id": job.id, "object": "video.deleted", "deleted": True, "status": job.status})

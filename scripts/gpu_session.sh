@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU session on a lent H200 box (no network; see docs/gpu.md), step by step:
+#
+#   bash scripts/gpu_session.sh piece PATH...  move carried pieces (scripts/gpu_pieces.sh) into /tmp/gpu-pieces
+#   bash scripts/gpu_session.sh install        scripts/gpu_install.sh: the CUDA vLLM stack + this package (editable)
+#   bash scripts/gpu_session.sh tests [ARGS]   the GPU test tier (pytest -m gpu tests/gpu ARGS)
+#   bash scripts/gpu_session.sh bench-bagel    benchmarks/bench_bagel_gpu.py
+#   bash scripts/gpu_session.sh bench-serving  benchmarks/bench_serving_overhead.py (Qwen-Image)
+#   bash scripts/gpu_session.sh drop FAMILY    delete a cached full checkpoint (room for the next one)
+#
+# Full-size checkpoints are cached in $OMNI_GPU_CKPT_DIR: a tmpfs mounted at /mnt/omni-ckpt when
+# possible (host memory: loading is not disk-bound, and files survive between calls while the
+# machine stays warm), else /tmp. Logs and JSON reports go to $OUT when the device tool sets it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/omni-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# flashinfer is not in the carried set (docs/gpu.md): vLLM's GPU sampler must not import it.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+
+ckpt_dir() {
+  if ! mountpoint -q /mnt/omni-ckpt 2>/dev/null; then
+    mkdir -p /mnt/omni-ckpt && mount -t tmpfs -o size=100g tmpfs /mnt/omni-ckpt 2>/dev/null || true
+  fi
+  if mountpoint -q /mnt/omni-ckpt 2>/dev/null; then echo /mnt/omni-ckpt; else mkdir -p /tmp/omni-ckpt; echo /tmp/omni-ckpt; fi
+}
+
+case "${1:-}" in
+  piece)
+    shift; mkdir -p /tmp/gpu-pieces && mv "$@" /tmp/gpu-pieces/ && ls /tmp/gpu-pieces | wc -l ;;
+  install)
+    bash scripts/gpu_install.sh /tmp/gpu-pieces 2>&1 | tee "$OUT/install.log" ;;
+  tests)
+    shift
+    export OMNI_GPU_CKPT_DIR=$(ckpt_dir) OMNI_GPU_REPORT=$OUT/gpu_report.jsonl
+    df -h / "$OMNI_GPU_CKPT_DIR" | tee "$OUT/disk.txt"
+    timeout 570 python3 -m pytest -m gpu tests/gpu -v -rA -s -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\s*$" | tail -n 200 ;;
+  bench-bagel)
+    shift
+    export OMNI_GPU_CKPT_DIR=$(ckpt_dir)
+    timeout 570 python3 benchmarks/bench_bagel_gpu.py --log "$OUT/bagel_server.log" "$@" 2>&1 | tee "$OUT/bench_bagel.log" | tail -n 80 ;;
+  bench-serving)
+    shift
+    export OMNI_GPU_CKPT_DIR=$(ckpt_dir)
+    timeout 570 python3 benchmarks/bench_serving_overhead.py --log "$OUT/serving_server.log" "$@" 2>&1 | tee "$OUT/bench_serving.log" | tail -n 60 ;;
+  drop)
+    rm -rf "$(ckpt_dir)/$2-full-0" && df -h "$(ckpt_dir)" ;;
+  *)
+    sed -n 2,14p "$0"; exit 2 ;;
+esac

@@ -1,0 +1,81 @@
+"""Stages fail alone: the BAGEL AR stage's engine process killed mid-request.
+
+On `vllm serve --omni` the AR engine is the engine client of vLLM's own API
+server, so vLLM's rules apply to it: the request it was serving fails with
+vLLM's 503, and the server stops with its engine (as plain `vllm serve` does;
+a supervisor restarts the process). With VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 the
+server stays up: /health answers 503 and the omni image route answers a clear
+503 naming the AR stage, never a 500 or a hang. (Offline `Omni` restarts an
+engine it started itself: orchestrator/bagel.py.)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import requests
+
+pytestmark = pytest.mark.engine
+
+CHAT = "/v1/chat/completions"
+
+
+def engine_core(server) -> psutil.Process:
+    """The AR stage's vLLM EngineCore process (a child of the server, titled VLLM::EngineCore)."""
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(child.cmdline()) or "EngineCor" in child.name():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no EngineCore process under the server")
+
+
+def chat(server, tokens: int, timeout: float = 300) -> requests.Response:
+    body = {"messages": [{"role": "user", "content": "count to a thousand"}], "max_tokens": tokens,
+            "min_tokens": tokens, "temperature": 0.0}
+    return requests.post(server.url + CHAT, json=body, headers=server.headers(), timeout=timeout)
+
+
+def kill_mid_request(server) -> requests.Response:
+    """Kill the AR EngineCore while a chat request is generating; that request's response."""
+    assert chat(server, 2).status_code == 200
+    core = engine_core(server)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(chat, server, 400)
+        time.sleep(1.0)  # the request is in the AR engine, generating
+        assert not running.done(), running.result().text
+        core.send_signal(signal.SIGKILL)
+        return running.result(timeout=60)
+
+
+def test_ar_engine_killed_mid_request_fails_that_request_and_the_stage_reports_it(omni_server):
+    server = omni_server("bagel", variant="keep-alive", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    failed = kill_mid_request(server)
+    assert failed.status_code == 503, failed.text
+    assert failed.json()["error"]["code"] == 503, failed.text
+
+    health = requests.get(server.url + "/health", timeout=10)
+    assert health.status_code == 503, health.text
+    image = requests.post(server.url + "/v1/images/generations", headers=server.headers(), timeout=60,
+                          json={"prompt": "a red square", "size": "32x32", "seed": 1})
+    assert image.status_code == 503, image.text
+    err = image.json()["error"]
+    assert "AR stage" in err["message"] and "died" in err["message"] and err["code"] == 503, err
+    assert server.proc.poll() is None, "the server exited although VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1"
+    server.stop()
+
+
+def test_without_keep_alive_the_server_stops_with_its_ar_engine(omni_server):
+    server = omni_server("bagel")
+    failed = kill_mid_request(server)
+    assert failed.status_code == 503, failed.text
+    try:
+        server.proc.wait(120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server kept running after its AR engine died")

@@ -1,0 +1,51 @@
+"""DiT options (multi-GPU, fp8, compile) from `vllm serve --omni` flags and the stage config."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_omni_plugin.diffusion.acceleration import DitOptions
+from vllm_omni_plugin.diffusion.parallel import ParallelConfig
+from vllm_omni_plugin.orchestrator.stage_config import StageConfigError, parse_stage_config
+
+STAGES = """\
+name: qwen-image-2gpu
+architectures: [QwenImagePipeline]
+stages:
+  - id: dit
+    type: diffusion
+    final_output: true
+    default_sampling_params: {num_inference_steps: 3}
+    dit_options: {cfg_degree: 2, quantization: fp8}
+"""
+
+
+def test_flags_override_the_stage_config(checkpoint, tmp_path):
+    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
+
+    model = str(checkpoint("qwen-image"))
+    path = tmp_path / "stages.yaml"
+    path.write_text(STAGES)
+    config = OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(path)]))
+    assert config.dit_options == DitOptions(parallel=ParallelConfig(cfg_degree=2), quantization="fp8")
+    assert config.stage_defaults == {"num_inference_steps": 3}
+    args = parse_args([model, "--stage-configs-path", str(path), "--omni-cfg-parallel-size", "1",
+                       "--omni-ulysses-degree", "2", "--omni-dit-compile", "cudagraphs"])
+    config = OmniServerConfig.from_args(args)
+    assert config.dit_options == DitOptions(parallel=ParallelConfig(ulysses_degree=2), quantization="fp8",
+                                            compile="cudagraphs")
+    assert OmniServerConfig.from_args(parse_args([model])).dit_options == DitOptions()  # nothing set: one device
+    with pytest.raises(ConfigError, match="--omni-cfg-parallel-size.*cfg_degree is 1 or 2"):
+        OmniServerConfig.from_args(parse_args([model, "--omni-cfg-parallel-size", "3"]))
+    with pytest.raises(SystemExit):  # argparse choices
+        parse_args([model, "--omni-dit-quantization", "int4"])
+    with pytest.raises(ConfigError, match="not multi-stage"):
+        OmniServerConfig.from_args(parse_args([str(checkpoint("bagel")), "--omni-ring-degree", "2"]))
+
+
+def test_stage_config_dit_options_are_validated():
+    with pytest.raises(StageConfigError, match="dit_options.*unknown parallel setting"):
+        parse_stage_config(STAGES.replace("cfg_degree: 2", "cfg_degre: 2"), "s.yaml")
+    with pytest.raises(StageConfigError, match="diffusion stages only"):
+        parse_stage_config(STAGES.replace("type: diffusion", "type: llm"), "s.yaml")

@@ -1,0 +1,170 @@
+"""What a pipeline family declares about itself (ARCHITECTURE.md, principle 9).
+
+Each pipeline class carries a `capabilities` class attribute, next to its
+code, the way diffusers pipelines declare `_callback_tensor_inputs`:
+
+    class QwenImageEditPlusStepwise(QwenImageEditStepwise):
+        capabilities = Capabilities(
+            output="image",
+            input_images=(1, None),                      # one or more
+            fields=QWEN_FIELDS,                          # SamplingParams fields it reads
+        )
+
+The request builder, the server and `Omni` read this declaration and nothing
+else to decide what a model makes, how many images it takes and which request
+fields mean something to it. A field a model does not read is refused (or,
+where OpenAI clients send it anyway, reported as ignored) -- never silently
+dropped.
+
+Pipelines whose honoured fields depend on the loaded checkpoint (a
+guidance-distilled Qwen-Image reads `guidance_scale`; Wan2.1 has no second
+expert, so no `guidance_scale_2`) refine the class declaration per instance in
+`__init__` with `Capabilities.with_fields` / `without_fields`.
+
+This module imports neither vLLM nor diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+OUTPUT_KINDS = ("image", "layers", "video")
+
+#: SamplingParams fields every pipeline reads: nothing to declare for them.
+# cache_threshold (step caching) is the engine's: a family that cannot cache refuses it by
+# its `supports_step_cache` class attribute, with a message that says so (interface.resolve).
+ALWAYS_HONOURED = frozenset({"prompt", "seed", "num_outputs_per_prompt", "output_type", "cache_threshold"})
+
+#: SamplingParams fields a family may declare (`images` is declared through `input_images`).
+DECLARABLE_FIELDS = frozenset({
+    "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+    "true_cfg_scale", "num_frames", "fps", "layers", "resolution", "max_sequence_length",
+})
+
+#: Knob types a family may declare: JSON-representable values a request can carry.
+KNOB_TYPES = (bool, int, float, str, tuple)
+
+
+class UnsupportedField(ValueError):
+    """A request sets a field the served model does not read.
+
+    `field` names it (the wire name where it has one), so a server can point at it.
+    """
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A family's own request field (travels in `SamplingParams.extra`).
+
+    type     bool | int | float | str | tuple (a fixed-length list of numbers)
+    length   for tuples: how many numbers
+    """
+
+    type: type
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in KNOB_TYPES:
+            raise TypeError(f"a knob's type must be one of {KNOB_TYPES}, got {self.type!r}")
+        if (self.type is tuple) != (self.length is not None):
+            raise TypeError("a tuple knob declares its length (and only a tuple knob does)")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one pipeline family makes, takes and reads.
+
+    output         "image" | "layers" (RGBA layers per output) | "video"
+    input_images   (min, max) input images; max None = any number.
+                   (0, 0) text-to-X, (1, 1) one image, (1, None) several
+    fields         SamplingParams fields it reads besides ALWAYS_HONOURED
+    knobs          its own request fields, name -> Knob (their values go in `extra`)
+    text_output    it also answers in text (a multi-stage model with an AR stage)
+    orchestrator   multi-stage families: the name of the orchestrator that runs
+                   them (`vllm_omni_plugin.orchestrator.ORCHESTRATORS`); None:
+                   the pipeline runs inline in one diffusion engine
+    """
+
+    output: str
+    input_images: tuple[int, int | None] = (0, 0)
+    fields: frozenset[str] = frozenset()
+    knobs: Mapping[str, Knob] = field(default_factory=dict)
+    text_output: bool = False
+    orchestrator: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_KINDS:
+            raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {self.output!r}")
+        low, high = self.input_images
+        if low < 0 or (high is not None and high < low):
+            raise ValueError(f"input_images must be (min, max) with 0 <= min <= max, got {self.input_images!r}")
+        unknown = set(self.fields) - DECLARABLE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown SamplingParams field(s) declared: {sorted(unknown)}")
+        object.__setattr__(self, "fields", frozenset(self.fields))
+        object.__setattr__(self, "knobs", dict(self.knobs))
+
+    # ---- reading ---------------------------------------------------------------
+    @property
+    def takes_images(self) -> bool:
+        return self.input_images[1] != 0
+
+    @property
+    def honoured(self) -> frozenset[str]:
+        """Every SamplingParams field (and knob) a request may set for this family."""
+        return self.fields | ALWAYS_HONOURED | frozenset(self.knobs) | ({"images"} if self.takes_images else set())
+
+    def describe_images(self) -> str:
+        low, high = self.input_images
+        if high == 0:
+            return "no input image"
+        if high is None:
+            return f"at least {low} input image{'s' if low != 1 else ''}"
+        if low == high:
+            return f"exactly {low} input image{'s' if low != 1 else ''}"
+        if low == 0:
+            return f"at most {high} input image{'s' if high != 1 else ''}"
+        return f"{low} to {high} input images"
+
+    # ---- checking ----------------------------------------------------------------
+    def check_images(self, count: int) -> None:
+        """Raise UnsupportedField("images") unless `count` input images fit the declaration."""
+        low, high = self.input_images
+        if count < low or (high is not None and count > high):
+            raise UnsupportedField(f"this model takes {self.describe_images()}, got {count}", "images")
+
+    def check_fields(self, names: Iterable[str], source: str = "the request") -> None:
+        """Raise UnsupportedField for the first name (sorted) this family does not read."""
+        unread = sorted(n for n in names if n not in self.honoured)
+        if unread:
+            raise UnsupportedField(
+                f"{source} sets `{unread[0]}`, which this model does not use "
+                f"(it reads: {', '.join(sorted(self.honoured - {'images', 'output_type'}))})",
+                unread[0],
+            )
+
+    # ---- refining per instance -----------------------------------------------------
+    def with_fields(self, *names: str) -> "Capabilities":
+        return dataclasses.replace(self, fields=self.fields | frozenset(names))
+
+    def without_fields(self, *names: str) -> "Capabilities":
+        return dataclasses.replace(self, fields=self.fields - frozenset(names))
+
+    def as_json(self) -> dict[str, Any]:
+        """The declaration as plain JSON (for /v1/models and logs)."""
+        low, high = self.input_images
+        return {
+            "output": self.output,
+            "input_images": {"min": low, "max": high},
+            "fields": sorted(self.fields | ALWAYS_HONOURED - {"output_type"}),
+            "knobs": {k: (v.type.__name__ if v.length is None else f"{v.type.__name__}[{v.length}]")
+                      for k, v in self.knobs.items()},
+            "text_output": self.text_output,
+            "orchestrator": self.orchestrator,
+        }
