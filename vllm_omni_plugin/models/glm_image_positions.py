@@ -106,10 +106,10 @@ class DecodeGridTable:
         Codes carry the same value on all three rows (vLLM writes them so); other
         columns are returned unchanged.
         """
+        # No early exit on "no codes in this batch": that would sync the device every
+        # step and cannot be captured in a CUDA graph; the lookup is a few small kernels.
         p = positions[0]
         is_code = p >= CODE_BASE
-        if not bool(is_code.any()):
-            return positions
         code = (p - CODE_BASE).clamp(min=0)
         step = code % SLOT_TOKENS
         start, h1, w1, h2, w2 = self.table[code // SLOT_TOKENS].unbind(-1)
