@@ -115,8 +115,12 @@ def test_handed_over_context_is_keyed_by_request(pipe):
     engine.add_request("req-frog", resolved)  # prompt says cat, the handed-over context says frog
     final = engine.run()
     assert len(pipe.contexts) == 0
-    np.testing.assert_array_equal(np.asarray(final["req-cat"].output.images[0]), _pixels(pipe, prompt="a red cat", height=32, width=32, seed=6))
-    np.testing.assert_array_equal(np.asarray(final["req-frog"].output.images[0]), np.asarray(pipe.generate(other).images[0]))
+    # The two ran in one batched forward: padded rows change BLAS reduction splits, so the
+    # batching tolerance of _close applies (one uint8 level on a few values; seen on this machine).
+    cat, frog = np.asarray(final["req-cat"].output.images[0]), np.asarray(final["req-frog"].output.images[0])
+    _close(cat, _pixels(pipe, prompt="a red cat", height=32, width=32, seed=6))
+    _close(frog, np.asarray(pipe.generate(other).images[0]))
+    assert np.abs(cat.astype(int) - frog.astype(int)).mean() > 5  # the frog context made another image
     # A context for another size is refused, not silently resized.
     pipe.contexts.put(encode_context(pipe.model, "req-bad", "x", height=48, width=32))
     engine.add_request("req-bad", resolved)

@@ -214,11 +214,12 @@ ROUTES = ("generations", "chat", "edits", "videos", "video_ids", "meta")
 # Issue 10's hostile bodies: a `"key": value` (raw JSON text) put into a valid body of each route.
 HOSTILE_ITEMS = [
     (None, "nests deeper"),
+    # true_cfg_scale: a field the served Qwen-Image reads (guidance_scale it would refuse as unread)
     (b'"guidance_scale": NaN', "NaN"),
     (b'"guidance_scale": 1e999', "overflows"),
-    (b'"guidance_scale": "Infinity"', "finite"),
-    (b'"guidance_scale": 1e308', "within"),
-    (b'"guidance_scale": -1e308', "within"),
+    (b'"true_cfg_scale": "Infinity"', "finite"),
+    (b'"true_cfg_scale": 1e308', "within"),
+    (b'"true_cfg_scale": -1e308', "within"),
     (b'"negative_prompt": "a \\ud800 cat"', "lone surrogate"),
 ]
 HOSTILE_IDS = ["deep", "NaN", "1e999", "Infinity-string", "1e308", "-1e308", "surrogate"]

@@ -55,7 +55,9 @@ def kill_mid_request(server) -> requests.Response:
 
 
 def test_ar_engine_killed_mid_request_fails_that_request_and_the_stage_reports_it(omni_server):
-    server = omni_server("bagel", variant="keep-alive", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    # max_new_tokens: vLLM caps a chat's max_tokens by the generation config (the stage's default is 8)
+    server = omni_server("bagel", variant="keep-alive", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"},
+                         extra=["--override-generation-config", '{"max_new_tokens": 1000}'])
     failed = kill_mid_request(server)
     assert failed.status_code == 503, failed.text
     assert failed.json()["error"]["code"] == 503, failed.text
@@ -73,7 +75,10 @@ def test_ar_engine_killed_mid_request_fails_that_request_and_the_stage_reports_i
 
 def test_without_keep_alive_the_server_stops_with_its_ar_engine(omni_server):
     server = omni_server("bagel")
-    failed = kill_mid_request(server)
+    assert chat(server, 2).status_code == 200
+    engine_core(server).send_signal(signal.SIGKILL)
+    time.sleep(2.0)  # vLLM's engine monitor marks the client errored
+    failed = chat(server, 2, timeout=60)
     assert failed.status_code == 503, failed.text
     try:
         server.proc.wait(120)

@@ -54,7 +54,8 @@ def test_a_size_it_cannot_render_is_a_400_naming_the_allowed_sizes(omni_server):
 
 def test_text_answers_are_refused(omni_server):
     server = omni_server("glm-image")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    # (left out, `modalities` means images here: the family declares no text output)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "modalities": ["text"]}
     assert_openai_error(server, "/v1/chat/completions", body, 400, "modalities", "images only")
 
 
