@@ -77,7 +77,12 @@ def export_mp4(frames: list[Any], path: str | Path, fps: int, codec: str = "libx
             # frame 0 of a 5-frame video decoded differently at threads 2, 4, 8, 16 vs 1).
             # Single-threaded, the same frames give the same mp4 anywhere; encoding is a
             # small part of a video request's time.
-            stream.options = {"crf": str(crf), "threads": str(X264_THREADS)}
+            stream.options = {"crf": str(crf)}
+            # Through the codec context: PyAV sets the context's own thread count when it opens
+            # the encoder, so a "threads" entry in `options` is overridden (measured: the output
+            # equalled the auto-threaded one, which follows the CPUs the process may use --
+            # the served video's frame 0 differed from the offline one).
+            stream.codec_context.thread_count = X264_THREADS
         for arr in arrays:
             if pad_h or pad_w:
                 arr = np.pad(arr, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
