@@ -56,7 +56,14 @@ def test_text_answers_are_refused(omni_server):
     server = omni_server("glm-image")
     # (left out, `modalities` means images here: the family declares no text output)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "modalities": ["text"]}
-    assert_openai_error(server, "/v1/chat/completions", body, 400, "modalities", "images only")
+    assert_openai_error(server, "/v1/chat/completions", body, 400, "modalities", "answers with images, not text")
+
+
+def test_a_size_beyond_the_ar_stages_context_is_a_400(omni_server):
+    """1024x1024 needs 1024 + 256 + 1 generated tokens; this server's AR stage holds 1024 (max_model_len)."""
+    server = omni_server("glm-image")
+    body = {"model": MODEL, "prompt": PROMPT, "size": "1024x1024"}
+    assert_openai_error(server, "/v1/images/generations", body, 400, "size", "max_model_len")
 
 
 def test_image_to_image_edits_and_chat_equal_offline(omni_server, glm_omni):

@@ -24,6 +24,7 @@ from ..diffusion.params import ResolvedParams
 from ..diffusion.pipelines.glm_image import GlmImagePrior, GlmImageStepwise, load_glm_image_pipeline
 from ..models.glm_image_positions import decode_tokens
 from ..models.glm_image_prompt import target_grids
+from ..request import RequestError
 from .stages import StageOrchestrator, StageTimings
 
 # The sampling knobs diffusers' AR call takes from the generation config.
@@ -68,6 +69,15 @@ class GlmImageOrchestrator(StageOrchestrator):
 
         prompt, grids = self.ar_prompt(resolved)
         needed = decode_tokens(grids.decode_grids)
+        # The AR stage must hold the whole grid; vLLM would stop at max_model_len with a short grid.
+        limit = self.llm.model_config.max_model_len
+        if len(prompt["prompt_token_ids"]) + needed > limit:
+            raise RequestError(
+                f"{resolved.width}x{resolved.height} needs {needed} generated image tokens after a prompt of "
+                f"~{len(prompt['prompt_token_ids'])}; the AR stage holds {limit} (its max_model_len): ask for a "
+                "smaller size or serve with a larger --max-model-len",
+                "size",
+            )
         # min_tokens: an end token cannot cut the grids short (diffusers asks for the same count).
         params = VllmSamplingParams(**self.ar_sampling, max_tokens=needed, min_tokens=needed - 1,
                                     seed=resolved.seed % 2**63)
@@ -75,6 +85,8 @@ class GlmImageOrchestrator(StageOrchestrator):
         tokens = list(final.outputs[0].token_ids)
         preview = needed - 1 - grids.height * grids.width
         image = tokens[preview : preview + grids.height * grids.width]
+        if len(image) != grids.height * grids.width:  # ours, not the client's: a 500
+            raise RuntimeError(f"{rid}: the AR stage returned {len(tokens)} tokens, {needed} were asked for")
         timings.extra["ar_tokens"] = len(tokens)
         self.pipeline.priors.put(GlmImagePrior(rid, tuple(image), (grids.height, grids.width)))
 

@@ -62,7 +62,7 @@ class GlmImagePrior:
     def __post_init__(self) -> None:
         h, w = self.grid
         if len(self.token_ids) != h * w:
-            raise ValueError(f"{self.request_id}: {len(self.token_ids)} prior tokens for a {h}x{w} grid")
+            raise RuntimeError(f"{self.request_id}: {len(self.token_ids)} prior tokens for a {h}x{w} grid")
 
 
 class GlmImageStepwise(StepwisePipeline):
