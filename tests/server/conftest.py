@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from vllm_omni_plugin.server.spawn import free_port  # noqa: F401 -- also imported from here by test files
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = Path(sys.executable).with_name("vllm")
@@ -133,11 +134,6 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
