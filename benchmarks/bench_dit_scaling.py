@@ -161,6 +161,8 @@ class Suite:
 
     def variant(self, name: str, fn, limit: float | None = None) -> None:
         """Run one variant: errors and timeouts are recorded, the suite goes on."""
+        if self.args.only and name not in self.args.only:
+            return
         left = self.args.budget_s - (time.perf_counter() - self.t_start)
         if left < 20:
             self.record(name, "SKIPPED", "suite time budget spent")
@@ -522,6 +524,8 @@ def main() -> None:
     ap.add_argument("--variant-limit-s", type=float, default=180)
     ap.add_argument("--launch-limit-s", type=float, default=240)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help="run only these variants of the suite (names as in `variant(...)`, e.g. 'fp8' 'cache 0.12')")
     args = ap.parse_args()
     Suite(args).run()
 
