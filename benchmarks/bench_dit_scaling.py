@@ -12,11 +12,15 @@ each sized to finish within ~9 minutes on 2x H200 (README_gpu_perf.txt):
             error, PSNR of decoded images; a second DiT with the same seeded weights
             is quantized); step caching at --cache-thresholds (speed, skipped
             branch-forwards, deviation); host overhead of one 512x512 step
-  multi     two GPUs: CFG-parallel 1024x1024 50 steps and 8x512x512 (its 1-GPU
-            figure is `single`'s), Ulysses sequence-parallel 2048x2048 (10 steps,
-            eager unless --sp-compile), each against one GPU in the same run (rank 0's
-            pipeline doubles as the 1-GPU pipeline)
-  overhead  one 512x512 step: regional compile vs CUDA graphs (reduce-overhead)
+  multi     two GPUs: CFG-parallel 1024x1024 50 steps against one GPU in the same
+            launch (rank 0's pipeline doubles as the 1-GPU pipeline) and 8x512x512
+            (its 1-GPU figure is `single`'s)
+  sp        two GPUs: Ulysses sequence-parallel 2048x2048 (10 steps, eager unless
+            --sp-compile) against one GPU, in a process of its own (a second NCCL
+            engine in one process after the first closed died with a segfault)
+  overhead  one 512x512 step: wall vs GPU-busy time, regional compile with and
+            without dynamo's guard evaluation
+  probe     which torch._scaled_mm fp8 forms this torch + CUDA accept
 
 Every variant runs in its own try/except with a time limit (--variant-limit-s);
 a failed or timed-out variant prints its error and the table is printed at the end
@@ -24,7 +28,7 @@ anyway. Results also go to --out as JSON after every measurement.
 
     python benchmarks/bench_dit_scaling.py --suite multi --out multi.json
     python benchmarks/bench_dit_scaling.py --suite multi --preset tiny --device cpu --eager \
-        --size 64 --steps 4 --sp-size 128 --sp-steps 3 --tp-steps 3 --concurrency 3   # smoke test (gloo)
+        --size 64 --steps 4 --tp-steps 3 --concurrency 3   # smoke test (gloo)
 """
 
 from __future__ import annotations
@@ -394,8 +398,9 @@ class Suite:
 
         def launch():
             t0 = time.perf_counter()
-            builder = BenchBuilder(a.preset, compiled=not (a.eager or eager))
-            box["engine"] = launch_engine(builder, device=a.device, options=DitOptions(parallel=config),
+            # compile through DitOptions: it compiles without full graphs under sequence parallelism
+            options = DitOptions(parallel=config, compile=None if (a.eager or eager) else "regional")
+            box["engine"] = launch_engine(BenchBuilder(a.preset, compiled=False), device=a.device, options=options,
                                           main_pipeline=self.ours)
             self.ours = box["engine"].pipeline
             self.record(f"launch {label} (build on every rank)", f"{time.perf_counter() - t0:.1f} s")
@@ -443,13 +448,7 @@ class Suite:
         self.variant("fp8", self.part_fp8, limit=max(self.args.variant_limit_s, 240))
         for threshold in self.args.cache_thresholds:
             self.variant(f"cache {threshold}", lambda t=threshold: self.part_cache(t))
-        self.variant("overhead", lambda: self.part_overhead("regional compile"))
-
-        def skip_guards():
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                self.part_overhead("regional compile, dynamo guard evaluation skipped")
-
-        self.variant("overhead skip guards", skip_guards)
+        self.suite_overhead()
 
     def suite_multi(self) -> None:
         """2 GPUs: CFG-parallel at 1024 and 8x512, Ulysses SP at 2048; each against 1 GPU in the same run."""
@@ -464,26 +463,56 @@ class Suite:
             ("1 GPU 1024", lambda e: single(self.part_1024)),
             ("CFG-parallel 1024", lambda e: self.multi_e2e(e, a.size, a.steps, "1gpu", "ours", "CFG-parallel")),
             ("CFG-parallel 8x512", lambda e: self.multi_batch(e, "CFG-parallel")),
-            ("1 GPU 2048", lambda e: single(self.part_sp_1gpu)),
         ])
+        # Ulysses is the `sp` suite, a process of its own: a second NCCL engine launched in this
+        # process after the first one closed died with a segfault on 2x H200 (torch 2.11).
+
+    def suite_sp(self) -> None:
+        """Ulysses 2048 against one GPU: the 1-GPU run first on the plain pipeline, which rank 0 of
+        the Ulysses engine then reuses (a context-parallel transformer cannot run as one device)."""
+        a = self.args
         label = "Ulysses SP" + ("" if a.sp_compile else " (eager)")
+        self.variant("1 GPU 2048", self.part_sp_1gpu)
 
         def sp(engine):
             with torch.compiler.set_stance("default" if a.sp_compile else "force_eager"):
                 self.multi_e2e(engine, a.sp_size, a.sp_steps, "sp", "sp", label)
 
+        if a.sp_compile:  # rank 0's blocks were compiled as full graphs for one GPU; SP compiles them without
+            torch._dynamo.reset()
         self.parallel(ParallelConfig(ulysses_degree=2), "Ulysses SP", [("Ulysses 2048", sp)], eager=not a.sp_compile)
 
+    def suite_probe(self) -> None:
+        """Which fp8 GEMM forms this torch + CUDA accepts (torch._scaled_mm directly)."""
+        m, k, n = 256, 3072, 12288
+        a = torch.randn(m, k, device=self.device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device=self.device).to(torch.float8_e4m3fn).t()
+        bias = torch.randn(n, device=self.device, dtype=torch.bfloat16)
+        forms = {
+            "tensorwise": (torch.ones((), device=self.device), torch.ones((), device=self.device)),
+            "rowwise": (torch.ones(m, 1, device=self.device), torch.ones(1, n, device=self.device)),
+        }
+        for label, (sa, sb) in forms.items():
+            for with_bias in (False, True):
+                for fast in (False, True):
+                    name = f"_scaled_mm {label}{' +bias' if with_bias else ''}{' fast_accum' if fast else ''}"
+                    try:
+                        torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias if with_bias else None,
+                                         out_dtype=torch.bfloat16, use_fast_accum=fast)
+                        self.sync()
+                        self.record(name, "ok")
+                    except Exception as exc:
+                        self.record(name, "FAILED", f"{type(exc).__name__}: {str(exc)[:80]}")
+
     def suite_overhead(self) -> None:
-        """Host overhead per step, including CUDA graphs (separate: reduce-overhead recompiles every block)."""
+        """Host overhead of one 512x512 step: regional compile, and with dynamo's guard evaluation skipped."""
         self.variant("overhead", lambda: self.part_overhead("regional compile"))
 
-        def cudagraphs():
-            torch._dynamo.reset()
-            compile_dit(self.pipeline().pipe.transformer, "cudagraphs")
-            self.part_overhead("regional compile + CUDA graphs (reduce-overhead)")
+        def skip_guards():
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                self.part_overhead("regional compile, dynamo guard evaluation skipped")
 
-        self.variant("cudagraphs", cudagraphs)
+        self.variant("overhead skip guards", skip_guards)
 
     # ---- output ------------------------------------------------------------------
     def table(self) -> None:
@@ -507,7 +536,7 @@ class Suite:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", required=True, choices=["single", "multi", "overhead"])
+    ap.add_argument("--suite", required=True, choices=["single", "multi", "sp", "probe", "overhead"])
     ap.add_argument("--preset", default="full", choices=["full", "tiny"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager", action="store_true", help="no torch.compile")

@@ -61,7 +61,7 @@ class Omni:
                     "ring_degree": 1}; world size = their product, one GPU per rank
                     (this process is rank 0; call `shutdown()` to stop the others)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
-    compile         None, "regional" or "cudagraphs" (torch.compile of the DiT blocks)
+    compile         None or "regional" (torch.compile of the DiT blocks)
     """
 
     def __init__(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams, load_pipeline, step_cache
-from vllm_omni_plugin.diffusion.acceleration import DitOptions, quantize_fp8
+from vllm_omni_plugin.diffusion.acceleration import DitOptions, _fp8_linear, move_biases_after_gemm, quantize_fp8
 from vllm_omni_plugin.diffusion.workers import PipelineBuilder, launch_engine
 from vllm_omni_plugin.request import RequestError, build_sampling_params
 
@@ -97,3 +97,19 @@ def test_fp8_is_refused_without_an_fp8_gpu(checkpoint):
     with pytest.raises(ValueError, match="compute capability"):
         launch_engine(PipelineBuilder(str(checkpoint("qwen-image")), torch.float32), device="cpu",
                       options=DitOptions(quantization="fp8"))
+
+
+def test_fp8_bias_moved_after_the_gemm_keeps_the_transformer_output(checkpoint):
+    """quantize_fp8 takes the biases out of the fp8 GEMMs (cuBLASLt refused row-wise fp8 with a fused
+    bias on the H200); the bias added afterwards must leave the model's function unchanged."""
+    pipe = load_pipeline(checkpoint("qwen-image"), dtype=torch.float32, device="cpu")
+    plain = pipe.generate(req(steps=2)).latents
+    dit = pipe.pipe.transformer
+    names = [name for name, m in dit.named_modules() if _fp8_linear(m, name)]
+    with_bias = [n for n in names if dit.get_submodule(n).bias is not None]
+    assert with_bias  # the block linears of Qwen-Image carry biases
+    move_biases_after_gemm(dit, names)
+    for name in with_bias:
+        assert dit.get_submodule(name).linear.bias is None and dit.get_submodule(name).bias is not None
+    moved = pipe.generate(req(steps=2)).latents
+    assert torch.allclose(moved, plain, atol=1e-5, rtol=0), (moved - plain).abs().max()

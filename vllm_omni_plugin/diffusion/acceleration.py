@@ -16,16 +16,17 @@ from .parallel import ParallelConfig
 
 QUANTIZATIONS = ("fp8",)
 #: "regional": torch.compile of the repeated transformer blocks (diffusers'
-#: `compile_repeated_blocks`, fullgraph); "cudagraphs": the same with
-#: mode="reduce-overhead", so each block replays as a CUDA graph (no per-kernel
-#: launch cost on the host; for steps whose shapes repeat).
-COMPILE_MODES = ("regional", "cudagraphs")
+#: `compile_repeated_blocks`). A "cudagraphs" mode (the same with
+#: mode="reduce-overhead") was removed after its H200 run: torch's CUDA-graph
+#: trees overwrite one block's output with the next block's replay (all blocks
+#: are one compiled function), so the first step failed (docs/benchmarks.md).
+COMPILE_MODES = ("regional",)
 
 
 @dataclass(frozen=True)
 class DitOptions:
     """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8";
-    compile: None (eager), "regional" or "cudagraphs" (see COMPILE_MODES)."""
+    compile: None (eager) or "regional" (see COMPILE_MODES)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: str | None = None
@@ -75,18 +76,67 @@ def quantize_fp8(transformer: torch.nn.Module) -> int:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as exc:
         raise ValueError(f"quantization='fp8' needs an importable torchao matching this torch ({exc})") from exc
-    count = sum(1 for name, m in transformer.named_modules() if _fp8_linear(m, name))
+    chosen = [name for name, m in transformer.named_modules() if _fp8_linear(m, name)]
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_linear)
-    return count
+    move_biases_after_gemm(transformer, chosen)
+    return len(chosen)
 
 
-def compile_dit(transformer: torch.nn.Module, mode: str) -> None:
-    """Regional torch.compile of the DiT's repeated blocks (`mode` from COMPILE_MODES)."""
+def move_biases_after_gemm(transformer: torch.nn.Module, names: list[str]) -> None:
+    """Wrap each named Linear that has a bias in `_BiasAfterGemm` (see there for why)."""
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        linear = transformer.get_submodule(name)
+        if linear.bias is not None:
+            setattr(transformer.get_submodule(parent) if parent else transformer, attr, _BiasAfterGemm(linear))
+
+
+class _BiasAfterGemm(torch.nn.Module):
+    """An fp8 Linear whose bias is added after the GEMM, in the model dtype.
+
+    Row-wise scaled fp8 GEMMs with a fused bias are not supported by cuBLASLt in
+    torch 2.10-2.11 + CUDA 13 (`CUBLAS_STATUS_NOT_SUPPORTED`, measured on an
+    H200; pytorch PR 190538); without the bias they take the CUTLASS kernel.
+    Under torch.compile the add fuses into the next elementwise kernel.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.bias = linear.bias
+        linear.bias = None
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.bias
+
+
+def compile_dit(transformer: torch.nn.Module, mode: str, sequence_parallel: bool = False) -> None:
+    """Regional torch.compile of the DiT's repeated blocks (`mode` from COMPILE_MODES).
+
+    sequence_parallel: the attention modules stay eager and the blocks compile
+    around them (no full graph). diffusers' Ulysses attention hands a process
+    group to an async all-to-all that dynamo can neither put in a graph
+    (`Unsupported: ProcessGroupVariable`, first request on 2x H200, torch 2.11)
+    nor run under fake tensors (torch 2.13); the projections, norms and MLPs,
+    where the fusions are, still compile.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     # Batch sizes and text lengths change with the engine's batches: allow the recompiles.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    kwargs = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
-    transformer.compile_repeated_blocks(fullgraph=True, **kwargs)
+    if sequence_parallel:
+        for module in _attention_modules(transformer):
+            module.forward = torch.compiler.disable(module.forward)
+    transformer.compile_repeated_blocks(fullgraph=not sequence_parallel)
+
+
+def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    # Qwen-Image's blocks use the older `Attention` class, Wan's the newer mixin.
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in transformer.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
 
 
 def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
@@ -99,7 +149,7 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
         if options.quantization == "fp8":
             quantize_fp8(transformer)
         if options.compile is not None:
-            compile_dit(transformer, options.compile)
+            compile_dit(transformer, options.compile, sequence_parallel=options.parallel.sp_degree > 1)
 
 
 def dit_modules(pipeline: Any) -> list[torch.nn.Module]:

@@ -69,8 +69,9 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")
     group.add_argument("--omni-dit-quantization", choices=["fp8"], default=None,
                        help="fp8: torchao float8 DiT linear layers (CUDA, compute capability >= 8.9).")
-    group.add_argument("--omni-dit-compile", choices=["regional", "cudagraphs"], default=None,
-                       help="torch.compile the DiT's repeated blocks (cudagraphs: replayed as CUDA graphs).")
+    # choices = acceleration.COMPILE_MODES, not imported: this module stays free of torch
+    group.add_argument("--omni-dit-compile", choices=["regional"], default=None,
+                       help="regional: torch.compile the DiT's repeated blocks.")
     return parser
 
 
