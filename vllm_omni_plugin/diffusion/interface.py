@@ -98,6 +98,10 @@ def check_request(capabilities: Capabilities, request: SamplingParams) -> None:
     capabilities.check_fields(set(request.set_fields()) - {"images"})
 
 
+# DiffusionState.extras key: the "cfg"-dimension ranks a request's branches run on (cfg_split).
+_RANKS_KEY = "parallel_ranks"
+
+
 class StepwisePipeline(DiffusionPipelineBase):
     """prepare -> denoise_step xN -> scheduler_step xN -> decode, on explicit states."""
 
@@ -206,26 +210,34 @@ class StepwisePipeline(DiffusionPipelineBase):
     def cfg_split(
         states: list[DiffusionState], blocks: list[tuple[DiffusionState, int]], ranks: int
     ) -> list[list[tuple[DiffusionState, int]]]:
-        """CFG-parallel: which (state, branch) blocks each CFG rank runs, in block order.
+        """Batch split over the "cfg" mesh dimension: which (state, branch) blocks each rank runs, in block order.
 
-        Branch b of a CFG request goes to rank b; a request without CFG goes to the
-        rank with fewer tokens so far (ties: rank 0). Each rank thus runs exactly
-        the cond (uncond) forward the one-device engine runs with batch_cfg=False.
+        A request is placed at its first step and keeps its ranks to the end (its
+        step cache lives there): a CFG request on the two least loaded ranks, cond
+        on the lower-numbered one; a request without CFG on the least loaded rank
+        (ties: lower rank). Load = tokens of the live requests placed there. CFG
+        requests are placed before the others of the same step. With 2 ranks every
+        cond runs on rank 0 and every uncond on rank 1: each rank runs exactly the
+        forward the one-device engine runs with batch_cfg=False. With more ranks
+        the requests are also dealt out (data parallelism).
         """
         if ranks == 1:
             return [blocks]
-        owner: dict[tuple[int, int], int] = {}
         load = [0] * ranks
+        fresh = []
         for s in states:
-            if s.cfg.branches == 2:
-                for b in (0, 1):
-                    owner[(id(s), b)] = b
-                    load[b] += s.tokens_per_row * s.rows
-        for s in states:
-            if s.cfg.branches == 1:
-                r = min(range(ranks), key=lambda i: (load[i], i))
-                owner[(id(s), 0)] = r
+            if len(s.extras.get(_RANKS_KEY, ())) != s.cfg.branches:
+                fresh.append(s)
+                continue
+            for r in s.extras[_RANKS_KEY]:
                 load[r] += s.tokens_per_row * s.rows
+        for s in sorted(fresh, key=lambda s: s.cfg.branches == 1):  # stable: CFG requests first
+            n = min(s.cfg.branches, ranks)
+            chosen = tuple(sorted(sorted(range(ranks), key=lambda i: (load[i], i))[:n]))
+            s.extras[_RANKS_KEY] = chosen
+            for r in chosen:
+                load[r] += s.tokens_per_row * s.rows
+        owner = {(id(s), b): s.extras[_RANKS_KEY][b] for s in states for b in range(s.cfg.branches)}
         return [[x for x in blocks if owner[(id(x[0]), x[1])] == r] for r in range(ranks)]
 
     def run_branches(

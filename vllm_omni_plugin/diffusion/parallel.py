@@ -9,10 +9,12 @@ device mesh ("cfg", "ring", "ulysses").
   `QwenImageTransformer2DModel` and `WanTransformer3DModel` in diffusers 0.42)
   and diffusers runs Ulysses all-to-all or ring attention inside the attention
   dispatcher. Every rank of a CFG group sees the full model output.
-* CFG parallelism is ours (diffusers has none): the (request, branch) blocks of
-  a step are dealt round-robin over the "cfg" mesh dimension, each CFG group
-  runs the forwards of its blocks, and the outputs are all-gathered so every
-  rank holds every prediction and steps its (identical) schedulers itself.
+* CFG / batch parallelism is ours (diffusers has none): the (request, branch)
+  blocks of a step are dealt over the "cfg" mesh dimension (a request's two
+  branches on two ranks, requests spread by load; StepwisePipeline.cfg_split),
+  each CFG group runs the forwards of its blocks, and the outputs are
+  all-gathered so every rank holds every prediction and steps its (identical)
+  schedulers itself.
 
 Why not another library: xfuser/xDiT 0.7 wraps whole diffusers pipelines and
 its own runtime state (one request per call), so it cannot run the step-batched
@@ -45,7 +47,9 @@ IDLE_TIMEOUT = datetime.timedelta(days=365)
 class ParallelConfig:
     """How many ranks each DiT parallelism uses (1 everywhere = one device, no torch.distributed).
 
-    cfg_degree      ranks splitting CFG branches (2 runs cond and uncond in parallel)
+    cfg_degree      ranks splitting each step's batch: the two CFG branches of a request run on
+                    two of them, and requests are dealt out over all of them (see
+                    StepwisePipeline.cfg_split); 2 = cond and uncond in parallel
     ulysses_degree  Ulysses sequence parallelism (all-to-all over heads)
     ring_degree     ring attention sequence parallelism
     """
@@ -59,8 +63,6 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.cfg_degree > 2:
-            raise ValueError(f"cfg_degree is 1 or 2 (CFG has two branches), got {self.cfg_degree}")
 
     @property
     def world_size(self) -> int:
@@ -141,10 +143,6 @@ class ParallelGroup:
         box = [plan]
         dist.broadcast_object_list(box, src=0, group=self.object_group)
         return box[0]
-
-    def owner(self, block_index: int) -> int:
-        """The CFG rank that runs block `block_index` of a step (round-robin)."""
-        return block_index % self.config.cfg_degree
 
     def gather_blocks(self, local: list[torch.Tensor], counts: list[int]) -> list[list[torch.Tensor]]:
         """All-gather block outputs over the CFG dimension.

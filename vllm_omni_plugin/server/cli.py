@@ -63,8 +63,9 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Seconds a finished video is kept before it is deleted (DELETE /v1/videos/{id} removes it at once).",
     )
     group.add_argument("--omni-cfg-parallel-size", type=int, default=None,
-                       help="DiT CFG-parallel degree (2: cond and uncond on two GPUs). Overrides the stage config's "
-                       "dit_options; world size = cfg x ulysses x ring, one GPU per rank.")
+                       help="DiT CFG / batch split degree (2: cond and uncond on two GPUs; more: concurrent requests "
+                       "are dealt out too). Overrides the stage config's dit_options; world size = cfg x ulysses x "
+                       "ring, one GPU per rank.")
     group.add_argument("--omni-ulysses-degree", type=int, default=None, help="DiT Ulysses sequence-parallel degree.")
     group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")
     group.add_argument("--omni-dit-quantization", choices=["fp8"], default=None,
