@@ -60,11 +60,20 @@ def rank_device(device: torch.device | str | None, rank: int) -> torch.device:
 
 
 def init_rank(rank: int, world_size: int, port: int, device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU)."""
+    """Join the process group: NCCL for CUDA tensors plus gloo for CPU ones on CUDA, gloo on CPU.
+
+    The gloo half matters for speed: diffusers' "anything" Ulysses exchanges the
+    ranks' sequence lengths before every all-to-all (twice per attention) and
+    does it over gloo on the host when the group has a CPU backend; on a
+    NCCL-only group it is a device all-gather plus `.item()`, a host-device
+    sync that stops the host from queueing ahead. Measured with NCCL alone on
+    2x H200: Ulysses 2048^2 1.42x; the figure with this group is still to be
+    measured (docs/benchmarks.md).
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
