@@ -170,3 +170,38 @@ def test_batch_split_over_three_ranks_matches_one_process(checkpoint, one_proces
     result equals the one-process engine's (row-wise float32 rounding allowed)."""
     errors = max_errors_against_one_process(checkpoint, one_process, cfg_degree=3)
     assert all(e < 1e-4 for e in errors.values()), errors
+
+
+IMAGE_FAMILY_REQUESTS = {
+    "qwen-image-layered": lambda i, image: SamplingParams(
+        prompt=f"layers {i}", negative_prompt="blurry", true_cfg_scale=4.0, images=[image], layers=2,
+        num_inference_steps=3, seed=i, output_type="latent"),
+    "wan2.2-i2v": lambda i, image: SamplingParams(
+        prompt=f"a dog {i}", negative_prompt="static", images=[image], height=32, width=32, num_frames=5,
+        num_inference_steps=3, seed=i, output_type="latent"),
+    "wan2.2-ti2v-5b": lambda i, image: SamplingParams(
+        prompt=f"a cat {i}", negative_prompt="static", images=[image] if i else None, height=32, width=32,
+        num_frames=5, num_inference_steps=3, seed=i, output_type="latent"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(IMAGE_FAMILY_REQUESTS))
+def test_image_conditioned_families_split_over_three_ranks(checkpoint, rgb_image, family):
+    """Input-image families (their per-request image latents and encodings prepared on every rank):
+    three concurrent requests over cfg_degree 3 == one process within float32 rounding."""
+    path = str(checkpoint(family))
+    one = DiffusionEngine(load_pipeline(path, dtype=torch.float32, device="cpu", batch_cfg=False))
+    engine = launch_engine(PipelineBuilder(path, torch.float32, {"batch_cfg": False}), device="cpu",
+                           options=DitOptions(parallel=ParallelConfig(cfg_degree=3)))
+    results = []
+    try:
+        for e in (one, engine):
+            for i in range(3):
+                e.add_request(f"r{i}", IMAGE_FAMILY_REQUESTS[family](i, rgb_image))
+            final = e.run()
+            assert all(f.kind == "finished" for f in final.values()), {k: repr(f.error) for k, f in final.items()}
+            results.append([final[f"r{i}"].output.latents for i in range(3)])
+    finally:
+        engine.close()
+    errors = [(a - b).abs().max().item() for a, b in zip(*results)]
+    assert max(errors) < 1e-4, errors
