@@ -223,22 +223,18 @@ class StepwisePipeline(DiffusionPipelineBase):
         """
         if ranks == 1:
             return [blocks]
+        def placed(s: DiffusionState) -> bool:
+            return len(s.extras.get(_RANKS_KEY, ())) == s.cfg.branches
+
         load = [0] * ranks
-        fresh = []
-        for s in states:
-            if len(s.extras.get(_RANKS_KEY, ())) != s.cfg.branches:
-                fresh.append(s)
-                continue
+        # stable sort: the placed requests load their ranks first, then new CFG ones, then the rest
+        for s in sorted(states, key=lambda s: (not placed(s), s.cfg.branches == 1)):
+            if not placed(s):
+                least = sorted(range(ranks), key=lambda i: (load[i], i))[: s.cfg.branches]
+                s.extras[_RANKS_KEY] = tuple(sorted(least))
             for r in s.extras[_RANKS_KEY]:
                 load[r] += s.tokens_per_row * s.rows
-        for s in sorted(fresh, key=lambda s: s.cfg.branches == 1):  # stable: CFG requests first
-            n = min(s.cfg.branches, ranks)
-            chosen = tuple(sorted(sorted(range(ranks), key=lambda i: (load[i], i))[:n]))
-            s.extras[_RANKS_KEY] = chosen
-            for r in chosen:
-                load[r] += s.tokens_per_row * s.rows
-        owner = {(id(s), b): s.extras[_RANKS_KEY][b] for s in states for b in range(s.cfg.branches)}
-        return [[x for x in blocks if owner[(id(x[0]), x[1])] == r] for r in range(ranks)]
+        return [[(s, b) for s, b in blocks if s.extras[_RANKS_KEY][b] == r] for r in range(ranks)]
 
     def run_branches(
         self, states: list[DiffusionState], forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor]
