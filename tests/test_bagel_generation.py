@@ -1,4 +1,4 @@
-"""BAGEL diffusion stage (vllm_omni_plugin.diffusion.pipelines.bagel) on the tiny checkpoint.
+"""BAGEL diffusion stage (vllm_omni_plugin.families.bagel.pipeline) on the tiny checkpoint.
 
 Oracle: tests/reference/bagel_generation.py, an independent full-sequence MoT
 (no KV cache, context recomputed each step, diffusers' VAE, transformers' ViT).
@@ -20,8 +20,8 @@ from PIL import Image
 
 from reference.bagel_generation import BagelReference
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
-from vllm_omni_plugin.diffusion.bagel import encode_context
-from vllm_omni_plugin.diffusion.pipelines.bagel import BAGEL_DEFAULTS, load_bagel_pipeline
+from vllm_omni_plugin.families.bagel.dit import encode_context
+from vllm_omni_plugin.families.bagel.pipeline import BAGEL_DEFAULTS, load_bagel_pipeline
 
 STEPS = 6  # flow times 1 .. 0 -> 5 evaluations
 # With timestep_shift 1 the flow times are 1, .8, .6, .4, .2: CFG (interval (0.4, 1]) runs on the first

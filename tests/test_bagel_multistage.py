@@ -59,7 +59,7 @@ def test_concurrent_requests_get_their_own_contexts(bagel_omni):
 def test_img2img_through_ar_stage_matches_reference(bagel_omni, ref):
     """img2img's three contexts (cond / cfg_text / cfg_img) are AR prefills; the edit image 56x40 is
     generated at 48x32 (BAGEL's input-size rule floored to /16), as the reference does."""
-    from vllm_omni_plugin.orchestrator.bagel import StageTimings
+    from vllm_omni_plugin.families.bagel.orchestrator import StageTimings
 
     image = _input_image(0)
     timings = StageTimings()

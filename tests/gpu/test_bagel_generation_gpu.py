@@ -60,7 +60,7 @@ def assert_tracks(name: str, ours: np.ndarray, expected: np.ndarray, control: np
 
 def _ours(omni, prompt: str, **kw):
     from vllm_omni_plugin.diffusion.params import SamplingParams
-    from vllm_omni_plugin.orchestrator.bagel import StageTimings
+    from vllm_omni_plugin.families.bagel.orchestrator import StageTimings
 
     timings = StageTimings()
     params = SamplingParams(prompt=prompt, num_inference_steps=STEPS, **kw)

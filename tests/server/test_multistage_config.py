@@ -9,7 +9,7 @@ from vllm_omni_plugin.request import RequestError, build_sampling_params
 
 
 def test_knobs_are_typed_by_the_family_declaration():
-    from vllm_omni_plugin.diffusion.pipelines.bagel import BagelStepwise
+    from vllm_omni_plugin.families.bagel.pipeline import BagelStepwise
 
     ext = BagelStepwise.capabilities.knobs
     p, _, _ = build_sampling_params(

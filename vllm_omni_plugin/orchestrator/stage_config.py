@@ -202,8 +202,17 @@ def load_stage_config(path: str | Path) -> StageConfig:
 
 @functools.cache
 def builtin_stage_configs() -> dict[str, StageConfig]:
-    """The stage configs shipped in `stage_configs/` (package data), by name."""
+    """The shipped stage configs, by name: each family's (`Family.stage_config`, a YAML in its
+    folder), then any left in the `stage_configs/` package data (vllm_omni_plugin.stage_configs)."""
+    from ..families import families
+
     configs = {}
+    for family in families().values():
+        path = family.stage_config_path()
+        if path is not None:
+            rel = f"vllm_omni_plugin/families/{family.name}/{path.name}"
+            config = parse_stage_config(path.read_text(), rel)
+            configs[config.name] = config
     for entry in resources.files("vllm_omni_plugin.stage_configs").iterdir():
         if entry.name.endswith(".yaml"):
             config = parse_stage_config(entry.read_text(), f"stage_configs/{entry.name}")

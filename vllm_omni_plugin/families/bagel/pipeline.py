@@ -46,16 +46,16 @@ from typing import Any, Mapping
 
 import torch
 
-from ..bagel.autoencoder import FluxAutoEncoder, to_uint8
-from ..bagel.context import BagelContext, BranchKV, ContextStore
-from ..bagel.encode import check_size, default_size, encode_context
-from ..bagel.mot import MoTDecoder, Route
-from ..bagel.weights import BagelModel, load_bagel_model
-from ..capabilities import Capabilities, Knob
-from ..interface import StepwisePipeline
-from ..output import DiffusionOutput
-from ..params import PipelineDefaults, ResolvedParams
-from ..state import CfgLayout, DiffusionState
+from .dit.autoencoder import FluxAutoEncoder, to_uint8
+from .dit.context import BagelContext, BranchKV, ContextStore
+from .dit.encode import check_size, default_size, encode_context
+from .dit.mot import MoTDecoder, Route
+from .dit.weights import BagelModel, load_bagel_model
+from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion.interface import StepwisePipeline
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import PipelineDefaults, ResolvedParams
+from ...diffusion.state import CfgLayout, DiffusionState
 
 # BAGEL's own defaults (ByteDance's InterleaveInferencer.gen_image). Until
 # SamplingParams has fields for them they travel in `extra` under these names.
@@ -316,7 +316,7 @@ def _stack_context(branches: list[BranchKV], n_query: int, layers: int) -> tuple
 def load_bagel_pipeline(path: str | Path, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None) -> BagelStepwise:
     """Load a BAGEL directory (config.json + ema/ae safetensors, no model_index.json) as the stage."""
-    from ..loader import default_load_config
+    from ...diffusion.loader import default_load_config
 
     cfg = default_load_config(dtype, device)
     return BagelStepwise(load_bagel_model(path, cfg.dtype, cfg.device), model_id=str(path))

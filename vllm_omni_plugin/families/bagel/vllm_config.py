@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .bagel_positions import mrope_section
+from .positions import mrope_section
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig

@@ -23,10 +23,10 @@ request's K/V. The forward holds no per-request state.
 BAGEL's prompt layout (what makes the KV cache the one ByteDance's BAGEL
 computes, and what the diffusion stage expects): each image block
 [<|vision_start|>, ViT tokens, <|vision_end|>] is one multimodal placeholder
-range (bagel_processing.py), so it attends bidirectionally as a whole, markers
+range (processing.py), so it attends bidirectionally as a whole, markers
 included; and it shares ONE RoPE position, the next token taking that + 1
-(bagel_positions.py). The positions reach vLLM through its M-RoPE hook with
-three identical rows, switched on for this architecture by bagel_config.py.
+(positions.py). The positions reach vLLM through its M-RoPE hook with
+three identical rows, switched on for this architecture by vllm_config.py.
 
 img2img (bagel_gen.py): an edit image arrives as the `vae_image` modality, a
 [<|vision_start|>, <|vision_pad|> x n, <|vision_end|>] block whose latent rows
@@ -48,9 +48,9 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_omni_plugin.kv.connector import SaveSpec, register_metadata_source
 
-from .bagel_gen import BagelGenerationSide, is_generation_weight
-from .bagel_positions import bagel_positions, block_ranges
-from .bagel_processing import (
+from .vllm_gen import BagelGenerationSide, is_generation_weight
+from .positions import bagel_positions, block_ranges
+from .processing import (
     VAE_IMAGE,
     OmniBagelDummyInputsBuilder,
     OmniBagelMultiModalProcessor,
@@ -82,7 +82,7 @@ class OmniBagelForConditionalGeneration(BagelForConditionalGeneration, SupportsM
             raise RuntimeError(
                 "OmniBagelForConditionalGeneration needs vLLM's M-RoPE path for BAGEL's positions; "
                 "its config hook was not registered in the process that built the engine config "
-                "(vllm_omni_plugin.models.bagel_config.register_config_hook, run by the plugin's register())"
+                "(vllm_omni_plugin.families.bagel.vllm_config.register_config_hook, run by the plugin's register())"
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         from vllm.tokenizers import cached_tokenizer_from_config

@@ -134,7 +134,7 @@ class OmniBagelMultiModalProcessor(BagelMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         from transformers.feature_extraction_utils import BatchFeature
 
-        from vllm_omni_plugin.diffusion.bagel.encode import image_pixels
+        from vllm_omni_plugin.families.bagel.dit.encode import image_pixels
 
         hf_data = dict(hf_data)
         edits = hf_data.pop(f"{VAE_IMAGE}s", None)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_omni_plugin.diffusion.bagel.autoencoder import FluxAutoEncoder
-from vllm_omni_plugin.diffusion.bagel.mot import GEN, MoTDecoder
-from vllm_omni_plugin.diffusion.bagel.weights import BagelConfig, BagelModel
+from vllm_omni_plugin.families.bagel.dit.autoencoder import FluxAutoEncoder
+from vllm_omni_plugin.families.bagel.dit.mot import GEN, MoTDecoder
+from vllm_omni_plugin.families.bagel.dit.weights import BagelConfig, BagelModel
 
 # Checkpoint tensors the generation side needs (vLLM's Bagel drops them all).
 _EMA_KEYS = ("moe_gen", "vae2llm", "time_embedder", "latent_pos_embed")

@@ -29,12 +29,12 @@ import asyncio
 import time
 from typing import Any
 
-from ..diffusion.bagel.context import BagelContext, BranchKV
-from ..diffusion.bagel.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
-from ..diffusion.params import ResolvedParams
-from ..diffusion.pipelines.bagel import BagelStepwise, load_bagel_pipeline
-from ..kv.store import request_params, take_transferred
-from .stages import StageOrchestrator, StageTimings
+from .dit.context import BagelContext, BranchKV
+from .dit.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
+from ...diffusion.params import ResolvedParams
+from .pipeline import BagelStepwise, load_bagel_pipeline
+from ...kv.store import request_params, take_transferred
+from ...orchestrator.stages import StageOrchestrator, StageTimings
 
 __all__ = ["BagelOrchestrator", "StageTimings"]
 
@@ -79,7 +79,7 @@ class BagelOrchestrator(StageOrchestrator):
         """cond / cfg_text / cfg_img of an img2img request, as AR prefills (coroutines)."""
         from PIL import Image
 
-        from ..models.bagel_processing import VAE_IMAGE
+        from .processing import VAE_IMAGE
 
         # The running engine's own setting (on the server it is vLLM's engine, built from its flags).
         if not self.ar_engine().vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):

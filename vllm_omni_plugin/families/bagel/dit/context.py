@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..handover import HandOverStore
+from ....diffusion.handover import HandOverStore
 
 
 @dataclass(frozen=True)

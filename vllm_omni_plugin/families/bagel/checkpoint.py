@@ -52,9 +52,9 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from ..diffusion.bagel.weights import sincos_2d  # BAGEL's frozen tables (the stage's own math)
-from ._weights import _stream_seed
-from .tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
+from .dit.weights import sincos_2d  # BAGEL's frozen tables (the stage's own math)
+from ...checkpoints._weights import _stream_seed
+from ...checkpoints.tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 
 
 @dataclass(frozen=True)
