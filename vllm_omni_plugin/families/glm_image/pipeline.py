@@ -1,6 +1,6 @@
 """GLM-Image's DiT stage as a step-wise pipeline: prior tokens + grid -> image.
 
-The AR stage (vLLM, models/glm_image.py) generates the image's prior tokens
+The AR stage (vLLM, families/glm_image/vllm_model.py) generates the image's prior tokens
 on the target grid the request's size names; the orchestrator hands them
 over as a `GlmImagePrior` keyed by request id (`pipeline.priors`). This stage
 renders them with diffusers' `GlmImageTransformer2DModel`, following
@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...models.glm_image_prompt import TOKEN_PIXELS, check_size
-from ..capabilities import Capabilities
-from ..handover import HandOverStore
-from ..interface import StepwisePipeline
-from ..output import DiffusionOutput
-from ..params import PipelineDefaults, ResolvedParams
-from ..state import CfgLayout, DiffusionState
+from .prompt import TOKEN_PIXELS, check_size
+from ...diffusion.capabilities import Capabilities
+from ...diffusion.handover import HandOverStore
+from ...diffusion.interface import StepwisePipeline
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import PipelineDefaults, ResolvedParams
+from ...diffusion.state import CfgLayout, DiffusionState
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class GlmImageStepwise(StepwisePipeline):
         output="image",
         input_images=(0, None),  # text-to-image, or image-to-image with condition images
         fields=frozenset({"height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"}),
-        orchestrator="glm_image",  # the AR prior in vLLM -> this DiT (orchestrator/glm_image.py)
+        orchestrator="glm_image",  # the AR prior in vLLM -> this DiT (families/glm_image/orchestrator.py)
     )
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True, image_tokenizer: Any = None) -> None:
@@ -157,7 +157,7 @@ class GlmImageStepwise(StepwisePipeline):
         from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
         from diffusers.pipelines.glm_image.pipeline_glm_image import retrieve_latents
 
-        from ...models.glm_image import image_codes
+        from .vllm_model import image_codes
 
         if self.image_tokenizer is None:
             raise ValueError(f"{self.model_id}: no vision_language_encoder to tokenize condition images with")
@@ -249,7 +249,7 @@ def load_glm_image_pipeline(
     """GLM-Image's DiT stage from a GLM-Image checkpoint (everything but the AR model)."""
     from diffusers import GlmImagePipeline
 
-    from ..loader import default_load_config
+    from ...diffusion.loader import default_load_config
 
     config = default_load_config(dtype, device)
     pipe = GlmImagePipeline.from_pretrained(str(path), vision_language_encoder=None, dtype=config.dtype)

@@ -10,7 +10,7 @@
          (diffusers' `generate_prior_tokens` samples with it), seeded by the
          request's seed
       -> GlmImagePrior(request id, the H x W tokens, (H, W)) in the DiT stage's store
-      -> DiT stage (diffusion/pipelines/glm_image.py) renders height x width
+      -> DiT stage (families/glm_image/pipeline.py) renders height x width
 
 The hand-over is keyed by request id; the AR request is `<id>:ar`.
 """
@@ -20,12 +20,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..diffusion.params import ResolvedParams
-from ..diffusion.pipelines.glm_image import GlmImagePrior, GlmImageStepwise, load_glm_image_pipeline
-from ..models.glm_image_positions import decode_tokens
-from ..models.glm_image_prompt import target_grids
-from ..request import RequestError
-from .stages import StageOrchestrator, StageTimings
+from ...diffusion.params import ResolvedParams
+from .pipeline import GlmImagePrior, GlmImageStepwise, load_glm_image_pipeline
+from .positions import decode_tokens
+from .prompt import target_grids
+from ...request import RequestError
+from ...orchestrator.stages import StageOrchestrator, StageTimings
 
 # The sampling knobs diffusers' AR call takes from the generation config.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")

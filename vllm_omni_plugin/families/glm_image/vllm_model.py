@@ -39,14 +39,14 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from .glm_image_positions import DecodeGridTable, prompt_positions
-from .glm_image_processing import (
+from .positions import DecodeGridTable, prompt_positions
+from .processing import (
     IMAGE_TOKEN,
     GlmImageDummyInputsBuilder,
     GlmImageMultiModalProcessor,
     GlmImageProcessingInfo,
 )
-from .glm_image_prompt import GRID_BOS, GRID_EOS, parse_grids
+from .prompt import GRID_BOS, GRID_EOS, parse_grids
 
 
 class GlmImageDecoderLayer(Glm4DecoderLayer):

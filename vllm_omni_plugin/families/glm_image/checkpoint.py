@@ -64,8 +64,8 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
 
-from ._weights import SAVE_DTYPE, random_model
-from .tokenizers import write_glm_image_tokenizer
+from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.tokenizers import write_glm_image_tokenizer
 
 # The fields of scheduler/scheduler_config.json that differ from the class defaults.
 SCHEDULER_CONFIG = dict(base_shift=0.25, max_shift=0.75, use_dynamic_shifting=True, time_shift_type="linear")
