@@ -55,7 +55,7 @@ def test_diffusion_engine_imports_no_vllm():
     import sys
 
     code = (
-        "import sys, vllm_omni_plugin.omni, vllm_omni_plugin.diffusion.pipelines.qwen_image, "
+        "import sys, vllm_omni_plugin.omni, vllm_omni_plugin.families.qwen_image.pipeline, "
         "vllm_omni_plugin.diffusion.pipelines.wan, vllm_omni_plugin.diffusion.pipelines.generic; "
         "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))"
     )

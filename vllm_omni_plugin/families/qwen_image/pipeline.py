@@ -24,13 +24,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..capabilities import Capabilities, Knob
-from .. import step_cache
-from ..interface import StepwisePipeline
-from ..parallel import sequence_shard
-from ..output import DiffusionOutput
-from ..params import PipelineDefaults, ResolvedParams
-from ..state import CfgLayout, DiffusionState
+from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion import step_cache
+from ...diffusion.interface import StepwisePipeline
+from ...diffusion.parallel import sequence_shard
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import PipelineDefaults, ResolvedParams
+from ...diffusion.state import CfgLayout, DiffusionState
 
 PROMPT_CACHE_SIZE = 32
 
