@@ -56,7 +56,7 @@ def test_diffusion_engine_imports_no_vllm():
 
     code = (
         "import sys, vllm_omni_plugin.omni, vllm_omni_plugin.families.qwen_image.pipeline, "
-        "vllm_omni_plugin.diffusion.pipelines.wan, vllm_omni_plugin.diffusion.pipelines.generic; "
+        "vllm_omni_plugin.families.wan.pipeline, vllm_omni_plugin.diffusion.pipelines.generic; "
         "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -46,8 +46,8 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ._weights import SAVE_DTYPE, random_model
-from .tokenizers import T5_MODEL_VOCAB, write_t5_tokenizer
+from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.tokenizers import T5_MODEL_VOCAB, write_t5_tokenizer
 
 # The fields of scheduler/scheduler_config.json that differ from the class defaults.
 SCHEDULER_CONFIG = dict(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ..capabilities import Capabilities
-from ..interface import StepwisePipeline
-from ..output import DiffusionOutput
-from ..params import PipelineDefaults, ResolvedParams
-from ..state import CfgLayout, DiffusionState
+from ...diffusion.capabilities import Capabilities
+from ...diffusion.interface import StepwisePipeline
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import PipelineDefaults, ResolvedParams
+from ...diffusion.state import CfgLayout, DiffusionState
 
 # Model-card defaults of the Wan-AI checkpoints (diffusers' signature says 50
 # steps / scale 5.0 for every Wan; the Wan2.2 A14B cards use 40 steps).
