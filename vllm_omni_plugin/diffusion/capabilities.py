@@ -86,9 +86,10 @@ class Capabilities:
     fields         SamplingParams fields it reads besides ALWAYS_HONOURED
     knobs          its own request fields, name -> Knob (their values go in `extra`)
     text_output    it also answers in text (a multi-stage model with an AR stage)
-    orchestrator   multi-stage families: the name of the orchestrator that runs
-                   them (`vllm_omni_plugin.orchestrator.ORCHESTRATORS`); None:
-                   the pipeline runs inline in one diffusion engine
+    orchestrator   multi-stage families: the family whose orchestrator runs them
+                   (reported in /v1/models; the class is the family's declaration,
+                   `Family.orchestrator`, vllm_omni_plugin/families/); None: the
+                   pipeline runs inline in one diffusion engine
     """
 
     output: str

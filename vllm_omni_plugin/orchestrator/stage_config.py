@@ -1,7 +1,7 @@
 """Stage configs: which stages a model runs, where, and with what defaults.
 
-A stage config is a YAML file (the plugin ships one per model family in
-`stage_configs/`; users pass their own with `--stage-config` or
+A stage config is a YAML file (the plugin ships one per model family, in the
+family's folder, `families/<family>/stage_config.yaml`; users pass their own with `--stage-config` or
 `Omni(stage_config=...)`). The schema is the pydantic model below; unknown
 keys are errors, and every error names the file, the field and what to write
 instead, because a typo in a deployment file must not silently fall back to
@@ -36,7 +36,6 @@ must name an earlier stage.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -202,21 +201,13 @@ def load_stage_config(path: str | Path) -> StageConfig:
 
 @functools.cache
 def builtin_stage_configs() -> dict[str, StageConfig]:
-    """The shipped stage configs, by name: each family's (`Family.stage_config`, a YAML in its
-    folder), then any left in the `stage_configs/` package data (vllm_omni_plugin.stage_configs)."""
-    from ..families import families
+    """The shipped stage configs (each family's, `vllm_omni_plugin.stage_configs.shipped`), by name."""
+    from ..stage_configs import shipped
 
     configs = {}
-    for family in families().values():
-        path = family.stage_config_path()
-        if path is not None:
-            rel = f"vllm_omni_plugin/families/{family.name}/{path.name}"
-            config = parse_stage_config(path.read_text(), rel)
-            configs[config.name] = config
-    for entry in resources.files("vllm_omni_plugin.stage_configs").iterdir():
-        if entry.name.endswith(".yaml"):
-            config = parse_stage_config(entry.read_text(), f"stage_configs/{entry.name}")
-            configs[config.name] = config
+    for family, path in shipped().items():
+        config = parse_stage_config(path.read_text(), f"vllm_omni_plugin/families/{family}/{path.name}")
+        configs[config.name] = config
     return configs
 
 

@@ -23,6 +23,7 @@ FAMILY = Family(
     # it must exist where vLLM builds the engine config, before vLLM parses engine args.
     vllm_setup="vllm_omni_plugin.families.bagel.vllm_config:register_config_hook",
     model_types=("bagel",),
+    llm_config_key="llm_config",
     checkpoints={"bagel": "vllm_omni_plugin.families.bagel.checkpoint:build"},
     device_checkpoints=("bagel",),
     docs="docs/bagel.md",
