@@ -21,7 +21,8 @@ from PIL import Image
 from reference.bagel_generation import BagelReference
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
 from vllm_omni_plugin.families.bagel.dit import encode_context
-from vllm_omni_plugin.families.bagel.pipeline import BAGEL_DEFAULTS, load_bagel_pipeline
+from vllm_omni_plugin.diffusion.handover import StageInputError
+from vllm_omni_plugin.families.bagel.pipeline import BAGEL_DEFAULTS, BagelStepwise, load_bagel_pipeline
 
 STEPS = 6  # flow times 1 .. 0 -> 5 evaluations
 # With timestep_shift 1 the flow times are 1, .8, .6, .4, .2: CFG (interval (0.4, 1]) runs on the first
@@ -104,17 +105,15 @@ def test_batched_equals_single(pipe):
 
 
 def test_handed_over_context_is_keyed_by_request(pipe):
-    """A context put under request id X serves request X only (what the KV connector will do)."""
+    """A context handed over with request X serves request X only (what the AR hand-over does)."""
     params = SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=6)
     other = SamplingParams(prompt="a green frog", height=32, width=32, num_inference_steps=STEPS, seed=6)
     resolved = pipe.resolve(params)
     ctx = encode_context(pipe.model, "req-frog", "a green frog", height=32, width=32)
-    pipe.contexts.put(ctx)
     engine = DiffusionEngine(pipe)
-    engine.add_request("req-cat", params)  # no context waiting: prefilled from its own prompt
-    engine.add_request("req-frog", resolved)  # prompt says cat, the handed-over context says frog
+    engine.add_request("req-cat", params)  # standalone DiT, no context: prefilled from its own prompt
+    engine.add_request("req-frog", resolved, ctx)  # prompt says cat, the handed-over context says frog
     final = engine.run()
-    assert len(pipe.contexts) == 0
     # The two ran in one batched forward: padded rows change BLAS reduction splits, so the
     # batching tolerance of _close applies (one uint8 level on a few values; seen on this machine).
     cat, frog = np.asarray(final["req-cat"].output.images[0]), np.asarray(final["req-frog"].output.images[0])
@@ -122,9 +121,31 @@ def test_handed_over_context_is_keyed_by_request(pipe):
     _close(frog, np.asarray(pipe.generate(other).images[0]))
     assert np.abs(cat.astype(int) - frog.astype(int)).mean() > 5  # the frog context made another image
     # A context for another size is refused, not silently resized.
-    pipe.contexts.put(encode_context(pipe.model, "req-bad", "x", height=48, width=32))
-    engine.add_request("req-bad", resolved)
+    engine.add_request("req-bad", resolved, encode_context(pipe.model, "req-bad", "x", height=48, width=32))
     assert engine.run()["req-bad"].kind == "error"
+
+
+def test_stage_input_missing_or_mismatched_is_an_error_naming_stage_and_request(pipe):
+    """Behind the AR stage a request without its context is refused, never re-encoded; another
+    request's context or another type is refused too (diffusion/handover.py)."""
+    staged = BagelStepwise(pipe.model, stage_input_required=True)  # as the orchestrator loads it
+    engine = DiffusionEngine(staged)
+    params = SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=6)
+    with pytest.raises(StageInputError, match=r"request req-1: the bagel diffusion stage needs a BagelContext"):
+        engine.add_request("req-1", params)
+    frog = encode_context(pipe.model, "req-frog", "a green frog", height=32, width=32)
+    with pytest.raises(StageInputError, match=r"request req-2: .* was handed the BagelContext of request req-frog"):
+        engine.add_request("req-2", params, frog)
+    with pytest.raises(StageInputError, match=r"request req-3: .* takes a BagelContext, got a str"):
+        engine.add_request("req-3", params, "not a context")
+    assert not engine.has_unfinished()  # nothing refused was queued
+    with pytest.raises(StageInputError, match="req-4"):  # nor can a direct prepare skip the input
+        staged.prepare(staged.resolve(params), "req-4")
+    # The request with its own context runs as the standalone one does.
+    engine.add_request("req-frog", params, frog)
+    out = np.asarray(engine.run()["req-frog"].output.images[0])
+    _close(out, np.asarray(pipe.generate(SamplingParams(prompt="a green frog", height=32, width=32,
+                                                        num_inference_steps=STEPS, seed=6)).images[0]))
 
 
 def test_cfg_companions_and_positions(pipe):

@@ -6,8 +6,8 @@
                            the transfer (K/V per layer + keyed metadata) becomes the
                            `cond` branch of a BagelContext; the text-CFG branch is
                            BAGEL's empty context, or a second AR prefill of the
-                           negative prompt; the context is put in the DiT stage's
-                           store under the request id, then the request is queued
+                           negative prompt; the context is the DiT stage's typed
+                           input, submitted with the request
     img2img                three AR prefills, BAGEL's img2img contexts:
                              cond     = VAE block, ViT block, [<|im_start|>] prompt [<|im_end|>]
                              cfg_text = VAE block, ViT block (+ the negative prompt's text block)
@@ -20,7 +20,9 @@
 
 Every hand-over is keyed by request id (principle 6): the AR requests are named
 `<id>:cond` / `<id>:cfg_text` / `<id>:cfg_img`, each transfer is taken from its
-own output, and the context is stored under `<id>` before the DiT request exists.
+own output (the connector's kv_transfer_params), and the context carries `<id>`.
+The prompts are built from the checkpoint's own tokenizer and config
+(`BagelText`, `read_bagel_config`), never from the DiT stage's model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from typing import Any
 
 from .dit.context import BagelContext, BranchKV
+from .dit.weights import BagelText, read_bagel_config
 from .dit.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
 from ...diffusion.params import ResolvedParams
 from .pipeline import BagelStepwise, load_bagel_pipeline
@@ -42,16 +45,19 @@ __all__ = ["BagelOrchestrator", "StageTimings"]
 class BagelOrchestrator(StageOrchestrator):
     """BAGEL's input processor (`bagel_context`): AR prefills -> a BagelContext for the DiT stage."""
 
-    def load_pipeline(self, model: str, dtype: Any, device: Any) -> BagelStepwise:
-        return load_bagel_pipeline(model, dtype=dtype, device=device)
+    def __init__(self, model: str, *args: Any, **kwargs: Any) -> None:
+        #: the hand-over's own view of the checkpoint: its config and tokenizer
+        self.bagel_config = read_bagel_config(model)
+        self.text = BagelText(model)
+        super().__init__(model, *args, **kwargs)
 
-    def discard_hand_over(self, request_id: str) -> None:
-        self.pipeline.contexts.discard(request_id)
+    def load_pipeline(self, model: str, dtype: Any, device: Any) -> BagelStepwise:
+        return load_bagel_pipeline(model, dtype=dtype, device=device, stage_input_required=True)
 
     # ---- AR -> DiT ------------------------------------------------------------------
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
         """A text-only context: [<|im_start|>] text [<|im_end|>]."""
-        ids = text_block_ids(self.pipeline.model, text)
+        ids = text_block_ids(self.text, text)
         return await self._transfer(request_id, {"prompt_token_ids": ids}, len(ids), 0, timings)
 
     async def _transfer(self, request_id: str, prompt: dict[str, Any], num_tokens: int, vae_tokens: int,
@@ -85,7 +91,7 @@ class BagelOrchestrator(StageOrchestrator):
         if not self.ar_engine().vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):
             raise ValueError(f"img2img needs the AR stage to take {VAE_IMAGE} inputs: set its engine_args "
                              f"limit_mm_per_prompt to include {{{VAE_IMAGE}: 1}} (stage config {self.config.name!r})")
-        m, c = self.pipeline.model, self.pipeline.model.config
+        c = self.bagel_config
         height, width = resolved.height, resolved.width
         edit = resolved.images[0].convert("RGB")
         side = c.vit_image_size
@@ -101,13 +107,14 @@ class BagelOrchestrator(StageOrchestrator):
 
         def with_images(branch: str, text: str | None):
             prompt = images_prefix + ("" if text is None else f"{BOS}{text}{EOS}")
-            n = blocks + (0 if text is None else len(text_block_ids(m, text)))
+            n = blocks + (0 if text is None else len(text_block_ids(self.text, text)))
             return self._transfer(f"{rid}:{branch}", {"prompt": prompt, "multi_modal_data": images}, n, vae_tokens, timings)
 
         return [with_images("cond", resolved.prompt), with_images("cfg_text", resolved.negative_prompt),
                 self._prefill(f"{rid}:cfg_img", resolved.prompt, timings)]
 
-    async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> None:
+    async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> BagelContext:
+        """The one function building the DiT stage's input: AR prefills -> this request's BagelContext."""
         if resolved.images:
             cond, cfg_text, cfg_img = await asyncio.gather(*self._img2img_prefills(rid, resolved, timings))
         else:
@@ -115,5 +122,5 @@ class BagelOrchestrator(StageOrchestrator):
             if resolved.negative_prompt is not None:
                 branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
             kvs = await asyncio.gather(*branches)
-            cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else empty_branch(self.pipeline.model), None
-        self.pipeline.contexts.put(BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width))
+            cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else empty_branch(self.bagel_config), None
+        return BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width)

@@ -1,10 +1,12 @@
 """BAGEL (BAGEL-7B-MoT) image generation as a step-wise diffusion stage.
 
 Input per request: a `BagelContext` (the prefilled KV cache of each CFG branch,
-keyed by request id) -- handed over by the AR stage's KV connector through
-`pipeline.contexts.put(...)`, or, when none is waiting for the request,
-prefilled here by `encode_context` from the prompt / input image (standalone
-runs, benchmarks and tests need no vLLM).
+keyed by request id), the stage's typed input, submitted with the request
+(`engine.add_request(request_id, params, context)`): built by the AR hand-over
+(families/bagel/orchestrator.py). Behind the AR stage (`stage_input_required`)
+a request without one is an error naming the stage and the request; a
+standalone DiT (loaded with `stage_input_required=False`: benchmarks, tests,
+no vLLM) prefills it itself with `encode_context` from the prompt / input image.
 
 Sampling follows ByteDance-Seed/Bagel (`generate_image` / `_forward_flow`):
   * noise: randn (latent tokens, p*p*z) from the request's generator, drawn in
@@ -47,11 +49,12 @@ from typing import Any, Mapping
 import torch
 
 from .dit.autoencoder import FluxAutoEncoder, to_uint8
-from .dit.context import BagelContext, BranchKV, ContextStore
+from .dit.context import BagelContext, BranchKV
 from .dit.encode import check_size, default_size, encode_context
 from .dit.mot import MoTDecoder, Route
 from .dit.weights import BagelModel, load_bagel_model
 from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion.handover import StageInputError
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import PipelineDefaults, ResolvedParams
@@ -121,15 +124,18 @@ class BagelStepwise(StepwisePipeline):
         orchestrator="bagel",
     )
 
-    def __init__(self, model: BagelModel, model_id: str = "", batch_cfg: bool = True) -> None:
+    stage_input_type = BagelContext
+
+    def __init__(self, model: BagelModel, model_id: str = "", batch_cfg: bool = True,
+                 stage_input_required: bool = False) -> None:
         # No diffusers scheduler to copy: each state carries its own flow-time table.
         super(StepwisePipeline, self).__init__(_Components(model), model_id or str(model.path))
         self.batch_cfg = batch_cfg  # branches of all states always share the forward; kept for the engine's API
         self.model = model
         self.decoder = MoTDecoder(model)
         self.vae = FluxAutoEncoder(model)
-        #: contexts handed over by the AR stage, keyed by request id
-        self.contexts = ContextStore()
+        #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
+        self.stage_input_required = stage_input_required
 
     @property
     def device(self) -> torch.device:
@@ -177,10 +183,12 @@ class BagelStepwise(StepwisePipeline):
         )
 
     # ---- prepare --------------------------------------------------------------------
-    def context_for(self, params: ResolvedParams, request_id: str) -> BagelContext:
-        """The handed-over context of this request, or one prefilled here from the prompt."""
-        ctx = self.contexts.pop(request_id)
+    def context_for(self, params: ResolvedParams, request_id: str, ctx: BagelContext | None) -> BagelContext:
+        """The request's handed-over context, or (standalone only) one prefilled here from the prompt."""
         if ctx is None:
+            if self.stage_input_required:  # the engine refuses this at add_request; a direct call too
+                raise StageInputError(f"request {request_id}: the bagel diffusion stage needs a BagelContext "
+                                      "from the AR stage; none was handed over")
             image = params.images[0] if params.images else None
             return encode_context(self.model, request_id, params.prompt, image, params.negative_prompt,
                                   params.height, params.width)
@@ -189,9 +197,9 @@ class BagelStepwise(StepwisePipeline):
                              f"the request resolved to {params.height}x{params.width}")
         return ctx
 
-    def prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+    def prepare(self, params: ResolvedParams, request_id: str, stage_input: BagelContext | None = None) -> DiffusionState:
         with torch.no_grad():
-            ctx = self.context_for(params, request_id)
+            ctx = self.context_for(params, request_id, stage_input)
             cfg = self._cfg(params)
             if ctx.is_img2img != (cfg.img_scale is not None):
                 raise ValueError(f"request {request_id}: the context is {'img2img' if ctx.is_img2img else 'text2img'} "
@@ -314,12 +322,21 @@ def _stack_context(branches: list[BranchKV], n_query: int, layers: int) -> tuple
 
 
 def load_bagel_pipeline(path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None) -> BagelStepwise:
-    """Load a BAGEL directory (config.json + ema/ae safetensors, no model_index.json) as the stage."""
+                        device: str | torch.device | None = None,
+                        stage_input_required: bool = False) -> BagelStepwise:
+    """Load a BAGEL directory (config.json + ema/ae safetensors, no model_index.json) as the stage.
+
+    Args:
+        path: the checkpoint directory.
+        dtype, device: where the weights live (loader.default_load_config's defaults).
+        stage_input_required: True behind the AR stage (every request brings its BagelContext);
+            False: a standalone DiT that prefills contexts itself.
+    """
     from ...diffusion.loader import default_load_config
 
     cfg = default_load_config(dtype, device)
-    return BagelStepwise(load_bagel_model(path, cfg.dtype, cfg.device), model_id=str(path))
+    return BagelStepwise(load_bagel_model(path, cfg.dtype, cfg.device), model_id=str(path),
+                         stage_input_required=stage_input_required)
 
 
 __all__ = ["BAGEL_DEFAULTS", "BagelCfg", "BagelStepwise", "load_bagel_pipeline"]

@@ -9,7 +9,8 @@
          checkpoint's generation_config.json read as transformers reads it
          (diffusers' `generate_prior_tokens` samples with it), seeded by the
          request's seed
-      -> GlmImagePrior(request id, the H x W tokens, (H, W)) in the DiT stage's store
+      -> GlmImagePrior(request id, the H x W tokens, (H, W)): the DiT stage's typed
+         input, submitted with the request
       -> DiT stage (families/glm_image/pipeline.py) renders height x width
 
 The hand-over is keyed by request id; the AR request is `<id>:ar`.
@@ -37,9 +38,6 @@ class GlmImageOrchestrator(StageOrchestrator):
     def load_pipeline(self, model: str, dtype: Any, device: Any) -> GlmImageStepwise:
         return load_glm_image_pipeline(model, dtype=dtype, device=device)
 
-    def discard_hand_over(self, request_id: str) -> None:
-        self.pipeline.priors.discard(request_id)
-
     @functools.cached_property
     def ar_sampling(self) -> dict[str, Any]:
         """The AR stage's sampling values: generation_config.json as transformers reads it
@@ -64,7 +62,8 @@ class GlmImageOrchestrator(StageOrchestrator):
             prompt["multi_modal_data"] = {"image": images}  # vLLM expands each <|image|> to its patches
         return prompt, grids
 
-    async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> None:
+    async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> GlmImagePrior:
+        """The one function building the DiT stage's input: the AR prior's tokens for this request."""
         from vllm import SamplingParams as VllmSamplingParams
 
         prompt, grids = self.ar_prompt(resolved)
@@ -88,5 +87,5 @@ class GlmImageOrchestrator(StageOrchestrator):
         if len(image) != grids.height * grids.width:  # ours, not the client's: a 500
             raise RuntimeError(f"{rid}: the AR stage returned {len(tokens)} tokens, {needed} were asked for")
         timings.extra["ar_tokens"] = len(tokens)
-        self.pipeline.priors.put(GlmImagePrior(rid, tuple(image), (grids.height, grids.width)))
+        return GlmImagePrior(rid, tuple(image), (grids.height, grids.width))
 

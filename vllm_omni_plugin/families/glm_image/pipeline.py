@@ -2,7 +2,8 @@
 
 The AR stage (vLLM, families/glm_image/vllm_model.py) generates the image's prior tokens
 on the target grid the request's size names; the orchestrator hands them
-over as a `GlmImagePrior` keyed by request id (`pipeline.priors`). This stage
+over as a `GlmImagePrior` keyed by request id, this stage's typed input
+submitted with the request (diffusion/handover.py). This stage
 renders them with diffusers' `GlmImageTransformer2DModel`, following
 diffusers 0.42 `GlmImagePipeline.__call__` step for step from where its
 `generate_prior_tokens` returns: the prior tokens upsampled x2 to the DiT's
@@ -40,7 +41,7 @@ import torch
 
 from .prompt import TOKEN_PIXELS, check_size
 from ...diffusion.capabilities import Capabilities
-from ...diffusion.handover import HandOverStore
+from ...diffusion.handover import check_stage_input
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import PipelineDefaults, ResolvedParams
@@ -76,10 +77,12 @@ class GlmImageStepwise(StepwisePipeline):
         orchestrator="glm_image",  # the AR prior in vLLM -> this DiT (families/glm_image/orchestrator.py)
     )
 
+    #: the AR prior's tokens, handed over with every request (it has no prior of its own)
+    stage_input_type = GlmImagePrior
+    stage_input_required = True
+
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True, image_tokenizer: Any = None) -> None:
         super().__init__(pipe, model_id, batch_cfg)
-        #: prior tokens handed over by the AR stage, keyed by request id
-        self.priors: HandOverStore[GlmImagePrior] = HandOverStore()
         #: (vision encoder, VQ model): condition images -> VQ codes (image-to-image)
         self.image_tokenizer = image_tokenizer
 
@@ -104,13 +107,12 @@ class GlmImageStepwise(StepwisePipeline):
 
     # ---- prepare ------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:
+    def prepare(self, params: ResolvedParams, request_id: str, stage_input: GlmImagePrior | None = None) -> DiffusionState:
         from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
 
         pipe, device, n = self.pipe, self.device, params.num_outputs_per_prompt
-        prior = self.priors.pop(request_id)
-        if prior is None:
-            raise RuntimeError(f"{request_id}: no prior tokens were handed over by the AR stage")
+        prior = stage_input
+        check_stage_input(self, request_id, prior)  # the engine checked it; a direct call too
         height, width = params.height, params.width
         if (prior.grid[0] * TOKEN_PIXELS, prior.grid[1] * TOKEN_PIXELS) != (height, width):
             raise RuntimeError(f"{request_id}: prior grid {prior.grid} does not render {height}x{width}")

@@ -9,21 +9,22 @@
     vit.py          the SigLIP NaViT + connector (img2img context)
     encode.py       encode_context(): builds a BagelContext without vLLM
 
-The step-wise stage itself is `..pipelines.bagel.BagelStepwise`. No vLLM here
+The step-wise stage itself is `..pipeline.BagelStepwise`. No vLLM here
 (ARCHITECTURE.md, principle 3).
 """
 
-from .context import BagelContext, BranchKV, ContextStore
+from .context import BagelContext, BranchKV
 from .encode import encode_context
-from .weights import BagelConfig, BagelModel, is_bagel_checkpoint, load_bagel_model
+from .weights import BagelConfig, BagelModel, BagelText, is_bagel_checkpoint, load_bagel_model, read_bagel_config
 
 __all__ = [
     "BagelConfig",
     "BagelContext",
     "BagelModel",
+    "BagelText",
     "BranchKV",
-    "ContextStore",
     "encode_context",
     "is_bagel_checkpoint",
     "load_bagel_model",
+    "read_bagel_config",
 ]

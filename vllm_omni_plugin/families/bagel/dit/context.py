@@ -11,8 +11,10 @@ Classifier-free guidance needs one such context per branch:
                                                      negative prompt; img2img: image)
     cfg_img    the context without the input image  (img2img only: prompt)
 
-This module is the ONE shape of that hand-over (a vLLM KV connector fills it
-later; `encode_context` fills it without vLLM). Everything in it is keyed by
+This module is the ONE shape of that hand-over, the DiT stage's typed stage
+input (diffusion/handover.py): the AR hand-over builds it from the KV the
+connector transferred (families/bagel/orchestrator.py); a standalone DiT
+builds it without vLLM (`encode_context`). Everything in it is keyed by
 request id, never by arrival order (ARCHITECTURE.md, principle 6).
 """
 
@@ -21,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ....diffusion.handover import HandOverStore
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,3 @@ class BagelContext:
         if self.cfg_img is not None:
             out["cfg_img"] = self.cfg_img
         return out
-
-
-# BAGEL's contexts wait in the generic hand-over store.
-ContextStore = HandOverStore

@@ -36,7 +36,7 @@ import torch
 from .context import BagelContext, BranchKV
 from .mot import MoTDecoder, Route
 from .vit import vit_tokens
-from .weights import BagelConfig, BagelModel
+from .weights import BagelConfig, BagelModel, BagelText
 
 BOS, EOS, SOI, EOI = "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"
 
@@ -125,21 +125,31 @@ class _Prefill:
 
     def branch(self) -> BranchKV:
         if self.kv is None:
-            return empty_branch(self.m)
+            return empty_branch(self.m.config, self.m.dtype, self.m.device)
         return BranchKV(tuple(k[0] for k, _ in self.kv), tuple(v[0] for _, v in self.kv), self.rope)
 
 
-def empty_branch(model: BagelModel) -> BranchKV:
-    """A context of zero tokens (BAGEL's text2img text-CFG branch); latents at position 0."""
-    c = model.config
-    empty = torch.empty(0, c.kv_heads, c.head_dim, dtype=model.dtype, device=model.device)
-    return BranchKV((empty,) * c.layers, (empty,) * c.layers, 0)
+def empty_branch(config: BagelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> BranchKV:
+    """A context of zero tokens (BAGEL's text2img text-CFG branch); latents at position 0.
+
+    Args:
+        config: the checkpoint's BagelConfig (layers, KV heads, head dim).
+        dtype, device: of the (empty) tensors; the DiT stage moves branches to its own.
+    """
+    empty = torch.empty(0, config.kv_heads, config.head_dim, dtype=dtype, device=device)
+    return BranchKV((empty,) * config.layers, (empty,) * config.layers, 0)
 
 
-def text_block_ids(model: BagelModel, text: str) -> list[int]:
-    """A text block's token ids: [<|im_start|>] + text + [<|im_end|>] (also the AR stage's prompt)."""
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [model.token_id(BOS), *ids, model.token_id(EOS)]
+def text_block_ids(text_side: BagelText | BagelModel, text: str) -> list[int]:
+    """A text block's token ids: [<|im_start|>] + text + [<|im_end|>] (also the AR stage's prompt).
+
+    Args:
+        text_side: the checkpoint's BagelText (or a BagelModel, which has one).
+        text: the block's text.
+    """
+    ids = text_side.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [text_side.token_id(BOS), *ids, text_side.token_id(EOS)]
 
 
 @torch.no_grad()

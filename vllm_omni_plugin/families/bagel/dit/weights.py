@@ -134,6 +134,41 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unsupported activation {name!r}")
 
 
+class BagelText:
+    """A BAGEL checkpoint's tokenizer (loaded on first use) and special tokens.
+
+    Both stages read prompts with it: the DiT stage's own prefill (encode.py) and
+    the AR hand-over, which builds the AR stage's prompts without touching the DiT's
+    weights (families/bagel/orchestrator.py).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        return self._tokenizer
+
+    def token_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer of {self.path} lacks BAGEL's special token {token}")
+        return tid
+
+
+def read_bagel_config(path: str | Path) -> BagelConfig:
+    """config.json of a BAGEL directory as a BagelConfig (no weights read)."""
+    path = Path(path)
+    if not is_bagel_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a BAGEL checkpoint (config.json with model_type 'bagel')")
+    return BagelConfig.from_json(json.loads((path / "config.json").read_text()))
+
+
 class BagelModel:
     """Config + weights (+ tokenizer, loaded on first use) of one BAGEL checkpoint."""
 
@@ -145,7 +180,7 @@ class BagelModel:
         self.ae = ae
         self.dtype = dtype
         self.device = device
-        self._tokenizer = None
+        self.text = BagelText(path)
         # ViT depth = the layers present in the weights. BAGEL's own loader builds
         # vit_config.num_hidden_layers - 1 layers; the real checkpoint stores exactly
         # that many (26 of 27), and vLLM runs the stored ones too.
@@ -170,17 +205,10 @@ class BagelModel:
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        return self._tokenizer
+        return self.text.tokenizer
 
     def token_id(self, token: str) -> int:
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer of {self.path} lacks BAGEL's special token {token}")
-        return tid
+        return self.text.token_id(token)
 
     # ---- generation-side embeddings -------------------------------------------
     def time_embed(self, t: torch.Tensor) -> torch.Tensor:
