@@ -22,6 +22,7 @@ from reference.bagel_generation import BagelReference
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
 from vllm_omni_plugin.families.bagel.dit import encode_context
 from vllm_omni_plugin.diffusion.handover import StageInputError
+from vllm_omni_plugin.families.bagel.dit.weights import EMBED_TABLE
 from vllm_omni_plugin.families.bagel.pipeline import BAGEL_DEFAULTS, BagelStepwise, load_bagel_pipeline
 
 STEPS = 6  # flow times 1 .. 0 -> 5 evaluations
@@ -146,6 +147,35 @@ def test_stage_input_missing_or_mismatched_is_an_error_naming_stage_and_request(
     out = np.asarray(engine.run()["req-frog"].output.images[0])
     _close(out, np.asarray(pipe.generate(SamplingParams(prompt="a green frog", height=32, width=32,
                                                         num_inference_steps=STEPS, seed=6)).images[0]))
+
+
+def test_dit_stage_behind_the_ar_stage_loads_only_its_forward_weights(ckpt, pipe):
+    """Each weight once: the DiT stage the orchestrator loads holds no LM head, ViT, connector,
+    FLUX encoder or embedding table (two marker rows), and makes the same images from the same
+    handed-over contexts as the DiT that loaded everything."""
+    staged = load_bagel_pipeline(ckpt, dtype=torch.float32, device="cpu", stage_input_required=True)
+    held, whole = set(staged.model.w), set(pipe.model.w)
+    assert held < whole and set(staged.model.ae) < set(pipe.model.ae)
+    dropped = whole - held
+    assert {"language_model.lm_head.weight", EMBED_TABLE} <= dropped
+    assert any(k.startswith("vit_model.") for k in dropped) and any(k.startswith("connector.") for k in dropped)
+    assert not any(k.startswith("encoder.") for k in staged.model.ae)
+    assert {k for k in whole if k.startswith("language_model.model.layers.")} <= held  # both experts' layers
+    image = _image(0)
+    requests = {
+        "t2i": (SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=7),
+                encode_context(pipe.model, "t2i", "a red cat", height=32, width=32)),
+        "i2i": (SamplingParams(prompt="make it blue", images=[image], num_inference_steps=STEPS, seed=8),
+                encode_context(pipe.model, "i2i", "make it blue", image=image, height=32, width=48)),
+    }
+    for rid, (params, ctx) in requests.items():
+        outs = []
+        for p in (pipe, staged):
+            engine = DiffusionEngine(p)
+            engine.add_request(rid, params, ctx)
+            outs.append(np.asarray(engine.run()[rid].output.images[0]))
+        assert np.array_equal(outs[0], outs[1]), rid
+        assert outs[0].std() > 20
 
 
 def test_cfg_companions_and_positions(pipe):

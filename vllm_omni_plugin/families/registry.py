@@ -196,8 +196,10 @@ def checkpoint_builders() -> dict[str, Family]:
 
 
 def vllm_models() -> tuple[VllmModel, ...]:
-    """Every architecture the families register with vLLM."""
-    return tuple(m for fam in families().values() for m in fam.vllm_models)
+    """Every architecture the families register with vLLM, its target made absolute ("module:Class",
+    as vLLM's ModelRegistry imports it)."""
+    return tuple(dataclasses.replace(m, target=":".join(fam.resolve(m.target)))
+                 for fam in families().values() for m in fam.vllm_models)
 
 
 # ---- which family is this checkpoint ---------------------------------------------------

@@ -329,14 +329,17 @@ def load_bagel_pipeline(path: str | Path, dtype: torch.dtype | str | None = None
     Args:
         path: the checkpoint directory.
         dtype, device: where the weights live (loader.default_load_config's defaults).
-        stage_input_required: True behind the AR stage (every request brings its BagelContext);
-            False: a standalone DiT that prefills contexts itself.
+        stage_input_required: True behind the AR stage: every request brings its BagelContext
+            and only the weights the DiT forward reads are loaded (`dit_forward_weight`);
+            False: a standalone DiT that prefills contexts itself (all weights).
     """
     from ...diffusion.loader import default_load_config
 
     cfg = default_load_config(dtype, device)
-    return BagelStepwise(load_bagel_model(path, cfg.dtype, cfg.device), model_id=str(path),
-                         stage_input_required=stage_input_required)
+    # Behind the AR stage the DiT loads only what its forward reads (each weight once: the AR
+    # stage holds the LM head, the ViT, the encoder side); standalone it prefills its own contexts.
+    model = load_bagel_model(path, cfg.dtype, cfg.device, dit_only=stage_input_required)
+    return BagelStepwise(model, model_id=str(path), stage_input_required=stage_input_required)
 
 
 __all__ = ["BAGEL_DEFAULTS", "BagelCfg", "BagelStepwise", "load_bagel_pipeline"]

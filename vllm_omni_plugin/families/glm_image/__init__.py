@@ -5,8 +5,8 @@ from ..registry import Family, VllmModel
 FAMILY = Family(
     summary="GLM-Image: AR prior (vLLM) -> DiT decoder; text-to-image and image-to-image",
     # A diffusers directory whose pipeline runs in two stages.
-    stages={"GlmImagePipeline": "vllm_omni_plugin.families.glm_image.pipeline:GlmImageStepwise"},
-    orchestrator="vllm_omni_plugin.families.glm_image.orchestrator:GlmImageOrchestrator",
+    stages={"GlmImagePipeline": ".pipeline:GlmImageStepwise"},
+    orchestrator=".orchestrator:GlmImageOrchestrator",
     input_processor="glm_image_prior",
     stage_config="stage_config.yaml",
     vllm_models=(
@@ -15,11 +15,11 @@ FAMILY = Family(
             # vLLM 0.32 has no such architecture, and register_models() leaves it to
             # vLLM should a later vLLM bring its own.
             architecture="GlmImageForConditionalGeneration",
-            target="vllm_omni_plugin.families.glm_image.vllm_model:GlmImageForConditionalGeneration",
+            target=".vllm_model:GlmImageForConditionalGeneration",
             mm_prefix=False,
             summary="GLM-Image AR prior: prompt + target grids -> image tokens (M-RoPE on the grids)",
         ),
     ),
-    checkpoints={"glm-image": "vllm_omni_plugin.families.glm_image.checkpoint:build"},
+    checkpoints={"glm-image": ".checkpoint:build"},
     docs="docs/glm_image.md",
 )

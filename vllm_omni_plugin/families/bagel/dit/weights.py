@@ -181,6 +181,8 @@ class BagelModel:
         self.dtype = dtype
         self.device = device
         self.text = BagelText(path)
+        #: token id -> embedding row, where the embedding table itself was not loaded (dit_only)
+        self.embed_rows: dict[int, torch.Tensor] = {}
         # ViT depth = the layers present in the weights. BAGEL's own loader builds
         # vit_config.num_hidden_layers - 1 layers; the real checkpoint stores exactly
         # that many (26 of 27), and vLLM runs the stored ones too.
@@ -237,7 +239,14 @@ class BagelModel:
         return F.linear(h, self.w["llm2vae.weight"], self.w["llm2vae.bias"])
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.w["language_model.model.embed_tokens.weight"][ids]
+        if EMBED_TABLE in self.w:
+            return self.w[EMBED_TABLE][ids]
+        # A DiT-only load (load_bagel_model(dit_only=True)) keeps the rows its forward reads.
+        missing = sorted({int(i) for i in ids.flatten()} - set(self.embed_rows))
+        if missing:
+            raise KeyError(f"token ids {missing} are not among the embedding rows this DiT-only load "
+                           f"keeps ({', '.join(MARKERS)}); load the whole checkpoint to prefill contexts")
+        return torch.stack([self.embed_rows[int(i)] for i in ids.flatten()]).reshape(*ids.shape, -1)
 
     # ---- latent layout ------------------------------------------------------------
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
@@ -255,20 +264,72 @@ class BagelModel:
         return x.reshape(-1, c, h * p, w * p)
 
 
-def load_bagel_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BagelModel:
+#: The token embedding table (152k rows): the DiT forward reads two of its rows, BAGEL's image markers.
+EMBED_TABLE = "language_model.model.embed_tokens.weight"
+MARKERS = ("<|vision_start|>", "<|vision_end|>")
+
+
+def dit_forward_weight(file: str, name: str) -> bool:
+    """True for a checkpoint tensor the DiT stage's denoising forward and decode read.
+
+    Behind the AR stage the DiT gets each context's KV from vLLM, so it needs the
+    MoT layers of both experts (the image markers run through the understanding
+    expert every step, the latents through the generation expert), the final norms,
+    the latent in/out projections, the timestep and latent-position embeddings, and
+    the FLUX decoder. It never reads the LM head, the ViT and its connector, the ViT
+    position table, the FLUX encoder (img2img's VAE tokens are the AR stage's), nor
+    the embedding table but its two marker rows (`load_bagel_model` keeps those).
+
+    Args:
+        file: "ema.safetensors" or "ae.safetensors".
+        name: the tensor's name in that file.
+    """
+    if file == "ae.safetensors":
+        return name.startswith("decoder.")
+    return name.startswith(("language_model.model.layers.", "language_model.model.norm", "vae2llm.", "llm2vae.",
+                            "time_embedder.", "latent_pos_embed."))
+
+
+def _read(file: Path, keep: Any, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of `file` whose names `keep` accepts, read one by one (the rest never leaves the disk)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k).to(dtype) for k in f.keys() if keep(k)}
+
+
+def load_bagel_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     dit_only: bool = False) -> BagelModel:
     """Load config.json, ema.safetensors and ae.safetensors of a BAGEL directory.
 
     The LLM/ViT weights run in `dtype`; the FLUX AE stays float32 as stored
     unless `dtype` is lower precision on CUDA (then it follows `dtype`).
+
+    Args:
+        path: the checkpoint directory.
+        dtype, device: where the weights live.
+        dit_only: load only what the DiT forward reads (`dit_forward_weight`, plus the
+            two marker rows of the embedding table): the DiT stage behind the AR stage,
+            which holds the rest. False: everything, for a standalone DiT that prefills
+            its own contexts (`encode_context`).
     """
     path, device = Path(path), torch.device(device)
-    if not is_bagel_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a BAGEL checkpoint (config.json with model_type 'bagel')")
-    config = BagelConfig.from_json(json.loads((path / "config.json").read_text()))
+    config = read_bagel_config(path)
     for name in ("ema.safetensors", "ae.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} lacks {name}")
-    ema = {k: v.to(dtype) for k, v in load_file(str(path / "ema.safetensors"), device=str(device)).items()}
     ae_dtype = dtype if device.type == "cuda" else torch.float32
-    ae = {k: v.to(ae_dtype) for k, v in load_file(str(path / "ae.safetensors"), device=str(device)).items()}
-    return BagelModel(path, config, ema, ae, dtype, device)
+    if not dit_only:
+        ema = {k: v.to(dtype) for k, v in load_file(str(path / "ema.safetensors"), device=str(device)).items()}
+        ae = {k: v.to(ae_dtype) for k, v in load_file(str(path / "ae.safetensors"), device=str(device)).items()}
+        return BagelModel(path, config, ema, ae, dtype, device)
+    ema = _read(path / "ema.safetensors", lambda k: dit_forward_weight("ema.safetensors", k), dtype, device)
+    ae = _read(path / "ae.safetensors", lambda k: dit_forward_weight("ae.safetensors", k), ae_dtype, device)
+    model = BagelModel(path, config, ema, ae, dtype, device)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "ema.safetensors"), framework="pt", device=str(device)) as f:
+        table = f.get_slice(EMBED_TABLE)
+        ids = [model.token_id(t) for t in MARKERS]
+        model.embed_rows = {i: table[i : i + 1].to(dtype)[0] for i in ids}
+    return model
