@@ -45,6 +45,12 @@ class DiffusionPipelineBase(ABC):
         self.model_id = model_id or type(pipe).__name__
         self._device: torch.device | None = None
 
+    @classmethod
+    def variant_for(cls, pipe: Any) -> "type[DiffusionPipelineBase] | None":
+        """The class that serves this loaded diffusers pipeline: `cls`, a sibling chosen by its
+        config, or None for the generic fallback (the family registry names `cls` by class name)."""
+        return cls
+
     @property
     def device(self) -> torch.device:
         """The pipeline's execution device, looked up once.

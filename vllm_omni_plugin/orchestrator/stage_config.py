@@ -43,12 +43,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# input_processor name -> "module:Class" of the family orchestrator that turns the
-# AR stage's output into the diffusion stage's input (orchestrator/stages.py).
-INPUT_PROCESSORS: dict[str, str] = {
-    "bagel_context": "vllm_omni_plugin.orchestrator.bagel:BagelOrchestrator",
-    "glm_image_prior": "vllm_omni_plugin.orchestrator.glm_image:GlmImageOrchestrator",
-}
 # omni_kv: the AR engine runs with the OmniKVConnector (KV cache + keyed metadata);
 # inline: the AR stage's output (generated tokens) is handed over in-process.
 CONNECTORS = ("omni_kv", "inline")
@@ -92,8 +86,11 @@ class StageSpec(BaseModel):
     @field_validator("input_processor")
     @classmethod
     def _processor(cls, v: str | None) -> str | None:
-        if v is not None and v not in INPUT_PROCESSORS:
-            raise ValueError(f"unknown input_processor {v!r}; known: {', '.join(INPUT_PROCESSORS)}")
+        from ..families import input_processors
+
+        # input_processor names are registered by the families (Family.input_processor)
+        if v is not None and v not in input_processors():
+            raise ValueError(f"unknown input_processor {v!r}; known: {', '.join(input_processors())}")
         return v
 
     @field_validator("connector")

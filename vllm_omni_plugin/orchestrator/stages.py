@@ -6,7 +6,7 @@ on the checkpoint's `subfolder`, with its `tokenizer_subfolder`), wired to the
 next stage by its `connector`; the final `diffusion` stage is the diffusion
 engine behind an `EngineLoop` holding at most `max_batch_size` requests; its
 `input_processor` names the registered family code that turns the AR stage's
-output into the diffusion stage's input (`INPUT_PROCESSORS`). A family
+output into the diffusion stage's input (`Family.input_processor`). A family
 supplies exactly that code, as a subclass of `StageOrchestrator` implementing
 
     load_pipeline(model, dtype, device)        its diffusion stage
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import itertools
 import logging
 import os
@@ -51,7 +50,8 @@ from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .ar_memory import fit_ar_engine_args, platform_name
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
-from .stage_config import INPUT_PROCESSORS, StageConfig, StageSpec
+from ..families import input_processors
+from .stage_config import StageConfig, StageSpec
 
 logger = logging.getLogger("vllm.omni_plugin.orchestrator")
 
@@ -80,8 +80,8 @@ def orchestrator_class(config: StageConfig) -> type["StageOrchestrator"]:
     name = config.final_stage.input_processor
     if name is None:
         raise ValueError(f"stage config {config.name!r}: its final stage names no input_processor")
-    module, cls = INPUT_PROCESSORS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    family = input_processors()[name]
+    return family.load(family.orchestrator)
 
 
 async def create_orchestrator(model: str, config: StageConfig, **kwargs: Any) -> "StageOrchestrator":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..families import identify
 from ..hub import ModelNotFoundError, resolve_model
 from ..diffusion.acceleration import DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
@@ -37,14 +38,12 @@ class ConfigError(ValueError):
 
 
 def checkpoint_kind(model: str) -> str:
-    """"multi-stage" for an HF model dir or a diffusers directory whose pipeline a shipped
-    multi-stage stage config names (GLM-Image), "diffusion" for other diffusers directories."""
-    path = Path(model)
-    if (path / "model_index.json").is_file():
-        return "multi-stage" if multistage_config(model) is not None else "diffusion"
-    if (path / "config.json").is_file():
-        return "multi-stage"
-    raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
+    """"multi-stage" or "diffusion": what the family registry says the checkpoint is
+    (`families.identify`); ConfigError for a directory that is no checkpoint."""
+    kind = identify(model).kind
+    if kind is None:
+        raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
+    return kind
 
 
 @dataclass(frozen=True)

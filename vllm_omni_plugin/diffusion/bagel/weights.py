@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ...families import identify
+
 # FLUX AutoEncoder latent normalisation (ae.safetensors carries no config; these
 # are the constants BAGEL's loader passes to the FLUX AutoEncoder).
 FLUX_SCALE_FACTOR = 0.3611
@@ -29,15 +31,12 @@ TIME_FREQ_DIM = 256  # sinusoidal features of the DiT timestep embedder (time_em
 
 
 def is_bagel_checkpoint(path: str | Path) -> bool:
-    """True for a BAGEL directory: config.json with model_type "bagel" and no model_index.json."""
-    path = Path(path)
-    config = path / "config.json"
-    if (path / "model_index.json").is_file() or not config.is_file():
-        return False
+    """True for a BAGEL directory, as the family registry identifies checkpoints (`families.identify`)."""
     try:
-        return json.loads(config.read_text()).get("model_type") == "bagel"
-    except (OSError, json.JSONDecodeError):
+        info = identify(path)
+    except (OSError, ValueError):  # an unreadable or malformed config.json is no BAGEL checkpoint
         return False
+    return info.layout == "transformers" and info.family is not None and info.family.name == "bagel"
 
 
 @dataclass(frozen=True)

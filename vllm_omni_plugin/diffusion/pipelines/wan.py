@@ -48,6 +48,14 @@ class WanStepwise(StepwisePipeline):
         if self.boundary_ratio is None:  # Wan2.1: one expert, no second guidance scale
             self.capabilities = self.capabilities.without_fields("guidance_scale_2")
 
+    @classmethod
+    def variant_for(cls, pipe: Any) -> "type[StepwisePipeline] | None":
+        # Wan2.2 TI2V-5B (`expand_timesteps`): per-token timesteps, text- and image-to-video in one
+        # checkpoint (its model_index names WanPipeline); the I2V class with it stays generic.
+        if getattr(pipe.config, "expand_timesteps", False):
+            return WanTI2VStepwise if cls is WanStepwise else None
+        return cls
+
     @property
     def boundary_ratio(self) -> float | None:
         return self.pipe.config.boundary_ratio
