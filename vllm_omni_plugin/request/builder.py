@@ -38,6 +38,8 @@ _GENERATION: dict[str, tuple[str, str]] = {
     "resolution": ("resolution", "int"),
     "num_frames": ("num_frames", "int"),
     "fps": ("fps", "int"),
+    # a SamplingParams field Qwen-Image and FLUX declare: without it here, only offline `Omni` could set it
+    "max_sequence_length": ("max_sequence_length", "int"),
     "cache_threshold": ("cache_threshold", "float"),
 }
 # Handled here but not a SamplingParams field one-to-one: wire name -> the fields it sets.
@@ -194,7 +196,7 @@ def build_sampling_params(
     _positive("n", values.get("num_outputs_per_prompt"), limits.max_n, "--omni-max-n")
     _positive("num_inference_steps", values.get("num_inference_steps"), limits.max_steps, "--omni-max-steps")
     _positive("num_frames", values.get("num_frames"), limits.max_frames, "--omni-max-frames")
-    for name in ("layers", "resolution", "fps"):
+    for name in ("layers", "resolution", "fps", "max_sequence_length"):
         _positive(name, values.get(name))
     seed = values.get("seed")
     if seed is not None and not 0 <= seed < 2**64:
