@@ -10,6 +10,7 @@ families. (Offline `Omni` itself == diffusers: tests/diffusion/test_flux.py.)
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 
 import pytest
 import requests
@@ -75,6 +76,28 @@ def test_flux_omitted_values_resolve_alike_on_every_path(omni_server, checkpoint
     assert resolved["true_cfg_scale"] is None and resolved["negative_prompt"] is None
     assert http.model_extra["omni"]["resolved"] == resolved == chat.model_extra["omni"]["resolved"]
     assert _images(http) == _images(chat) == [pil_md5(off.images[0])]
+
+
+def test_flux_concurrent_requests_share_steps_and_match_offline(omni_server, checkpoint):
+    """Three clients at once, different prompts, seeds and sizes: the engine steps the two 64x64
+    requests together (fewer engine steps than request steps), and every answer is offline `Omni`'s."""
+    server = omni_server("flux")
+    client = server.client()
+    asks = [("a red cat", 1, "64x64"), ("a much longer prompt about a blue dog on a beach", 2, "64x64"),
+            ("mountains", 3, "96x32")]
+    before = server.metrics()
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: client.images.generate(
+            prompt=a[0], size=a[2], extra_body={"seed": a[1], "num_inference_steps": 8}), asks))
+    after = server.metrics()
+    advanced = after["omni_engine_step_requests_sum"] - before["omni_engine_step_requests_sum"]
+    steps = after["omni_engine_step_seconds_count"] - before["omni_engine_step_seconds_count"]
+    assert advanced == 8 * len(asks) and steps < advanced, (steps, advanced)
+    for (prompt, seed, size), answer in zip(asks, answers):
+        width, height = map(int, size.split("x"))
+        off = offline(checkpoint, "flux").generate(
+            prompt, SamplingParams(seed=seed, width=width, height=height, num_inference_steps=8))[0]
+        assert _images(answer) == [pil_md5(off.images[0])], prompt
 
 
 def test_flux_refuses_what_it_does_not_read(omni_server):
