@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGUAGES = ("bash", "python", "yaml")
 # `/path/to/<name>` in examples -> the checkpoint family whose tiny checkpoint stands in for it.
-PLACEHOLDERS = {"/path/to/Qwen-Image": "qwen-image", "/path/to/BAGEL-7B-MoT": "bagel"}
+PLACEHOLDERS = {"/path/to/Qwen-Image": "qwen-image", "/path/to/BAGEL-7B-MoT": "bagel",
+                "/path/to/FLUX.1-dev": "flux"}
 
 
 @dataclass(frozen=True)
