@@ -132,7 +132,7 @@ def test_a_patch_for_another_platform_is_neither_verified_nor_applied(registered
     assert result.status == "not applicable"
     assert "only for platform cuda; this process runs on cpu" in result.detail
     assert vars(ModelConfig)["get_head_size"] is before
-    assert [p.platforms for p in all_patches()] == [(), ("cpu",), ("cpu",), ("cpu",)]
+    assert [p.platforms for p in all_patches()] == [(), ("cpu",), ("cpu",), ("cpu",), ("cpu",)]
 
 
 def test_ordinary_llm_keeps_false(registered, plain_llm_dir):
