@@ -14,6 +14,7 @@ dim=-1)`). Legacy layouts are filled by indexing their K/V planes.
 
 from __future__ import annotations
 
+import logging
 import platform
 
 import pytest
@@ -191,3 +192,45 @@ def test_bad_input_is_named():
         gather_kv(torch.zeros(BLOCKS, HEADS, 24, 2 * HEAD_DIM), "cpu_amx", HEAD_DIM, slot_mapping([0], 24, 3))
     with pytest.raises(ValueError, match="not a token_packed cache"):
         gather_kv(torch.zeros(BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM), "token_packed", 32, slots)
+
+
+def _builder(vllm_config, isa):
+    """vLLM's CPU attention metadata builder as its __init__ leaves it just before `_set_isa_to_layers`."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+    builder = CPUAttentionMetadataBuilder.__new__(CPUAttentionMetadataBuilder)
+    builder.vllm_config, builder.isa, builder.dtype = vllm_config, isa, torch.bfloat16
+    builder.head_dim, builder.block_size, builder.kv_cache_dtype = HEAD_DIM, BLOCK_SIZE, "auto"
+    return builder
+
+
+def test_patch_runs_omni_engines_on_a_kernel_whose_layout_is_known():
+    """What vLLM picks on an AMX CPU for bf16 ('amx'): kept where verified, else vec; other engines untouched."""
+    from vllm.config import KVTransferConfig, VllmConfig
+
+    from vllm_omni_plugin.kv import CONNECTOR_NAME, register_connector
+    from vllm_omni_plugin.patches import apply_all
+
+    apply_all()
+    register_connector()
+    omni = _builder(VllmConfig(kv_transfer_config=KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_producer")),
+                    "amx")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("vllm.omni_plugin")
+    level, logger.level = logger.level, logging.INFO  # what vLLM's logging config gives it in an engine
+    logger.addHandler(handler)
+    try:
+        omni._set_isa_to_layers([])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    amx_here = cpu_layout("amx", torch.bfloat16, HEAD_DIM, BLOCK_SIZE) == "cpu_amx"
+    assert omni.isa == ("amx" if amx_here else "vec")
+    if not amx_here:
+        assert lines == [lines[0]] and "kernel 'amx' writes a KV layout the omni KV hand-over does not read; " \
+            "using 'vec'" in lines[0]
+    plain = _builder(VllmConfig(), "amx")
+    plain._set_isa_to_layers([])
+    assert plain.isa == "amx"  # no OmniKVConnector: vLLM's choice stands, whatever its layout
