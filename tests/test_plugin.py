@@ -177,4 +177,7 @@ def test_doctor_cli_lists_patch_and_architectures():
         assert f"{patch.name}" in out.stdout and "applied" in out.stdout
     for model in OMNI_MODELS:
         assert f"{model.architecture}" in out.stdout
+    assert "default dtype of every stage on this platform: float32" in out.stdout  # the suite runs on CPU
+    assert "  vec    layout cpu_vec (float32)" in out.stdout  # checked through vLLM's kernel
+    assert "  vec16  layout cpu_vec (float32)" in out.stdout
     assert "status: ok" in out.stdout
