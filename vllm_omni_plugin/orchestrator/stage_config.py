@@ -120,6 +120,8 @@ class StageConfig(BaseModel):
     name: str = Field(min_length=1)
     architectures: tuple[str, ...] = Field(min_length=1)
     stages: tuple[StageSpec, ...] = Field(min_length=1)
+    #: every stage's dtype unless a stage sets its own (orchestrator/stage_dtype.py); None: the device default
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @model_validator(mode="after")
     def _topology(self) -> "StageConfig":

@@ -50,6 +50,7 @@ from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .ar_memory import fit_ar_engine_args, platform_name
+from .stage_dtype import ar_dtype, dtype_name, model_dtype
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from ..families import input_processors
 from .stage_config import StageConfig, StageSpec
@@ -129,7 +130,11 @@ def ar_stage_engine_args(model: str, config: StageConfig, overrides: dict[str, A
         ARStageDoesNotFit: (CPU, fit) one max_model_len sequence does not fit the free memory.
     """
     stage, _ = stage_pair(config)
-    args = {**stage.engine_args_for(platform_name()), **(overrides or {})}
+    configured = stage.engine_args_for(platform_name())
+    args = {**configured, **(overrides or {})}
+    # one dtype rule for every stage (stage_dtype.py); `overrides` holds what was given explicitly
+    args["dtype"] = ar_dtype(args.get("dtype") if "dtype" in (overrides or {}) else None, None,
+                             configured.get("dtype"), config.dtype, platform_name())
     if stage.tokenizer_subfolder is not None:
         args.setdefault("tokenizer", str(Path(model) / stage.tokenizer_subfolder))
     args.setdefault("max_num_seqs", stage.max_batch_size)
@@ -182,13 +187,25 @@ class StageOrchestrator(ABC):
         self.model = model
         self.config = config
         self.ar, self.dit = stage_pair(config)
-        self._ar_args = ar_stage_engine_args(model, config, dict(ar_engine_args or {}), fit=False)
+        overrides = dict(ar_engine_args or {})
+        if dtype_name(dtype) is not None:  # a model-wide explicit dtype reaches the AR stage too
+            overrides.setdefault("dtype", dtype_name(dtype))
+        self._ar_args = ar_stage_engine_args(model, config, overrides, fit=False)
         kv = self._ar_args.get("kv_transfer_config") or {}
         self._transfer_dir: str | None = (kv.get("kv_connector_extra_config") or {}).get("transfer_dir")
         self.ar_defaults = dict(self.ar.default_sampling_params) if self.answers_text else None
         if device is None:
             device = _device_for(self.dit.devices)
-        self.pipeline = self.load_pipeline(model, dtype=dtype, device=device)
+        import torch
+
+        #: the dtype each stage runs in (stage_dtype.py); the AR one as its engine reports it when attached
+        self.stage_dtypes = {
+            self.ar.id: dtype_name(llm.vllm_config.model_config.dtype) if llm is not None else self._ar_args["dtype"],
+            self.dit.id: model_dtype(dtype, config.dtype, torch.device(device).type),
+        }
+        logger.info("omni: %s stage dtypes: %s", config.name,
+                    ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
+        self.pipeline = self.load_pipeline(model, dtype=self.stage_dtypes[self.dit.id], device=device)
         self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
                                       stage_defaults=self.dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)
