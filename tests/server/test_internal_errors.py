@@ -18,8 +18,9 @@ import openai
 import pytest
 
 from vllm_omni_plugin.orchestrator.engine_loop import GenerationFailed
-from vllm_omni_plugin.server.app import OmniRuntime, build_app
-from vllm_omni_plugin.server.cli import parse_args
+from vllm_omni_plugin.server.app import OmniRuntime
+from vllm_omni_plugin.server.launch import build_app
+from vllm_omni_plugin.server.flags import parse_args
 from vllm_omni_plugin.server.config import OmniServerConfig
 
 pytestmark = pytest.mark.engine

@@ -3,8 +3,8 @@
 One set of routes, two kinds of runtime behind them:
 
 * diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`), served by `build_app`: an app made of
-  vLLM's own pieces (its exception handlers, its middleware -- CORS,
+  background thread (`EngineLoop`), served by `launch.build_app`: an app made
+  of vLLM's own pieces (its exception handlers, its middleware -- CORS,
   --api-key, request ids, --middleware --, its Prometheus registry and
   /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
   vLLM's server loads;
@@ -15,7 +15,6 @@ One set of routes, two kinds of runtime behind them:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -23,13 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
 from vllm.exceptions import VLLMClientError
 
 from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
+from ..diffusion.workers import PipelineBuilder, launch_engine
+from ..orchestrator import orchestrator_for
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
@@ -145,8 +145,6 @@ class OmniRuntime:
     @classmethod
     def load(cls, config: OmniServerConfig) -> "OmniRuntime":
         """A diffusion-only runtime (blocking: loads the pipeline)."""
-        from ..diffusion.workers import PipelineBuilder, launch_engine
-
         engine = launch_engine(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
@@ -159,8 +157,6 @@ class OmniRuntime:
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
         """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop.
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
-        from ..orchestrator import orchestrator_for
-
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
@@ -213,37 +209,3 @@ class OmniRuntime:
             await asyncio.sleep(period)
             for video_id in self.videos.expire():
                 logger.info("omni: video %s expired and was deleted", video_id)
-
-
-def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
-    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
-    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
-
-    Args:
-        args: the parsed `vllm serve ... --omni` arguments.
-        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
-
-    Returns:
-        the FastAPI app for vLLM's `serve_http`.
-    """
-    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
-    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
-    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
-
-    from .plugin import OmniEndpointPlugin
-
-    if args.disable_fastapi_docs:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    else:
-        app = FastAPI()
-    app.root_path = args.root_path
-    app.state.args = args
-    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
-    app.state.engine_client = None
-    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
-    plugin = OmniEndpointPlugin(runtime)
-    plugin.attach_router(app)
-    init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
-    init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
-    app.state.endpoint_plugins = [plugin]
-    return app

@@ -18,7 +18,7 @@ an AR stage:
 * /health answers 503 when either stage is down; the omni metrics join vLLM's
   Prometheus registry (GET /metrics); every error body is OpenAI-shaped.
 
-The diffusion-only app (server/app.py: build_app) attaches the same plugin.
+The diffusion-only app (server/launch.py: build_app) attaches the same plugin.
 """
 
 from __future__ import annotations
@@ -27,12 +27,19 @@ import argparse
 import contextlib
 import logging
 import os
+from importlib.metadata import entry_points
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from ..orchestrator.offline import multistage_config
+from ..orchestrator.stage_config import StageConfigError
+from .app import OmniRuntime
+from .config import OmniServerConfig
 from .errors import install_error_handlers, wrap_app_errors
+from .flags import add_omni_args
+from .routes import chat, images, meta, videos
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -52,8 +59,6 @@ def allowlist_omni() -> str:
     Returns:
         the new value of VLLM_PLUGINS.
     """
-    from importlib.metadata import entry_points
-
     current = os.environ.get("VLLM_PLUGINS")
     if current is None:
         names = {ep.name for group in _UNGATED_GROUPS for ep in entry_points(group=group)}
@@ -67,8 +72,6 @@ def allowlist_omni() -> str:
 def omni_args(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with the omni flags' defaults filled in where vLLM's parser did not add them (the routes
     loaded into a server started without `--omni`)."""
-    from .cli import add_omni_args
-
     defaults = add_omni_args(argparse.ArgumentParser(add_help=False)).parse_args([])
     for key, value in vars(defaults).items():
         if not hasattr(args, key):
@@ -80,9 +83,6 @@ def omni_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _is_multistage(args: argparse.Namespace) -> bool:
-    from ..orchestrator.offline import multistage_config
-    from ..orchestrator.stage_config import StageConfigError
-
     try:
         return multistage_config(args.model, getattr(args, "stage_configs_path", None)) is not None
     except (StageConfigError, OSError, ValueError) as e:
@@ -114,8 +114,6 @@ class OmniEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         """Add the omni routes to `app` (vLLM's, or the diffusion-only one)."""
-        from .routes import chat, images, meta, videos
-
         if not self.active:
             self.active = _is_multistage(omni_args(app.state.args))
             if not self.active:
@@ -134,9 +132,6 @@ class OmniEndpointPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
         """Attach the BAGEL orchestrator to vLLM's engine client (or start the given runtime)."""
-        from .app import OmniRuntime
-        from .config import OmniServerConfig
-
         if not self.active:
             return
         if self.runtime is None:

@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ...diffusion.output import DiffusionOutput
@@ -111,8 +112,6 @@ async def read_form(
     image_urls: keys whose values are image URLs (fetched under vLLM's media rules);
     refused: key -> message for fields this server rejects (e.g. `mask`).
     """
-    from starlette.datastructures import UploadFile
-
     refused = refused or {}
     form = await request.form()
     fields: dict[str, Any] = {}
