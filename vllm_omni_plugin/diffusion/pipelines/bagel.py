@@ -51,7 +51,7 @@ from ..bagel.context import BagelContext, BranchKV, ContextStore
 from ..bagel.encode import check_size, default_size, encode_context
 from ..bagel.mot import MoTDecoder, Route
 from ..bagel.weights import BagelModel, load_bagel_model
-from ..capabilities import Capabilities, Knob
+from ..capabilities import Capabilities, InvalidParams, Knob
 from ..interface import StepwisePipeline
 from ..output import DiffusionOutput
 from ..params import PipelineDefaults, ResolvedParams
@@ -142,14 +142,16 @@ class BagelStepwise(StepwisePipeline):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         interval = tuple(float(x) for x in v["cfg_interval"])
         if len(interval) != 2 or not interval[0] <= interval[1]:
-            raise ValueError(f"cfg_interval must be (low, high) with low <= high, got {v['cfg_interval']!r}")
+            raise InvalidParams(f"cfg_interval must be (low, high) with low <= high, got {v['cfg_interval']!r}",
+                                "cfg_interval")
         if v["cfg_renorm_type"] not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {v['cfg_renorm_type']!r}")
+            raise InvalidParams(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {v['cfg_renorm_type']!r}",
+                                "cfg_renorm_type")
         if isinstance(v["num_inference_steps"], int) and v["num_inference_steps"] < 2:
-            raise ValueError("BAGEL needs num_inference_steps >= 2 (N flow times give N-1 steps)")
+            raise InvalidParams("BAGEL needs num_inference_steps >= 2 (N flow times give N-1 steps)", "num_inference_steps")
         images = v.get("images") or None
         if images is not None and len(images) != 1:
-            raise ValueError(f"BAGEL img2img takes exactly one input image, got {len(images)}")
+            raise InvalidParams(f"BAGEL img2img takes exactly one input image, got {len(images)}", "image")
         image = images[0] if images else None
         height, width = v.get("height"), v.get("width")
         if height is None or width is None:

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..capabilities import Capabilities, Knob
+from ..capabilities import Capabilities, InvalidParams, Knob
 from .. import step_cache
 from ..interface import StepwisePipeline
 from ..parallel import sequence_shard
@@ -400,7 +400,7 @@ class QwenImageEditStepwise(QwenImageStepwise):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         images = v.get("images")
         if not images:
-            raise ValueError(f"{self.family} needs an input image (`images`)")
+            raise InvalidParams(f"{self.family} needs an input image (`images`)", "image")
         w, h = images[self._size_image].size
         calc_w, calc_h = _dims_for_area(1024 * 1024, w / h)
         m = self.multiple_of
@@ -478,6 +478,7 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
         # the size comes from `resolution` and the image's aspect, never from height / width
         fields=(QWEN_FIELDS - {"height", "width"}) | {"layers", "resolution"},
         knobs={"cfg_normalize": Knob(bool), "use_en_prompt": Knob(bool)},
+        background="transparent",  # RGBA layers
     )
 
     def defaults(self) -> PipelineDefaults:
@@ -497,9 +498,9 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         images = v.get("images")
         if not images:
-            raise ValueError("Qwen-Image-Layered needs an input image (`images`)")
+            raise InvalidParams("Qwen-Image-Layered needs an input image (`images`)", "image")
         if v["resolution"] not in (640, 1024):
-            raise ValueError(f"resolution must be 640 or 1024, got {v['resolution']!r}")
+            raise InvalidParams(f"resolution must be 640 or 1024, got {v['resolution']!r}", "resolution")
         w, h = images[0].size
         calc_w, calc_h = _dims_for_area(v["resolution"] ** 2, w / h)
         m = self.multiple_of

@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...request import RequestError, check_messages, parse_json_object
-from ...request.builder import FIELDS, IGNORED_FIELDS
+from ...request.protocol import FIELDS, IGNORED_FIELDS
 from ..encode import MIME
 from .common import check_request, json_body, json_response, omni_route, runtime
 from .images import run_images
