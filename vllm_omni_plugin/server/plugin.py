@@ -35,6 +35,7 @@ from fastapi.routing import APIRoute
 
 from ..orchestrator.offline import multistage_config
 from ..orchestrator.stage_config import StageConfigError
+from ..request.protocol import openapi_components
 from .app import OmniRuntime
 from .config import OmniServerConfig
 from .errors import install_error_handlers, wrap_app_errors
@@ -98,6 +99,21 @@ def _vllm_route(app: FastAPI, path: str, method: str) -> Any:
     return None
 
 
+def _document_bodies(app: FastAPI) -> None:
+    """Put the omni request-body schemas into `app`'s OpenAPI document (`components.schemas`,
+    which each omni route's `requestBody` refers to). The routes read their bodies themselves (the
+    request layer's checks, not FastAPI's), so FastAPI does not find these models on its own."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 class OmniEndpointPlugin:
     """The omni routes in the shape of vLLM's `EndpointPlugin` protocol.
 
@@ -126,6 +142,7 @@ class OmniEndpointPlugin:
             routers.append(meta.models_router)  # vLLM's /v1/models where vLLM serves the model
         for router in routers:
             app.include_router(router)
+        _document_bodies(app)
         install_error_handlers(app)
         wrap_app_errors(app)
         self._stop_with(app)

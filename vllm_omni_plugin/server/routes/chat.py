@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...request import RequestError, check_messages, parse_json_object
-from ...request.protocol import FIELDS, IGNORED_FIELDS
+from ...request.protocol import FIELDS, IGNORED_FIELDS, request_body
 from ..encode import MIME
 from .common import check_request, json_body, json_response, omni_route, runtime
 from .images import run_images
@@ -92,7 +92,7 @@ def _image_only_fields(request: Request, body: dict[str, Any]) -> list[str]:
     return sorted(k for k in body if k in ours and k not in _vllm_chat_fields())
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra={"requestBody": request_body("/v1/chat/completions")})
 async def chat_completions(request: Request):
     if await _vllm_answers(request):
         return await request.app.state.omni_text_chat(request)  # vLLM's own chat handler

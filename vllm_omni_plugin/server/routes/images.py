@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from ...diffusion.output import DiffusionOutput
 from ...request import RequestError
 from ...request.builder import CanonicalRequest
+from ...request.protocol import request_body
 from ..encode import b64_images
 from .common import check_request, generate, json_body, json_response, omni_route, read_form, resolved_json, runtime
 
@@ -39,7 +40,7 @@ async def run_images(request: Request, canon: CanonicalRequest) -> dict[str, Any
     return body
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra={"requestBody": request_body("/v1/images/generations")})
 @omni_route("images.generations")
 async def create_image(request: Request):
     body = await json_body(request)
@@ -63,7 +64,7 @@ async def _edit_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
     return await read_form(request, ("image", "image[]"), refused={"mask": _NO_MASK})
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", openapi_extra={"requestBody": request_body("/v1/images/edits")})
 @omni_route("images.edits")
 async def edit_image(request: Request):
     fields, images = await _edit_inputs(request)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...request import RequestError
+from ...request.protocol import request_body
 from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, RequestAborted
 from ..errors import OmniHTTPError
 from ..videos import VideoJob, VideoNotFound
@@ -80,7 +81,7 @@ async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
             omni.videos.fail(job, "generation_failed", f"{exc}; request id {job.request_id}")
 
 
-@router.post("/v1/videos")
+@router.post("/v1/videos", openapi_extra={"requestBody": request_body("/v1/videos")})
 @omni_route("videos.create")
 async def create_video(request: Request):
     omni = runtime(request)
