@@ -26,6 +26,7 @@ from .protocol import (
     IGNORED_FIELDS,
     SILENT_FIELDS,
     GenerationParams,
+    copied_to,
     is_alias,
     parse_size,
     sampling_fields,
@@ -34,7 +35,6 @@ from .protocol import (
 
 FIELDS_IN_ORDER = tuple(GenerationParams.model_fields)
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 TASKS = ("image", "edit", "video")
 _URL_REFUSED = "response_format=url is not supported by this server (it keeps no image store); use b64_json"
 
@@ -130,13 +130,12 @@ def build_sampling_params(
     checked = validate_generation({k: v for k, v in fields.items() if k not in knobs}, limits)
     values: dict[str, Any] = {}
     for wire in (w for w in FIELDS_IN_ORDER if w in checked.model_fields_set):
-        value = getattr(checked, wire)
-        ours = sampling_fields(wire)
-        if value is None or len(ours) != 1:  # output / ignored fields; size and seconds below
+        value, ours = getattr(checked, wire), copied_to(wire)
+        if value is None or ours is None:  # output / ignored fields; size and seconds below
             continue
-        if ours[0] in values and values[ours[0]] != value:
-            raise RequestError(f"`{wire}` conflicts with another field setting {ours[0]}", wire)
-        values[ours[0]] = value
+        if ours in values and values[ours] != value:
+            raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
+        values[ours] = value
     _positive("n", values.get("num_outputs_per_prompt"), limits.max_n, "--omni-max-n")
     _positive("num_inference_steps", values.get("num_inference_steps"), limits.max_steps, "--omni-max-steps")
     _positive("num_frames", values.get("num_frames"), limits.max_frames, "--omni-max-frames")

@@ -38,10 +38,12 @@ from .limits import Limits, RequestError
 @dataclass(frozen=True)
 class Sets:
     """Field metadata: the `SamplingParams` field(s) a wire field sets, where its name differs.
-    `alias`: the wire field only renames another wire field (messages list that one)."""
+    `alias`: the wire field only renames another wire field (messages list that one);
+    `derived`: the value is converted, not copied (`size` -> width and height)."""
 
     fields: tuple[str, ...]
     alias: bool = False
+    derived: bool = False
 
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
@@ -95,7 +97,7 @@ class GenerationParams(BaseModel):
         None, description="What to steer away from (models with classifier-free guidance).")
     n: Annotated[int | None, Sets(("num_outputs_per_prompt",))] = Field(
         None, ge=1, description="Outputs to generate (at most --omni-max-n).")
-    size: Annotated[str | None, Sets(("width", "height"))] = Field(None, description=_SIZE_HELP)
+    size: Annotated[str | None, Sets(("width", "height"), derived=True)] = Field(None, description=_SIZE_HELP)
     seed: int | None = Field(
         None, ge=0, lt=2**64,
         description="Seed of the initial noise: the same seed and parameters give the same output on every route.")
@@ -114,7 +116,7 @@ class GenerationParams(BaseModel):
         None, ge=1, description="Target resolution bucket of the output (models that size by a resolution).")
     num_frames: int | None = Field(None, ge=1, description="Video frames (at most --omni-max-frames).")
     fps: int | None = Field(None, ge=1, description="Frame rate of the exported video.")
-    seconds: Annotated[float | str | None, Sets(("num_frames",))] = Field(
+    seconds: Annotated[float | str | None, Sets(("num_frames",), derived=True)] = Field(
         None, description="Video length in seconds (OpenAI's field; a number or a numeric string): "
         "num_frames = seconds x fps + 1 at the resolved fps. Give `seconds` or `num_frames`.")
     cache_threshold: float | None = Field(
@@ -208,14 +210,26 @@ def sampling_fields(wire: str) -> tuple[str, ...]:
     """The `SamplingParams` field(s) the wire field `wire` sets (() for output and ignored fields)."""
     if wire in OUTPUT_FIELDS or wire in IGNORED_FIELDS or wire not in FIELDS:
         return ()
-    sets = next((m for m in GenerationParams.model_fields[wire].metadata if isinstance(m, Sets)), None)
+    sets = _sets(wire)
     return sets.fields if sets is not None else (wire,)
+
+
+def _sets(wire: str) -> Sets | None:
+    return next((m for m in GenerationParams.model_fields[wire].metadata if isinstance(m, Sets)), None)
 
 
 def is_alias(wire: str) -> bool:
     """Whether the wire field `wire` only renames another one (`cfg_scale`)."""
-    sets = next((m for m in GenerationParams.model_fields[wire].metadata if isinstance(m, Sets)), None)
+    sets = _sets(wire)
     return sets is not None and sets.alias
+
+
+def copied_to(wire: str) -> str | None:
+    """The `SamplingParams` field the value of `wire` is copied into unchanged; None for output and
+    ignored fields and for fields converted on the way (`size`, `seconds`)."""
+    ours = sampling_fields(wire)
+    sets = _sets(wire)
+    return ours[0] if len(ours) == 1 and not (sets is not None and sets.derived) else None
 
 
 def validate_generation(fields: Mapping[str, Any], limits: Limits) -> GenerationParams:
