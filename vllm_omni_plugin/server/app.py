@@ -3,8 +3,8 @@
 One set of routes, two kinds of runtime behind them:
 
 * diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`), served by `launch.build_app`: an app made
-  of vLLM's own pieces (its exception handlers, its middleware -- CORS,
+  background thread (`EngineLoop`), served by `build_app`: an app made of
+  vLLM's own pieces (its exception handlers, its middleware -- CORS,
   --api-key, request ids, --middleware --, its Prometheus registry and
   /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
   vLLM's server loads;
@@ -28,8 +28,6 @@ from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
-from ..diffusion.workers import PipelineBuilder, launch_engine
-from ..orchestrator import orchestrator_for
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
@@ -145,6 +143,8 @@ class OmniRuntime:
     @classmethod
     def load(cls, config: OmniServerConfig) -> "OmniRuntime":
         """A diffusion-only runtime (blocking: loads the pipeline)."""
+        from ..diffusion.workers import PipelineBuilder, launch_engine
+
         engine = launch_engine(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
@@ -157,6 +157,8 @@ class OmniRuntime:
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
         """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop.
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
+        from ..orchestrator import orchestrator_for
+
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)

@@ -8,7 +8,6 @@ and these) on either kind of server.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from ..orchestrator.engine_loop import EngineLoop
 
@@ -58,6 +57,8 @@ class OmniMetrics:
     def expose_in_vllm_registry(self) -> None:
         """Serve these metrics on vLLM's /metrics (vLLM's process-wide registry). One runtime serves a
         process; a later one (tests that build several apps) takes the place of the earlier one."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
         global _exposed
         target = get_prometheus_registry()
         if _exposed is not None:
