@@ -19,7 +19,9 @@ checkpoints are served by an app made of vLLM's pieces with the same routes.
     encode.py     images -> png / jpeg / webp base64
     errors.py     OpenAI-format error bodies, for every status and every layer that answers
     metrics.py    Prometheus metrics of the omni routes and the engine (on vLLM's registry)
-    routes/       images.py, chat.py, videos.py, meta.py (health; models of diffusion-only apps)
+    routes/       the routes: images.py, chat.py, videos.py, meta.py (health; models of diffusion-only
+                  apps); each reads its body (models: request/protocol.py) and calls
+    serving/      what runs it: the canonical request -> the engine -> the answer
 
 Every omni route builds its request with `vllm_omni_plugin.request.RequestBuilder`.
 """
