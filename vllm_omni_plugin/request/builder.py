@@ -110,8 +110,8 @@ def build_sampling_params(
         images: raw bytes or PIL images (decoded and checked here).
         limits: the server's limits (defaults: `Limits()`).
         require_prompt: a missing `prompt` is an error.
-        knobs: the served model's own fields (its `Capabilities.knobs`, e.g. BAGEL's
-            cfg_text_scale), accepted and passed in `SamplingParams.extra`.
+        knobs: the served model's own fields (its `Capabilities.knobs`), accepted and
+            passed in `SamplingParams.extra`.
 
     Returns:
         (the request, how to hand the output back, `seconds` of a video or None).
