@@ -9,6 +9,7 @@ import typing
 import pytest
 from openai.types import image_edit_params, image_generate_params, video_create_params
 
+from vllm_omni_plugin.diffusion.capabilities import Knob
 from vllm_omni_plugin.request import Limits, RequestError
 from vllm_omni_plugin.request.protocol import (
     FIELDS,
@@ -17,6 +18,7 @@ from vllm_omni_plugin.request.protocol import (
     ImageEditForm,
     ImageGenerationRequest,
     VideoCreateRequest,
+    openapi_components,
     validate_generation,
 )
 
@@ -76,3 +78,15 @@ def test_form_strings_and_json_values_validate_alike():
     assert form == body and (body.n, body.seed, body.guidance_scale, body.seconds) == (2, 7, 3.5, 4.0)
     assert validate_generation({"output_format": "jpg"}, Limits()).output_format == "jpeg"
     assert set(GenerationParams.model_fields) == FIELDS
+
+
+def test_the_served_models_knobs_join_every_body_schema():
+    knobs = {"cfg_interval": Knob(tuple, length=2, description="where CFG runs"), "flag": Knob(bool)}
+    schemas = openapi_components(knobs)
+    for bodies in ROUTE_BODIES.values():
+        for model in bodies.values():
+            props = schemas[model.__name__]["properties"]
+            assert props["cfg_interval"] == {"type": "array", "items": {"type": "number"}, "minItems": 2,
+                                             "maxItems": 2, "description": "where CFG runs"}
+            assert props["flag"]["type"] == "boolean" and props["flag"]["description"]
+    assert "cfg_interval" not in openapi_components()["ImageGenerationRequest"]["properties"]

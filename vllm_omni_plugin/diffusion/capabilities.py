@@ -78,12 +78,14 @@ class UnsupportedField(InvalidParams):
 class Knob:
     """A family's own request field (travels in `SamplingParams.extra`).
 
-    type     bool | int | float | str | tuple (a fixed-length list of numbers)
-    length   for tuples: how many numbers
+    type         bool | int | float | str | tuple (a fixed-length list of numbers)
+    length       for tuples: how many numbers
+    description  what it does, for the server's OpenAPI document
     """
 
     type: type
     length: int | None = None
+    description: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in KNOB_TYPES:

@@ -31,6 +31,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.json_schema import models_json_schema
 
+from ..diffusion.capabilities import Knob
 from .body import checked_int, checked_text, finite_float
 from .limits import Limits, RequestError
 
@@ -337,12 +338,34 @@ ROUTE_BODIES: dict[str, dict[str, type[BaseModel]]] = {
 }
 
 
-def openapi_components() -> dict[str, Any]:
-    """JSON schemas of every body model, for an OpenAPI document's `components.schemas`."""
+def openapi_components(knobs: Mapping[str, Knob] | None = None) -> dict[str, Any]:
+    """JSON schemas of every body model, for an OpenAPI document's `components.schemas`.
+
+    Args:
+        knobs: the served model's own fields (its `Capabilities.knobs`): added to every body,
+            with their declared types and descriptions.
+
+    Returns:
+        schema name -> JSON schema.
+    """
     models = {m for bodies in ROUTE_BODIES.values() for m in bodies.values()}
     _, top = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                 ref_template="#/components/schemas/{model}")
-    return top["$defs"]
+    schemas = top["$defs"]
+    extra = {name: _knob_schema(knob) for name, knob in (knobs or {}).items()}
+    for model in models:
+        schemas[model.__name__]["properties"].update(extra)
+    return schemas
+
+
+def _knob_schema(knob: Knob) -> dict[str, Any]:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if knob.type is tuple:
+        schema: dict[str, Any] = {"type": "array", "items": {"type": "number"}, "minItems": knob.length,
+                                  "maxItems": knob.length}
+    else:
+        schema = {"type": kind[knob.type]}
+    return {**schema, "description": knob.description or "A knob of the served model."}
 
 
 def request_body(path: str) -> dict[str, Any]:

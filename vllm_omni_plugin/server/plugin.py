@@ -101,14 +101,18 @@ def _vllm_route(app: FastAPI, path: str, method: str) -> Any:
 
 def _document_bodies(app: FastAPI) -> None:
     """Put the omni request-body schemas into `app`'s OpenAPI document (`components.schemas`,
-    which each omni route's `requestBody` refers to). The routes read their bodies themselves (the
-    request layer's checks, not FastAPI's), so FastAPI does not find these models on its own."""
+    which each omni route's `requestBody` refers to), with the served model's own knobs. The routes
+    read their bodies themselves (the request layer's checks, not FastAPI's), so FastAPI does not
+    find these models on its own. Built on the first request for the document: by then the runtime
+    (and so the served model's declaration) is there on both apps."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = build()
-            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            omni = getattr(app.state, "omni", None)
+            knobs = omni.pipeline.capabilities.knobs if omni is not None else None
+            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(knobs))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -110,12 +110,14 @@ class BagelStepwise(StepwisePipeline):
         input_images=(0, 1),  # text2img, or img2img with one image
         fields=frozenset({"negative_prompt", "height", "width", "num_inference_steps"}),
         knobs={
-            "timestep_shift": Knob(float),
-            "cfg_text_scale": Knob(float),
-            "cfg_img_scale": Knob(float),
-            "cfg_interval": Knob(tuple, length=2),
-            "cfg_renorm_type": Knob(str),
-            "cfg_renorm_min": Knob(float),
+            "timestep_shift": Knob(float, description="Shift of the flow-matching timestep schedule."),
+            "cfg_text_scale": Knob(float, description="Text classifier-free guidance weight."),
+            "cfg_img_scale": Knob(float, description="Image classifier-free guidance weight (img2img)."),
+            "cfg_interval": Knob(tuple, length=2,
+                                 description="[low, high]: the part of the schedule (0-1) where CFG runs."),
+            "cfg_renorm_type": Knob(str, description="How the guided prediction is renormalised: "
+                                    + ", ".join(RENORM_TYPES) + "."),
+            "cfg_renorm_min": Knob(float, description="Lower bound of the CFG renormalisation factor."),
         },
         text_output=True,  # the AR stage answers text2text / img2text
         orchestrator="bagel",

@@ -477,7 +477,9 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
         input_images=(1, 1),
         # the size comes from `resolution` and the image's aspect, never from height / width
         fields=(QWEN_FIELDS - {"height", "width"}) | {"layers", "resolution"},
-        knobs={"cfg_normalize": Knob(bool), "use_en_prompt": Knob(bool)},
+        knobs={"cfg_normalize": Knob(bool, description="Renormalise the true-CFG prediction to the conditional norm."),
+               "use_en_prompt": Knob(bool, description="Without a prompt, caption the input image in English "
+                                                           "(else Chinese).")},
         background="transparent",  # RGBA layers
     )
 
