@@ -121,7 +121,7 @@ def _check_vllm_omni(words: list[str]) -> None:
 
 
 def _check_serve(args: list[str]) -> None:
-    from vllm_omni_plugin.server.cli import make_parser
+    from vllm_omni_plugin.server.flags import make_parser
 
     parser = make_parser()
     helps = [a for a in args if a.startswith("--help")]

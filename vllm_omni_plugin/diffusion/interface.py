@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
-from .capabilities import Capabilities
+from .capabilities import Capabilities, InvalidParams
 from .output import DiffusionOutput
 from .parallel import ParallelGroup
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
@@ -86,7 +86,8 @@ class DiffusionPipelineBase(ABC):
         check_request(self.capabilities, request)
         resolved = resolve(request, stage_defaults, self.defaults())
         if resolved.cache_threshold is not None and not self.supports_step_cache:
-            raise ValueError(f"{self.family} does not support step caching; leave cache_threshold unset")
+            raise InvalidParams(f"{self.family} does not support step caching; leave cache_threshold unset",
+                                "cache_threshold")
         return resolved
 
     def generate(

@@ -53,7 +53,7 @@ from .dit.context import BagelContext, BranchKV
 from .dit.encode import check_size, default_size, encode_context
 from .dit.mot import MoTDecoder, Route
 from .dit.weights import BagelModel, load_bagel_model
-from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
 from ...diffusion.handover import StageInputError
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.output import DiffusionOutput
@@ -113,12 +113,14 @@ class BagelStepwise(StepwisePipeline):
         input_images=(0, 1),  # text2img, or img2img with one image
         fields=frozenset({"negative_prompt", "height", "width", "num_inference_steps"}),
         knobs={
-            "timestep_shift": Knob(float),
-            "cfg_text_scale": Knob(float),
-            "cfg_img_scale": Knob(float),
-            "cfg_interval": Knob(tuple, length=2),
-            "cfg_renorm_type": Knob(str),
-            "cfg_renorm_min": Knob(float),
+            "timestep_shift": Knob(float, description="Shift of the flow-matching timestep schedule."),
+            "cfg_text_scale": Knob(float, description="Text classifier-free guidance weight."),
+            "cfg_img_scale": Knob(float, description="Image classifier-free guidance weight (img2img)."),
+            "cfg_interval": Knob(tuple, length=2,
+                                 description="[low, high]: the part of the schedule (0-1) where CFG runs."),
+            "cfg_renorm_type": Knob(str, description="How the guided prediction is renormalised: "
+                                    + ", ".join(RENORM_TYPES) + "."),
+            "cfg_renorm_min": Knob(float, description="Lower bound of the CFG renormalisation factor."),
         },
         text_output=True,  # the AR stage answers text2text / img2text
         orchestrator="bagel",
@@ -148,14 +150,16 @@ class BagelStepwise(StepwisePipeline):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         interval = tuple(float(x) for x in v["cfg_interval"])
         if len(interval) != 2 or not interval[0] <= interval[1]:
-            raise ValueError(f"cfg_interval must be (low, high) with low <= high, got {v['cfg_interval']!r}")
+            raise InvalidParams(f"cfg_interval must be (low, high) with low <= high, got {v['cfg_interval']!r}",
+                                "cfg_interval")
         if v["cfg_renorm_type"] not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {v['cfg_renorm_type']!r}")
+            raise InvalidParams(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {v['cfg_renorm_type']!r}",
+                                "cfg_renorm_type")
         if isinstance(v["num_inference_steps"], int) and v["num_inference_steps"] < 2:
-            raise ValueError("BAGEL needs num_inference_steps >= 2 (N flow times give N-1 steps)")
+            raise InvalidParams("BAGEL needs num_inference_steps >= 2 (N flow times give N-1 steps)", "num_inference_steps")
         images = v.get("images") or None
         if images is not None and len(images) != 1:
-            raise ValueError(f"BAGEL img2img takes exactly one input image, got {len(images)}")
+            raise InvalidParams(f"BAGEL img2img takes exactly one input image, got {len(images)}", "image")
         image = images[0] if images else None
         height, width = v.get("height"), v.get("width")
         if height is None or width is None:

@@ -22,6 +22,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..diffusion.capabilities import InvalidParams
+
 TOKEN_PIXELS = 32  # one AR image token covers 32 x 32 pixels
 PREVIEW_SIDE = 16  # the preview grid has ~PREVIEW_SIDE^2 tokens
 MIN_SIDE = 256
@@ -30,7 +32,7 @@ GRID_BOS = "<sop>"
 GRID_EOS = "<eop>"
 
 
-class UnsupportedSize(ValueError):
+class UnsupportedSize(InvalidParams):
     """A size GLM-Image cannot render; the message lists the sizes it can."""
 
 
@@ -44,7 +46,7 @@ def check_size(height: int, width: int) -> None:
     """Raise UnsupportedSize unless GLM-Image renders height x width exactly."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value % TOKEN_PIXELS or not MIN_SIDE <= value <= MAX_SIDE:
-            raise UnsupportedSize(f"GLM-Image cannot render {name}={value!r}; allowed: {ALLOWED_SIZES}")
+            raise UnsupportedSize(f"GLM-Image cannot render {name}={value!r}; allowed: {ALLOWED_SIZES}", "size")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
 from ...diffusion import step_cache
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.parallel import sequence_shard
@@ -400,7 +400,7 @@ class QwenImageEditStepwise(QwenImageStepwise):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         images = v.get("images")
         if not images:
-            raise ValueError(f"{self.family} needs an input image (`images`)")
+            raise InvalidParams(f"{self.family} needs an input image (`images`)", "image")
         w, h = images[self._size_image].size
         calc_w, calc_h = _dims_for_area(1024 * 1024, w / h)
         m = self.multiple_of
@@ -477,7 +477,10 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
         input_images=(1, 1),
         # the size comes from `resolution` and the image's aspect, never from height / width
         fields=(QWEN_FIELDS - {"height", "width"}) | {"layers", "resolution"},
-        knobs={"cfg_normalize": Knob(bool), "use_en_prompt": Knob(bool)},
+        knobs={"cfg_normalize": Knob(bool, description="Renormalise the true-CFG prediction to the conditional norm."),
+               "use_en_prompt": Knob(bool, description="Without a prompt, caption the input image in English "
+                                                           "(else Chinese).")},
+        background="transparent",  # RGBA layers
     )
 
     def defaults(self) -> PipelineDefaults:
@@ -497,9 +500,9 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         images = v.get("images")
         if not images:
-            raise ValueError("Qwen-Image-Layered needs an input image (`images`)")
+            raise InvalidParams("Qwen-Image-Layered needs an input image (`images`)", "image")
         if v["resolution"] not in (640, 1024):
-            raise ValueError(f"resolution must be 640 or 1024, got {v['resolution']!r}")
+            raise InvalidParams(f"resolution must be 640 or 1024, got {v['resolution']!r}", "resolution")
         w, h = images[0].size
         calc_w, calc_h = _dims_for_area(v["resolution"] ** 2, w / h)
         m = self.multiple_of

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ...diffusion.capabilities import Capabilities
+from ...diffusion.capabilities import Capabilities, InvalidParams
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import PipelineDefaults, ResolvedParams
@@ -235,7 +235,7 @@ class WanImageToVideoStepwise(WanStepwise):
 
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         if not v.get("images"):
-            raise ValueError("image-to-video needs an input image (`images`)")
+            raise InvalidParams("image-to-video needs an input image (`images`)", "input_reference")
         return super()._derive(v, explicit)
 
     def _prepare(self, params: ResolvedParams, request_id: str) -> DiffusionState:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..capabilities import InvalidParams
 from .context import BagelContext, BranchKV
 from .mot import MoTDecoder, Route
 from .vit import vit_tokens
@@ -59,7 +60,8 @@ def default_size(config: BagelConfig, image: Any | None) -> tuple[int, int]:
 def check_size(config: BagelConfig, height: int, width: int) -> None:
     d, side = config.latent_downsample, config.max_image_side
     if height % d or width % d or not (d <= height <= side and d <= width <= side):
-        raise ValueError(f"BAGEL generates sizes that are multiples of {d} between {d} and {side} px; got {height}x{width}")
+        raise InvalidParams(f"BAGEL generates sizes that are multiples of {d} between {d} and {side} px; "
+                            f"got {height}x{width}", "size")
 
 
 def image_pixels(image: Any, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
