@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..diffusion.capabilities import InvalidParams
+from ...diffusion.capabilities import InvalidParams
 
 TOKEN_PIXELS = 32  # one AR image token covers 32 x 32 pixels
 PREVIEW_SIDE = 16  # the preview grid has ~PREVIEW_SIDE^2 tokens

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capabilities import InvalidParams
+from ....diffusion.capabilities import InvalidParams
 from .context import BagelContext, BranchKV
 from .mot import MoTDecoder, Route
 from .vit import vit_tokens
