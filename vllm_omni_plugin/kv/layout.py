@@ -2,7 +2,7 @@
 
 The diffusion stage consumes, per layer, K and V of shape
 (tokens, kv_heads, head_dim) in prompt order (`BranchKV`'s layout in
-diffusion/bagel/context.py). vLLM's backends store the same numbers in
+families/bagel/dit/context.py). vLLM's backends store the same numbers in
 different shapes, so everything that reads a paged cache goes through
 `gather_kv` and nothing else indexes a cache tensor.
 
