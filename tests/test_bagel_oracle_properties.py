@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from reference.bagel_generation import BagelReference
 from test_bagel_generation import _close
 from vllm_omni_plugin.diffusion import SamplingParams
-from vllm_omni_plugin.diffusion.pipelines.bagel import load_bagel_pipeline
+from vllm_omni_plugin.families.bagel.pipeline import load_bagel_pipeline
 
 EXAMPLES = 4
 STEPS = 4  # flow times 1, .75, .5, .25 with shift 1: CFG on the first three, off on the last

@@ -9,9 +9,10 @@ bit-identical). Cost is bounded: pipelines are loaded once per (family, checkpoi
 and reused across examples; steps stay at 2 (each step is the same code path; the
 number of steps is a loop count, pinned by test_oracle.py at 3-4).
 
-Examples per test: `EXAMPLES` (6); each takes ~0.5-2 s here, a test well under a
-minute. Adding a family (FLUX: tests/diffusion/test_flux.py's helper is adding it)
-= one entry in `FAMILIES`: how to draw its request and where its pixels are.
+Families: Qwen-Image, Wan2.2 T2V, FLUX.1-dev. Examples per test: `EXAMPLES` (6); each takes
+~0.5-2 s on an idle 2-core CPU, a test well under a
+minute. Adding a family = one entry in `FAMILIES`: how to draw its request and
+where its pixels are.
 """
 
 from __future__ import annotations
@@ -65,10 +66,17 @@ def _wan_request(draw) -> dict[str, Any]:
                 guidance_scale=draw(st.sampled_from([1.0, 4.0])), guidance_scale_2=draw(st.sampled_from([1.0, 3.0])))
 
 
+def _flux_request(draw) -> dict[str, Any]:
+    # FLUX.1-dev: VAE x8 with 2x2 packed latents: sides are multiples of 16; guidance-distilled (no true CFG
+    # without a negative prompt); a short T5 length keeps the CPU cost down (512 is pinned by test_flux.py).
+    return dict(prompt=draw(prompts), height=draw(st.sampled_from([32, 48, 64])), width=draw(st.sampled_from([32, 48])),
+                num_inference_steps=2, guidance_scale=draw(st.sampled_from([1.0, 3.5, 5.0])), max_sequence_length=32)
+
+
 FAMILIES = {
     "qwen-image": Family("qwen-image", _qwen_request, lambda out: np.stack(out.images), lambda ref: ref.images),
     "wan2.2-t2v": Family("wan2.2-t2v", _wan_request, lambda out: np.asarray(out.videos), lambda ref: ref.frames),
-    # "flux": Family("flux", _flux_request, ...)  <- the FLUX family's entry goes here
+    "flux": Family("flux", _flux_request, lambda out: np.stack(out.images), lambda ref: ref.images),
 }
 
 
