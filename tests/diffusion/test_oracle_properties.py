@@ -9,9 +9,9 @@ bit-identical). Cost is bounded: pipelines are loaded once per (family, checkpoi
 and reused across examples; steps stay at 2 (each step is the same code path; the
 number of steps is a loop count, pinned by test_oracle.py at 3-4).
 
-Families: Qwen-Image, Wan2.2 T2V, FLUX.1-dev. Examples per test: `EXAMPLES` (6); each takes
-~0.5-2 s on an idle 2-core CPU, a test well under a
-minute. Adding a family = one entry in `FAMILIES`: how to draw its request and
+Families: Qwen-Image, Wan2.2 T2V, FLUX.1-dev. Examples per test: `EXAMPLES` (6). Measured on
+the shared 2-core CPU under a load average of ~19 (2026-12-02): 175-290 s per test, both
+checkpoints' loads included; an idle machine is several times faster. Adding a family = one entry in `FAMILIES`: how to draw its request and
 where its pixels are.
 """
 
