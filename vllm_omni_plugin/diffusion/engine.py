@@ -117,6 +117,32 @@ class DiffusionEngine:
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals))
         return resolved
 
+    def add_requests(
+        self, requests: list[tuple[str, SamplingParams | ResolvedParams]]
+    ) -> list[ResolvedParams | Exception]:
+        """Queue several requests at once, so that one step admits them together (one
+        `prepare_many`, as `Omni.generate` of several prompts in one process does).
+
+        Returns:
+            per request, its resolved parameters or the error that refused it alone.
+        """
+        out: list[ResolvedParams | Exception] = []
+        for _, params in requests:
+            try:
+                out.append(params if isinstance(params, ResolvedParams)
+                           else self.pipeline.resolve(params, self.stage_defaults))
+            except Exception as exc:  # noqa: BLE001 -- that request's own error, returned to its caller
+                out.append(exc)
+        with self._lock:
+            for i, ((rid, _), resolved) in enumerate(zip(requests, out)):
+                if isinstance(resolved, Exception):
+                    continue
+                if rid in self._waiting or rid in self._running:
+                    out[i] = ValueError(f"request id {rid!r} is already in the engine")
+                    continue
+                self._waiting[rid] = _Request(rid, resolved, next(self._arrivals))
+        return out
+
     def close(self) -> None:
         """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
 
