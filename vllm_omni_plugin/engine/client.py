@@ -328,9 +328,15 @@ class EngineCoreClient:
                     raise ValueError(f"request id {rid!r} is already in the engine")
                 handles.append(RequestHandle(rid, params, concurrent.futures.Future(), on_progress, loop))
                 adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers)))
-            self._core.input.send_multipart(frames_of(AddRequests(adds), buffers), copy=False)
+            # Registered before the send: the reader may see their events before this call returns.
             for h in handles:
                 self._handles[h.request_id] = h
+            try:
+                self._core.input.send_multipart(frames_of(AddRequests(adds), buffers), copy=False)
+            except BaseException:
+                for h in handles:
+                    del self._handles[h.request_id]
+                raise
             self.stats.submitted += len(handles)
         return handles
 
@@ -408,7 +414,9 @@ class EngineCoreClient:
                 if handle.on_progress is not None:
                     self._progress(handle, event.step, event.total)
             elif event.kind == "finished":
-                self._settle(handle, output=codec.unpack(event.output, buffers))
+                output = codec.unpack(event.output, buffers)
+                output.params = handle.params  # (the core leaves out what the client sent)
+                self._settle(handle, output=output)
             elif event.kind == "aborted":
                 self._settle(handle, error=RequestAborted(f"request {event.request_id} was aborted"))
             else:

@@ -24,8 +24,11 @@ whether anything did, and a test checks it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -46,7 +49,9 @@ PARENT_POLL_S = 1.0
 
 
 def _event_message(event: Any, buffers: list[Any]) -> Event:
-    output = codec.pack(event.output, buffers) if event.output is not None else None
+    # The output's params are the ones the client sent (it puts them back): not shipped again,
+    # with the input images they hold.
+    output = codec.pack(dataclasses.replace(event.output, params=None), buffers) if event.output is not None else None
     error = codec.pack(event.error, buffers) if event.error is not None else None
     return Event(event.kind, event.request_id, event.step, event.total, output, error)
 
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc", required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
+    # The client owns this process's lifetime: Ctrl-C in the server's terminal reaches the whole
+    # process group, and the server stops its engine itself (a SIGINT here would read as a crash).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
     logging.basicConfig(level=logging.INFO, format="(omni engine pid=%(process)d) %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_watch_parent, args=(args.parent,), name="omni-engine-watchdog", daemon=True).start()
 
