@@ -1,7 +1,7 @@
 """What the engine-core process costs (CPU): the diffusion engine on a thread of the server (the path
 before engine/) vs in its own process behind EngineCoreClient, side by side in one run.
 
-    python benchmarks/bench_engine_process.py [--repeat 7] [--requests 2000] [--events 200]
+    python benchmarks/bench_engine_process.py [--repeat 7] [--requests 2000] [--events 200] [--threads 1]
 
 1. e2e, tiny Qwen-Image (64x64, 2 steps, the server tests' stage defaults), interleaved per round:
    offline `Omni` (in-process, its default), offline `Omni(engine_process=True)`, and the served path
@@ -173,7 +173,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="no-op requests in the throughput burst")
     ap.add_argument("--events", type=int, default=200, help="extra steps of the per-event measurement")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads of every path (the engine process takes the caller's); 1 keeps a "
+                         "shared 2-core box out of OpenMP oversubscription, which otherwise swamps the figures")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     result = {"client": client_costs(args.requests, args.events)}
     if not args.skip_e2e:
         result["e2e"] = e2e(args.repeat)

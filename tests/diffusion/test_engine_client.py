@@ -170,3 +170,16 @@ def _wait_restarted(remote, timeout: float = 300):
             assert "restarting" in str(e) and remote.client.status == "restarting"
         time.sleep(0.5)
     raise AssertionError("the engine process was not restarted in time")
+
+
+@pytest.mark.engine
+def test_an_engine_that_cannot_load_fails_start_with_its_cause(tmp_path):
+    from vllm_omni_plugin.diffusion.workers import PipelineBuilder
+    from vllm_omni_plugin.engine.client import EngineCoreClient, EngineStartError
+    from vllm_omni_plugin.engine.spec import EngineSpec
+
+    client = EngineCoreClient(EngineSpec(PipelineBuilder(str(tmp_path / "no-such-checkpoint"))))
+    with pytest.raises(EngineStartError, match="diffusion stage's engine could not start") as failed:
+        client.start()
+    assert failed.value.__cause__ is not None and str(tmp_path) in str(failed.value)
+    assert client.pid is None

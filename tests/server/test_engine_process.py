@@ -50,6 +50,12 @@ def test_engine_runs_in_its_own_process(omni_server):
     (pid,) = engine_pids(server)
     assert pid != server.proc.pid
     assert server.metrics()["omni_engine_alive"] == 1
+    log = server.log.read_text()
+    # The client logs what the engine process reported about itself when it was ready: a warning
+    # if anything there had imported vLLM (principle 3; tests/diffusion/test_engine_client.py
+    # checks the flag itself).
+    assert f"diffusion stage engine process pid {pid} is ready" in log
+    assert "the diffusion engine process imported vLLM" not in log
 
 
 def test_killed_engine_is_a_503_naming_the_stage_then_restarted(omni_server):

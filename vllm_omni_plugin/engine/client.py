@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -120,6 +121,10 @@ class EngineCoreClient:
 
     def __init__(self, spec: EngineSpec, max_queue: int | None = 64, *, rpc_timeout: float = 60.0,
                  stop_timeout: float = 30.0) -> None:
+        if spec.torch_threads is None:  # the engine computes with this process's thread count
+            import torch
+
+            spec = dataclasses.replace(spec, torch_threads=torch.get_num_threads())
         self.spec = spec
         self.max_queue = max_queue
         self.rpc_timeout = rpc_timeout
@@ -166,8 +171,10 @@ class EngineCoreClient:
             message, buffers = parse("from_core", core.output.recv_multipart(copy=False))
             if isinstance(message, StartFailed):
                 cause = codec.unpack(message.error, buffers)
+                logger.error("omni: the %s stage's engine process failed to start:\n%s", self.spec.stage,
+                             message.traceback)
                 raise EngineStartError(f"the {self.spec.stage} stage's engine could not start: "
-                                       f"{type(cause).__name__}: {cause}\n{message.traceback}") from cause
+                                       f"{type(cause).__name__}: {cause}") from cause
             if not isinstance(message, Ready):
                 raise EngineStartError(f"the engine process sent {type(message).__name__} before Ready")
         except BaseException:

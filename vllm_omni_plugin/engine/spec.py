@@ -21,6 +21,9 @@ class EngineSpec:
     engine_config   the step batcher's token budget / max running requests
     stage_defaults  defaults between the request and the pipeline's own
     stage           the stage's name in errors and on /health ("diffusion", "dit")
+    torch_threads   torch's intra-op threads in the engine process; None: the starting
+                    process's count (EngineCoreClient fills it in), so a caller's
+                    `torch.set_num_threads` holds for its engine as it did in one process
     """
 
     build: Any
@@ -29,10 +32,16 @@ class EngineSpec:
     engine_config: EngineConfig | None = None
     stage_defaults: Mapping[str, Any] | None = None
     stage: str = "diffusion"
+    torch_threads: int | None = None
 
     def launch(self) -> DiffusionEngine:
         """Build the pipeline (on every rank) and return rank 0's engine (diffusion.workers.launch_engine)."""
         from ..diffusion.workers import launch_engine
+
+        if self.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
 
         return launch_engine(self.build, device=self.device, options=self.options, engine_config=self.engine_config,
                              stage_defaults=self.stage_defaults)
