@@ -3,7 +3,7 @@
     python benchmarks/bench_bagel_gpu.py [--ckpt-root /dev/shm/omni-gpu-ckpt] [--size 1024] [--steps 50]
                                          [--concurrent 8] [--concurrent-steps 10] [--reference-steps 3]
 
-What it measures, in one run, on the shipped stage config (stage_configs/bagel.yaml):
+What it measures, in one run, on the shipped stage config (vllm_omni_plugin/families/bagel/stage_config.yaml):
   * server start-up (AR engine: load, torch.compile, CUDA graphs; DiT stage load)
   * one text2img request (size x size, --steps): client e2e, and the server's own per-request
     breakdown (its log line "omni request ...": AR prefill, KV hand-over bytes and GB/s, DiT

@@ -36,9 +36,10 @@ async def _served_runtime(model: str, engine_process: bool):
     import httpx
     import openai
 
-    from vllm_omni_plugin.server.app import OmniRuntime, build_app
-    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.app import OmniRuntime
     from vllm_omni_plugin.server.config import OmniServerConfig
+    from vllm_omni_plugin.server.flags import parse_args
+    from vllm_omni_plugin.server.launch import build_app
 
     args = parse_args([model, "--default-sampling-params", json.dumps(STAGE_DEFAULTS)])
     runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args), engine_process=engine_process)

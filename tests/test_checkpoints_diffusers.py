@@ -33,7 +33,7 @@ def _load(path: Path):
 
     extra = {}
     if (path / "processor" / "video_preprocessor_config.json").exists():  # Qwen2VLProcessor: needs torchvision
-        from vllm_omni_plugin.checkpoints.qwen_image import load_processor
+        from vllm_omni_plugin.families.qwen_image.checkpoint import load_processor
 
         extra["processor"] = load_processor(path / "processor")
     return DiffusionPipeline.from_pretrained(path, dtype=torch.float32, **extra)

@@ -85,7 +85,7 @@ def test_a_missing_directory_and_a_non_diffusers_directory_say_what_they_are(tmp
 def test_an_ar_stage_that_cannot_fit_names_the_field_and_the_value(checkpoint, tmp_path):
     # 10^9 tokens of KV cache (~477 GiB for the tiny BAGEL) fit no machine this runs on; given in the
     # stage config, it reaches the AR stage's sizing (vLLM's serve parser checks a --max-model-len flag itself).
-    shipped = (ROOT / "stage_configs" / "bagel.yaml").read_text()
+    shipped = (ROOT / "vllm_omni_plugin" / "families" / "bagel" / "stage_config.yaml").read_text()
     config = tmp_path / "huge.yaml"
     config.write_text(shipped.replace("max_model_len: 16384", "max_model_len: 1000000000"))
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # else the user sized it

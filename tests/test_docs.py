@@ -10,7 +10,7 @@
   (`/path/to/<Model>` becomes the tiny checkpoint of that family).
 * paths in backticks (`docs/x.md`, `server/app.py`) exist in the repository, and
   values quoted from a shipped stage config (`max_model_len: N` next to
-  `stage_configs/X.yaml`) are the file's.
+  a shipped stage config's path, `families/<family>/stage_config.yaml`) are the file's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGUAGES = ("bash", "python", "yaml")
 # `/path/to/<name>` in examples -> the checkpoint family whose tiny checkpoint stands in for it.
-PLACEHOLDERS = {"/path/to/Qwen-Image": "qwen-image", "/path/to/BAGEL-7B-MoT": "bagel"}
+PLACEHOLDERS = {"/path/to/Qwen-Image": "qwen-image", "/path/to/BAGEL-7B-MoT": "bagel",
+                "/path/to/FLUX.1-dev": "flux"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _check_vllm_omni(words: list[str]) -> None:
 
 
 def _check_serve(args: list[str]) -> None:
-    from vllm_omni_plugin.server.cli import make_parser
+    from vllm_omni_plugin.server.flags import make_parser
 
     parser = make_parser()
     helps = [a for a in args if a.startswith("--help")]
@@ -204,14 +205,14 @@ def test_paths_named_in_the_docs_exist(doc):
 
 
 def test_values_quoted_from_shipped_stage_configs_are_the_files():
-    quoted = re.compile(r"`stage_configs/([\w-]+\.yaml)`[^.]*?`(\w+): ([^`]+)`", re.S)
+    quoted = re.compile(r"`((?:vllm_omni_plugin/)?families/\w+/[\w-]+\.yaml)`[^.]*?`(\w+): ([^`]+)`", re.S)
     checked = 0
     for doc in DOCS:
         for name, key, value in quoted.findall(doc.read_text()):
-            text = (ROOT / "stage_configs" / name).read_text()
+            text = (ROOT / "vllm_omni_plugin" / name.removeprefix("vllm_omni_plugin/")).read_text()
             found = re.findall(rf"^\s*{re.escape(key)}:\s*([^#\n]+?)\s*(?:#.*)?$", text, re.M)
             assert yaml.safe_load(value) in [yaml.safe_load(v) for v in found], (
-                f"{doc.relative_to(ROOT)} quotes `{key}: {value}` from stage_configs/{name}, which says {found}")
+                f"{doc.relative_to(ROOT)} quotes `{key}: {value}` from {name}, which says {found}")
             checked += 1
     assert checked, "no quoted stage-config value found: the check above has nothing to check"
 

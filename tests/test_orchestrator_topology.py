@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
-from vllm_omni_plugin.diffusion.pipelines.glm_image import GlmImageStepwise
-from vllm_omni_plugin.orchestrator.bagel import BagelOrchestrator
-from vllm_omni_plugin.orchestrator.glm_image import GlmImageOrchestrator
+from vllm_omni_plugin.families.glm_image.pipeline import GlmImageStepwise
+from vllm_omni_plugin.families.bagel.orchestrator import BagelOrchestrator
+from vllm_omni_plugin.families.glm_image.orchestrator import GlmImageOrchestrator
 from vllm_omni_plugin.orchestrator.offline import checkpoint_architectures, multistage_config
 from vllm_omni_plugin.orchestrator.stage_config import builtin_stage_configs, parse_stage_config
 from vllm_omni_plugin.orchestrator.stages import orchestrator_class

@@ -81,7 +81,7 @@ def _main(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `vllm-omni` parser (`serve` is only listed: vLLM's serve parser takes its flags)."""
-    from vllm_omni_plugin.checkpoints import FAMILIES, PRESETS
+    from vllm_omni_plugin.checkpoints import PRESETS, checkpoint_names, device_checkpoint_names
 
     parser = argparse.ArgumentParser(prog="vllm-omni", description="vllm-omni-plugin tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,12 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=_doctor)
 
     make = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint in a family's real format")
-    make.add_argument("family", choices=sorted(FAMILIES))
+    make.add_argument("family", choices=checkpoint_names())
     make.add_argument("--preset", choices=PRESETS, default="tiny")
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default="cpu",
-                      help="where the random weights are drawn: cpu, or cuda for bagel / qwen-image* (fast full builds)")
+                      help="where the random weights are drawn: cpu, or cuda for "
+                      f"{', '.join(device_checkpoint_names())} (fast full builds)")
     make.set_defaults(func=_make_checkpoint)
 
     sub.add_parser(

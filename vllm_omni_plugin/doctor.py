@@ -22,6 +22,10 @@ class Report:
     entry_point: str
     patches: list[dict] = field(default_factory=list)
     architectures: list[dict] = field(default_factory=list)
+    #: the dtype every stage runs in here unless told otherwise (orchestrator/stage_dtype.py)
+    default_dtype: str = ""
+    #: CPU platform: each CPU attention kernel and the KV layout it writes here (kv/cpu_isa.py)
+    cpu_attention: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -44,6 +48,11 @@ class Report:
         for a in self.architectures:
             state = "registered" if a["registered"] else "NOT registered"
             lines.append(f"  {a['architecture']:<36} {state:<15} {a['target']}")
+        lines.append(f"default dtype of every stage on this platform: {self.default_dtype}")
+        if self.cpu_attention:
+            lines.append("CPU attention kernels (KV layout as written through vLLM's kernel here):")
+            for k in self.cpu_attention:
+                lines.append(f"  {k['isa']:<6} {k['state']}")
         lines.append("status: " + ("ok" if self.ok else "PROBLEMS (see above)"))
         return "\n".join(lines)
 
@@ -55,6 +64,28 @@ def _entry_point() -> str:
     return ", ".join(f"{ep.name} -> {ep.value}" for ep in found) or "NOT FOUND (is the package installed?)"
 
 
+def _cpu_attention() -> list[dict]:
+    """Each vLLM CPU attention kernel: the layout it writes here, or why it cannot run here."""
+    import torch
+
+    from vllm_omni_plugin.kv.cpu_isa import cpu_flags, cpu_lacks, cpu_layout
+
+    out = []
+    for isa in ("vec", "vec16", "amx", "neon", "vxe", "vsx", "rvv"):
+        dtype = torch.bfloat16 if isa in ("amx", "neon") else torch.float32
+        head_dim, block_size = (80, 16) if isa == "vec16" else (64, 32)
+        if (reason := cpu_lacks(isa)) is not None:
+            state = f"not on this CPU: {reason}"
+        elif (layout := cpu_layout(isa, dtype, head_dim, block_size)) is not None:
+            state = f"layout {layout} ({str(dtype).removeprefix('torch.')})"
+        else:
+            state = "no known layout, or not in this vLLM build (omni engines use vec/vec16)"
+        out.append({"isa": isa, "state": state})
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "bf16"})
+    out.append({"isa": "flags", "state": " ".join(flags) or "-"})
+    return out
+
+
 def collect() -> Report:
     import vllm
     from vllm import ModelRegistry
@@ -62,6 +93,7 @@ def collect() -> Report:
 
     import vllm_omni_plugin
     from vllm_omni_plugin.model_registry import OMNI_MODELS
+    from vllm_omni_plugin.orchestrator.stage_dtype import device_default_dtype
     from vllm_omni_plugin.patches import status
 
     supported = set(ModelRegistry.get_supported_archs())
@@ -77,4 +109,6 @@ def collect() -> Report:
             {"architecture": m.architecture, "target": m.target, "registered": m.architecture in supported}
             for m in OMNI_MODELS
         ],
+        default_dtype=device_default_dtype(current_platform.device_type),
+        cpu_attention=_cpu_attention() if current_platform.device_type == "cpu" else [],
     )

@@ -64,6 +64,13 @@ def test_exceptions_keep_their_class_or_name():
     assert "CUDA out of memory" in str(err)
 
 
+def test_typed_stage_inputs_cross():
+    from vllm_omni_plugin.families.glm_image.pipeline import GlmImagePrior
+
+    prior = GlmImagePrior("req-1", tuple(range(6)), (2, 3))
+    assert codec.decode(codec.encode(prior)) == prior
+
+
 def test_unknown_types_are_refused_not_pickled():
     with pytest.raises(TypeError, match="cannot cross the engine-core boundary"):
         codec.encode({"x": object()})

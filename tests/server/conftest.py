@@ -41,6 +41,8 @@ STAGE_DEFAULTS = {
     "wan2.2-t2v": '{"num_inference_steps": 2, "height": 64, "width": 64, "num_frames": 5}',
     "bagel": '{"num_inference_steps": 3}',
     "glm-image": '{"num_inference_steps": 3}',
+    "flux": '{"num_inference_steps": 2, "height": 64, "width": 64}',
+    "flux-kontext": '{"num_inference_steps": 2, "max_area": 4096}',
 }
 
 # The BAGEL server's stage config (--stage-configs-path): the shipped one with

@@ -21,47 +21,45 @@ This module must not import vLLM: the GPU benchmark machine has none.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 PRESETS = ("tiny", "full")
 
-# family name -> module (under this package) that has
-#   build(out: Path, preset: str, seed: int) -> None
-FAMILIES: dict[str, str] = {
-    "bagel": "bagel",
-    "qwen-image": "qwen_image",
-    "qwen-image-edit": "qwen_image",
-    "qwen-image-edit-plus": "qwen_image",
-    "qwen-image-layered": "qwen_image",
-    "wan2.2-t2v": "wan",
-    "wan2.2-i2v": "wan",
-    "wan2.2-ti2v-5b": "wan",
-    "glm-image": "glm_image",
-}
+def checkpoint_names() -> list[str]:
+    """Every name `make_checkpoint` builds (declared by the families, `Family.checkpoints`)."""
+    from ..families import checkpoint_builders
+
+    return sorted(checkpoint_builders())
 
 
-# Families whose builder can draw the weights on another device than the CPU.
-DEVICE_FAMILIES = ("bagel", "qwen-image", "qwen-image-edit", "qwen-image-layered")
+def device_checkpoint_names() -> list[str]:
+    """The names whose builder can draw the weights on another device than the CPU."""
+    from ..families import families
+
+    return sorted(n for fam in families().values() for n in fam.device_checkpoints)
 
 
 def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, device: str = "cpu") -> Path:
     """Write a `family` checkpoint of `preset` size into `out` and return the path.
 
     Args:
-        device: where the random weights are drawn ("cpu", or "cuda" for DEVICE_FAMILIES);
+        device: where the random weights are drawn ("cpu", or "cuda" for `device_checkpoint_names()`);
             the files are the same format either way, the values differ between devices.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown checkpoint family {family!r}; known: {', '.join(FAMILIES)}")
+    from ..families import checkpoint_builders
+
+    builders = checkpoint_builders()
+    if family not in builders:
+        raise ValueError(f"unknown checkpoint family {family!r}; known: {', '.join(sorted(builders))}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    if device != "cpu" and family not in DEVICE_FAMILIES:
-        raise ValueError(f"family {family!r} draws its weights on the CPU only; --device works for {', '.join(DEVICE_FAMILIES)}")
+    if device != "cpu" and family not in device_checkpoint_names():
+        raise ValueError(f"family {family!r} draws its weights on the CPU only; --device works for "
+                         f"{', '.join(device_checkpoint_names())}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"{__name__}.{FAMILIES[family]}")
-    module.build(out, family=family, preset=preset, seed=seed, **({"device": device} if device != "cpu" else {}))
+    build = builders[family].load(builders[family].checkpoints[family])
+    build(out, family=family, preset=preset, seed=seed, **({"device": device} if device != "cpu" else {}))
     return out
 
 

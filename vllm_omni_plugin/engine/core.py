@@ -106,16 +106,13 @@ class EngineCore:
         assert isinstance(message, AddRequests)
         refused, batch = [], []
         for req in message.requests:
-            try:
-                if req.stage_input is not None:
-                    raise TypeError("the engine-core process takes no stage input: multi-stage DiT stages run "
-                                    "in the server process (docs/diffusion.md, 'Processes')")
-                batch.append((req.request_id, codec.unpack(req.params, buffers)))
+            try:  # (a typed stage input crosses like the params: dataclass fields, tensors as raw frames)
+                batch.append((req.request_id, codec.unpack(req.params, buffers), codec.unpack(req.stage_input, buffers)))
             except Exception as exc:  # noqa: BLE001 -- that request's own error, reported to its caller
                 refused.append(_Refused(req.request_id, exc))
         with self._known_lock:  # known before the step that may finish them
-            self._known.update(rid for rid, _ in batch)
-        for (rid, _), result in zip(batch, self.engine.add_requests(batch)):
+            self._known.update(rid for rid, _, _ in batch)
+        for (rid, _, _), result in zip(batch, self.engine.add_requests(batch)):
             if isinstance(result, Exception):
                 refused.append(_Refused(rid, result))
         if refused:

@@ -56,14 +56,13 @@ class LocalEngineClient:
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
                     prefix: str = "omni", request_ids: Sequence[str | None] | None = None) -> list[RequestHandle]:
         """As `EngineCoreClient.submit_many`; progress is called in the thread that waits."""
-        if any(stage_input is not None for _, stage_input in requests):
-            raise TypeError("this engine takes no stage input")
         if self.max_queue is not None and len(self._handles) + len(requests) > self.max_queue:
             self.stats.rejected += len(requests)
             raise QueueFull(f"{len(self._handles)} requests in the engine, at most {self.max_queue}")
         progress = list(on_progress) if isinstance(on_progress, (list, tuple)) else [on_progress] * len(requests)
         ids = [rid or f"{prefix}-{next(self._ids)}" for rid in (request_ids or [None] * len(requests))]
-        results = self.engine.add_requests([(rid, params) for rid, (params, _) in zip(ids, requests)])
+        results = self.engine.add_requests(
+            [(rid, params, stage_input) for rid, (params, stage_input) in zip(ids, requests)])
         handles = []
         for rid, result, fn in zip(ids, results, progress):
             if isinstance(result, Exception):

@@ -25,7 +25,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..diffusion.engine import DiffusionEngine, EngineEvent
 from ..diffusion.output import DiffusionOutput
@@ -92,8 +92,10 @@ class EngineLoop:
         on_progress: ProgressFn | None = None,
         prefix: str = "omni",
         request_id: str | None = None,
+        stage_input: Any = None,
     ) -> RequestHandle:
-        """Queue a request; `request_id` is for callers that keyed stage inputs by it beforehand."""
+        """Queue a request; `request_id` names it where the caller already has (a multi-stage
+        request's stages share it), `stage_input` is what the stage before handed over for it."""
         if not self.alive:
             raise EngineStopped("the diffusion engine is not running")
         if len(self._handles) >= self.max_queue:
@@ -106,8 +108,12 @@ class EngineLoop:
         if rid in self._handles:
             raise ValueError(f"request id {rid!r} is already in the engine")
         handle = RequestHandle(rid, params, self._loop.create_future(), on_progress)
-        self._handles[rid] = handle
-        self.engine.add_request(rid, params)
+        self._handles[rid] = handle  # before the engine thread can report on it
+        try:
+            self.engine.add_request(rid, params, stage_input)
+        except BaseException:
+            del self._handles[rid]  # refused (a bad stage input): nothing to report on
+            raise
         self.stats.submitted += 1
         self._wake.set()
         return handle

@@ -8,11 +8,11 @@ stays a plain blocking call and runs the very same code path as the server.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
+from ..families import identify
 from .stage_config import StageConfig, load_stage_config, stage_config_for
 
 T = TypeVar("T")
@@ -20,15 +20,9 @@ T = TypeVar("T")
 
 def checkpoint_architectures(model: str | Path) -> list[str]:
     """What a checkpoint says it is: config.json's architectures, or a diffusers
-    directory's pipeline class (model_index.json `_class_name`, e.g. GlmImagePipeline)."""
-    config = Path(model) / "config.json"
-    if config.is_file():
-        return list(json.loads(config.read_text()).get("architectures") or [])
-    index = Path(model) / "model_index.json"
-    if index.is_file():
-        name = json.loads(index.read_text()).get("_class_name")
-        return [name] if name else []
-    return []
+    directory's pipeline class (model_index.json `_class_name`, e.g. GlmImagePipeline);
+    read by the family registry's `identify`."""
+    return list(identify(model).names)
 
 
 def multistage_config(model: str | Path, stage_config: str | Path | StageConfig | None = None) -> StageConfig | None:

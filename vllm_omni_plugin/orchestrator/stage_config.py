@@ -1,7 +1,7 @@
 """Stage configs: which stages a model runs, where, and with what defaults.
 
-A stage config is a YAML file (the plugin ships one per model family in
-`stage_configs/`; users pass their own with `--stage-config` or
+A stage config is a YAML file (the plugin ships one per model family, in the
+family's folder, `families/<family>/stage_config.yaml`; users pass their own with `--stage-config` or
 `Omni(stage_config=...)`). The schema is the pydantic model below; unknown
 keys are errors, and every error names the file, the field and what to write
 instead, because a typo in a deployment file must not silently fall back to
@@ -36,19 +36,12 @@ must name an earlier stage.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# input_processor name -> "module:Class" of the family orchestrator that turns the
-# AR stage's output into the diffusion stage's input (orchestrator/stages.py).
-INPUT_PROCESSORS: dict[str, str] = {
-    "bagel_context": "vllm_omni_plugin.orchestrator.bagel:BagelOrchestrator",
-    "glm_image_prior": "vllm_omni_plugin.orchestrator.glm_image:GlmImageOrchestrator",
-}
 # omni_kv: the AR engine runs with the OmniKVConnector (KV cache + keyed metadata);
 # inline: the AR stage's output (generated tokens) is handed over in-process.
 CONNECTORS = ("omni_kv", "inline")
@@ -92,8 +85,11 @@ class StageSpec(BaseModel):
     @field_validator("input_processor")
     @classmethod
     def _processor(cls, v: str | None) -> str | None:
-        if v is not None and v not in INPUT_PROCESSORS:
-            raise ValueError(f"unknown input_processor {v!r}; known: {', '.join(INPUT_PROCESSORS)}")
+        from ..families import input_processors
+
+        # input_processor names are registered by the families (Family.input_processor)
+        if v is not None and v not in input_processors():
+            raise ValueError(f"unknown input_processor {v!r}; known: {', '.join(input_processors())}")
         return v
 
     @field_validator("connector")
@@ -124,6 +120,8 @@ class StageConfig(BaseModel):
     name: str = Field(min_length=1)
     architectures: tuple[str, ...] = Field(min_length=1)
     stages: tuple[StageSpec, ...] = Field(min_length=1)
+    #: every stage's dtype unless a stage sets its own (orchestrator/stage_dtype.py); None: the device default
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @model_validator(mode="after")
     def _topology(self) -> "StageConfig":
@@ -205,12 +203,13 @@ def load_stage_config(path: str | Path) -> StageConfig:
 
 @functools.cache
 def builtin_stage_configs() -> dict[str, StageConfig]:
-    """The stage configs shipped in `stage_configs/` (package data), by name."""
+    """The shipped stage configs (each family's, `vllm_omni_plugin.stage_configs.shipped`), by name."""
+    from ..stage_configs import shipped
+
     configs = {}
-    for entry in resources.files("vllm_omni_plugin.stage_configs").iterdir():
-        if entry.name.endswith(".yaml"):
-            config = parse_stage_config(entry.read_text(), f"stage_configs/{entry.name}")
-            configs[config.name] = config
+    for family, path in shipped().items():
+        config = parse_stage_config(path.read_text(), f"vllm_omni_plugin/families/{family}/{path.name}")
+        configs[config.name] = config
     return configs
 
 

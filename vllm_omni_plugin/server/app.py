@@ -16,7 +16,6 @@ One set of routes, two kinds of runtime behind them:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -24,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
 from vllm.exceptions import VLLMClientError
 
 from ..diffusion.engine import EngineConfig
@@ -238,37 +236,3 @@ class OmniRuntime:
             await asyncio.sleep(period)
             for video_id in self.videos.expire():
                 logger.info("omni: video %s expired and was deleted", video_id)
-
-
-def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
-    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
-    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
-
-    Args:
-        args: the parsed `vllm serve ... --omni` arguments.
-        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
-
-    Returns:
-        the FastAPI app for vLLM's `serve_http`.
-    """
-    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
-    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
-    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
-
-    from .plugin import OmniEndpointPlugin
-
-    if args.disable_fastapi_docs:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    else:
-        app = FastAPI()
-    app.root_path = args.root_path
-    app.state.args = args
-    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
-    app.state.engine_client = None
-    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
-    plugin = OmniEndpointPlugin(runtime)
-    plugin.attach_router(app)
-    init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
-    init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
-    app.state.endpoint_plugins = [plugin]
-    return app

@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+from ..families import identify
 from ..hub import ModelNotFoundError, resolve_model
 from ..diffusion.acceleration import DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
 from ..orchestrator.stage_config import StageConfig, StageConfigError, builtin_stage_configs, load_stage_config
 from ..request import Limits
+from .flags import make_parser
 
 
 class ConfigError(ValueError):
@@ -37,14 +41,12 @@ class ConfigError(ValueError):
 
 
 def checkpoint_kind(model: str) -> str:
-    """"multi-stage" for an HF model dir or a diffusers directory whose pipeline a shipped
-    multi-stage stage config names (GLM-Image), "diffusion" for other diffusers directories."""
-    path = Path(model)
-    if (path / "model_index.json").is_file():
-        return "multi-stage" if multistage_config(model) is not None else "diffusion"
-    if (path / "config.json").is_file():
-        return "multi-stage"
-    raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
+    """"multi-stage" or "diffusion": what the family registry says the checkpoint is
+    (`families.identify`); ConfigError for a directory that is no checkpoint."""
+    kind = identify(model).kind
+    if kind is None:
+        raise ConfigError(f"{model}: neither model_index.json (diffusers) nor config.json (transformers) found")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,7 @@ def explicit_engine_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     """vLLM engine args set on the command line: every `AsyncEngineArgs` field whose parsed value
     differs from the serve parser's default (a flag given with its default value is indistinguishable
     from an omitted one, and leaves the stage config's value in place)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
     if parser is None:
-        from .cli import make_parser
-
         parser = make_parser()
     out = {}
     for f in dataclasses.fields(AsyncEngineArgs):

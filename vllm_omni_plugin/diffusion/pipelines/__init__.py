@@ -1,65 +1,45 @@
 """Which implementation serves which diffusers pipeline class.
 
-Step-wise (batchable across requests): the classes listed in STEPWISE.
+Step-wise (batchable across requests): the class the family registry
+(vllm_omni_plugin/families/) declares for the pipeline's class name.
 Everything else diffusers can load goes through the monolithic GenericPipeline.
 See docs/diffusion.md for the reasons.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Sequence
 
 from ..interface import DiffusionPipelineBase
 
-# diffusers pipeline class name -> "module:Class" of our step-wise implementation
-STEPWISE: dict[str, str] = {
-    "QwenImagePipeline": "qwen_image:QwenImageStepwise",
-    "QwenImageEditPipeline": "qwen_image:QwenImageEditStepwise",
-    "QwenImageEditPlusPipeline": "qwen_image:QwenImageEditPlusStepwise",
-    "QwenImageLayeredPipeline": "qwen_image:QwenImageLayeredStepwise",
-    "WanPipeline": "wan:WanStepwise",
-    "WanImageToVideoPipeline": "wan:WanImageToVideoStepwise",
-    # WanPipeline with expand_timesteps (Wan2.2 TI2V-5B) -> wan:WanTI2VStepwise, see stepwise_class_for
-}
-
-
-# Architectures of multi-stage checkpoints (config.json) -> "module:Class" of the
-# family whose diffusion stage they carry; its `capabilities.orchestrator` names
-# the orchestrator that runs the whole model.
-MULTISTAGE: dict[str, str] = {
-    "BagelForConditionalGeneration": "bagel:BagelStepwise",
-    "OmniBagelForConditionalGeneration": "bagel:BagelStepwise",
-    # GLM-Image: a diffusers directory whose pipeline a shipped stage config runs in two stages
-    "GlmImagePipeline": "glm_image:GlmImageStepwise",
-}
-
-
-def _load_class(target: str) -> type[DiffusionPipelineBase]:
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-
 
 def multistage_family(architectures: Sequence[str]) -> type[DiffusionPipelineBase] | None:
-    """The pipeline class (with its declaration) of a multi-stage checkpoint's architectures, or None."""
-    for arch in architectures:
-        if arch in MULTISTAGE:
-            return _load_class(MULTISTAGE[arch])
-    return None
+    """The final-stage pipeline class (with its declaration) of a multi-stage checkpoint's names, or None.
+
+    Args:
+        architectures: config.json `architectures` or a diffusers `_class_name`.
+    """
+    from ...families import stage_family
+
+    family = stage_family(tuple(architectures))
+    if family is None:
+        return None
+    return family.load(next(family.stages[a] for a in architectures if a in family.stages))
 
 
 def stepwise_class_for(pipe: Any) -> type[DiffusionPipelineBase] | None:
-    """Our step-wise class for a loaded diffusers pipeline, or None (-> generic)."""
-    target = STEPWISE.get(type(pipe).__name__)
-    if target is None:
+    """Our step-wise class for a loaded diffusers pipeline, or None (-> generic).
+
+    The family that declares the pipeline's class name (families/) names the class;
+    that class's `variant_for(pipe)` may refine it by the loaded config.
+    """
+    from ...families import pipeline_target
+
+    found = pipeline_target(type(pipe).__name__)
+    if found is None:
         return None
-    # Wan2.2 TI2V-5B (`expand_timesteps`): per-token timesteps, text- and image-to-video in one
-    # checkpoint (its model_index names WanPipeline); the I2V class with it stays generic.
-    if getattr(pipe.config, "expand_timesteps", False):
-        if type(pipe).__name__ != "WanPipeline":
-            return None
-        target = "wan:WanTI2VStepwise"
-    return _load_class(target)
+    family, target = found
+    return family.load(target).variant_for(pipe)
 
 
 def wrap(pipe: Any, model_id: str = "", force_generic: bool = False, batch_cfg: bool = True) -> DiffusionPipelineBase:

@@ -10,24 +10,20 @@ has dropped it (at the end of the denoise step it was in), with `status:
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...request import RequestError
-from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, RequestAborted
+from ...request.protocol import request_body
 from ..errors import OmniHTTPError
+from ..serving.common import runtime
+from ..serving.videos import create_job, delete_job
 from ..videos import VideoJob, VideoNotFound
-from .common import check_request, json_body, json_response, omni_route, read_form, runtime
+from .common import check_request, json_body, json_response, omni_route, read_form
 
 router = APIRouter()
-# How long DELETE of a running video waits for the engine to drop its work; a step
-# that takes longer still stops at its end, and the answer then says "cancelling".
-CANCEL_WAIT_S = 120.0
-logger = logging.getLogger("vllm.omni_plugin.server")
 
 
 def _job(request: Request, video_id: str) -> VideoJob:
@@ -50,62 +46,12 @@ async def _video_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
     return await read_form(request, ("input_reference",), ("input_reference[image_url]",))
 
 
-async def _finish(request_app_state: Any, job: VideoJob, handle: Any) -> None:
-    """Background: wait for the engine, write the mp4, settle the job."""
-    omni = request_app_state.omni
-    try:
-        output = await omni.bridge.result(handle)
-        if job.status == "cancelling":  # finished in the step the DELETE arrived in: dropped all the same
-            omni.videos.cancelled(job)
-            return
-        if job.deleted:
-            return
-        path = omni.videos.path_for(job.id)
-        part = omni.videos.partial_path_for(job.id)
-        await asyncio.to_thread(output.save_mp4, part)
-        if job.deleted:
-            part.unlink(missing_ok=True)
-            return
-        part.replace(path)
-        omni.videos.complete(job)
-    except (RequestAborted, EngineStopped) as exc:
-        if job.status == "cancelling":
-            omni.videos.cancelled(job)
-        elif not job.deleted:
-            omni.videos.fail(job, "aborted", str(exc))
-    except (GenerationFailed, OSError, ValueError) as exc:  # engine errors, mp4 export errors
-        # the request was validated before it was queued: a failure now is the server's
-        logger.error("omni: video %s (request %s) failed", job.id, job.request_id, exc_info=exc)
-        if not job.deleted:
-            omni.videos.fail(job, "generation_failed", f"{exc}; request id {job.request_id}")
-
-
-@router.post("/v1/videos")
+@router.post("/v1/videos", openapi_extra={"requestBody": request_body("/v1/videos")})
 @omni_route("videos.create")
 async def create_video(request: Request):
-    omni = runtime(request)
     fields, images = await _video_inputs(request)
     check_request(request, fields)
-    canon = await asyncio.to_thread(omni.builder.build, fields, images, task="video")
-    p = canon.params
-    seconds = (p.num_frames - 1) / p.fps if p.num_frames and p.fps else 0
-    job = VideoJob(
-        id=omni.videos.new_id(),
-        model=fields.get("model") or omni.model_name,
-        prompt=p.prompt,
-        size=f"{p.width}x{p.height}",
-        seconds=f"{seconds:g}",
-        resolved=p.public_dict(),
-        ignored=canon.ignored,
-    )
-    # A job either returns its id to its client or never exists: the answer is
-    # rendered before the work is queued, and the job is registered with it.
-    response = json_response(job.to_json())
-    handle = omni.bridge.submit(p, job.on_progress, prefix="video")
-    job.request_id = handle.request_id
-    omni.videos.add(job)
-    job.task = asyncio.create_task(_finish(request.app.state, job, handle))
-    return response
+    return await create_job(request, fields, images)
 
 
 @router.get("/v1/videos")
@@ -147,15 +93,4 @@ async def video_content(request: Request, video_id: str, variant: str = "video")
 @router.delete("/v1/videos/{video_id}")
 @omni_route("videos.delete")
 async def delete_video(request: Request, video_id: str):
-    omni = runtime(request)
-    job = _job(request, video_id)
-    if job.status in ("queued", "in_progress", "cancelling") and job.task is not None:
-        if job.status != "cancelling":
-            omni.videos.cancelling(job)
-            omni.bridge.abort(job.request_id)
-        # Answer once the engine has dropped the work (the end of the denoise step it is
-        # in), so the answer and /metrics say it stopped, not only that the record is gone.
-        await asyncio.wait({job.task}, timeout=CANCEL_WAIT_S)
-    if job.id in omni.videos.jobs:  # a concurrent DELETE may have removed it meanwhile
-        omni.videos.delete(job.id)
-    return json_response({"id": job.id, "object": "video.deleted", "deleted": True, "status": job.status})
+    return json_response(await delete_job(request, _job(request, video_id)))
