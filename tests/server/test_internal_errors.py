@@ -30,15 +30,18 @@ FAULT = "refused after validation"
 
 
 async def _serve_and_ask(args) -> tuple[openai.InternalServerError, object]:
-    runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args))
-    real = runtime.pipeline.prepare_many
+    # The engine on a thread of this process (the server runs it in its own process,
+    # tests/server/test_engine_process.py): the test patches its pipeline.
+    runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args), engine_process=False)
+    pipeline = runtime.bridge.engine.pipeline
+    real = pipeline.prepare_many
 
     def prepare_many(params, request_ids):
         if any(p.prompt == "explode" for p in params):
             raise ValueError(FAULT)
         return real(params, request_ids)
 
-    runtime.pipeline.prepare_many = prepare_many
+    pipeline.prepare_many = prepare_many
     app = build_app(args, runtime)
     for plugin in app.state.endpoint_plugins:  # phase B, as launch.py runs it
         await plugin.init_state(None, app.state, args)

@@ -132,6 +132,36 @@ class DiffusionEngine:
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals), stage_input)
         return resolved
 
+    def add_requests(
+        self, requests: list[tuple[str, SamplingParams | ResolvedParams, Any]]
+    ) -> list[ResolvedParams | Exception]:
+        """Queue several requests at once, so that one step admits them together (one
+        `prepare_many`, as `Omni.generate` of several prompts in one process does).
+
+        Args:
+            requests: (request id, params, stage input or None) per request, as for `add_request`.
+
+        Returns:
+            per request, its resolved parameters or the error that refused it alone.
+        """
+        out: list[ResolvedParams | Exception] = []
+        for rid, params, stage_input in requests:
+            try:
+                check_stage_input(self.pipeline, rid, stage_input)
+                out.append(params if isinstance(params, ResolvedParams)
+                           else self.pipeline.resolve(params, self.stage_defaults))
+            except Exception as exc:  # noqa: BLE001 -- that request's own error, returned to its caller
+                out.append(exc)
+        with self._lock:
+            for i, ((rid, _, stage_input), resolved) in enumerate(zip(requests, out)):
+                if isinstance(resolved, Exception):
+                    continue
+                if rid in self._waiting or rid in self._running:
+                    out[i] = ValueError(f"request id {rid!r} is already in the engine")
+                    continue
+                self._waiting[rid] = _Request(rid, resolved, next(self._arrivals), stage_input)
+        return out
+
     def close(self) -> None:
         """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
 

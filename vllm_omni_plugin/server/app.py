@@ -2,8 +2,9 @@
 
 One set of routes, two kinds of runtime behind them:
 
-* diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`), served by `build_app`: an app made of
+* diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine in its own
+  process behind `EngineCoreClient` (engine/client.py: a crash there is a 503 for
+  its requests and a restart, never a dead server), served by `build_app`: an app made of
   vLLM's own pieces (its exception handlers, its middleware -- CORS,
   --api-key, request ids, --middleware --, its Prometheus registry and
   /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
@@ -25,9 +26,10 @@ from typing import Any
 from vllm.exceptions import VLLMClientError
 
 from ..diffusion.engine import EngineConfig
-from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
+from ..engine.client import EngineCoreClient
+from ..engine.spec import EngineSpec, PipelineInfo
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
@@ -39,11 +41,14 @@ logger = logging.getLogger("vllm.omni_plugin.server")
 
 
 class InlineDiffusion:
-    """A single-stage diffusion model: the engine on a background thread."""
+    """A single-stage diffusion model behind its engine client: `EngineCoreClient` (the engine
+    in its own process; what the server runs) or `EngineLoop` (the engine on a thread of this
+    process; `OmniRuntime.load(..., engine_process=False)`, for benchmarks of the difference
+    and tests that reach into the pipeline)."""
 
     text = False  # no text output
 
-    def __init__(self, bridge: EngineLoop) -> None:
+    def __init__(self, bridge: EngineCoreClient | EngineLoop) -> None:
         self.bridge = bridge
 
     @property
@@ -52,14 +57,18 @@ class InlineDiffusion:
 
     def health(self) -> str | None:
         """None while serving; otherwise what is down (the /health answer)."""
+        if isinstance(self.bridge, EngineCoreClient):
+            return self.bridge.health()
         return None if self.bridge.alive else "the diffusion engine is not running"
 
     async def start(self) -> None:
-        self.bridge.start()
+        if isinstance(self.bridge, EngineLoop):  # (an engine process started when it was loaded)
+            self.bridge.start()
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.bridge.stop)
-        self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
+        if isinstance(self.bridge, EngineLoop):
+            self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
 
     async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
                              request_id: str | None = None) -> DiffusionOutput:
@@ -125,7 +134,8 @@ class OmniRuntime:
     """Everything the omni routes use; lives on `app.state.omni`."""
 
     config: OmniServerConfig
-    pipeline: DiffusionPipelineBase
+    #: the served model's family and declaration (the model itself may live in the engine process)
+    pipeline: PipelineInfo
     builder: RequestBuilder
     stages: InlineDiffusion | MultiStage
     metrics: OmniMetrics
@@ -136,22 +146,35 @@ class OmniRuntime:
     _stopped: bool = False
 
     @property
-    def bridge(self) -> EngineLoop:
-        """The diffusion engine's loop (the final stage's, for a multi-stage model)."""
+    def bridge(self) -> EngineCoreClient | EngineLoop:
+        """The diffusion engine's client (the final stage's, for a multi-stage model)."""
         return self.stages.bridge
 
     @classmethod
-    def load(cls, config: OmniServerConfig) -> "OmniRuntime":
-        """A diffusion-only runtime (blocking: loads the pipeline)."""
-        from ..diffusion.workers import PipelineBuilder, launch_engine
+    def load(cls, config: OmniServerConfig, *, engine_process: bool = True) -> "OmniRuntime":
+        """A diffusion-only runtime (blocking: starts the engine process and waits until it has loaded).
 
-        engine = launch_engine(
+        Args:
+            config: the server's omni configuration.
+            engine_process: False runs the engine on a thread of this process instead (the
+                path before the engine process existed; benchmarks compare the two, and tests
+                that patch the pipeline use it).
+        """
+        from ..diffusion.workers import PipelineBuilder
+
+        spec = EngineSpec(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
             engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
             stage_defaults=config.stage_defaults or None,
         )
-        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
+        if not engine_process:
+            engine = spec.launch()
+            return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
+                                 InlineDiffusion(EngineLoop(engine, config.max_queue)))
+        client = EngineCoreClient(spec, config.max_queue)
+        client.start()
+        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client))
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
@@ -162,15 +185,17 @@ class OmniRuntime:
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
-        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue))
+        engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
+        return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
+                             MultiStage(orchestrator, config.max_queue))
 
     @classmethod
-    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase,
+    def _assemble(cls, config: OmniServerConfig, pipeline: PipelineInfo, resolve_fn: Any,
                   stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
-        stage_defaults = stages.bridge.engine.stage_defaults
+        stage_defaults = pipeline.stage_defaults
         caps = pipeline.capabilities
-        builder = RequestBuilder(pipeline.resolve, caps, stage_defaults, config.limits)
+        builder = RequestBuilder(resolve_fn, caps, stage_defaults, config.limits)
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
             config.model, pipeline.family, caps.output, " and text" if stages.text else "",

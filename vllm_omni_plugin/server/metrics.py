@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..engine.client import EngineCoreClient
 from ..orchestrator.engine_loop import EngineLoop
 
 # (vLLM's registry, the omni registry registered in it): at most one per process
@@ -18,7 +19,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class OmniMetrics:
-    def __init__(self, bridge: EngineLoop) -> None:
+    def __init__(self, bridge: EngineCoreClient | EngineLoop) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -48,6 +49,10 @@ class OmniMetrics:
             Gauge(f"omni_engine_requests_{name}", f"Requests {name} since start", registry=r).set_function(
                 (lambda n: lambda: getattr(bridge.stats, n))(name)
             )
+        Gauge("omni_engine_alive", "1 while the diffusion engine serves; 0 while its process is dead or restarting",
+              registry=r).set_function(lambda: float(bridge.alive))
+        Gauge("omni_engine_restarts", "Times the diffusion engine process died and was started again",
+              registry=r).set_function(lambda: getattr(bridge.stats, "restarts", 0))
         bridge.step_observer = self.observe_step
 
     def observe_step(self, seconds: float, requests: int) -> None:
