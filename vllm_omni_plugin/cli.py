@@ -3,6 +3,7 @@
   vllm-omni doctor [--json] [--no-probe]          is the environment sound, is the plugin loaded, what is patched
   vllm-omni make-checkpoint FAMILY --preset tiny|full --out DIR [--seed N] [--device cuda]
   vllm-omni serve MODEL [vllm serve flags] [omni flags]   same as `vllm serve MODEL --omni`
+  vllm-omni bench [--task images|edits|chat|videos] [load flags]  load a running server (docs/bench.md)
 
 Any command also takes `--debug`: a failure then shows its traceback instead of
 one error line (cli_errors.py).
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--device", default="cpu",
                       help="where the random weights are drawn: cpu, or cuda for bagel / qwen-image* (fast full builds)")
     make.set_defaults(func=_make_checkpoint)
+
+    from vllm_omni_plugin.bench.cli import add_bench_args
+
+    add_bench_args(sub.add_parser(
+        "bench", help="load generator for a running omni server: throughput, latency percentiles, errors "
+        "by code (docs/bench.md)"))
 
     sub.add_parser(
         "serve",
