@@ -34,6 +34,7 @@ from .diffusion.workers import PipelineBuilder, launch_engine
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
 from .hub import resolve_model
+from .progress import GenerateProgress
 
 PromptLike = str | Mapping[str, Any] | SamplingParams
 
@@ -165,19 +166,40 @@ class Omni:
         prompts: PromptLike | Sequence[PromptLike],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_event: Callable[[EngineEvent], None] | None = None,
+        use_tqdm: bool = True,
     ) -> list[DiffusionOutput]:
-        """One output per prompt, in prompt order; each carries its resolved params."""
+        """One output per prompt, in prompt order; each carries its resolved params.
+
+        Args:
+            prompts: one prompt (text, a dict of request fields, or SamplingParams) or a list.
+            params: the SamplingParams of every prompt, or one per prompt.
+            on_event: called with each engine event (steps, and how each request ended).
+            use_tqdm: show a progress bar over the requests and their steps (progress.py).
+
+        Returns:
+            one DiffusionOutput per prompt, in prompt order.
+        """
         self._check_open()
         requests = to_requests(prompts, params)
+        with GenerateProgress(len(requests), use_tqdm, on_event) as progress:
+            return self._generate(requests, progress)
+
+    def _generate(self, requests: list[SamplingParams], progress: GenerateProgress) -> list[DiffusionOutput]:
         if self._stages is not None:
+            async def one(i: int, request: SamplingParams) -> DiffusionOutput:
+                key = f"request-{i}"  # the bar's key; the orchestrator names the request itself
+                output = await self._stages.generate_image(request, progress.progress_for(key))
+                progress.finished(key)
+                return output
+
             async def all_of() -> list[DiffusionOutput]:
-                return await asyncio.gather(*(self._stages.generate_image(r) for r in requests))
+                return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
             return self._background.run(all_of())
         ids = [f"omni-{next(self._ids)}" for _ in requests]
         for rid, request in zip(ids, requests):
             self.engine.add_request(rid, request)
-        final = self.engine.run(on_event)
+        final = self.engine.run(progress.on_event)
         outputs = []
         for rid in ids:
             event = final[rid]
