@@ -22,12 +22,16 @@ class Report:
     entry_point: str
     patches: list[dict] = field(default_factory=list)
     architectures: list[dict] = field(default_factory=list)
+    #: vLLM version -> what was verified on it (contracts.VERIFIED)
+    verified: dict[str, str] = field(default_factory=dict)
+    #: `--contracts`: contracts.report() against the installed vLLM (None when not asked for)
+    contracts: dict | None = None
 
     @property
     def ok(self) -> bool:
         return all(p["status"] in ("applied", "already applied", "not applicable") for p in self.patches) and all(
             a["registered"] for a in self.architectures
-        )
+        ) and (self.contracts is None or self.contracts["ok"])
 
     def as_text(self) -> str:
         lines = [
@@ -44,6 +48,18 @@ class Report:
         for a in self.architectures:
             state = "registered" if a["registered"] else "NOT registered"
             lines.append(f"  {a['architecture']:<36} {state:<15} {a['target']}")
+        lines.append("verified per vLLM version:")
+        for version, what in self.verified.items():
+            lines.append(f"  {version:<8} {'(installed) ' if version == self.vllm_version else ''}{what}")
+        if self.vllm_version not in self.verified:
+            lines.append(f"  {self.vllm_version:<8} (installed) nothing verified on it: run `vllm-omni doctor --contracts`")
+        if self.contracts is not None:
+            c = self.contracts
+            lines.append(f"contracts with vLLM {c['vllm']} ({c['vllm_path']}): {c['checked']} checked, "
+                         f"{c['by_import']} by import, {c['by_source']} from source: {'ok' if c['ok'] else 'BROKEN'}")
+            for item in c["contracts"]:
+                if not item["ok"]:
+                    lines.append(f"  BROKEN {item['kind']:<10} {item['name']} -- {item['detail']}")
         lines.append("status: " + ("ok" if self.ok else "PROBLEMS (see above)"))
         return "\n".join(lines)
 
@@ -55,12 +71,14 @@ def _entry_point() -> str:
     return ", ".join(f"{ep.name} -> {ep.value}" for ep in found) or "NOT FOUND (is the package installed?)"
 
 
-def collect() -> Report:
+def collect(contracts: bool = False) -> Report:
+    """This process's view of the plugin; with `contracts`, the contract checks against the installed vLLM."""
     import vllm
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
     import vllm_omni_plugin
+    from vllm_omni_plugin.contracts import VERIFIED, check_contracts, report
     from vllm_omni_plugin.model_registry import OMNI_MODELS
     from vllm_omni_plugin.patches import status
 
@@ -77,4 +95,6 @@ def collect() -> Report:
             {"architecture": m.architecture, "target": m.target, "registered": m.architecture in supported}
             for m in OMNI_MODELS
         ],
+        verified=dict(VERIFIED),
+        contracts=report(check_contracts()) if contracts else None,
     )

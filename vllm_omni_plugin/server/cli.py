@@ -77,8 +77,11 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from ..vllm_moves import vllm_symbol
+
+    make_arg_parser = vllm_symbol("make_arg_parser")  # moved in vLLM 0.33
 
     parser = FlexibleArgumentParser(
         prog="vllm serve",
@@ -90,8 +93,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.logger import configure_logging_from_args
+
+    from ..vllm_moves import vllm_symbol
+
+    validate_parsed_serve_args = vllm_symbol("validate_parsed_serve_args")  # moved in vLLM 0.33
 
     args = make_parser().parse_args(list(argv))
     args.subparser = "serve"  # what vLLM's own CLI sets; its validators key on it
@@ -106,9 +112,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def serve_main(argv: Sequence[str]) -> int:
     """`vllm-omni serve ...` and `vllm serve ... --omni` end here."""
     import uvloop
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+    from ..vllm_moves import vllm_symbol
     from .launch import run_server
+
+    cli_env_setup = vllm_symbol("cli_env_setup")  # moved in vLLM 0.33
 
     cli_env_setup()
     args = parse_args(argv)
