@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from vllm.exceptions import VLLMClientError
 
@@ -31,6 +31,7 @@ from ..diffusion.params import ResolvedParams
 from ..engine.client import EngineCoreClient
 from ..engine.spec import EngineSpec, PipelineInfo
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
+from ..orchestrator.stages import StageTimings
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
 from .media import MediaFetcher
@@ -96,6 +97,8 @@ class MultiStage:
         self.bridge: EngineLoop = orchestrator.loop
         self.max_queue = max_queue
         self.images_in_flight = 0
+        #: called with each finished image request's StageTimings (the omni metrics)
+        self.timings_observer: Callable[[Any], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -120,9 +123,13 @@ class MultiStage:
                 f"--omni-max-queue {self.max_queue}); retry later"
             )
         self.images_in_flight += 1
+        timings = StageTimings()
         try:
-            return await self.orchestrator.generate_image(
-                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"))
+            output = await self.orchestrator.generate_image(
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"), timings=timings)
+            if self.timings_observer is not None:
+                self.timings_observer(timings)
+            return output
         except VLLMClientError as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
             raise RequestError(str(e), getattr(e, "parameter", None)) from e
         finally:
@@ -201,12 +208,15 @@ class OmniRuntime:
             config.model, pipeline.family, caps.output, " and text" if stages.text else "",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
+        metrics = OmniMetrics(stages.bridge)
+        if isinstance(stages, MultiStage):
+            stages.timings_observer = metrics.observe_stage_timings
         return cls(
             config=config,
             pipeline=pipeline,
             builder=builder,
             stages=stages,
-            metrics=OmniMetrics(stages.bridge),
+            metrics=metrics,
             media=MediaFetcher(config),
             videos=VideoStore(config.video_dir, config.video_retention_s),
         )
