@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests [ARGS]   the GPU test tier (pytest -m gpu tests/gpu ARGS)
 #   bash scripts/gpu_session.sh bench-bagel    benchmarks/bench_bagel_gpu.py
 #   bash scripts/gpu_session.sh bench-serving  benchmarks/bench_serving_overhead.py (Qwen-Image)
+#   bash scripts/gpu_session.sh bench-glm      benchmarks/bench_glm_image.py (ours vs diffusers' GlmImagePipeline)
 #   bash scripts/gpu_session.sh drop FAMILY    delete a cached full checkpoint (room for the next one)
 #
 # Full-size checkpoints are cached in $OMNI_GPU_CKPT_DIR: a tmpfs mounted at /mnt/omni-ckpt when
@@ -44,8 +45,12 @@ case "${1:-}" in
     shift
     export OMNI_GPU_CKPT_DIR=$(ckpt_dir)
     timeout 570 python3 benchmarks/bench_serving_overhead.py --log "$OUT/serving_server.log" "$@" 2>&1 | tee "$OUT/bench_serving.log" | tail -n 60 ;;
+  bench-glm)
+    shift
+    d=$(ckpt_dir)
+    timeout 570 python3 benchmarks/bench_glm_image.py --ckpt "$d/glm-image-full-0" --out "$OUT/bench_glm_image.json" "$@" 2>&1 | tee "$OUT/bench_glm.log" | tail -n 40 ;;
   drop)
     rm -rf "$(ckpt_dir)/$2-full-0" && df -h "$(ckpt_dir)" ;;
   *)
-    sed -n 2,14p "$0"; exit 2 ;;
+    sed -n 2,15p "$0"; exit 2 ;;
 esac

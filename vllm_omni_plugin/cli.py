@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default="cpu",
-                      help="where the random weights are drawn: cpu, or cuda for bagel / qwen-image* (fast full builds)")
+                      help="where the random weights are drawn: cpu, or cuda for bagel / qwen-image* / glm-image (fast full builds)")
     make.set_defaults(func=_make_checkpoint)
 
     sub.add_parser(

@@ -13,7 +13,7 @@ Presets:
         benchmarks; `build_in_memory` can skip the disk.
 
 The same (family, preset, seed) gives the same bytes on the same device.
-`device="cuda"` (bagel, qwen-image*) draws the weights on the GPU: a `full`
+`device="cuda"` (bagel, qwen-image*, glm-image) draws the weights on the GPU: a `full`
 checkpoint is then written in seconds instead of minutes of CPU sampling.
 
 This module must not import vLLM: the GPU benchmark machine has none.
@@ -42,7 +42,7 @@ FAMILIES: dict[str, str] = {
 
 
 # Families whose builder can draw the weights on another device than the CPU.
-DEVICE_FAMILIES = ("bagel", "qwen-image", "qwen-image-edit", "qwen-image-layered")
+DEVICE_FAMILIES = ("bagel", "qwen-image", "qwen-image-edit", "qwen-image-layered", "glm-image")
 
 
 def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, device: str = "cpu") -> Path:
