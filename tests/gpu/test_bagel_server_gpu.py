@@ -44,33 +44,45 @@ def _free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def ask_one_server(ckpt, serve_args: list[str], log, model: str, side: int = SIDE, steps: int = STEPS) -> dict:
+    """Start `vllm serve ckpt --omni *serve_args`, ask it chat text (plain, streamed), the same prompt through
+    /v1/completions, and a chat image, the same image through /v1/images/generations and a control seed."""
+    from vllm_omni_plugin.server.spawn import spawn_server
+
+    with spawn_server(ckpt, serve_args, log=log) as server:
+        client = server.client()
+        messages = [{"role": "user", "content": USER}]
+        got = {"startup_s": server.startup_seconds}
+        got["chat"] = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=N_TOKENS, temperature=0.0, logprobs=True,
+            extra_body={"return_tokens_as_token_ids": True})
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=N_TOKENS,
+                                                temperature=0.0, stream=True)
+        got["streamed"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        got["completion"] = client.completions.create(model=model, prompt=SYSTEM + TEXT2TEXT, max_tokens=N_TOKENS,
+                                                      temperature=0.0)
+        size = f"{side}x{side}"
+        ext = {"seed": 1, "num_inference_steps": steps}
+        got["chat_image"] = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "a red cat"}], modalities=["image"],
+            extra_body={**ext, "size": size})
+        got["image"] = client.images.generate(model=model, prompt="a red cat", size=size, extra_body=ext)
+        got["control"] = client.images.generate(model=model, prompt="a red cat", size=size,
+                                                extra_body={**ext, "seed": 2})
+        assert server.proc.poll() is None
+    return got
+
+
 def test_chat_text_and_images_from_one_vllm_server_match_the_references(full_bagel, tmp_path):
     from reference.bagel_generation import BagelReference
     from reference.bagel_understanding import BagelUnderstanding
 
-    from vllm_omni_plugin.server.spawn import spawn_server
-
     assert TEXT2TEXT == f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
     prompt = SYSTEM + TEXT2TEXT
-    model = str(full_bagel)
-    with spawn_server(full_bagel, SERVE_ARGS, log=tmp_path / "server.log") as server:
-        client = server.client()
-        messages = [{"role": "user", "content": USER}]
-        chat = client.chat.completions.create(model=model, messages=messages, max_tokens=N_TOKENS, temperature=0.0,
-                                              logprobs=True, extra_body={"return_tokens_as_token_ids": True})
-        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=N_TOKENS,
-                                                temperature=0.0, stream=True)
-        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        done = client.completions.create(model=model, prompt=prompt, max_tokens=N_TOKENS, temperature=0.0)
-
-        size = f"{SIDE}x{SIDE}"
-        ext = {"seed": 1, "num_inference_steps": STEPS}
-        chat_image = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "a red cat"}],
-                                                    modalities=["image"], extra_body={**ext, "size": size})
-        generated = client.images.generate(model=model, prompt="a red cat", size=size, extra_body=ext)
-        control = client.images.generate(model=model, prompt="a red cat", size=size, extra_body={**ext, "seed": 2})
-        report("bagel_server_gpu", server_startup_s=server.startup_seconds)
-        assert server.proc.poll() is None
+    got = ask_one_server(full_bagel, SERVE_ARGS, tmp_path / "server.log", str(full_bagel))
+    report("bagel_server_gpu", server_startup_s=got["startup_s"])
+    chat, streamed, done = got["chat"], got["streamed"], got["completion"]
+    chat_image, generated, control = got["chat_image"], got["image"], got["control"]
 
     text = chat.choices[0].message.content
     assert chat.usage.completion_tokens == N_TOKENS
