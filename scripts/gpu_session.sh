@@ -5,7 +5,8 @@
 #   bash scripts/gpu_session.sh early-ckpt F... draw full checkpoints of families F in the background while
 #                                              the pieces travel (box torch + diffusers from the first piece)
 #   bash scripts/gpu_session.sh install        scripts/gpu_install.sh: the CUDA vLLM stack + this package (editable)
-#   bash scripts/gpu_session.sh tests [ARGS]   the GPU test tier (pytest -m gpu tests/gpu ARGS)
+#   bash scripts/gpu_session.sh tests [ARGS]   the GPU test tier (pytest -m gpu tests/gpu ARGS; test paths in
+#                                              ARGS replace tests/gpu)
 #   bash scripts/gpu_session.sh bench-bagel    benchmarks/bench_bagel_gpu.py
 #   bash scripts/gpu_session.sh bench-serving  benchmarks/bench_serving_overhead.py (Qwen-Image)
 #   bash scripts/gpu_session.sh bench-glm      benchmarks/bench_glm_image.py (ours vs diffusers' GlmImagePipeline)
@@ -61,7 +62,10 @@ case "${1:-}" in
     wait_early
     export OMNI_GPU_CKPT_DIR=$(ckpt_dir) OMNI_GPU_REPORT=$OUT/gpu_report.jsonl
     df -h / "$OMNI_GPU_CKPT_DIR" | tee "$OUT/disk.txt"
-    timeout 570 python3 -m pytest -m gpu tests/gpu -v -rA -s -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\s*$" | tail -n 200 ;;
+    # Paths given: only those (each family's checkpoints fill the tmpfs: run the tier per family);
+    # none: the whole tier. (Options alone, e.g. -k, still mean the whole tier.)
+    paths=(tests/gpu); for a in "$@"; do case "$a" in tests/*) paths=(); break ;; esac; done
+    timeout 570 python3 -m pytest -m gpu "${paths[@]}" -v -rA -s -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^\s*$" | tail -n 200 ;;
   bench-bagel)
     shift
     wait_early
