@@ -33,9 +33,10 @@ from ..diffusion.params import ResolvedParams
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
+from .errors import OmniHTTPError
 from .media import MediaFetcher
+from .job_store import HEARTBEAT_S, JobStore
 from .metrics import OmniMetrics
-from .videos import VideoStore
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -132,7 +133,7 @@ class OmniRuntime:
     stages: InlineDiffusion | MultiStage
     metrics: OmniMetrics
     media: MediaFetcher
-    videos: VideoStore
+    videos: JobStore
     created: int = field(default_factory=lambda: int(time.time()))
     _janitor: asyncio.Task | None = None
     _stopped: bool = False
@@ -185,7 +186,7 @@ class OmniRuntime:
             stages=stages,
             metrics=OmniMetrics(stages.bridge),
             media=MediaFetcher(config),
-            videos=VideoStore(config.video_dir, config.video_retention_s),
+            videos=JobStore(config.job_store, config.video_retention_s, config.video_dir),
         )
 
     @property
@@ -205,14 +206,26 @@ class OmniRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
         await self.stages.stop()
+        # the engine is gone: let the unfinished video jobs record that before the store closes
+        if self.videos.tasks:
+            await asyncio.wait(set(self.videos.tasks.values()), timeout=10)
         self.videos.close()
 
     async def _expire_videos(self) -> None:
-        period = max(0.5, min(30.0, self.config.video_retention_s / 4))
+        """The job store's housekeeping: this server's heartbeat, the jobs of servers that
+        stopped heartbeating (failed, with the reason), and expired jobs."""
+        store = self.videos
+        period = max(0.5, min(HEARTBEAT_S, self.config.video_retention_s / 4))
         while True:
             await asyncio.sleep(period)
-            for video_id in self.videos.expire():
-                logger.info("omni: video %s expired and was deleted", video_id)
+            try:
+                await store.call(store.heartbeat)
+                for video_id in await store.call(store.reap):
+                    logger.warning("omni: video %s failed: the server running it stopped heartbeating", video_id)
+                for video_id in await store.call(store.expire):
+                    logger.info("omni: video %s expired and was deleted", video_id)
+            except OmniHTTPError as exc:  # the store is unreachable: try again next period
+                logger.error("omni: job store housekeeping failed: %s", exc.message)
 
 
 def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
