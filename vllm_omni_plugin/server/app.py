@@ -148,13 +148,14 @@ class OmniRuntime:
         """A diffusion-only runtime (blocking: loads the pipeline)."""
         from ..diffusion.workers import PipelineBuilder, launch_engine
 
+        videos = _open_job_store(config)  # first: a bad or unreachable store fails before the model loads
         engine = launch_engine(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
             engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
             stage_defaults=config.stage_defaults or None,
         )
-        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
+        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)), videos)
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
@@ -162,14 +163,15 @@ class OmniRuntime:
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
         from ..orchestrator import orchestrator_for
 
+        videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
-        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue))
+        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue), videos)
 
     @classmethod
     def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase,
-                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
+                  stages: InlineDiffusion | MultiStage, videos: JobStore) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = stages.bridge.engine.stage_defaults
         caps = pipeline.capabilities
@@ -186,7 +188,7 @@ class OmniRuntime:
             stages=stages,
             metrics=OmniMetrics(stages.bridge),
             media=MediaFetcher(config),
-            videos=JobStore(config.job_store, config.video_retention_s, config.video_dir),
+            videos=videos,
         )
 
     @property
@@ -226,6 +228,10 @@ class OmniRuntime:
                     logger.info("omni: video %s expired and was deleted", video_id)
             except OmniHTTPError as exc:  # the store is unreachable: try again next period
                 logger.error("omni: job store housekeeping failed: %s", exc.message)
+
+
+def _open_job_store(config: OmniServerConfig) -> JobStore:
+    return JobStore(config.job_store, config.video_retention_s, config.video_dir)
 
 
 def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
