@@ -34,9 +34,10 @@ from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..orchestrator.stages import StageTimings
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
+from .errors import OmniHTTPError
 from .media import MediaFetcher
+from .job_store import HEARTBEAT_S, JobStore
 from .metrics import OmniMetrics
-from .videos import VideoStore
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -147,7 +148,7 @@ class OmniRuntime:
     stages: InlineDiffusion | MultiStage
     metrics: OmniMetrics
     media: MediaFetcher
-    videos: VideoStore
+    videos: JobStore
     created: int = field(default_factory=lambda: int(time.time()))
     _janitor: asyncio.Task | None = None
     _stopped: bool = False
@@ -169,6 +170,7 @@ class OmniRuntime:
         """
         from ..diffusion.workers import PipelineBuilder
 
+        videos = _open_job_store(config)  # first: a bad or unreachable store fails before the model loads
         spec = EngineSpec(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
@@ -178,10 +180,10 @@ class OmniRuntime:
         if not engine_process:
             engine = spec.launch()
             return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
-                                 InlineDiffusion(EngineLoop(engine, config.max_queue)))
+                                 InlineDiffusion(EngineLoop(engine, config.max_queue)), videos)
         client = EngineCoreClient(spec, config.max_queue)
         client.start()
-        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client))
+        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client), videos)
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
@@ -189,16 +191,17 @@ class OmniRuntime:
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
         from ..orchestrator import orchestrator_for
 
+        videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
         engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
         return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
-                             MultiStage(orchestrator, config.max_queue))
+                             MultiStage(orchestrator, config.max_queue), videos)
 
     @classmethod
     def _assemble(cls, config: OmniServerConfig, pipeline: PipelineInfo, resolve_fn: Any,
-                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
+                  stages: InlineDiffusion | MultiStage, videos: JobStore) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = pipeline.stage_defaults
         caps = pipeline.capabilities
@@ -218,7 +221,7 @@ class OmniRuntime:
             stages=stages,
             metrics=metrics,
             media=MediaFetcher(config),
-            videos=VideoStore(config.video_dir, config.video_retention_s),
+            videos=videos,
         )
 
     @property
@@ -238,11 +241,27 @@ class OmniRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
         await self.stages.stop()
+        # the engine is gone: let the unfinished video jobs record that before the store closes
+        if self.videos.tasks:
+            await asyncio.wait(set(self.videos.tasks.values()), timeout=10)
         self.videos.close()
 
     async def _expire_videos(self) -> None:
-        period = max(0.5, min(30.0, self.config.video_retention_s / 4))
+        """The job store's housekeeping: this server's heartbeat, the jobs of servers that
+        stopped heartbeating (failed, with the reason), and expired jobs."""
+        store = self.videos
+        period = max(0.5, min(HEARTBEAT_S, self.config.video_retention_s / 4))
         while True:
             await asyncio.sleep(period)
-            for video_id in self.videos.expire():
-                logger.info("omni: video %s expired and was deleted", video_id)
+            try:
+                await store.call(store.heartbeat)
+                for video_id in await store.call(store.reap):
+                    logger.warning("omni: video %s failed: the server running it stopped heartbeating", video_id)
+                for video_id in await store.call(store.expire):
+                    logger.info("omni: video %s expired and was deleted", video_id)
+            except OmniHTTPError as exc:  # the store is unreachable: try again next period
+                logger.error("omni: job store housekeeping failed: %s", exc.message)
+
+
+def _open_job_store(config: OmniServerConfig) -> JobStore:
+    return JobStore(config.job_store, config.video_retention_s, config.video_dir)

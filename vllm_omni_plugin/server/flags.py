@@ -62,7 +62,15 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--omni-video-dir",
         default=None,
-        help="Directory for generated videos (default: a fresh temporary directory, removed at exit).",
+        help="Scratch directory where videos are encoded before they go into the job store "
+        "(default: a fresh temporary directory, removed at exit).",
+    )
+    group.add_argument(
+        "--omni-job-store",
+        default=None,
+        help="Where video jobs and their files live: sqlite:///PATH (one server; kept across restarts) or "
+        "postgresql://USER@HOST:PORT/DB (shared by replicas behind a router). Default: a temporary SQLite "
+        "file, removed at exit.",
     )
     group.add_argument(
         "--omni-video-retention",
