@@ -10,8 +10,9 @@ and reused across examples; steps stay at 2 (each step is the same code path; th
 number of steps is a loop count, pinned by test_oracle.py at 3-4).
 
 Families: Qwen-Image, Wan2.2 T2V, FLUX.1-dev. Examples per test: `EXAMPLES` (6). Measured on
-the shared 2-core CPU under a load average of ~19 (2026-12-02): 175-290 s per test, both
-checkpoints' loads included; an idle machine is several times faster. Adding a family = one entry in `FAMILIES`: how to draw its request and
+the shared 2-core CPU under a load average of ~19 (2026-12-02): Qwen-Image and Wan2.2
+175-290 s per test, FLUX 30-83 s, both checkpoints' loads included; an idle machine is
+several times faster. Adding a family = one entry in `FAMILIES`: how to draw its request and
 where its pixels are.
 """
 
