@@ -46,6 +46,7 @@ from .videos import VIDEO_ID, VideoJob, VideoNotFound
 #: a server heartbeats this often; its jobs are failed once it has been silent for DEAD_AFTER_S
 HEARTBEAT_S = 2.0
 DEAD_AFTER_S = 10.0
+_SCHEMA_LOCK = 0x6F6D6E69  # "omni": the advisory lock id the schema is created under
 RUNNING = ("queued", "in_progress")
 UNFINISHED = ("queued", "in_progress", "cancelling")
 _COLUMNS = ("id", "owner", "model", "prompt", "size", "seconds", "created_at", "created_ns", "status", "progress",
@@ -162,6 +163,18 @@ class JobStore:
             raise OmniHTTPError(503, f"the video job store ({self.kind}) failed: {e}; retry later") from e
 
     def _create(self) -> None:
+        # Replicas starting together on a fresh database: Postgres' CREATE TABLE IF NOT EXISTS
+        # is not safe against itself (a concurrent one fails on pg_type's unique index), so
+        # the creators take turns under an advisory lock.
+        if self.kind == "postgresql":
+            self._db.execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK,))
+        try:
+            self._create_tables()
+        finally:
+            if self.kind == "postgresql":
+                self._db.execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK,))
+
+    def _create_tables(self) -> None:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS omni_video_jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
             "model TEXT NOT NULL, prompt TEXT NOT NULL, size TEXT NOT NULL, seconds TEXT NOT NULL, "
