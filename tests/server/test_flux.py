@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
@@ -80,7 +83,9 @@ def test_flux_omitted_values_resolve_alike_on_every_path(omni_server, checkpoint
 
 def test_flux_concurrent_requests_share_steps_and_match_offline(omni_server, checkpoint):
     """Three clients at once, different prompts, seeds and sizes: the engine steps the two 64x64
-    requests together (fewer engine steps than request steps), and every answer is offline `Omni`'s."""
+    requests together (fewer engine steps than request steps), and every answer is offline `Omni`'s
+    run alone within 1 uint8 level (rows sharing a forward move floats by ~1e-6, which can flip a
+    rounding; tests/diffusion/test_flux.py measures it against the same run unbatched)."""
     server = omni_server("flux")
     client = server.client()
     asks = [("a red cat", 1, "64x64"), ("a much longer prompt about a blue dog on a beach", 2, "64x64"),
@@ -97,7 +102,9 @@ def test_flux_concurrent_requests_share_steps_and_match_offline(omni_server, che
         width, height = map(int, size.split("x"))
         off = offline(checkpoint, "flux").generate(
             prompt, SamplingParams(seed=seed, width=width, height=height, num_inference_steps=8))[0]
-        assert _images(answer) == [pil_md5(off.images[0])], prompt
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))), dtype=int)
+        assert served.shape == (height, width, 3)
+        assert np.abs(served - np.asarray(off.images[0], dtype=int)).max() <= 1, prompt
 
 
 def test_flux_refuses_what_it_does_not_read(omni_server):
