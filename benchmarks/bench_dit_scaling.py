@@ -54,11 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_qwen_image import CFG, NEGATIVE, PROMPTS  # noqa: E402
-from vllm_omni_plugin.checkpoints.qwen_image import build_in_memory  # noqa: E402
+from vllm_omni_plugin.families.qwen_image.checkpoint import build_in_memory  # noqa: E402
 from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams, step_cache  # noqa: E402
 from vllm_omni_plugin.diffusion.acceleration import DitOptions, compile_dit, quantize_fp8  # noqa: E402
 from vllm_omni_plugin.diffusion.parallel import ParallelConfig  # noqa: E402
-from vllm_omni_plugin.diffusion.pipelines.qwen_image import QwenImageStepwise  # noqa: E402
+from vllm_omni_plugin.families.qwen_image.pipeline import QwenImageStepwise  # noqa: E402
 from vllm_omni_plugin.diffusion.workers import launch_engine  # noqa: E402
 
 CACHE_THRESHOLDS = (0.0, 0.12, 1.0)
@@ -300,7 +300,7 @@ class Suite:
     def part_fp8(self) -> None:
         """bf16 vs fp8 on the same weights: a second, seeded-identical DiT is built and quantized."""
         from vllm_omni_plugin.checkpoints._weights import random_model
-        from vllm_omni_plugin.checkpoints.qwen_image import TRANSFORMER
+        from vllm_omni_plugin.families.qwen_image.checkpoint import TRANSFORMER
         from diffusers import QwenImageTransformer2DModel
 
         a = self.args

@@ -31,8 +31,8 @@ def main() -> None:
     from vllm_omni_plugin.checkpoints import make_checkpoint
     from vllm_omni_plugin.diffusion.engine import DiffusionEngine
     from vllm_omni_plugin.diffusion.params import SamplingParams
-    from vllm_omni_plugin.diffusion.pipelines.bagel import load_bagel_pipeline
-    from vllm_omni_plugin.orchestrator.bagel import StageTimings
+    from vllm_omni_plugin.families.bagel.pipeline import load_bagel_pipeline
+    from vllm_omni_plugin.families.bagel.orchestrator import StageTimings
 
     path = make_checkpoint("bagel", "tiny", tempfile.mkdtemp(prefix="bench-bagel-"))
     omni = Omni(str(path), dtype="float32", device="cpu",

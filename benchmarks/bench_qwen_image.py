@@ -48,9 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_omni_plugin.checkpoints.qwen_image import build_in_memory  # noqa: E402
+from vllm_omni_plugin.families.qwen_image.checkpoint import build_in_memory  # noqa: E402
 from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams  # noqa: E402
-from vllm_omni_plugin.diffusion.pipelines.qwen_image import QwenImageStepwise  # noqa: E402
+from vllm_omni_plugin.families.qwen_image.pipeline import QwenImageStepwise  # noqa: E402
 
 PROMPTS = [
     "A cat holding a sign that says hello world, studio photo, soft light",

@@ -39,6 +39,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "cpu_mm_prefix_metadata",
     "cpu_mm_prefix_attention",
     "cpu_mm_prefix_no_chunking",
+    "cpu_attn_known_kv_layout",
 )
 
 # Marks a replacement installed by us, so a second apply is recognised; the

@@ -159,6 +159,10 @@ def glm_omni(glm_image_checkpoint):
     """`Omni` on the tiny deterministic GLM-Image: AR stage on vLLM, DiT stage inline."""
     from vllm_omni_plugin import Omni
 
-    omni = Omni(str(glm_image_checkpoint), dtype="float32", device="cpu", ar_engine_args=GLM_AR_TEST_ARGS)
+    # No dtype and no device: the defaults a user gets (one dtype for both stages, orchestrator/stage_dtype.py);
+    # the oracle tests on this fixture compare them with diffusers' float32 pipeline.
+    ar_args = {k: v for k, v in GLM_AR_TEST_ARGS.items() if k != "dtype"}
+    omni = Omni(str(glm_image_checkpoint), ar_engine_args=ar_args)
+    assert omni._stages.stage_dtypes == {"ar": "float32", "dit": "float32"}
     yield omni
     omni.shutdown()

@@ -1,4 +1,4 @@
-"""BAGEL diffusion stage (vllm_omni_plugin.diffusion.pipelines.bagel) on the tiny checkpoint.
+"""BAGEL diffusion stage (vllm_omni_plugin.families.bagel.pipeline) on the tiny checkpoint.
 
 Oracle: tests/reference/bagel_generation.py, an independent full-sequence MoT
 (no KV cache, context recomputed each step, diffusers' VAE, transformers' ViT).
@@ -20,8 +20,10 @@ from PIL import Image
 
 from reference.bagel_generation import BagelReference
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
-from vllm_omni_plugin.diffusion.bagel import encode_context
-from vllm_omni_plugin.diffusion.pipelines.bagel import BAGEL_DEFAULTS, load_bagel_pipeline
+from vllm_omni_plugin.families.bagel.dit import encode_context
+from vllm_omni_plugin.diffusion.handover import StageInputError
+from vllm_omni_plugin.families.bagel.dit.weights import EMBED_TABLE
+from vllm_omni_plugin.families.bagel.pipeline import BAGEL_DEFAULTS, BagelStepwise, load_bagel_pipeline
 
 STEPS = 6  # flow times 1 .. 0 -> 5 evaluations
 # With timestep_shift 1 the flow times are 1, .8, .6, .4, .2: CFG (interval (0.4, 1]) runs on the first
@@ -104,17 +106,15 @@ def test_batched_equals_single(pipe):
 
 
 def test_handed_over_context_is_keyed_by_request(pipe):
-    """A context put under request id X serves request X only (what the KV connector will do)."""
+    """A context handed over with request X serves request X only (what the AR hand-over does)."""
     params = SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=6)
     other = SamplingParams(prompt="a green frog", height=32, width=32, num_inference_steps=STEPS, seed=6)
     resolved = pipe.resolve(params)
     ctx = encode_context(pipe.model, "req-frog", "a green frog", height=32, width=32)
-    pipe.contexts.put(ctx)
     engine = DiffusionEngine(pipe)
-    engine.add_request("req-cat", params)  # no context waiting: prefilled from its own prompt
-    engine.add_request("req-frog", resolved)  # prompt says cat, the handed-over context says frog
+    engine.add_request("req-cat", params)  # standalone DiT, no context: prefilled from its own prompt
+    engine.add_request("req-frog", resolved, ctx)  # prompt says cat, the handed-over context says frog
     final = engine.run()
-    assert len(pipe.contexts) == 0
     # The two ran in one batched forward: padded rows change BLAS reduction splits, so the
     # batching tolerance of _close applies (one uint8 level on a few values; seen on this machine).
     cat, frog = np.asarray(final["req-cat"].output.images[0]), np.asarray(final["req-frog"].output.images[0])
@@ -122,9 +122,60 @@ def test_handed_over_context_is_keyed_by_request(pipe):
     _close(frog, np.asarray(pipe.generate(other).images[0]))
     assert np.abs(cat.astype(int) - frog.astype(int)).mean() > 5  # the frog context made another image
     # A context for another size is refused, not silently resized.
-    pipe.contexts.put(encode_context(pipe.model, "req-bad", "x", height=48, width=32))
-    engine.add_request("req-bad", resolved)
+    engine.add_request("req-bad", resolved, encode_context(pipe.model, "req-bad", "x", height=48, width=32))
     assert engine.run()["req-bad"].kind == "error"
+
+
+def test_stage_input_missing_or_mismatched_is_an_error_naming_stage_and_request(pipe):
+    """Behind the AR stage a request without its context is refused, never re-encoded; another
+    request's context or another type is refused too (diffusion/handover.py)."""
+    staged = BagelStepwise(pipe.model, stage_input_required=True)  # as the orchestrator loads it
+    engine = DiffusionEngine(staged)
+    params = SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=6)
+    with pytest.raises(StageInputError, match=r"request req-1: the bagel diffusion stage needs a BagelContext"):
+        engine.add_request("req-1", params)
+    frog = encode_context(pipe.model, "req-frog", "a green frog", height=32, width=32)
+    with pytest.raises(StageInputError, match=r"request req-2: .* was handed the BagelContext of request req-frog"):
+        engine.add_request("req-2", params, frog)
+    with pytest.raises(StageInputError, match=r"request req-3: .* takes a BagelContext, got a str"):
+        engine.add_request("req-3", params, "not a context")
+    assert not engine.has_unfinished()  # nothing refused was queued
+    with pytest.raises(StageInputError, match="req-4"):  # nor can a direct prepare skip the input
+        staged.prepare(staged.resolve(params), "req-4")
+    # The request with its own context runs as the standalone one does.
+    engine.add_request("req-frog", params, frog)
+    out = np.asarray(engine.run()["req-frog"].output.images[0])
+    _close(out, np.asarray(pipe.generate(SamplingParams(prompt="a green frog", height=32, width=32,
+                                                        num_inference_steps=STEPS, seed=6)).images[0]))
+
+
+def test_dit_stage_behind_the_ar_stage_loads_only_its_forward_weights(ckpt, pipe):
+    """Each weight once: the DiT stage the orchestrator loads holds no LM head, ViT, connector,
+    FLUX encoder or embedding table (two marker rows), and makes the same images from the same
+    handed-over contexts as the DiT that loaded everything."""
+    staged = load_bagel_pipeline(ckpt, dtype=torch.float32, device="cpu", stage_input_required=True)
+    held, whole = set(staged.model.w), set(pipe.model.w)
+    assert held < whole and set(staged.model.ae) < set(pipe.model.ae)
+    dropped = whole - held
+    assert {"language_model.lm_head.weight", EMBED_TABLE} <= dropped
+    assert any(k.startswith("vit_model.") for k in dropped) and any(k.startswith("connector.") for k in dropped)
+    assert not any(k.startswith("encoder.") for k in staged.model.ae)
+    assert {k for k in whole if k.startswith("language_model.model.layers.")} <= held  # both experts' layers
+    image = _image(0)
+    requests = {
+        "t2i": (SamplingParams(prompt="a red cat", height=32, width=32, num_inference_steps=STEPS, seed=7),
+                encode_context(pipe.model, "t2i", "a red cat", height=32, width=32)),
+        "i2i": (SamplingParams(prompt="make it blue", images=[image], num_inference_steps=STEPS, seed=8),
+                encode_context(pipe.model, "i2i", "make it blue", image=image, height=32, width=48)),
+    }
+    for rid, (params, ctx) in requests.items():
+        outs = []
+        for p in (pipe, staged):
+            engine = DiffusionEngine(p)
+            engine.add_request(rid, params, ctx)
+            outs.append(np.asarray(engine.run()[rid].output.images[0]))
+        assert np.array_equal(outs[0], outs[1]), rid
+        assert outs[0].std() > 20
 
 
 def test_cfg_companions_and_positions(pipe):

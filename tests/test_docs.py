@@ -10,7 +10,7 @@
   (`/path/to/<Model>` becomes the tiny checkpoint of that family).
 * paths in backticks (`docs/x.md`, `server/app.py`) exist in the repository, and
   values quoted from a shipped stage config (`max_model_len: N` next to
-  `stage_configs/X.yaml`) are the file's.
+  a shipped stage config's path, `families/<family>/stage_config.yaml`) are the file's.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _check_vllm_omni(words: list[str]) -> None:
 
 
 def _check_serve(args: list[str]) -> None:
-    from vllm_omni_plugin.server.cli import make_parser
+    from vllm_omni_plugin.server.flags import make_parser
 
     parser = make_parser()
     helps = [a for a in args if a.startswith("--help")]
@@ -144,6 +144,10 @@ def _check_command(words: list[str], block: Block) -> None:
     elif program == "vllm":
         assert words[1] == "serve" and "--omni" in words, f"{block}: the docs show `vllm serve ... --omni` only"
         _check_serve([w for w in words[2:] if w != "--omni"])
+    elif program == "vllm-router":
+        from vllm_router.launch_router import parse_router_args
+
+        parse_router_args(words[1:])  # exits (fails the test) on an unknown flag or a bad value
     elif program == "python" and words[1] == "-m":
         import importlib.util
 
@@ -205,14 +209,14 @@ def test_paths_named_in_the_docs_exist(doc):
 
 
 def test_values_quoted_from_shipped_stage_configs_are_the_files():
-    quoted = re.compile(r"`stage_configs/([\w-]+\.yaml)`[^.]*?`(\w+): ([^`]+)`", re.S)
+    quoted = re.compile(r"`((?:vllm_omni_plugin/)?families/\w+/[\w-]+\.yaml)`[^.]*?`(\w+): ([^`]+)`", re.S)
     checked = 0
     for doc in DOCS:
         for name, key, value in quoted.findall(doc.read_text()):
-            text = (ROOT / "stage_configs" / name).read_text()
+            text = (ROOT / "vllm_omni_plugin" / name.removeprefix("vllm_omni_plugin/")).read_text()
             found = re.findall(rf"^\s*{re.escape(key)}:\s*([^#\n]+?)\s*(?:#.*)?$", text, re.M)
             assert yaml.safe_load(value) in [yaml.safe_load(v) for v in found], (
-                f"{doc.relative_to(ROOT)} quotes `{key}: {value}` from stage_configs/{name}, which says {found}")
+                f"{doc.relative_to(ROOT)} quotes `{key}: {value}` from {name}, which says {found}")
             checked += 1
     assert checked, "no quoted stage-config value found: the check above has nothing to check"
 

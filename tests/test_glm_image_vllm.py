@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_omni_plugin.models.glm_image_positions import DecodeGridTable, prompt_positions
-from vllm_omni_plugin.models.glm_image_prompt import UnsupportedSize, target_grids
+from vllm_omni_plugin.families.glm_image.positions import DecodeGridTable, prompt_positions
+from vllm_omni_plugin.families.glm_image.prompt import UnsupportedSize, target_grids
 
 PROMPT = 'A red "OMNI" sign on a blue wall'
 # (height, width): square, another square, non-square (768x1344 scaled by 1/3).

@@ -128,7 +128,7 @@ def test_prompt_kv_and_metadata_keyed_by_request(bagel_kv_llm, checkpoint):
 def test_transfer_is_the_context_the_diffusion_stage_expects(bagel_kv_llm, checkpoint):
     """The consumer contract: a text2img cond context through vLLM + the connector equals
     the diffusion stage's own vLLM-free prefill (`encode_context`) as a `BranchKV`."""
-    from vllm_omni_plugin.diffusion.bagel import BranchKV, encode_context, load_bagel_model
+    from vllm_omni_plugin.families.bagel.dit import BranchKV, encode_context, load_bagel_model
 
     llm, _ = bagel_kv_llm
     scheduler = llm.llm_engine.vllm_config.scheduler_config

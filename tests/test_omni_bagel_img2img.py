@@ -70,7 +70,7 @@ def test_img2img_branches_equal_encode_context(bagel_img2img_llm, checkpoint):
     """All three branches, every row: the VAE block (generation expert, one position,
     bidirectional), the ViT block after it (which sees the VAE block; the VAE block does not see
     it), the text; lengths, latent positions and metadata."""
-    from vllm_omni_plugin.diffusion.bagel import BranchKV, encode_context, load_bagel_model
+    from vllm_omni_plugin.families.bagel.dit import BranchKV, encode_context, load_bagel_model
 
     llm, _ = bagel_img2img_llm
     model = load_bagel_model(checkpoint("bagel"))

@@ -24,8 +24,8 @@ import torch
 from reference.bagel_understanding import BagelUnderstanding  # tests/ is on sys.path (rootdir conftest)
 from test_bagel_mm_prefix import picture, reference_result, sampling, vllm_result
 
-from vllm_omni_plugin.models.bagel_config import ARCHITECTURE, enable_bagel_mrope, register_config_hook
-from vllm_omni_plugin.models.bagel_positions import bagel_positions, mrope_section
+from vllm_omni_plugin.families.bagel.vllm_config import ARCHITECTURE, enable_bagel_mrope, register_config_hook
+from vllm_omni_plugin.families.bagel.positions import bagel_positions, mrope_section
 
 # float32 engine vs float64 reference, measured max |diff|: 3.3e-6 (logprobs), 2.4e-6 (K/V).
 TOL = 5e-5  # as test_bagel_mm_prefix

@@ -132,7 +132,7 @@ def test_a_patch_for_another_platform_is_neither_verified_nor_applied(registered
     assert result.status == "not applicable"
     assert "only for platform cuda; this process runs on cpu" in result.detail
     assert vars(ModelConfig)["get_head_size"] is before
-    assert [p.platforms for p in all_patches()] == [(), ("cpu",), ("cpu",), ("cpu",)]
+    assert [p.platforms for p in all_patches()] == [(), ("cpu",), ("cpu",), ("cpu",), ("cpu",)]
 
 
 def test_ordinary_llm_keeps_false(registered, plain_llm_dir):
@@ -177,4 +177,7 @@ def test_doctor_cli_lists_patch_and_architectures():
         assert f"{patch.name}" in out.stdout and "applied" in out.stdout
     for model in OMNI_MODELS:
         assert f"{model.architecture}" in out.stdout
+    assert "default dtype of every stage on this platform: float32" in out.stdout  # the suite runs on CPU
+    assert "  vec    layout cpu_vec (float32)" in out.stdout  # checked through vLLM's kernel
+    assert "  vec16  layout cpu_vec (float32)" in out.stdout
     assert "status: ok" in out.stdout

@@ -1,7 +1,12 @@
 """Offline API: `Omni(model=PATH).generate(prompts, params)`.
 
-Single-stage diffusion models run inline: one diffusion engine in this process,
-every prompt of a `generate` call submitted at once so their steps batch.
+Single-stage diffusion models run in one diffusion engine, every prompt of a
+`generate` call submitted at once so their steps batch, through an engine client
+(engine/): by default `LocalEngineClient`, the engine in this process and thread
+(no start-up cost, `omni.pipeline` at hand -- notebooks, debugging, benchmarks of
+the pipeline itself); with `engine_process=True` the `EngineCoreClient` the server
+uses, the engine in its own process (a crash there is an error of the requests in
+it and a restart, not a dead caller).
 Multi-stage models (BAGEL, GLM-Image: AR stage in vLLM -> DiT stage) run
 through the orchestrator (orchestrator/stages.py) their family declares,
 chosen from the checkpoint's architecture; only that path imports vLLM.
@@ -31,9 +36,11 @@ from .diffusion.acceleration import DitOptions
 from .diffusion.engine import EngineConfig, EngineEvent
 from .diffusion.parallel import ParallelConfig
 from .diffusion.workers import PipelineBuilder, launch_engine
+from .engine.errors import GenerationFailed, RequestAborted
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
 from .hub import resolve_model
+from .progress import GenerateProgress
 
 PromptLike = str | Mapping[str, Any] | SamplingParams
 
@@ -62,6 +69,8 @@ class Omni:
                     (this process is rank 0; call `shutdown()` to stop the others)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
     compile         None or "regional" (torch.compile of the DiT blocks)
+    engine_process  False (default): the engine runs in this process; True: in its own
+                    process, as under `vllm serve --omni` (diffusion-only models)
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class Omni:
         parallel: ParallelConfig | Mapping[str, int] | None = None,
         quantization: str | None = None,
         compile: str | None = None,
+        engine_process: bool = False,
     ) -> None:
         self.model = model
         #: the local directory `model` resolved to
@@ -115,14 +125,30 @@ class Omni:
             _at_main_thread_exit(functools.partial(_shutdown_at_exit, weakref.ref(self)))
             return
         build = PipelineBuilder(model, dtype, {"force_generic": force_generic})
+        if engine_process:
+            from .engine.client import EngineCoreClient
+            from .engine.spec import EngineSpec
+
+            spec = EngineSpec(build, device=None if device is None else str(device), options=options,
+                              engine_config=engine_config, stage_defaults=stage_defaults)
+            self.client = EngineCoreClient(spec, max_queue=None)  # offline: every prompt of a call at once
+            self.client.start()
+            #: the in-process engine and pipeline (None with engine_process=True: they live in that process)
+            self.engine = self.pipeline = None
+            return
+        from .engine.local import LocalEngineClient
+
         self.engine = launch_engine(build, device=device, options=options, engine_config=engine_config,
                                     stage_defaults=stage_defaults)
         self.pipeline = self.engine.pipeline
+        self.client = LocalEngineClient(self.engine)
 
     @property
     def capabilities(self) -> Any:
         """What the loaded model makes, takes and reads (its family's `Capabilities`)."""
-        return self.pipeline.capabilities
+        if self._stages is not None:
+            return self.pipeline.capabilities
+        return self.client.info.capabilities
 
     def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:
         """Multi-stage models: text2text / img2text through the AR stage (vLLM RequestOutputs)."""
@@ -142,7 +168,7 @@ class Omni:
             return
         self._closed = True
         if self._stages is None:
-            self.engine.close()
+            self.client.stop()
             return
         stages, self._stages = self._stages, None
         try:
@@ -165,26 +191,65 @@ class Omni:
         prompts: PromptLike | Sequence[PromptLike],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_event: Callable[[EngineEvent], None] | None = None,
+        use_tqdm: bool = True,
     ) -> list[DiffusionOutput]:
-        """One output per prompt, in prompt order; each carries its resolved params."""
+        """One output per prompt, in prompt order; each carries its resolved params.
+
+        Args:
+            prompts: one prompt (text, a dict of request fields, or SamplingParams) or a list.
+            params: the SamplingParams of every prompt, or one per prompt.
+            on_event: called with each engine event (steps, and how each request ended).
+            use_tqdm: show a progress bar over the requests and their steps (progress.py).
+
+        Returns:
+            one DiffusionOutput per prompt, in prompt order.
+        """
         self._check_open()
         requests = to_requests(prompts, params)
+        with GenerateProgress(len(requests), use_tqdm, on_event) as progress:
+            return self._generate(requests, progress)
+
+    def _generate(self, requests: list[SamplingParams], progress: GenerateProgress) -> list[DiffusionOutput]:
         if self._stages is not None:
+            async def one(i: int, request: SamplingParams) -> DiffusionOutput:
+                key = f"request-{i}"  # the bar's key; the orchestrator names the request itself
+                output = await self._stages.generate_image(request, progress.progress_for(key))
+                progress.finished(key)
+                return output
+
             async def all_of() -> list[DiffusionOutput]:
-                return await asyncio.gather(*(self._stages.generate_image(r) for r in requests))
+                return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
             return self._background.run(all_of())
+        client = self.client
+        resolved = [client.resolve(r) for r in requests]  # bad input raises here, before anything is queued
         ids = [f"omni-{next(self._ids)}" for _ in requests]
-        for rid, request in zip(ids, requests):
-            self.engine.add_request(rid, request)
-        final = self.engine.run(on_event)
+        # step events cross from the engine only where something shows them (a bar or `on_event`)
+        progress_cbs = [functools.partial(_step_event, progress.on_event, rid) if progress.wants_events else None
+                        for rid in ids]
+        handles = client.submit_many([(p, None) for p in resolved], progress_cbs, request_ids=ids)
         outputs = []
-        for rid in ids:
-            event = final[rid]
-            if event.kind != "finished":
-                raise GenerationError(f"request {rid} ended with {event.kind}") from event.error
-            outputs.append(event.output)
+        for handle in handles:
+            try:
+                output = client.wait(handle)
+            except RequestAborted as e:
+                _final_event(progress.on_event, handle.request_id, "aborted", error=e)
+                raise GenerationError(f"request {handle.request_id} ended with aborted") from e
+            except GenerationFailed as e:
+                _final_event(progress.on_event, handle.request_id, "error", error=e.__cause__)
+                raise GenerationError(f"request {handle.request_id} ended with error") from e.__cause__
+            _final_event(progress.on_event, handle.request_id, "finished", output=output)
+            outputs.append(output)
         return outputs
+
+
+def _step_event(on_event: Callable[[EngineEvent], None], request_id: str, step: int, total: int) -> None:
+    on_event(EngineEvent("step", request_id, step, total))
+
+
+def _final_event(on_event: Callable[[EngineEvent], None] | None, request_id: str, kind: str, **fields: Any) -> None:
+    if on_event is not None:
+        on_event(EngineEvent(kind, request_id, **fields))
 
 
 def _shutdown_at_exit(ref: "weakref.ref[Omni]") -> None:

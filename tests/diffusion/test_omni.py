@@ -55,8 +55,8 @@ def test_diffusion_engine_imports_no_vllm():
     import sys
 
     code = (
-        "import sys, vllm_omni_plugin.omni, vllm_omni_plugin.diffusion.pipelines.qwen_image, "
-        "vllm_omni_plugin.diffusion.pipelines.wan, vllm_omni_plugin.diffusion.pipelines.generic; "
+        "import sys, vllm_omni_plugin.omni, vllm_omni_plugin.families.qwen_image.pipeline, "
+        "vllm_omni_plugin.families.wan.pipeline, vllm_omni_plugin.diffusion.pipelines.generic; "
         "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

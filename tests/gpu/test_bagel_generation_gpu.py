@@ -60,7 +60,7 @@ def assert_tracks(name: str, ours: np.ndarray, expected: np.ndarray, control: np
 
 def _ours(omni, prompt: str, **kw):
     from vllm_omni_plugin.diffusion.params import SamplingParams
-    from vllm_omni_plugin.orchestrator.bagel import StageTimings
+    from vllm_omni_plugin.families.bagel.orchestrator import StageTimings
 
     timings = StageTimings()
     params = SamplingParams(prompt=prompt, num_inference_steps=STEPS, **kw)
@@ -107,7 +107,7 @@ def test_concurrent_img2img_of_different_sizes_finishing_out_of_order(bagel_gpu_
 
     together = run(bagel_gpu_omni, both())
     assert finished == ["second", "first"]
-    assert len(stages.pipeline.contexts) == 0
+    assert not stages.engine.has_unfinished()  # no stage input left behind
     import dataclasses
 
     for i, (params, size) in enumerate(((first, (320, 256)), (second, (192, 256)))):

@@ -1,7 +1,7 @@
 """Independent plain-PyTorch reference of BAGEL image generation (test oracle).
 
 Written from ByteDance-Seed/Bagel's description of the model, sharing NO code
-with vllm_omni_plugin.diffusion.bagel: it runs the whole MoT over one sequence
+with vllm_omni_plugin.families.bagel.dit: it runs the whole MoT over one sequence
 per CFG branch -- context tokens AND the image block being generated -- every
 step, with a block attention mask, and no KV cache, no transfer, no vLLM.
 

@@ -7,7 +7,7 @@ vLLM's own answer (an OpenAI error body naming the EngineCore; vLLM 0.32 sends
 a supervisor restarts the process). With VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 the
 server stays up: /health answers 503 and the omni image route answers a clear
 503 naming the AR stage, never a 500 or a hang. (Offline `Omni` restarts an
-engine it started itself: orchestrator/bagel.py.)
+engine it started itself: families/bagel/orchestrator.py.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ stages:
 
 
 def test_flags_override_the_stage_config(checkpoint, tmp_path):
-    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.flags import parse_args
     from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
 
     model = str(checkpoint("qwen-image"))

@@ -17,10 +17,12 @@ import httpx
 import openai
 import pytest
 
+from vllm_omni_plugin.diffusion.capabilities import InvalidParams
 from vllm_omni_plugin.orchestrator.engine_loop import GenerationFailed
-from vllm_omni_plugin.server.app import OmniRuntime, build_app
-from vllm_omni_plugin.server.cli import parse_args
+from vllm_omni_plugin.server.app import OmniRuntime
 from vllm_omni_plugin.server.config import OmniServerConfig
+from vllm_omni_plugin.server.flags import parse_args
+from vllm_omni_plugin.server.launch import build_app
 
 pytestmark = pytest.mark.engine
 
@@ -28,15 +30,18 @@ FAULT = "refused after validation"
 
 
 async def _serve_and_ask(args) -> tuple[openai.InternalServerError, object]:
-    runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args))
-    real = runtime.pipeline.prepare_many
+    # The engine on a thread of this process (the server runs it in its own process,
+    # tests/server/test_engine_process.py): the test patches its pipeline.
+    runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args), engine_process=False)
+    pipeline = runtime.bridge.engine.pipeline
+    real = pipeline.prepare_many
 
     def prepare_many(params, request_ids):
         if any(p.prompt == "explode" for p in params):
             raise ValueError(FAULT)
         return real(params, request_ids)
 
-    runtime.pipeline.prepare_many = prepare_many
+    pipeline.prepare_many = prepare_many
     app = build_app(args, runtime)
     for plugin in app.state.endpoint_plugins:  # phase B, as launch.py runs it
         await plugin.init_state(None, app.state, args)
@@ -74,3 +79,72 @@ def test_pipeline_value_error_is_a_500_with_request_id(checkpoint, caplog):
     assert isinstance(exc, GenerationFailed) and isinstance(exc.__cause__, ValueError)
 
     assert served.data[0].b64_json and served.model_extra["omni"]["request_id"] != rid
+
+
+OMNI_BODIES = {
+    "/v1/images/generations": {"application/json": "ImageGenerationRequest"},
+    "/v1/images/edits": {"multipart/form-data": "ImageEditForm", "application/json": "ImageEditRequest"},
+    "/v1/videos": {"application/json": "VideoCreateRequest", "multipart/form-data": "VideoCreateForm"},
+    "/v1/chat/completions": {"application/json": "ChatImageRequest"},
+}
+
+
+async def _resolve_faults(args) -> dict[str, object]:
+    """One app: its OpenAPI document; a bug in the pipeline's `resolve` (after the body was checked);
+    a refusal `resolve` declares as the caller's (InvalidParams); then a normal request."""
+    runtime = await asyncio.to_thread(OmniRuntime.load, OmniServerConfig.from_args(args))
+    real = runtime.builder.resolve_fn
+
+    def resolve(request, stage_defaults):
+        if request.prompt == "resolve bug":
+            raise TypeError("a bug in resolve")
+        if request.prompt == "refused":
+            raise InvalidParams("this pipeline refuses this seed", "seed")
+        return real(request, stage_defaults)
+
+    runtime.builder.resolve_fn = resolve
+    app = build_app(args, runtime)
+    for plugin in app.state.endpoint_plugins:
+        await plugin.init_state(None, app.state, args)
+    out: dict[str, object] = {}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://omni") as http:
+            out["openapi"] = (await http.get("/openapi.json")).json()
+            out["bug"] = await http.post("/v1/images/generations", json={"prompt": "resolve bug", "seed": 1})
+            out["refused"] = await http.post("/v1/images/generations", json={"prompt": "refused", "seed": 1})
+            out["served"] = await http.post("/v1/images/generations", json={"prompt": "fine", "seed": 1})
+    finally:
+        await runtime.stop()
+    return out
+
+
+def test_resolve_bug_is_a_500_declared_refusal_a_400_and_openapi_shows_every_body(checkpoint):
+    args = parse_args([str(checkpoint("qwen-image")), "--default-sampling-params",
+                       '{"num_inference_steps": 2, "height": 32, "width": 32}'])
+    out = asyncio.run(_resolve_faults(args))
+
+    bug = out["bug"]
+    rid = bug.headers["x-request-id"]
+    assert bug.status_code == 500 and rid in bug.json()["error"]["message"]
+    assert "TypeError: a bug in resolve" in bug.json()["error"]["message"]
+    refused = out["refused"].json()["error"]
+    assert out["refused"].status_code == 400 and refused["param"] == "seed" and "refuses this seed" in refused["message"]
+    assert out["served"].status_code == 200 and out["served"].json()["data"][0]["b64_json"]
+
+    document = out["openapi"]
+    schemas = document["components"]["schemas"]
+    for path, bodies in OMNI_BODIES.items():
+        body = document["paths"][path]["post"]["requestBody"]
+        assert {kind: c["schema"]["$ref"].rsplit("/", 1)[-1] for kind, c in body["content"].items()} == bodies
+        for name in bodies.values():
+            props = schemas[name]["properties"]
+            assert all(p.get("description") for p in props.values()), name  # every field described
+    generation = schemas["ImageGenerationRequest"]
+    assert generation["required"] == ["prompt"] and generation["additionalProperties"] is False
+    props = generation["properties"]
+    # OpenAI's names and types; our extension fields beside them
+    assert {"type": "integer", "minimum": 1} in props["n"]["anyOf"]
+    assert props["output_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
+    assert {"num_inference_steps", "negative_prompt", "seed", "guidance_scale", "true_cfg_scale"} <= set(props)
+    assert schemas["ImageEditForm"]["properties"]["image"]["items"] == {"type": "string", "format": "binary"}
+    assert "image_url" in schemas["ImageURL"]["properties"]

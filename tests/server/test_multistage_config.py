@@ -9,7 +9,7 @@ from vllm_omni_plugin.request import RequestError, build_sampling_params
 
 
 def test_knobs_are_typed_by_the_family_declaration():
-    from vllm_omni_plugin.diffusion.pipelines.bagel import BagelStepwise
+    from vllm_omni_plugin.families.bagel.pipeline import BagelStepwise
 
     ext = BagelStepwise.capabilities.knobs
     p, _, _ = build_sampling_params(
@@ -22,7 +22,7 @@ def test_knobs_are_typed_by_the_family_declaration():
 
 
 def test_multistage_settings_precedence(checkpoint, tmp_path):
-    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.flags import parse_args
     from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
 
     from .conftest import BAGEL_STAGE_CONFIG
@@ -58,7 +58,7 @@ def test_vllm_server_args_of_the_ar_stage(checkpoint, tmp_path):
     (an explicit --override-generation-config wins), as AsyncEngineArgs reads them."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from vllm_omni_plugin.server.cli import parse_args
+    from vllm_omni_plugin.server.flags import parse_args
     from vllm_omni_plugin.server.config import OmniServerConfig
     from vllm_omni_plugin.server.launch import ar_stage_args
 

@@ -132,7 +132,7 @@ def compile_dit(transformer: torch.nn.Module, mode: str, sequence_parallel: bool
 
 
 def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    # Qwen-Image's blocks use the older `Attention` class, Wan's the newer mixin.
+    # diffusers' DiT blocks use either the older `Attention` class or the newer mixin.
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
@@ -153,6 +153,6 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
 
 
 def dit_modules(pipeline: Any) -> list[torch.nn.Module]:
-    """The pipeline's DiT module(s): `transformer` and, for Wan2.2 A14B, `transformer_2`."""
+    """The pipeline's DiT module(s): diffusers' `transformer` and, for two-expert pipelines, `transformer_2`."""
     pipe = pipeline.pipe
     return [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if m is not None]

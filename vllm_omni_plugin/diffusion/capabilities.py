@@ -47,27 +47,45 @@ DECLARABLE_FIELDS = frozenset({
 KNOB_TYPES = (bool, int, float, str, tuple)
 
 
-class UnsupportedField(ValueError):
+#: what the background of a family's outputs is: opaque (RGB) or transparent (RGBA)
+BACKGROUNDS = ("opaque", "transparent")
+
+
+class InvalidParams(ValueError):
+    """A request's parameters are wrong for this pipeline (a missing input image, a resolution it
+    has no bucket for ...): the caller's mistake, a 400 on a server.
+
+    Raised by a pipeline's `resolve` (and the shared rules it applies); anything else a pipeline
+    raises is its own failure (a 500). `field` names the offending field where one is known.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnsupportedField(InvalidParams):
     """A request sets a field the served model does not read.
 
     `field` names it (the wire name where it has one), so a server can point at it.
     """
 
     def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field)
 
 
 @dataclass(frozen=True)
 class Knob:
     """A family's own request field (travels in `SamplingParams.extra`).
 
-    type     bool | int | float | str | tuple (a fixed-length list of numbers)
-    length   for tuples: how many numbers
+    type         bool | int | float | str | tuple (a fixed-length list of numbers)
+    length       for tuples: how many numbers
+    description  what it does, for the server's OpenAPI document
     """
 
     type: type
     length: int | None = None
+    description: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in KNOB_TYPES:
@@ -86,9 +104,12 @@ class Capabilities:
     fields         SamplingParams fields it reads besides ALWAYS_HONOURED
     knobs          its own request fields, name -> Knob (their values go in `extra`)
     text_output    it also answers in text (a multi-stage model with an AR stage)
-    orchestrator   multi-stage families: the name of the orchestrator that runs
-                   them (`vllm_omni_plugin.orchestrator.ORCHESTRATORS`); None:
-                   the pipeline runs inline in one diffusion engine
+    orchestrator   multi-stage families: the family whose orchestrator runs them
+                   (reported in /v1/models; the class is the family's declaration,
+                   `Family.orchestrator`, vllm_omni_plugin/families/); None: the
+                   pipeline runs inline in one diffusion engine
+    background     what its outputs' background is: "opaque" (RGB) or "transparent"
+                   (RGBA); a request asking for the other one is refused
     """
 
     output: str
@@ -97,6 +118,7 @@ class Capabilities:
     knobs: Mapping[str, Knob] = field(default_factory=dict)
     text_output: bool = False
     orchestrator: str | None = None
+    background: str = "opaque"
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_KINDS:
@@ -104,6 +126,8 @@ class Capabilities:
         low, high = self.input_images
         if low < 0 or (high is not None and high < low):
             raise ValueError(f"input_images must be (min, max) with 0 <= min <= max, got {self.input_images!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         unknown = set(self.fields) - DECLARABLE_FIELDS
         if unknown:
             raise ValueError(f"unknown SamplingParams field(s) declared: {sorted(unknown)}")

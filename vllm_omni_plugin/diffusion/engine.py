@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .handover import check_stage_input
 from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
@@ -69,6 +70,8 @@ class _Request:
     request_id: str
     params: ResolvedParams
     arrival: int
+    #: what the stage before this one handed over for the request (diffusion/handover.py)
+    stage_input: Any = None
     state: DiffusionState | None = None
 
 
@@ -108,14 +111,56 @@ class DiffusionEngine:
         self._step_no = 0
 
     # ---- client side (thread-safe) ---------------------------------------------
-    def add_request(self, request_id: str, params: SamplingParams | ResolvedParams) -> ResolvedParams:
-        """Queue a request. Parameters resolve here, so bad input fails now, to the caller."""
+    def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
+                    stage_input: Any = None) -> ResolvedParams:
+        """Queue a request. Parameters resolve here, so bad input fails now, to the caller.
+
+        Args:
+            request_id: unique among the engine's requests.
+            params: the request's parameters (resolved here unless they are already).
+            stage_input: what the stage before this one handed over for it (a multi-stage
+                model's DiT stage: the pipeline's `stage_input_type`), else None.
+
+        Raises:
+            StageInputError: the stage input is missing, of another type or another request's.
+        """
+        check_stage_input(self.pipeline, request_id, stage_input)
         resolved = params if isinstance(params, ResolvedParams) else self.pipeline.resolve(params, self.stage_defaults)
         with self._lock:
             if request_id in self._waiting or request_id in self._running:
                 raise ValueError(f"request id {request_id!r} is already in the engine")
-            self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals))
+            self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals), stage_input)
         return resolved
+
+    def add_requests(
+        self, requests: list[tuple[str, SamplingParams | ResolvedParams, Any]]
+    ) -> list[ResolvedParams | Exception]:
+        """Queue several requests at once, so that one step admits them together (one
+        `prepare_many`, as `Omni.generate` of several prompts in one process does).
+
+        Args:
+            requests: (request id, params, stage input or None) per request, as for `add_request`.
+
+        Returns:
+            per request, its resolved parameters or the error that refused it alone.
+        """
+        out: list[ResolvedParams | Exception] = []
+        for rid, params, stage_input in requests:
+            try:
+                check_stage_input(self.pipeline, rid, stage_input)
+                out.append(params if isinstance(params, ResolvedParams)
+                           else self.pipeline.resolve(params, self.stage_defaults))
+            except Exception as exc:  # noqa: BLE001 -- that request's own error, returned to its caller
+                out.append(exc)
+        with self._lock:
+            for i, ((rid, _, stage_input), resolved) in enumerate(zip(requests, out)):
+                if isinstance(resolved, Exception):
+                    continue
+                if rid in self._waiting or rid in self._running:
+                    out[i] = ValueError(f"request id {rid!r} is already in the engine")
+                    continue
+                self._waiting[rid] = _Request(rid, resolved, next(self._arrivals), stage_input)
+        return out
 
     def close(self) -> None:
         """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
@@ -154,7 +199,8 @@ class DiffusionEngine:
         group = self._group
         if group is not None:  # multi-GPU: every rank applies rank 0's plan (parallel.py)
             group.broadcast_plan(
-                ([r.request_id for r in dropped], [(r.request_id, r.params, r.arrival) for r in admitted])
+                ([r.request_id for r in dropped],
+                 [(r.request_id, r.params, r.arrival, r.stage_input) for r in admitted])
             )
         return self._apply_plan(dropped, admitted)
 
@@ -166,7 +212,7 @@ class DiffusionEngine:
             with self._lock:
                 dropped = [self._running.pop(r) for r in dropped_ids if r in self._running]
             with sdpa_kernel(SDPA_BACKENDS, set_priority=True):  # the same kernels as rank 0
-                self._apply_plan(dropped, [_Request(rid, params, arrival) for rid, params, arrival in admitted])
+                self._apply_plan(dropped, [_Request(*entry) for entry in admitted])
 
     def stop_followers(self) -> None:
         """Rank 0: release the worker ranks from `follow()`."""
@@ -232,8 +278,11 @@ class DiffusionEngine:
 
     def _prepare(self, admitted: list[_Request]) -> list[DiffusionState | Exception]:
         """`prepare_many` for the admitted requests; if its shared work raises, each is prepared alone."""
+        params, ids = [r.params for r in admitted], [r.request_id for r in admitted]
         try:
-            return self.pipeline.prepare_many([r.params for r in admitted], [r.request_id for r in admitted])
+            if self.pipeline.stage_input_type is None:
+                return self.pipeline.prepare_many(params, ids)
+            return self.pipeline.prepare_many(params, ids, [r.stage_input for r in admitted])
         except Exception as exc:  # noqa: BLE001 -- handed to the request(s) it belongs to
             if len(admitted) == 1:
                 return [exc]

@@ -1,49 +1,55 @@
-"""Hand-overs from an earlier stage, waiting for their diffusion request, keyed by request id.
+"""Typed stage inputs: what an earlier stage hands the diffusion stage for one request.
 
-The orchestrator's input processor `put`s what the AR stage produced for a
-request (BAGEL: its prefilled KV context; GLM-Image: its prior tokens and
-grid); the diffusion pipeline `pop`s it in `prepare` for the same request id,
-so the tensors live exactly as long as the request needs them. Keyed by id,
-never by arrival order (ARCHITECTURE.md, principle 6).
+A stage that takes an input from the stage before it declares its type
+(`DiffusionPipelineBase.stage_input_type`: BAGEL's `BagelContext`, GLM-Image's
+`GlmImagePrior`); the input travels *with* its request
+(`DiffusionEngine.add_request(request_id, params, stage_input)`), built by
+exactly one function per hand-over (the family orchestrator's `hand_over`).
+There is no side store to put it in and nothing to look up later, so an
+input cannot wait for a request that never comes nor serve another request.
+
+`check_stage_input` is the one check, run when the request is added: a
+missing, mistyped or mis-keyed input is a `StageInputError` naming the stage
+and the request. It is our bug, never the client's (a 500, not a 400).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Protocol, runtime_checkable
 
 
-class Keyed(Protocol):
+@runtime_checkable
+class StageInput(Protocol):
+    """What every stage input carries: the id of the request it belongs to (principle 6)."""
+
     request_id: str
 
 
-T = TypeVar("T", bound=Keyed)
+class StageInputError(RuntimeError):
+    """A request reached a stage without the input that stage needs, or with one it cannot take."""
 
 
-class HandOverStore(Generic[T]):
-    """Thread-safe: the orchestrator puts on the event loop, the engine pops on its thread."""
+def check_stage_input(pipeline: Any, request_id: str, stage_input: Any) -> None:
+    """Raise StageInputError unless `stage_input` is what `pipeline`'s stage takes for `request_id`.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: dict[str, T] = {}
-
-    def put(self, item: T) -> None:
-        with self._lock:
-            if item.request_id in self._items:
-                raise ValueError(f"a hand-over for request {item.request_id!r} is already waiting")
-            self._items[item.request_id] = item
-
-    def pop(self, request_id: str) -> T | None:
-        with self._lock:
-            return self._items.pop(request_id, None)
-
-    def discard(self, request_id: str) -> None:
-        self.pop(request_id)
-
-    def __contains__(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._items
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+    Args:
+        pipeline: the stage's pipeline (its `stage_input_type`, `stage_input_required`, `family`).
+        request_id: the request the input is handed over with.
+        stage_input: the input, or None.
+    """
+    expected = getattr(pipeline, "stage_input_type", None)
+    stage = f"the {getattr(pipeline, 'family', type(pipeline).__name__)} diffusion stage"
+    if stage_input is None:
+        if expected is not None and getattr(pipeline, "stage_input_required", False):
+            raise StageInputError(f"request {request_id}: {stage} needs a {expected.__name__} from the stage "
+                                  "before it; none was handed over")
+        return
+    if expected is None:
+        raise StageInputError(f"request {request_id}: {stage} takes no stage input, got a "
+                              f"{type(stage_input).__name__}")
+    if not isinstance(stage_input, expected):
+        raise StageInputError(f"request {request_id}: {stage} takes a {expected.__name__}, got a "
+                              f"{type(stage_input).__name__}")
+    if stage_input.request_id != request_id:
+        raise StageInputError(f"request {request_id}: {stage} was handed the {expected.__name__} of request "
+                              f"{stage_input.request_id}")

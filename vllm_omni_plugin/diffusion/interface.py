@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
-from .capabilities import Capabilities
+from .capabilities import Capabilities, InvalidParams
 from .output import DiffusionOutput
 from .parallel import ParallelGroup
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
@@ -39,6 +39,12 @@ class DiffusionPipelineBase(ABC):
     #: what this family makes, takes and reads (diffusion/capabilities.py); every
     #: concrete pipeline class declares it, an instance may refine it in __init__
     capabilities: Capabilities
+    #: the typed input this stage takes from the stage before it, handed over with each
+    #: request (diffusion/handover.py); None: it takes none
+    stage_input_type: type | None = None
+    #: every request must bring its stage input (a DiT stage behind an AR stage); False: the
+    #: pipeline builds it itself when none is handed over (a standalone run, stated at load)
+    stage_input_required: bool = False
 
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         self.pipe = pipe
@@ -80,7 +86,8 @@ class DiffusionPipelineBase(ABC):
         check_request(self.capabilities, request)
         resolved = resolve(request, stage_defaults, self.defaults())
         if resolved.cache_threshold is not None and not self.supports_step_cache:
-            raise ValueError(f"{self.family} does not support step caching; leave cache_threshold unset")
+            raise InvalidParams(f"{self.family} does not support step caching; leave cache_threshold unset",
+                                "cache_threshold")
         return resolved
 
     def generate(
@@ -150,18 +157,28 @@ class StepwisePipeline(DiffusionPipelineBase):
         """Encode prompts and inputs, draw the noise, set the timesteps."""
 
     def prepare_many(
-        self, params: list[ResolvedParams], request_ids: list[str]
+        self, params: list[ResolvedParams], request_ids: list[str], stage_inputs: list[Any] | None = None
     ) -> list[DiffusionState | Exception]:
         """Prepare requests admitted in one engine step, in order.
 
         A pipeline may share work between them (Qwen-Image: one text-encoder call
         for all their prompts). A request whose preparation fails gets its
         exception in its slot; the others go on.
+
+        Args:
+            params: each request's resolved parameters.
+            request_ids: their ids.
+            stage_inputs: pipelines that declare a `stage_input_type` only: each request's
+                handed-over input (None where it brought none), passed to `prepare` as
+                `stage_input`.
         """
         out: list[DiffusionState | Exception] = []
-        for p, rid in zip(params, request_ids):
+        for i, (p, rid) in enumerate(zip(params, request_ids)):
             try:
-                out.append(self.prepare(p, rid))
+                if stage_inputs is None:
+                    out.append(self.prepare(p, rid))
+                else:
+                    out.append(self.prepare(p, rid, stage_input=stage_inputs[i]))
             except Exception as exc:  # reported as that request's error by the engine
                 out.append(exc)
         return out

@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .capabilities import InvalidParams
+
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -203,21 +205,21 @@ def _validate(v: Mapping[str, Any]) -> None:
     def positive_int(name: str) -> None:
         x = v.get(name)
         if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
-            raise ValueError(f"{name} must be a positive integer, got {x!r}")
+            raise InvalidParams(f"{name} must be a positive integer, got {x!r}", name)
 
     for name in ("height", "width", "num_inference_steps", "num_outputs_per_prompt", "num_frames", "fps", "layers"):
         positive_int(name)
     if v.get("num_inference_steps") is None:
-        raise ValueError("num_inference_steps is unset and the pipeline has no default")
+        raise InvalidParams("num_inference_steps is unset and the pipeline has no default", "num_inference_steps")
     if v["output_type"] not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}")
+        raise InvalidParams(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}", "output_type")
     for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale", "cache_threshold"):
         x = v.get(name)
         if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)):
-            raise ValueError(f"{name} must be a number, got {x!r}")
+            raise InvalidParams(f"{name} must be a number, got {x!r}", name)
     threshold = v.get("cache_threshold")
     if threshold is not None and not 0 <= threshold < float("inf"):
-        raise ValueError(f"cache_threshold must be a finite number >= 0, got {threshold!r}")
+        raise InvalidParams(f"cache_threshold must be a finite number >= 0, got {threshold!r}", "cache_threshold")
     seed = v["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        raise InvalidParams(f"seed must be an integer in [0, 2**64), got {seed!r}", "seed")

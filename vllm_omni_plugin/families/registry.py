@@ -69,6 +69,8 @@ class Family:
     vllm_setup        "module:function" run once per process before vLLM parses
                       engine args (BAGEL's config hook); None: nothing
     model_types       config.json `model_type`s that identify the family's checkpoints
+    llm_config_key    the config.json key holding the AR stage's language-model config,
+                      where it is not transformers' `text_config` (BAGEL: llm_config)
     checkpoints       factory names (`vllm-omni make-checkpoint NAME`) -> the
                       "module:build" that writes one (checkpoints/__init__.py)
     device_checkpoints  the factory names whose builder draws weights on a GPU too
@@ -84,6 +86,7 @@ class Family:
     vllm_models: tuple[VllmModel, ...] = ()
     vllm_setup: str | None = None
     model_types: tuple[str, ...] = ()
+    llm_config_key: str | None = None
     checkpoints: Mapping[str, str] = field(default_factory=dict)
     device_checkpoints: tuple[str, ...] = ()
     docs: str | None = None
@@ -193,8 +196,10 @@ def checkpoint_builders() -> dict[str, Family]:
 
 
 def vllm_models() -> tuple[VllmModel, ...]:
-    """Every architecture the families register with vLLM."""
-    return tuple(m for fam in families().values() for m in fam.vllm_models)
+    """Every architecture the families register with vLLM, its target made absolute ("module:Class",
+    as vLLM's ModelRegistry imports it)."""
+    return tuple(dataclasses.replace(m, target=":".join(fam.resolve(m.target)))
+                 for fam in families().values() for m in fam.vllm_models)
 
 
 # ---- which family is this checkpoint ---------------------------------------------------

@@ -45,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from .cpu_isa import cpu_layout
 from .layout import gather_kv, layout_for_backend, slot_mapping
 from .store import PARAMS_KEY, KVTransferStore, TransferredKV
 
@@ -55,6 +56,27 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+
+def _layer_layout(layer: Any, cache: torch.Tensor) -> str:
+    """The `kv.layout` layout of one attention layer's cache (CPU_ATTN: checked through its kernel)."""
+    backend = layer.attn_backend.get_name()
+    if backend != "CPU_ATTN":
+        return layout_for_backend(backend)
+    if cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the omni KV hand-over reads unquantized caches; this engine runs kv_cache_dtype="
+            f"{getattr(layer, 'kv_cache_dtype', cache.dtype)!r}: leave --kv-cache-dtype at auto for the AR stage"
+        )
+    isa = getattr(layer, "isa", None)
+    layout = cpu_layout(isa, cache.dtype, layer.head_size, cache.shape[2])
+    if layout is None:  # patch cpu_attn_known_kv_layout chooses a known kernel for omni engines
+        raise ValueError(
+            f"CPU_ATTN kernel {isa!r} ({cache.dtype}, head_size {layer.head_size}, block_size {cache.shape[2]}) "
+            "writes a KV layout vllm_omni_plugin.kv.layout does not read, and patch cpu_attn_known_kv_layout "
+            "did not replace it (is the plugin loaded? `vllm-omni doctor` lists the patches)"
+        )
+    return layout
 
 
 @dataclass(frozen=True)
@@ -198,9 +220,8 @@ class OmniKVConnector(KVConnectorBase_V1):
         layers = []
         for name, cache in kv_caches.items():
             layer = attention[name]
-            layout = layout_for_backend(layer.attn_backend.get_name(), getattr(layer, "isa", None))
-            layers.append((name, cache.view(layer.kv_cache_torch_dtype) if cache.dtype == torch.int8 else cache,
-                           layout, layer.head_size))
+            cache = cache.view(layer.kv_cache_torch_dtype) if cache.dtype == torch.int8 else cache
+            layers.append((name, cache, _layer_layout(layer, cache), layer.head_size))
         self._layers = sorted(layers, key=lambda x: extract_layer_index(x[0]))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

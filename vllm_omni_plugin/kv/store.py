@@ -72,7 +72,7 @@ class TransferredKV:
 
     keys[i], values[i]: layer i, (tokens, kv_heads, head_dim), post-RoPE keys as
     the attention cache holds them -- the layout of the diffusion stage's
-    `BranchKV` (diffusion/bagel/context.py): `BranchKV(t.keys, t.values,
+    `BranchKV` (families/bagel/dit/context.py): `BranchKV(t.keys, t.values,
     t.metadata["latent_position"])`. `metadata` is what the model class reports
     for the request (`kv_transfer_metadata(spec)`), plus `num_tokens`.
     """

@@ -45,14 +45,14 @@ def kv_bytes_per_token(model: str | Path, dtype: Any = None) -> int:
     """K+V bytes one token takes over all layers of the checkpoint's language model.
 
     Args:
-        model: checkpoint directory (config.json; BAGEL keeps the LLM's in `llm_config`).
+        model: checkpoint directory (config.json; where its language model's section sits is
+            `_language_config`'s answer).
         dtype: the engine's `dtype` argument; "auto"/None reads the checkpoint's.
 
     Returns:
         2 * layers * kv_heads * head_dim * bytes per element.
     """
-    config = json.loads((Path(model) / "config.json").read_text())
-    llm = config.get("llm_config") or config.get("text_config") or config
+    config, llm = _language_config(model)
     heads = llm["num_attention_heads"]
     head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
     kv_heads = llm.get("num_key_value_heads") or heads
@@ -127,7 +127,17 @@ def fit_ar_engine_args(model: str | Path, engine_args: Mapping[str, Any], max_ba
     return dict(engine_args)
 
 
-def _checkpoint_max_len(model: str | Path) -> int:
+def _language_config(model: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, its language model's section): the section the checkpoint's family declares
+    (`Family.llm_config_key`), else transformers' `text_config`, else the top level."""
+    from ..families import identify
+
     config = json.loads((Path(model) / "config.json").read_text())
-    llm = config.get("llm_config") or config.get("text_config") or config
+    family = identify(model).family
+    key = family.llm_config_key if family is not None else None
+    return config, (config.get(key) if key else None) or config.get("text_config") or config
+
+
+def _checkpoint_max_len(model: str | Path) -> int:
+    _, llm = _language_config(model)
     return int(llm.get("max_position_embeddings") or 4096)

@@ -25,57 +25,23 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..diffusion.engine import DiffusionEngine, EngineEvent
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
+from ..engine.errors import EngineStopped, GenerationFailed, QueueFull, RequestAborted, StageUnavailable
+from ..engine.handles import ClientStats, ProgressFn, RequestHandle
+
+# The request-ending exceptions are the engine clients' (engine/errors.py); importable from here as before.
+__all__ = ["EngineLoop", "EngineStopped", "GenerationFailed", "QueueFull", "RequestAborted", "StageUnavailable",
+           "RequestHandle", "LoopStats", "ProgressFn"]
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
 
-class QueueFull(RuntimeError):
-    """The engine already holds `max_queue` requests."""
-
-
-class EngineStopped(RuntimeError):
-    """The server shut down before the request finished."""
-
-
-class StageUnavailable(EngineStopped):
-    """A stage's engine is down (its process died; the orchestrator is restarting it): 503 until it is back."""
-
-
-class RequestAborted(RuntimeError):
-    """The request was aborted (client disconnected, video deleted)."""
-
-
-class GenerationFailed(RuntimeError):
-    """The engine reported an error for this request; `__cause__` is the original."""
-
-
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class RequestHandle:
-    request_id: str
-    params: ResolvedParams
-    future: asyncio.Future
-    on_progress: ProgressFn | None = None
-    step: int = 0
-    total: int = 0
-    submitted: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class LoopStats:
-    submitted: int = 0
-    finished: int = 0
-    failed: int = 0
-    aborted: int = 0
-    rejected: int = 0
+#: the loop's counters (the same as every engine client's; `restarts` stays 0: a thread is not restarted)
+LoopStats = ClientStats
 
 
 class EngineLoop:
@@ -126,8 +92,10 @@ class EngineLoop:
         on_progress: ProgressFn | None = None,
         prefix: str = "omni",
         request_id: str | None = None,
+        stage_input: Any = None,
     ) -> RequestHandle:
-        """Queue a request; `request_id` is for callers that keyed stage inputs by it beforehand."""
+        """Queue a request; `request_id` names it where the caller already has (a multi-stage
+        request's stages share it), `stage_input` is what the stage before handed over for it."""
         if not self.alive:
             raise EngineStopped("the diffusion engine is not running")
         if len(self._handles) >= self.max_queue:
@@ -140,8 +108,12 @@ class EngineLoop:
         if rid in self._handles:
             raise ValueError(f"request id {rid!r} is already in the engine")
         handle = RequestHandle(rid, params, self._loop.create_future(), on_progress)
-        self._handles[rid] = handle
-        self.engine.add_request(rid, params)
+        self._handles[rid] = handle  # before the engine thread can report on it
+        try:
+            self.engine.add_request(rid, params, stage_input)
+        except BaseException:
+            del self._handles[rid]  # refused (a bad stage input): nothing to report on
+            raise
         self.stats.submitted += 1
         self._wake.set()
         return handle

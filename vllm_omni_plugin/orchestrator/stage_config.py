@@ -1,7 +1,7 @@
 """Stage configs: which stages a model runs, where, and with what defaults.
 
-A stage config is a YAML file (the plugin ships one per model family in
-`stage_configs/`; users pass their own with `--stage-config` or
+A stage config is a YAML file (the plugin ships one per model family, in the
+family's folder, `families/<family>/stage_config.yaml`; users pass their own with `--stage-config` or
 `Omni(stage_config=...)`). The schema is the pydantic model below; unknown
 keys are errors, and every error names the file, the field and what to write
 instead, because a typo in a deployment file must not silently fall back to
@@ -36,7 +36,6 @@ must name an earlier stage.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +120,8 @@ class StageConfig(BaseModel):
     name: str = Field(min_length=1)
     architectures: tuple[str, ...] = Field(min_length=1)
     stages: tuple[StageSpec, ...] = Field(min_length=1)
+    #: every stage's dtype unless a stage sets its own (orchestrator/stage_dtype.py); None: the device default
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @model_validator(mode="after")
     def _topology(self) -> "StageConfig":
@@ -202,12 +203,13 @@ def load_stage_config(path: str | Path) -> StageConfig:
 
 @functools.cache
 def builtin_stage_configs() -> dict[str, StageConfig]:
-    """The stage configs shipped in `stage_configs/` (package data), by name."""
+    """The shipped stage configs (each family's, `vllm_omni_plugin.stage_configs.shipped`), by name."""
+    from ..stage_configs import shipped
+
     configs = {}
-    for entry in resources.files("vllm_omni_plugin.stage_configs").iterdir():
-        if entry.name.endswith(".yaml"):
-            config = parse_stage_config(entry.read_text(), f"stage_configs/{entry.name}")
-            configs[config.name] = config
+    for family, path in shipped().items():
+        config = parse_stage_config(path.read_text(), f"vllm_omni_plugin/families/{family}/{path.name}")
+        configs[config.name] = config
     return configs
 
 

@@ -9,11 +9,12 @@ engine behind an `EngineLoop` holding at most `max_batch_size` requests; its
 output into the diffusion stage's input (`Family.input_processor`). A family
 supplies exactly that code, as a subclass of `StageOrchestrator` implementing
 
-    load_pipeline(model, dtype, device)        its diffusion stage
-    hand_over(resolved, request_id, timings)   run the AR stage for one request
-                                               and put its hand-over in the
-                                               pipeline's keyed store
-    discard_hand_over(request_id)              drop one the stage did not take
+    load_pipeline(model, dtype, device)        its diffusion stage (one that needs
+                                               its stage input: `stage_input_required`)
+    hand_over(resolved, request_id, timings)   run the AR stage for one request and
+                                               return the diffusion stage's typed input
+                                               (the pipeline's `stage_input_type`), which
+                                               is submitted with the request
 
 and everything else -- engines, queueing, cancellation, timings and the
 per-request breakdown line, text answers, stage failure -- is here, once.
@@ -49,6 +50,7 @@ from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .ar_memory import fit_ar_engine_args, platform_name
+from .stage_dtype import ar_dtype, dtype_name, model_dtype
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from ..families import input_processors
 from .stage_config import StageConfig, StageSpec
@@ -128,7 +130,11 @@ def ar_stage_engine_args(model: str, config: StageConfig, overrides: dict[str, A
         ARStageDoesNotFit: (CPU, fit) one max_model_len sequence does not fit the free memory.
     """
     stage, _ = stage_pair(config)
-    args = {**stage.engine_args_for(platform_name()), **(overrides or {})}
+    configured = stage.engine_args_for(platform_name())
+    args = {**configured, **(overrides or {})}
+    # one dtype rule for every stage (stage_dtype.py); `overrides` holds what was given explicitly
+    args["dtype"] = ar_dtype(args.get("dtype") if "dtype" in (overrides or {}) else None, None,
+                             configured.get("dtype"), config.dtype, platform_name())
     if stage.tokenizer_subfolder is not None:
         args.setdefault("tokenizer", str(Path(model) / stage.tokenizer_subfolder))
     args.setdefault("max_num_seqs", stage.max_batch_size)
@@ -181,13 +187,25 @@ class StageOrchestrator(ABC):
         self.model = model
         self.config = config
         self.ar, self.dit = stage_pair(config)
-        self._ar_args = ar_stage_engine_args(model, config, dict(ar_engine_args or {}), fit=False)
+        overrides = dict(ar_engine_args or {})
+        if dtype_name(dtype) is not None:  # a model-wide explicit dtype reaches the AR stage too
+            overrides.setdefault("dtype", dtype_name(dtype))
+        self._ar_args = ar_stage_engine_args(model, config, overrides, fit=False)
         kv = self._ar_args.get("kv_transfer_config") or {}
         self._transfer_dir: str | None = (kv.get("kv_connector_extra_config") or {}).get("transfer_dir")
         self.ar_defaults = dict(self.ar.default_sampling_params) if self.answers_text else None
         if device is None:
             device = _device_for(self.dit.devices)
-        self.pipeline = self.load_pipeline(model, dtype=dtype, device=device)
+        import torch
+
+        #: the dtype each stage runs in (stage_dtype.py); the AR one as its engine reports it when attached
+        self.stage_dtypes = {
+            self.ar.id: dtype_name(llm.vllm_config.model_config.dtype) if llm is not None else self._ar_args["dtype"],
+            self.dit.id: model_dtype(dtype, config.dtype, torch.device(device).type),
+        }
+        logger.info("omni: %s stage dtypes: %s", config.name,
+                    ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
+        self.pipeline = self.load_pipeline(model, dtype=self.stage_dtypes[self.dit.id], device=device)
         self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
                                       stage_defaults=self.dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)
@@ -310,15 +328,16 @@ class StageOrchestrator(ABC):
     # ---- the family's part -----------------------------------------------------------
     @abstractmethod
     def load_pipeline(self, model: str, dtype: Any, device: Any) -> StepwisePipeline:
-        """The diffusion stage's pipeline, with a keyed store for hand-overs."""
+        """The diffusion stage's pipeline; it requires its stage input (`stage_input_required`)."""
 
     @abstractmethod
-    async def hand_over(self, resolved: ResolvedParams, request_id: str, timings: StageTimings) -> None:
-        """Run the AR stage for one request and put its output in the pipeline's store under `request_id`."""
+    async def hand_over(self, resolved: ResolvedParams, request_id: str, timings: StageTimings) -> Any:
+        """Run the AR stage for one request; the diffusion stage's input for it (the one function
+        that builds it from the canonical request and the AR stage's output).
 
-    @abstractmethod
-    def discard_hand_over(self, request_id: str) -> None:
-        """Drop a hand-over the diffusion stage did not take (the request failed or was cancelled)."""
+        Returns:
+            an instance of the pipeline's `stage_input_type`, keyed by `request_id`.
+        """
 
     # ---- AR only -------------------------------------------------------------------
     async def generate_text(self, prompt: Any, sampling_params: Any = None, request_id: str | None = None):
@@ -340,21 +359,18 @@ class StageOrchestrator(ABC):
         started = time.perf_counter()
         resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
         rid = request_id or self.new_id(f"{self.config.name}-image")
+        ar_started = time.perf_counter()
+        stage_input = await self.hand_over(resolved, rid, timings)
+        timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
+        diffusion_started = time.perf_counter()
+        handle = self.loop.submit(resolved, on_progress, request_id=rid, stage_input=stage_input)
         try:
-            ar_started = time.perf_counter()
-            await self.hand_over(resolved, rid, timings)
-            timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
-            diffusion_started = time.perf_counter()
-            handle = self.loop.submit(resolved, on_progress, request_id=rid)
-            try:
-                output = await self.loop.result(handle)
-            except asyncio.CancelledError:
-                self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
-                raise
-            timings.diffusion = time.perf_counter() - diffusion_started
-            timings.decode = output.timings.get("decode", 0.0)
-        finally:
-            self.discard_hand_over(rid)  # no-op once the stage took it
+            output = await self.loop.result(handle)
+        except asyncio.CancelledError:
+            self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
+            raise
+        timings.diffusion = time.perf_counter() - diffusion_started
+        timings.decode = output.timings.get("decode", 0.0)
         timings.total = time.perf_counter() - started
         logger.info("omni request %s: %s", rid, timings.summary())
         return output

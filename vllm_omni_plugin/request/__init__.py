@@ -12,16 +12,19 @@ it with the same `resolve`). No route builds stage inputs itself.
     image_input.py  the one input-image path: URL fetch (data/file/http, allowlist at every
                     hop, one deadline) -> bytes -> decode with header checks
     messages.py     the structure of a chat body's `messages` (image answers; text answers are vLLM's)
-    builder.py      wire fields -> SamplingParams -> ResolvedParams (+ limit checks)
+    protocol.py     the bodies of the routes as pydantic models (OpenAI's names and types, our
+                    extension fields described): the OpenAPI document and the field checks
+    builder.py      wire fields -> SamplingParams -> ResolvedParams (+ the model's declaration, limits)
 
 This package imports neither vLLM nor FastAPI (aiohttp fetches image URLs).
 """
 
-from .builder import FIELDS, RequestBuilder, build_sampling_params, parse_size
+from .builder import RequestBuilder, build_sampling_params
 from .body import parse_json_object
 from .image_input import MediaPolicy, decode_image, fetch_image_bytes
 from .limits import Limits, RequestError
 from .messages import check_messages
+from .protocol import FIELDS, parse_size
 
 __all__ = [
     "FIELDS",

@@ -13,51 +13,30 @@ Unset stays `None` all the way to `resolve`; nothing here invents a default.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from ..diffusion.capabilities import Capabilities, Knob, UnsupportedField
+from ..diffusion.capabilities import Capabilities, InvalidParams, Knob
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .body import checked_int, checked_text, finite_float
 from .image_input import decode_image
 from .limits import Limits, RequestError
+from .protocol import (
+    FIELDS,
+    IGNORED_FIELDS,
+    SILENT_FIELDS,
+    GenerationParams,
+    copied_to,
+    is_alias,
+    parse_size,
+    sampling_fields,
+    validate_generation,
+)
 
-# Generation fields: wire name -> (SamplingParams field, kind).
-_GENERATION: dict[str, tuple[str, str]] = {
-    "prompt": ("prompt", "str"),
-    "negative_prompt": ("negative_prompt", "str"),
-    "n": ("num_outputs_per_prompt", "int"),
-    "num_inference_steps": ("num_inference_steps", "int"),
-    "guidance_scale": ("guidance_scale", "float"),
-    "guidance_scale_2": ("guidance_scale_2", "float"),
-    "true_cfg_scale": ("true_cfg_scale", "float"),
-    "cfg_scale": ("true_cfg_scale", "float"),
-    "seed": ("seed", "int"),
-    "layers": ("layers", "int"),
-    "resolution": ("resolution", "int"),
-    "num_frames": ("num_frames", "int"),
-    "fps": ("fps", "int"),
-    # a SamplingParams field Qwen-Image and FLUX declare: without it here, only offline `Omni` could set it
-    "max_sequence_length": ("max_sequence_length", "int"),
-    "cache_threshold": ("cache_threshold", "float"),
-}
-# Handled here but not a SamplingParams field one-to-one: wire name -> the fields it sets.
-_SPECIAL = {"size": ("height", "width"), "seconds": ("num_frames",)}
-OUTPUT_FIELDS = ("response_format", "output_format", "output_compression", "background")
-# OpenAI fields we accept and do not act on (clients send them by default; they do not
-# change the pixels). Except `model` (checked by the route) and `user` (an end-user id,
-# metadata only), a request that sets them gets them back in `omni.ignored`.
-IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "input_fidelity")
-_SILENT_FIELDS = frozenset({"model", "user"})
-FIELDS = frozenset(_GENERATION) | frozenset(_SPECIAL) | frozenset(OUTPUT_FIELDS) | frozenset(IGNORED_FIELDS)
+FIELDS_IN_ORDER = tuple(GenerationParams.model_fields)
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-RESPONSE_FORMATS = ("b64_json",)
-BACKGROUNDS = ("auto", "opaque", "transparent")
 TASKS = ("image", "edit", "video")
-
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_URL_REFUSED = "response_format=url is not supported by this server (it keeps no image store); use b64_json"
 
 
 @dataclass(frozen=True)
@@ -79,51 +58,6 @@ class CanonicalRequest:
     task: str
     #: fields the request set that the server accepted without acting on them
     ignored: tuple[str, ...] = ()
-
-
-def parse_size(value: Any, limits: Limits | None = None) -> tuple[int, int] | None:
-    """"WxH" -> (width, height); "auto" or None -> None (model default)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return None
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise RequestError(f"size must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {value!r}", "size")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width < 1 or height < 1:
-        raise RequestError(f"size must have a positive width and height, got {value!r}", "size")
-    if limits is not None and width * height > limits.max_pixels:
-        raise RequestError(
-            f"size {width}x{height} is {width * height} pixels, above this server's limit of "
-            f"{limits.max_pixels} (--omni-max-pixels)",
-            "size",
-        )
-    return width, height
-
-
-# Ranges of float fields beyond finiteness: a guidance scale is a weight in
-# [0, 100] (0 disables guidance; diffusers' pipelines use 1-20); anything else,
-# model knobs included, within +-Limits.max_float.
-FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "guidance_scale": (0.0, 100.0),
-    "guidance_scale_2": (0.0, 100.0),
-    "true_cfg_scale": (0.0, 100.0),
-    "cfg_scale": (0.0, 100.0),
-}
-
-
-def _coerce(name: str, value: Any, kind: str, limits: Limits | None = None) -> Any:
-    """JSON values as they are; multipart form values arrive as strings. Numbers finite, text valid Unicode."""
-    if kind == "str":
-        if not isinstance(value, str):
-            raise RequestError(f"`{name}` must be a string, got {type(value).__name__}", name)
-        return checked_text(value, name)
-    if kind == "int":
-        return checked_int(name, value)
-    number = finite_float(name, value, (limits or Limits()).max_float)
-    low, high = FLOAT_RANGES.get(name, (None, None))
-    if low is not None and not low <= number <= high:
-        raise RequestError(f"`{name}` must be within [{low:g}, {high:g}], got {number:g}", name)
-    return number
 
 
 def _positive(name: str, value: int | None, upper: int | None = None, flag: str = "") -> None:
@@ -151,9 +85,14 @@ def _coerce_knob(name: str, value: Any, knob: Knob, limits: Limits) -> Any:
                 pass
         if not isinstance(value, list) or len(value) != knob.length:
             raise RequestError(f"`{name}` must be a list of {knob.length} numbers, got {value!r}", name)
-        return tuple(_coerce(name, x, "float", limits) for x in value)
-    kind = {int: "int", float: "float", str: "str"}[knob.type]
-    return _coerce(name, value, kind, limits)
+        return tuple(finite_float(name, x, limits.max_float) for x in value)
+    if knob.type is int:
+        return checked_int(name, value)
+    if knob.type is float:
+        return finite_float(name, value, limits.max_float)
+    if not isinstance(value, str):
+        raise RequestError(f"`{name}` must be a string, got {type(value).__name__}", name)
+    return checked_text(value, name)
 
 
 def build_sampling_params(
@@ -171,8 +110,8 @@ def build_sampling_params(
         images: raw bytes or PIL images (decoded and checked here).
         limits: the server's limits (defaults: `Limits()`).
         require_prompt: a missing `prompt` is an error.
-        knobs: the served model's own fields (its `Capabilities.knobs`, e.g. BAGEL's
-            cfg_text_scale), accepted and passed in `SamplingParams.extra`.
+        knobs: the served model's own fields (its `Capabilities.knobs`), accepted and
+            passed in `SamplingParams.extra`.
 
     Returns:
         (the request, how to hand the output back, `seconds` of a video or None).
@@ -186,29 +125,27 @@ def build_sampling_params(
     if require_prompt and "prompt" not in fields:
         raise RequestError("`prompt` is required", "prompt")
 
+    if fields.get("response_format") == "url":
+        raise RequestError(_URL_REFUSED, "response_format")
+    checked = validate_generation({k: v for k, v in fields.items() if k not in knobs}, limits)
     values: dict[str, Any] = {}
-    for wire, (ours, kind) in _GENERATION.items():
-        if wire in fields:
-            value = _coerce(wire, fields[wire], kind, limits)
-            if ours in values and values[ours] != value:
-                raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
-            values[ours] = value
+    for wire in (w for w in FIELDS_IN_ORDER if w in checked.model_fields_set):
+        value, ours = getattr(checked, wire), copied_to(wire)
+        if value is None or ours is None:  # output / ignored fields; size and seconds below
+            continue
+        if ours in values and values[ours] != value:
+            raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
+        values[ours] = value
     _positive("n", values.get("num_outputs_per_prompt"), limits.max_n, "--omni-max-n")
     _positive("num_inference_steps", values.get("num_inference_steps"), limits.max_steps, "--omni-max-steps")
     _positive("num_frames", values.get("num_frames"), limits.max_frames, "--omni-max-frames")
-    for name in ("layers", "resolution", "fps", "max_sequence_length"):
-        _positive(name, values.get(name))
-    seed = values.get("seed")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise RequestError(f"`seed` must be in [0, 2**64), got {seed}", "seed")
 
-    size = parse_size(fields.get("size"), limits)
+    size = parse_size(checked.size, limits)
     if size is not None:
         values["width"], values["height"] = size
 
-    seconds = None
-    if "seconds" in fields:
-        seconds = _coerce("seconds", fields["seconds"], "float", limits)
+    seconds = checked.seconds
+    if seconds is not None:
         if not seconds > 0:
             raise RequestError(f"`seconds` must be positive, got {seconds}", "seconds")
         if "num_frames" in values:
@@ -220,7 +157,7 @@ def build_sampling_params(
     if extra:
         values["extra"] = extra
 
-    return SamplingParams(**values), _output_spec(fields), seconds
+    return SamplingParams(**values), _output_spec(checked), seconds
 
 
 def decode_images(images: Sequence[Any], limits: Limits) -> list[Any]:
@@ -230,31 +167,13 @@ def decode_images(images: Sequence[Any], limits: Limits) -> list[Any]:
     return [decode_image(img, limits, "image") for img in images]
 
 
-def _output_spec(fields: Mapping[str, Any]) -> OutputSpec:
-    response_format = fields.get("response_format", "b64_json")
-    if response_format == "url":
-        raise RequestError(
-            "response_format=url is not supported by this server (it keeps no image store); use b64_json",
-            "response_format",
-        )
-    if response_format not in RESPONSE_FORMATS:
-        raise RequestError(f"response_format must be b64_json, got {response_format!r}", "response_format")
-    output_format = fields.get("output_format", "png")
-    if output_format == "jpg":
-        output_format = "jpeg"
-    if output_format not in OUTPUT_FORMATS:
-        raise RequestError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}", "output_format")
-    compression = fields.get("output_compression")
-    if compression is not None:
-        compression = _coerce("output_compression", compression, "int")
-        if not 0 <= compression <= 100:
-            raise RequestError(f"output_compression must be in [0, 100], got {compression}", "output_compression")
-    background = fields.get("background", "auto")
-    if background not in BACKGROUNDS:
-        raise RequestError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}", "background")
+def _output_spec(checked: GenerationParams) -> OutputSpec:
+    """How to hand the output back (the fields are already checked against their declared values)."""
+    output_format = checked.output_format or "png"
+    background = checked.background or "auto"
     if background == "transparent" and output_format == "jpeg":
         raise RequestError("background=transparent needs output_format png or webp (jpeg has no alpha)", "background")
-    return OutputSpec(str(response_format), str(output_format), compression, str(background))
+    return OutputSpec(checked.response_format or "b64_json", output_format, checked.output_compression, background)
 
 
 class RequestBuilder:
@@ -318,20 +237,24 @@ class RequestBuilder:
         self._check_honoured(present)
         request, output, seconds = build_sampling_params(fields, images, self.limits, knobs=self.knobs)
         self._check_image_count(task, len(images))  # after decoding: an undecodable file is named as such
-        if output.background == "transparent" and self.output_kind != "layers":
-            raise RequestError(
-                "background=transparent needs a layered model (e.g. Qwen-Image-Layered); this model makes opaque images",
-                "background",
-            )
-        if output.background == "opaque" and self.output_kind == "layers":
-            raise RequestError("this model makes transparent RGBA layers; send background=transparent or auto",
-                               "background")
+        self._check_background(output.background)
         if seconds is not None:
             request = self._frames_from_seconds(request, seconds)
         params = self._resolve(request)
         self._check_resolved(params)
-        reported = tuple(dict.fromkeys([*ignored, *sorted(present & set(IGNORED_FIELDS) - _SILENT_FIELDS)]))
+        reported = tuple(dict.fromkeys([*ignored, *sorted(present & set(IGNORED_FIELDS) - SILENT_FIELDS)]))
         return CanonicalRequest(params, output, task, reported)
+
+    def _check_background(self, background: str) -> None:
+        """`background` as the model declares its outputs (`Capabilities.background`), or auto."""
+        made = self.capabilities.background
+        if background in ("auto", made):
+            return
+        if background == "transparent":
+            raise RequestError("background=transparent needs a layered model (one that makes transparent RGBA "
+                               "outputs); this model makes opaque images", "background")
+        what = "RGBA layers" if self.output_kind == "layers" else "RGBA images"
+        raise RequestError(f"this model makes transparent {what}; send background=transparent or auto", "background")
 
     def _check_task(self, task: str) -> None:
         if task == "video" and self.output_kind != "video":
@@ -343,7 +266,7 @@ class RequestBuilder:
         """A generation field the model does not read is a 400 naming the wire field."""
         honoured = self.capabilities.honoured
         for wire in sorted(present):
-            ours = _SPECIAL.get(wire) or ((_GENERATION[wire][0],) if wire in _GENERATION else ())
+            ours = sampling_fields(wire)
             unread = [f for f in ours if f not in honoured]
             if unread:
                 raise RequestError(
@@ -355,8 +278,8 @@ class RequestBuilder:
     def _wire_fields(self) -> list[str]:
         """The generation fields this model reads, by their wire names (for messages)."""
         honoured = self.capabilities.honoured
-        wires = [w for w, (ours, _) in _GENERATION.items() if ours in honoured and w != "cfg_scale"]
-        wires += [w for w, ours in _SPECIAL.items() if all(f in honoured for f in ours)]
+        wires = [w for w in FIELDS_IN_ORDER if (ours := sampling_fields(w)) and all(f in honoured for f in ours)
+                 and not is_alias(w)]
         return sorted(wires) + sorted(self.knobs)
 
     def _check_image_count(self, task: str, count: int) -> None:
@@ -376,14 +299,14 @@ class RequestBuilder:
             raise RequestError(f"this model takes {caps.describe_images()}, got {count}", "image")
 
     def _resolve(self, request: SamplingParams) -> ResolvedParams:
+        # The pipeline says which of its refusals are the caller's (InvalidParams, UnsupportedField
+        # among them): a 400. Anything else it raises is its own failure and goes on up (a 500).
         try:
             return self.resolve_fn(request, self.stage_defaults)
-        except RequestError:
-            raise
-        except UnsupportedField as e:
+        except InvalidParams as e:
+            if isinstance(e, RequestError):
+                raise
             raise RequestError(str(e), e.field) from e
-        except (ValueError, TypeError) as e:  # the pipeline's own rules (missing image, bad resolution ...)
-            raise RequestError(str(e)) from e
 
     def _frames_from_seconds(self, request: SamplingParams, seconds: float) -> SamplingParams:
         # Derived from the *resolved* fps (principle 2); the pipeline then snaps
@@ -423,3 +346,4 @@ class RequestBuilder:
             )
         if p.num_outputs_per_prompt > lim.max_n:
             raise RequestError(f"n={p.num_outputs_per_prompt} is above this server's limit of {lim.max_n}", "n")
+

@@ -2,8 +2,9 @@
 
 One set of routes, two kinds of runtime behind them:
 
-* diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine on a
-  background thread (`EngineLoop`), served by `build_app`: an app made of
+* diffusion-only checkpoints: `InlineDiffusion`, one diffusion engine in its own
+  process behind `EngineCoreClient` (engine/client.py: a crash there is a 503 for
+  its requests and a restart, never a dead server), served by `build_app`: an app made of
   vLLM's own pieces (its exception handlers, its middleware -- CORS,
   --api-key, request ids, --middleware --, its Prometheus registry and
   /metrics) with the omni routes attached by the same `OmniEndpointPlugin`
@@ -15,37 +16,41 @@ One set of routes, two kinds of runtime behind them:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from fastapi import FastAPI
 from vllm.exceptions import VLLMClientError
 
 from ..diffusion.engine import EngineConfig
-from ..diffusion.interface import DiffusionPipelineBase
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
+from ..engine.client import EngineCoreClient
+from ..engine.spec import EngineSpec, PipelineInfo
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
+from ..orchestrator.stages import StageTimings
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
+from .errors import OmniHTTPError
 from .media import MediaFetcher
+from .job_store import HEARTBEAT_S, JobStore
 from .metrics import OmniMetrics
-from .videos import VideoStore
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
 
 class InlineDiffusion:
-    """A single-stage diffusion model: the engine on a background thread."""
+    """A single-stage diffusion model behind its engine client: `EngineCoreClient` (the engine
+    in its own process; what the server runs) or `EngineLoop` (the engine on a thread of this
+    process; `OmniRuntime.load(..., engine_process=False)`, for benchmarks of the difference
+    and tests that reach into the pipeline)."""
 
     text = False  # no text output
 
-    def __init__(self, bridge: EngineLoop) -> None:
+    def __init__(self, bridge: EngineCoreClient | EngineLoop) -> None:
         self.bridge = bridge
 
     @property
@@ -54,14 +59,18 @@ class InlineDiffusion:
 
     def health(self) -> str | None:
         """None while serving; otherwise what is down (the /health answer)."""
+        if isinstance(self.bridge, EngineCoreClient):
+            return self.bridge.health()
         return None if self.bridge.alive else "the diffusion engine is not running"
 
     async def start(self) -> None:
-        self.bridge.start()
+        if isinstance(self.bridge, EngineLoop):  # (an engine process started when it was loaded)
+            self.bridge.start()
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.bridge.stop)
-        self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
+        if isinstance(self.bridge, EngineLoop):
+            self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
 
     async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
                              request_id: str | None = None) -> DiffusionOutput:
@@ -89,6 +98,8 @@ class MultiStage:
         self.bridge: EngineLoop = orchestrator.loop
         self.max_queue = max_queue
         self.images_in_flight = 0
+        #: called with each finished image request's StageTimings (the omni metrics)
+        self.timings_observer: Callable[[Any], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -113,9 +124,13 @@ class MultiStage:
                 f"--omni-max-queue {self.max_queue}); retry later"
             )
         self.images_in_flight += 1
+        timings = StageTimings()
         try:
-            return await self.orchestrator.generate_image(
-                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"))
+            output = await self.orchestrator.generate_image(
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"), timings=timings)
+            if self.timings_observer is not None:
+                self.timings_observer(timings)
+            return output
         except VLLMClientError as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
             raise RequestError(str(e), getattr(e, "parameter", None)) from e
         finally:
@@ -127,33 +142,48 @@ class OmniRuntime:
     """Everything the omni routes use; lives on `app.state.omni`."""
 
     config: OmniServerConfig
-    pipeline: DiffusionPipelineBase
+    #: the served model's family and declaration (the model itself may live in the engine process)
+    pipeline: PipelineInfo
     builder: RequestBuilder
     stages: InlineDiffusion | MultiStage
     metrics: OmniMetrics
     media: MediaFetcher
-    videos: VideoStore
+    videos: JobStore
     created: int = field(default_factory=lambda: int(time.time()))
     _janitor: asyncio.Task | None = None
     _stopped: bool = False
 
     @property
-    def bridge(self) -> EngineLoop:
-        """The diffusion engine's loop (the final stage's, for a multi-stage model)."""
+    def bridge(self) -> EngineCoreClient | EngineLoop:
+        """The diffusion engine's client (the final stage's, for a multi-stage model)."""
         return self.stages.bridge
 
     @classmethod
-    def load(cls, config: OmniServerConfig) -> "OmniRuntime":
-        """A diffusion-only runtime (blocking: loads the pipeline)."""
-        from ..diffusion.workers import PipelineBuilder, launch_engine
+    def load(cls, config: OmniServerConfig, *, engine_process: bool = True) -> "OmniRuntime":
+        """A diffusion-only runtime (blocking: starts the engine process and waits until it has loaded).
 
-        engine = launch_engine(
+        Args:
+            config: the server's omni configuration.
+            engine_process: False runs the engine on a thread of this process instead (the
+                path before the engine process existed; benchmarks compare the two, and tests
+                that patch the pipeline use it).
+        """
+        from ..diffusion.workers import PipelineBuilder
+
+        videos = _open_job_store(config)  # first: a bad or unreachable store fails before the model loads
+        spec = EngineSpec(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
             engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
             stage_defaults=config.stage_defaults or None,
         )
-        return cls._assemble(config, engine.pipeline, InlineDiffusion(EngineLoop(engine, config.max_queue)))
+        if not engine_process:
+            engine = spec.launch()
+            return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
+                                 InlineDiffusion(EngineLoop(engine, config.max_queue)), videos)
+        client = EngineCoreClient(spec, config.max_queue)
+        client.start()
+        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client), videos)
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
@@ -161,31 +191,37 @@ class OmniRuntime:
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
         from ..orchestrator import orchestrator_for
 
+        videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
-        return cls._assemble(config, orchestrator.pipeline, MultiStage(orchestrator, config.max_queue))
+        engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
+        return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
+                             MultiStage(orchestrator, config.max_queue), videos)
 
     @classmethod
-    def _assemble(cls, config: OmniServerConfig, pipeline: DiffusionPipelineBase,
-                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
+    def _assemble(cls, config: OmniServerConfig, pipeline: PipelineInfo, resolve_fn: Any,
+                  stages: InlineDiffusion | MultiStage, videos: JobStore) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
-        stage_defaults = stages.bridge.engine.stage_defaults
+        stage_defaults = pipeline.stage_defaults
         caps = pipeline.capabilities
-        builder = RequestBuilder(pipeline.resolve, caps, stage_defaults, config.limits)
+        builder = RequestBuilder(resolve_fn, caps, stage_defaults, config.limits)
         logger.info(
             "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
             config.model, pipeline.family, caps.output, " and text" if stages.text else "",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
+        metrics = OmniMetrics(stages.bridge)
+        if isinstance(stages, MultiStage):
+            stages.timings_observer = metrics.observe_stage_timings
         return cls(
             config=config,
             pipeline=pipeline,
             builder=builder,
             stages=stages,
-            metrics=OmniMetrics(stages.bridge),
+            metrics=metrics,
             media=MediaFetcher(config),
-            videos=VideoStore(config.video_dir, config.video_retention_s),
+            videos=videos,
         )
 
     @property
@@ -205,45 +241,27 @@ class OmniRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
         await self.stages.stop()
+        # the engine is gone: let the unfinished video jobs record that before the store closes
+        if self.videos.tasks:
+            await asyncio.wait(set(self.videos.tasks.values()), timeout=10)
         self.videos.close()
 
     async def _expire_videos(self) -> None:
-        period = max(0.5, min(30.0, self.config.video_retention_s / 4))
+        """The job store's housekeeping: this server's heartbeat, the jobs of servers that
+        stopped heartbeating (failed, with the reason), and expired jobs."""
+        store = self.videos
+        period = max(0.5, min(HEARTBEAT_S, self.config.video_retention_s / 4))
         while True:
             await asyncio.sleep(period)
-            for video_id in self.videos.expire():
-                logger.info("omni: video %s expired and was deleted", video_id)
+            try:
+                await store.call(store.heartbeat)
+                for video_id in await store.call(store.reap):
+                    logger.warning("omni: video %s failed: the server running it stopped heartbeating", video_id)
+                for video_id in await store.call(store.expire):
+                    logger.info("omni: video %s expired and was deleted", video_id)
+            except OmniHTTPError as exc:  # the store is unreachable: try again next period
+                logger.error("omni: job store housekeeping failed: %s", exc.message)
 
 
-def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
-    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
-    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
-
-    Args:
-        args: the parsed `vllm serve ... --omni` arguments.
-        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
-
-    Returns:
-        the FastAPI app for vLLM's `serve_http`.
-    """
-    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
-    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
-    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
-
-    from .plugin import OmniEndpointPlugin
-
-    if args.disable_fastapi_docs:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    else:
-        app = FastAPI()
-    app.root_path = args.root_path
-    app.state.args = args
-    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
-    app.state.engine_client = None
-    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
-    plugin = OmniEndpointPlugin(runtime)
-    plugin.attach_router(app)
-    init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
-    init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
-    app.state.endpoint_plugins = [plugin]
-    return app
+def _open_job_store(config: OmniServerConfig) -> JobStore:
+    return JobStore(config.job_store, config.video_retention_s, config.video_dir)

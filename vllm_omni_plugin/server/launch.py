@@ -5,8 +5,9 @@
   client, its app factory, all of its routes and flags) with the AR stage's
   engine args from the stage config, and the omni routes allowlisted as the
   "omni" endpoint plugin (server/plugin.py);
-* a diffusion-only checkpoint (no LLM engine): the app of server/app.py
-  (vLLM's pieces, the same plugin) on vLLM's socket setup and HTTP launcher.
+* a diffusion-only checkpoint (no LLM engine): `build_app` (vLLM's pieces, the
+  same plugin, around server/app.py's `OmniRuntime`) on vLLM's socket setup and
+  HTTP launcher.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ import asyncio
 import logging
 from typing import Any
 
-from .app import OmniRuntime, build_app
-from .config import OmniServerConfig
-from .plugin import allowlist_omni
+import vllm.envs as envs
+from fastapi import FastAPI
+from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
+from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+from vllm.entrypoints.serve.instrumentator.metrics import attach_router as attach_metrics_router
+from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
+
+from ..orchestrator.stages import ar_model_path, ar_stage_engine_args, stage_pair
+from .app import OmniRuntime
+from .config import ConfigError, OmniServerConfig
+from .plugin import OmniEndpointPlugin, allowlist_omni
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -47,8 +57,6 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
     Returns:
         attribute -> value to set on `args` before vLLM builds its engine client.
     """
-    from ..orchestrator.stages import ar_model_path, ar_stage_engine_args, stage_pair
-
     stage, _ = stage_pair(config.stage_config)
     out = ar_stage_engine_args(config.model, config.stage_config, config.ar_engine_args)
     out["model"] = ar_model_path(config.model, stage)
@@ -65,6 +73,7 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
 
 
 async def run_server(args: argparse.Namespace) -> None:
+    """Serve `args.model` until the server shuts down (the checkpoint decides which server, above)."""
     config = OmniServerConfig.from_args(args)
     if config.multi_stage:
         await _serve_on_vllm(args, config)
@@ -73,10 +82,6 @@ async def run_server(args: argparse.Namespace) -> None:
 
 
 async def _serve_on_vllm(args: argparse.Namespace, config: OmniServerConfig) -> None:
-    from vllm.entrypoints.launchers.api_server.entry import run_server as vllm_run_server
-
-    from .config import ConfigError
-
     # The DiT stage lives in the API server process: one of them, serving (vLLM's `serve` would
     # start several, or none, for these flags).
     if getattr(args, "headless", False) or (getattr(args, "api_server_count", None) or 1) != 1:
@@ -89,9 +94,6 @@ async def _serve_on_vllm(args: argparse.Namespace, config: OmniServerConfig) -> 
 
 
 async def _serve_diffusion(args: argparse.Namespace, config: OmniServerConfig) -> None:
-    import vllm.envs as envs
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
-
     listen_address, sock = setup_server(args, reuse_port=False)
     runtime = await asyncio.to_thread(OmniRuntime.load, config)
     app = build_app(args, runtime)
@@ -120,3 +122,31 @@ async def _serve_diffusion(args: argparse.Namespace, config: OmniServerConfig) -
     finally:
         sock.close()
         await runtime.stop()  # idempotent; the app's lifespan may not have run its shutdown half
+
+
+def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
+    """The app of a diffusion-only checkpoint (no LLM engine), built from vLLM's own pieces the way
+    vLLM's `build_app` assembles them, with the omni routes attached by `OmniEndpointPlugin`.
+
+    Args:
+        args: the parsed `vllm serve ... --omni` arguments.
+        runtime: the loaded diffusion runtime; started and stopped by the app's lifespan.
+
+    Returns:
+        the FastAPI app for vLLM's `serve_http`.
+    """
+    if args.disable_fastapi_docs:
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    else:
+        app = FastAPI()
+    app.root_path = args.root_path
+    app.state.args = args
+    # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
+    app.state.engine_client = None
+    attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
+    plugin = OmniEndpointPlugin(runtime)
+    plugin.attach_router(app)
+    init_exception_handler(app)  # vLLM's: framework errors, VLLMError, last-resort 500
+    init_entrypoints_middleware(args, app, ())  # CORS, --api-key, request ids, --middleware
+    app.state.endpoint_plugins = [plugin]
+    return app

@@ -7,8 +7,11 @@ and these) on either kind of server.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..engine.client import EngineCoreClient
 from ..orchestrator.engine_loop import EngineLoop
 
 # (vLLM's registry, the omni registry registered in it): at most one per process
@@ -18,7 +21,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class OmniMetrics:
-    def __init__(self, bridge: EngineLoop) -> None:
+    def __init__(self, bridge: EngineCoreClient | EngineLoop) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -44,15 +47,41 @@ class OmniMetrics:
         Gauge("omni_engine_queue_length", "Requests waiting for the diffusion engine to admit them",
               registry=r).set_function(lambda: max(bridge.in_flight - bridge.running, 0))
         Gauge("omni_engine_queue_capacity", "--omni-max-queue", registry=r).set_function(lambda: bridge.max_queue)
+        # Multi-stage models (AR -> DiT): where an image request's time went, and the KV hand-over
+        # (MultiStage feeds these through observe_stage_timings; they stay at zero on diffusion-only models)
+        self.stage_seconds = Histogram(
+            "omni_stage_seconds", "Wall time of one image request in a stage of a multi-stage model "
+            "(ar_prefill, kv_handover, diffusion, decode -- part of diffusion --, total)", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.handover_seconds = Histogram(
+            "omni_kv_handover_seconds", "Wall time of one request's KV hand-over from the AR stage to the DiT stage",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.handover_bytes = Counter(
+            "omni_kv_handover_bytes", "Bytes of KV cache handed from the AR stage to the DiT stage", registry=r
+        )
         for name in ("submitted", "finished", "failed", "aborted", "rejected"):
             Gauge(f"omni_engine_requests_{name}", f"Requests {name} since start", registry=r).set_function(
                 (lambda n: lambda: getattr(bridge.stats, n))(name)
             )
+        Gauge("omni_engine_alive", "1 while the diffusion engine serves; 0 while its process is dead or restarting",
+              registry=r).set_function(lambda: float(bridge.alive))
+        Gauge("omni_engine_restarts", "Times the diffusion engine process died and was started again",
+              registry=r).set_function(lambda: getattr(bridge.stats, "restarts", 0))
         bridge.step_observer = self.observe_step
 
     def observe_step(self, seconds: float, requests: int) -> None:
         self.step_latency.observe(seconds)
         self.step_batch.observe(requests)
+
+    def observe_stage_timings(self, timings: Any) -> None:
+        """One finished image request of a multi-stage model (its orchestrator's `StageTimings`)."""
+        for stage, seconds in (("ar_prefill", timings.ar_prefill), ("kv_handover", timings.transfer),
+                               ("diffusion", timings.diffusion), ("decode", timings.decode), ("total", timings.total)):
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.handover_seconds.observe(timings.transfer)
+        self.handover_bytes.inc(timings.transferred_bytes)
 
     def expose_in_vllm_registry(self) -> None:
         """Serve these metrics on vLLM's /metrics (vLLM's process-wide registry). One runtime serves a

@@ -15,10 +15,11 @@ an AR stage:
   replaced by one route that decides by the requested output -- text goes on
   to vLLM's own chat handler, images to the request builder and the BAGEL
   orchestrator, which runs its AR prefills on vLLM's engine client;
+* GET /omni/playground: a page to try the model in a browser (routes/playground.py);
 * /health answers 503 when either stage is down; the omni metrics join vLLM's
   Prometheus registry (GET /metrics); every error body is OpenAI-shaped.
 
-The diffusion-only app (server/app.py: build_app) attaches the same plugin.
+The diffusion-only app (server/launch.py: build_app) attaches the same plugin.
 """
 
 from __future__ import annotations
@@ -27,12 +28,20 @@ import argparse
 import contextlib
 import logging
 import os
+from importlib.metadata import entry_points
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from ..orchestrator.offline import multistage_config
+from ..orchestrator.stage_config import StageConfigError
+from ..request.protocol import openapi_components
+from .app import OmniRuntime
+from .config import OmniServerConfig
 from .errors import install_error_handlers, wrap_app_errors
+from .flags import add_omni_args
+from .routes import chat, images, meta, playground, videos
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -52,8 +61,6 @@ def allowlist_omni() -> str:
     Returns:
         the new value of VLLM_PLUGINS.
     """
-    from importlib.metadata import entry_points
-
     current = os.environ.get("VLLM_PLUGINS")
     if current is None:
         names = {ep.name for group in _UNGATED_GROUPS for ep in entry_points(group=group)}
@@ -67,8 +74,6 @@ def allowlist_omni() -> str:
 def omni_args(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with the omni flags' defaults filled in where vLLM's parser did not add them (the routes
     loaded into a server started without `--omni`)."""
-    from .cli import add_omni_args
-
     defaults = add_omni_args(argparse.ArgumentParser(add_help=False)).parse_args([])
     for key, value in vars(defaults).items():
         if not hasattr(args, key):
@@ -80,9 +85,6 @@ def omni_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _is_multistage(args: argparse.Namespace) -> bool:
-    from ..orchestrator.offline import multistage_config
-    from ..orchestrator.stage_config import StageConfigError
-
     try:
         return multistage_config(args.model, getattr(args, "stage_configs_path", None)) is not None
     except (StageConfigError, OSError, ValueError) as e:
@@ -96,6 +98,25 @@ def _vllm_route(app: FastAPI, path: str, method: str) -> Any:
         if isinstance(route, APIRoute) and route.path == path and method in route.methods:
             return route.get_route_handler()
     return None
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Put the omni request-body schemas into `app`'s OpenAPI document (`components.schemas`,
+    which each omni route's `requestBody` refers to), with the served model's own knobs. The routes
+    read their bodies themselves (the request layer's checks, not FastAPI's), so FastAPI does not
+    find these models on its own. Built on the first request for the document: by then the runtime
+    (and so the served model's declaration) is there on both apps."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            omni = getattr(app.state, "omni", None)
+            knobs = omni.pipeline.capabilities.knobs if omni is not None else None
+            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(knobs))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class OmniEndpointPlugin:
@@ -114,8 +135,6 @@ class OmniEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         """Add the omni routes to `app` (vLLM's, or the diffusion-only one)."""
-        from .routes import chat, images, meta, videos
-
         if not self.active:
             self.active = _is_multistage(omni_args(app.state.args))
             if not self.active:
@@ -123,20 +142,18 @@ class OmniEndpointPlugin:
                 return
         # vLLM's chat handler answers text (None on the diffusion-only app, which has none)
         app.state.omni_text_chat = _vllm_route(app, "/v1/chat/completions", "POST")
-        routers = [images.router, videos.router, chat.router, meta.router]
+        routers = [images.router, videos.router, chat.router, meta.router, playground.router]
         if app.state.omni_text_chat is None:
             routers.append(meta.models_router)  # vLLM's /v1/models where vLLM serves the model
         for router in routers:
             app.include_router(router)
+        _document_bodies(app)
         install_error_handlers(app)
         wrap_app_errors(app)
         self._stop_with(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
         """Attach the BAGEL orchestrator to vLLM's engine client (or start the given runtime)."""
-        from .app import OmniRuntime
-        from .config import OmniServerConfig
-
         if not self.active:
             return
         if self.runtime is None:

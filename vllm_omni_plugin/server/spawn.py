@@ -39,7 +39,8 @@ class SpawnedServer:
 
     def client(self, **kwargs):
         """An `openai.OpenAI` client for this server (no retries, long timeout by default)."""
-        import openai
+        import openai  # here, not at the top: starting a server (benchmarks, tests) needs no client
+
 
         kwargs.setdefault("api_key", self.api_key or "unused")
         kwargs.setdefault("max_retries", 0)

@@ -60,7 +60,8 @@ class GenericPipeline(DiffusionPipelineBase):
             fields.add("fps")  # the frame rate of the exported video
         mapped = {self._call_name(ours) for ours in (*_OUR_FIELDS, "images")}
         knobs = {
-            name: Knob(type(p.default))
+            name: Knob(type(p.default), description=f"`{name}` of {type(self.pipe).__name__}.__call__ "
+                       f"(default {p.default!r}).")
             for name, p in self._signature.items()
             if name not in mapped and name not in _NOT_KNOBS
             and type(p.default) in (bool, int, float, str)

@@ -26,7 +26,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-from ...diffusion.capabilities import Capabilities, Knob
+from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
 from ...diffusion.interface import StepwisePipeline
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import PipelineDefaults, ResolvedParams
@@ -224,7 +224,9 @@ def _common_derived(v: dict[str, Any]) -> dict[str, Any]:
     """
     length = v["max_sequence_length"]
     if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"max_sequence_length must be an integer in [1, {MAX_SEQUENCE_LENGTH}], got {length!r}")
+        raise InvalidParams(
+            f"max_sequence_length must be an integer in [1, {MAX_SEQUENCE_LENGTH}], got {length!r}", "max_sequence_length"
+        )
     scale = v.get("true_cfg_scale")
     if scale is not None and scale > 1 and v.get("negative_prompt") is not None:
         return {}
@@ -242,7 +244,9 @@ class FluxKontextStepwise(FluxStepwise):
 
     family = "flux-kontext"
     capabilities = Capabilities(
-        output="image", input_images=(0, 1), fields=FLUX_FIELDS, knobs={"max_area": Knob(int)}
+        output="image", input_images=(0, 1), fields=FLUX_FIELDS,
+        knobs={"max_area": Knob(int, description="About how many pixels the output has (default 1024*1024); "
+                                "its size keeps the aspect of the requested size or the input image.")},
     )
 
     def defaults(self) -> PipelineDefaults:
@@ -252,13 +256,13 @@ class FluxKontextStepwise(FluxStepwise):
     def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         area = v["max_area"]
         if not isinstance(area, int) or isinstance(area, bool) or area < 1:
-            raise ValueError(f"max_area must be a positive integer (pixels), got {area!r}")
+            raise InvalidParams(f"max_area must be a positive integer (pixels), got {area!r}", "max_area")
         aspect = v["width"] / v["height"]
         m = self.multiple_of
         width = round((area * aspect) ** 0.5) // m * m
         height = round((area / aspect) ** 0.5) // m * m
         if width < m or height < m:
-            raise ValueError(f"max_area={area} at aspect {aspect:.3g} leaves no {m}x{m} pixel tile")
+            raise InvalidParams(f"max_area={area} at aspect {aspect:.3g} leaves no {m}x{m} pixel tile", "max_area")
         return {"height": height, "width": width, **_common_derived(v)}
 
     def _condition(self, params: ResolvedParams) -> torch.Tensor | None:

@@ -5,20 +5,22 @@ from ..registry import Family, VllmModel
 FAMILY = Family(
     summary="GLM-Image: AR prior (vLLM) -> DiT decoder; text-to-image and image-to-image",
     # A diffusers directory whose pipeline runs in two stages.
-    stages={"GlmImagePipeline": "vllm_omni_plugin.diffusion.pipelines.glm_image:GlmImageStepwise"},
-    orchestrator="vllm_omni_plugin.orchestrator.glm_image:GlmImageOrchestrator",
+    stages={"GlmImagePipeline": ".pipeline:GlmImageStepwise"},
+    orchestrator=".orchestrator:GlmImageOrchestrator",
     input_processor="glm_image_prior",
+    stage_config="stage_config.yaml",
     vllm_models=(
         VllmModel(
             # transformers' own name (config.json of GLM-Image's vision_language_encoder/):
             # vLLM 0.32 has no such architecture, and register_models() leaves it to
             # vLLM should a later vLLM bring its own.
             architecture="GlmImageForConditionalGeneration",
-            target="vllm_omni_plugin.models.glm_image:GlmImageForConditionalGeneration",
+            target=".vllm_model:GlmImageForConditionalGeneration",
             mm_prefix=False,
             summary="GLM-Image AR prior: prompt + target grids -> image tokens (M-RoPE on the grids)",
         ),
     ),
-    checkpoints={"glm-image": "vllm_omni_plugin.checkpoints.glm_image:build"},
+    checkpoints={"glm-image": ".checkpoint:build"},
+    device_checkpoints=("glm-image",),
     docs="docs/glm_image.md",
 )

@@ -2,8 +2,8 @@
 
 from ..registry import Family
 
-_PIPELINE = "vllm_omni_plugin.diffusion.pipelines.qwen_image"
-_BUILD = "vllm_omni_plugin.checkpoints.qwen_image:build"
+_PIPELINE = ".pipeline"
+_BUILD = ".checkpoint:build"
 
 FAMILY = Family(
     summary="Qwen-Image: text-to-image, single/multi-image editing, RGBA layer decomposition",

@@ -2,8 +2,8 @@
 
 from ..registry import Family
 
-_PIPELINE = "vllm_omni_plugin.diffusion.pipelines.wan"
-_BUILD = "vllm_omni_plugin.checkpoints.wan:build"
+_PIPELINE = ".pipeline"
+_BUILD = ".checkpoint:build"
 
 FAMILY = Family(
     summary="Wan2.2: text-to-video, image-to-video, and TI2V-5B (both in one checkpoint)",

@@ -1,42 +1,25 @@
-"""What every omni route shares: state access, metrics + error mapping,
-JSON bodies, the model check, and running a request with disconnect-abort."""
+"""What every omni route shares: request ids, metrics + error mapping, JSON and form bodies,
+the model check. (Running a request is the serving modules', server/serving/.)"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 import uuid
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ...diffusion.output import DiffusionOutput
-from ...diffusion.params import ResolvedParams
+from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, QueueFull, RequestAborted
 from ...request import RequestError, parse_json_object
 from ...request.body import BodyTooLarge
-from ...orchestrator.engine_loop import EngineStopped, GenerationFailed, ProgressFn, QueueFull, RequestAborted
 from ..errors import REQUEST_ID_HEADER, OmniHTTPError, error_response, internal_error, to_http_error
-
-T = TypeVar("T")
+from ..serving.common import ClientDisconnected, runtime
 
 _OMNI_ERRORS = (OmniHTTPError, RequestError, QueueFull, EngineStopped, RequestAborted, GenerationFailed)
-
-
-class ClientDisconnected(Exception):
-    """The client went away; its work was aborted. Nobody reads the response."""
-
-
-def runtime(request: Request):
-    return request.app.state.omni
-
-
-def request_id(request: Request) -> str:
-    """This request's id: made once per request by `omni_route`, unique (it keys engine work),
-    returned in the `X-Request-Id` header and in `omni.request_id`."""
-    return request.state.omni_request_id
 
 
 def omni_route(name: str) -> Callable:
@@ -111,8 +94,6 @@ async def read_form(
     image_urls: keys whose values are image URLs (fetched under vLLM's media rules);
     refused: key -> message for fields this server rejects (e.g. `mask`).
     """
-    from starlette.datastructures import UploadFile
-
     refused = refused or {}
     form = await request.form()
     fields: dict[str, Any] = {}
@@ -150,43 +131,5 @@ def check_model(request: Request, model: Any) -> None:
         raise OmniHTTPError(404, f"The model `{model}` does not exist. This server serves: {', '.join(names)}", "model")
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has closed the connection (the body is already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (each runtime turns the
-    cancellation into an abort of its engine work) and raise ClientDisconnected."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise ClientDisconnected()
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-
-
-async def generate(request: Request, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
-    """Run one image request (diffusion engine, or AR -> DiT); abort it if the client disconnects first."""
-    work = runtime(request).stages.generate_image(params, on_progress, request_id=request_id(request))
-    return await until_disconnect(request, work)
-
-
 def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(content, status_code=status)
-
-
-def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The `omni` block of a response: the parameters that ran, and the fields accepted without effect."""
-    out: dict[str, Any] = {"resolved": params.public_dict(), "ignored": list(ignored)}
-    if request_id is not None:
-        out["request_id"] = request_id
-    return out

@@ -1,51 +1,31 @@
-"""POST /v1/images/generations (JSON) and POST /v1/images/edits (multipart or JSON)."""
+"""POST /v1/images/generations (JSON) and POST /v1/images/edits (multipart or JSON): the routes.
+
+Bodies: request/protocol.py (`ImageGenerationRequest`, `ImageEditForm`, `ImageEditRequest`);
+what runs them: server/serving/images.py."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ...diffusion.output import DiffusionOutput
 from ...request import RequestError
-from ...request.builder import CanonicalRequest
-from ..encode import b64_images
-from .common import check_request, generate, json_body, json_response, omni_route, read_form, resolved_json, runtime
+from ...request.protocol import request_body
+from ..serving.common import runtime
+from ..serving.images import serve_images
+from .common import check_request, json_body, json_response, omni_route, read_form
 
 router = APIRouter()
 
 _NO_MASK = "`mask` is not supported: the served model edits from the instruction"
 
 
-def images_response(canon: CanonicalRequest, output: DiffusionOutput) -> dict[str, Any]:
-    p = canon.params
-    return {
-        "created": int(time.time()),
-        "data": None,  # filled by the caller (encoding runs off the event loop)
-        "output_format": canon.output.output_format,
-        "size": f"{p.width}x{p.height}" if p.width and p.height else None,
-        "background": "transparent" if output.kind == "layers" else "opaque",
-        "omni": resolved_json(p, output.request_id, canon.ignored),
-    }
-
-
-async def run_images(request: Request, canon: CanonicalRequest) -> dict[str, Any]:
-    output = await generate(request, canon.params)
-    body = images_response(canon, output)
-    encoded = await asyncio.to_thread(b64_images, output, canon.output)
-    body["data"] = [{"b64_json": b64} for b64 in encoded]
-    return body
-
-
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra={"requestBody": request_body("/v1/images/generations")})
 @omni_route("images.generations")
 async def create_image(request: Request):
     body = await json_body(request)
     check_request(request, body)
-    canon = await asyncio.to_thread(runtime(request).builder.build, body, task="image")
-    return json_response(await run_images(request, canon))
+    return json_response(await serve_images(request, body, task="image"))
 
 
 async def _edit_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
@@ -63,10 +43,9 @@ async def _edit_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
     return await read_form(request, ("image", "image[]"), refused={"mask": _NO_MASK})
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", openapi_extra={"requestBody": request_body("/v1/images/edits")})
 @omni_route("images.edits")
 async def edit_image(request: Request):
     fields, images = await _edit_inputs(request)
     check_request(request, fields)
-    canon = await asyncio.to_thread(runtime(request).builder.build, fields, images, task="edit")
-    return json_response(await run_images(request, canon))
+    return json_response(await serve_images(request, fields, images, task="edit"))

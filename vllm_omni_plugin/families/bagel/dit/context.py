@@ -1,0 +1,100 @@
+"""What the BAGEL diffusion stage receives per request: the prefilled context.
+
+BAGEL generates an image by running its latent tokens through the generation
+expert while they attend to the KV cache of a context that the understanding
+side prefilled (text; for img2img also the input image as VAE and ViT tokens).
+Classifier-free guidance needs one such context per branch:
+
+    cond       the full context                     (text2img: prompt;
+                                                     img2img: image + prompt)
+    cfg_text   the context without the prompt text  (text2img: empty, or the
+                                                     negative prompt; img2img: image)
+    cfg_img    the context without the input image  (img2img only: prompt)
+
+This module is the ONE shape of that hand-over, the DiT stage's typed stage
+input (diffusion/handover.py): the AR hand-over builds it from the KV the
+connector transferred (families/bagel/orchestrator.py); a standalone DiT
+builds it without vLLM (`encode_context`). Everything in it is keyed by
+request id, never by arrival order (ARCHITECTURE.md, principle 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BranchKV:
+    """The prefilled KV cache of one CFG branch.
+
+    keys[i], values[i]: layer i, shape (tokens, kv_heads, head_dim) -- the layout
+        vLLM's paged caches hold per token once the block dimension is gathered.
+        Keys are stored as the attention consumes them: after k_norm and after
+        RoPE at each token's own position (vLLM caches post-RoPE keys).
+        `tokens` may be 0 (BAGEL's text2img text-CFG branch is an empty context).
+    latent_position: the RoPE position every generated token shares (BAGEL puts
+        the whole image block -- start marker, latents, end marker -- at one
+        position): the next position after the context.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    latent_position: int
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.values) or not self.keys:
+            raise ValueError(f"BranchKV needs one (K, V) pair per layer, got {len(self.keys)} keys, {len(self.values)} values")
+        shape = self.keys[0].shape
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k.dim() != 3 or k.shape != shape or v.shape != shape:
+                raise ValueError(
+                    f"layer {i}: K {tuple(k.shape)} / V {tuple(v.shape)}; expected both "
+                    f"(tokens, kv_heads, head_dim) = {tuple(shape)} in every layer"
+                )
+        if self.latent_position < 0:
+            raise ValueError(f"latent_position must be >= 0, got {self.latent_position}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "BranchKV":
+        move = lambda ts: tuple(t.to(device=device, dtype=dtype) for t in ts)  # noqa: E731
+        return BranchKV(move(self.keys), move(self.values), self.latent_position)
+
+
+@dataclass(frozen=True)
+class BagelContext:
+    """One request's hand-over from the AR stage to the diffusion stage.
+
+    height, width: the target image size in pixels (multiples of the latent
+    downsample, 16 for BAGEL). `cfg_img` is None for text2img.
+    """
+
+    request_id: str
+    cond: BranchKV
+    cfg_text: BranchKV
+    cfg_img: BranchKV | None
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        layers = {b.num_layers for b in self.branches().values()}
+        if len(layers) != 1:
+            raise ValueError(f"request {self.request_id}: branches disagree on the layer count {sorted(layers)}")
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.cfg_img is not None
+
+    def branches(self) -> dict[str, BranchKV]:
+        out = {"cond": self.cond, "cfg_text": self.cfg_text}
+        if self.cfg_img is not None:
+            out["cfg_img"] = self.cfg_img
+        return out

@@ -1,0 +1,349 @@
+"""BAGEL (BAGEL-7B-MoT) image generation as a step-wise diffusion stage.
+
+Input per request: a `BagelContext` (the prefilled KV cache of each CFG branch,
+keyed by request id), the stage's typed input, submitted with the request
+(`engine.add_request(request_id, params, context)`): built by the AR hand-over
+(families/bagel/orchestrator.py). Behind the AR stage (`stage_input_required`)
+a request without one is an error naming the stage and the request; a
+standalone DiT (loaded with `stage_input_required=False`: benchmarks, tests,
+no vLLM) prefills it itself with `encode_context` from the prompt / input image.
+
+Sampling follows ByteDance-Seed/Bagel (`generate_image` / `_forward_flow`):
+  * noise: randn (latent tokens, p*p*z) from the request's generator, drawn in
+    BAGEL's patchified layout;
+  * flow times t = shift(linspace(1, 0, num_inference_steps)) with
+    shift(t) = s*t / (1 + (s-1)*t), s = timestep_shift; the final t = 0 is
+    dropped, so num_inference_steps=N runs N-1 model evaluations (BAGEL's
+    `num_timesteps` semantics: the default 50 reproduces its default);
+  * per step the query [<|vision_start|>, latents, <|vision_end|>] shares one
+    RoPE position (the branch's latent_position); latents go through the
+    generation expert (vae2llm + time embedding of t + latent_pos_embed), the
+    markers through the understanding expert, all attending bidirectionally to
+    each other and to the branch's context; llm2vae gives the velocity;
+  * CFG inside cfg_interval (lo < t <= hi): v_text = v_cfg_text +
+    cfg_text_scale*(v_cond - v_cfg_text); img2img then v = v_cfg_img +
+    cfg_img_scale*(v_text - v_cfg_img); renorm ("global": whole-image norm,
+    "channel": per token, "text_channel": per token, applied to the text
+    guidance before the image guidance) rescales to at most the cond norm,
+    at least cfg_renorm_min of it. Outside the interval (or scale <= 1) the
+    companion forwards are skipped, as BAGEL does;
+  * Euler: x <- x - v * (t_i - t_{i+1});
+  * decode: FLUX AE, then BAGEL's uint8 conversion (clamp, truncate).
+
+Text2img has ONE companion (cfg_text); `cfg_img_scale` does not apply and
+resolves to None. (ByteDance's inferencer, called with cfg_img_scale > 1 on
+text only, would use the conditional context as the "image-free" one; its
+README's text2img settings use cfg_img_scale=1.0, which is what we do.)
+
+Batching: rows of any number of requests and CFG branches with the same image
+size share one forward; contexts of different lengths are right-padded and
+masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .dit.autoencoder import FluxAutoEncoder, to_uint8
+from .dit.context import BagelContext, BranchKV
+from .dit.encode import check_size, default_size, encode_context
+from .dit.mot import MoTDecoder, Route
+from .dit.weights import BagelModel, load_bagel_model
+from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
+from ...diffusion.handover import StageInputError
+from ...diffusion.interface import StepwisePipeline
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import PipelineDefaults, ResolvedParams
+from ...diffusion.state import CfgLayout, DiffusionState
+
+# BAGEL's own defaults (ByteDance's InterleaveInferencer.gen_image). Until
+# SamplingParams has fields for them they travel in `extra` under these names.
+BAGEL_DEFAULTS: Mapping[str, Any] = {
+    "num_inference_steps": 50,
+    "timestep_shift": 3.0,
+    "cfg_text_scale": 4.0,
+    "cfg_img_scale": 1.5,
+    "cfg_interval": (0.4, 1.0),
+    "cfg_renorm_type": "global",
+    "cfg_renorm_min": 0.0,
+}
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class BagelCfg(CfgLayout):
+    """BAGEL's CFG: up to three branches (cond, cfg_text, cfg_img), scales active inside `interval`."""
+
+    kind: str = "bagel"
+    text_scale: float = 1.0
+    img_scale: float | None = None  # None: text2img, no image companion
+    interval: tuple[float, float] = (0.0, 1.0)
+    renorm_type: str = "global"
+    renorm_min: float = 0.0
+
+    @property
+    def branches(self) -> int:
+        # The most forwards one step can need (for the engine's token budget).
+        return 1 + (self.text_scale > 1) + (self.text_scale > 1 and self.img_scale is not None and self.img_scale > 1)
+
+    def scales_at(self, t: float) -> tuple[float, float]:
+        """(text, image) scales at flow time t; (1, 1) outside the interval."""
+        lo, hi = self.interval
+        if lo < t <= hi:
+            return self.text_scale, 1.0 if self.img_scale is None else self.img_scale
+        return 1.0, 1.0
+
+
+class _Components:
+    """What the StepwisePipeline base expects of `pipe`: here just the BAGEL model."""
+
+    def __init__(self, model: BagelModel) -> None:
+        self.model = model
+        self._execution_device = model.device
+
+
+class BagelStepwise(StepwisePipeline):
+    family = "bagel"
+    capabilities = Capabilities(
+        output="image",
+        input_images=(0, 1),  # text2img, or img2img with one image
+        fields=frozenset({"negative_prompt", "height", "width", "num_inference_steps"}),
+        knobs={
+            "timestep_shift": Knob(float, description="Shift of the flow-matching timestep schedule."),
+            "cfg_text_scale": Knob(float, description="Text classifier-free guidance weight."),
+            "cfg_img_scale": Knob(float, description="Image classifier-free guidance weight (img2img)."),
+            "cfg_interval": Knob(tuple, length=2,
+                                 description="[low, high]: the part of the schedule (0-1) where CFG runs."),
+            "cfg_renorm_type": Knob(str, description="How the guided prediction is renormalised: "
+                                    + ", ".join(RENORM_TYPES) + "."),
+            "cfg_renorm_min": Knob(float, description="Lower bound of the CFG renormalisation factor."),
+        },
+        text_output=True,  # the AR stage answers text2text / img2text
+        orchestrator="bagel",
+    )
+
+    stage_input_type = BagelContext
+
+    def __init__(self, model: BagelModel, model_id: str = "", batch_cfg: bool = True,
+                 stage_input_required: bool = False) -> None:
+        # No diffusers scheduler to copy: each state carries its own flow-time table.
+        super(StepwisePipeline, self).__init__(_Components(model), model_id or str(model.path))
+        self.batch_cfg = batch_cfg  # branches of all states always share the forward; kept for the engine's API
+        self.model = model
+        self.decoder = MoTDecoder(model)
+        self.vae = FluxAutoEncoder(model)
+        #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
+        self.stage_input_required = stage_input_required
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- parameters -------------------------------------------------------------
+    def defaults(self) -> PipelineDefaults:
+        return PipelineDefaults(values=dict(BAGEL_DEFAULTS), derive=self._derive)
+
+    def _derive(self, v: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+        interval = tuple(float(x) for x in v["cfg_interval"])
+        if len(interval) != 2 or not interval[0] <= interval[1]:
+            raise InvalidParams(f"cfg_interval must be (low, high) with low <= high, got {v['cfg_interval']!r}",
+                                "cfg_interval")
+        if v["cfg_renorm_type"] not in RENORM_TYPES:
+            raise InvalidParams(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {v['cfg_renorm_type']!r}",
+                                "cfg_renorm_type")
+        if isinstance(v["num_inference_steps"], int) and v["num_inference_steps"] < 2:
+            raise InvalidParams("BAGEL needs num_inference_steps >= 2 (N flow times give N-1 steps)", "num_inference_steps")
+        images = v.get("images") or None
+        if images is not None and len(images) != 1:
+            raise InvalidParams(f"BAGEL img2img takes exactly one input image, got {len(images)}", "image")
+        image = images[0] if images else None
+        height, width = v.get("height"), v.get("width")
+        if height is None or width is None:
+            dh, dw = default_size(self.model.config, image)
+            height, width = height or dh, width or dw
+        check_size(self.model.config, height, width)
+        out = {
+            "cfg_interval": interval,
+            "cfg_img_scale": None if image is None else float(v["cfg_img_scale"]),
+            "height": height,
+            "width": width,
+        }
+        if not float(v["cfg_text_scale"]) > 1:  # no text CFG: the negative prompt's context is never used
+            out["negative_prompt"] = None
+        return out
+
+    def _cfg(self, params: ResolvedParams) -> BagelCfg:
+        x = params.extra
+        return BagelCfg(
+            text_scale=float(x["cfg_text_scale"]),
+            img_scale=x.get("cfg_img_scale"),
+            interval=tuple(x["cfg_interval"]),
+            renorm_type=x["cfg_renorm_type"],
+            renorm_min=float(x["cfg_renorm_min"]),
+        )
+
+    # ---- prepare --------------------------------------------------------------------
+    def context_for(self, params: ResolvedParams, request_id: str, ctx: BagelContext | None) -> BagelContext:
+        """The request's handed-over context, or (standalone only) one prefilled here from the prompt."""
+        if ctx is None:
+            if self.stage_input_required:  # the engine refuses this at add_request; a direct call too
+                raise StageInputError(f"request {request_id}: the bagel diffusion stage needs a BagelContext "
+                                      "from the AR stage; none was handed over")
+            image = params.images[0] if params.images else None
+            return encode_context(self.model, request_id, params.prompt, image, params.negative_prompt,
+                                  params.height, params.width)
+        if (ctx.height, ctx.width) != (params.height, params.width):
+            raise ValueError(f"request {request_id}: context is for {ctx.height}x{ctx.width}, "
+                             f"the request resolved to {params.height}x{params.width}")
+        return ctx
+
+    def prepare(self, params: ResolvedParams, request_id: str, stage_input: BagelContext | None = None) -> DiffusionState:
+        with torch.no_grad():
+            ctx = self.context_for(params, request_id, stage_input)
+            cfg = self._cfg(params)
+            if ctx.is_img2img != (cfg.img_scale is not None):
+                raise ValueError(f"request {request_id}: the context is {'img2img' if ctx.is_img2img else 'text2img'} "
+                                 f"but the request has {'an' if params.images else 'no'} input image")
+            m, c = self.model, self.model.config
+            branches = {k: b.to(self.device, m.dtype) for k, b in ctx.branches().items()}
+            generator = params.generator()
+            n_tok = (params.height // c.latent_downsample) * (params.width // c.latent_downsample)
+            # BAGEL draws float32 noise in its patchified token layout; latents stay float32 between steps.
+            noise = torch.randn(params.num_outputs_per_prompt, n_tok, c.latent_patch**2 * c.z_channels, generator=generator)
+            s = float(params.extra["timestep_shift"])
+            t = torch.linspace(1, 0, params.num_inference_steps)
+            sigmas = s * t / (1 + (s - 1) * t)
+            return DiffusionState(
+                request_id=request_id,
+                params=params,
+                latents=noise.to(self.device),
+                scheduler=None,
+                timesteps=sigmas[:-1],
+                cfg=cfg,
+                generator=generator,
+                extras={"branches": branches, "sigmas": sigmas, "pos_ids": m.latent_position_ids(params.height, params.width)},
+                tokens_per_row=n_tok + 2 + max(b.num_tokens for b in branches.values()),
+            )
+
+    # ---- denoise --------------------------------------------------------------------
+    def batch_key(self, state: DiffusionState) -> Any:
+        return (self.model_id, state.params.height, state.params.width)
+
+    def _needed(self, state: DiffusionState) -> list[str]:
+        text, img = state.cfg.scales_at(float(state.current_timestep))
+        if text <= 1:
+            return ["cond"]
+        return ["cond", "cfg_text"] + (["cfg_img"] if img > 1 else [])
+
+    def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            blocks = [(s, name) for s in states for name in self._needed(s)]
+            outs = self._forward(blocks)
+            by_block = dict(zip([(id(s), n) for s, n in blocks], outs))
+            return [self._combine(s, {n: by_block[(id(s), n)] for n in self._needed(s)}) for s in states]
+
+    def _forward(self, blocks: list[tuple[DiffusionState, str]]) -> list[torch.Tensor]:
+        """One MoT forward over every row of every (state, branch) block; velocities per block."""
+        m, c = self.model, self.model.config
+        rows = [(s, s.extras["branches"][name]) for s, name in blocks for _ in range(s.rows)]
+        latents = torch.cat([s.latents for s, _ in blocks])
+        t = torch.cat([s.current_timestep.expand(s.rows) for s, _ in blocks]).to(self.device)
+        n_lat = latents.shape[1]
+        x = m.latent_embed(latents, t, blocks[0][0].extras["pos_ids"])
+        markers = m.embed_tokens(torch.tensor([m.token_id("<|vision_start|>"), m.token_id("<|vision_end|>")], device=self.device))
+        r = len(rows)
+        x = torch.cat([markers[:1].expand(r, 1, -1), x, markers[1:].expand(r, 1, -1)], dim=1)
+        positions = torch.tensor([b.latent_position for _, b in rows], device=self.device)[:, None].expand(r, n_lat + 2)
+        past, mask = _stack_context([b for _, b in rows], n_lat + 2, c.layers)
+        hidden, _ = self.decoder.forward(x, Route.image_block(n_lat, self.device), positions, past, mask)
+        v = m.latent_out(hidden[:, 1:-1]).float()
+        return list(v.split([s.rows for s, _ in blocks]))
+
+    def _combine(self, state: DiffusionState, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        cond = v["cond"]
+        if "cfg_text" not in v:
+            return cond
+        cfg: BagelCfg = state.cfg
+        text_scale, img_scale = cfg.scales_at(float(state.current_timestep))
+        # text2img with an image scale would use the cond context as the image-free one
+        image_free = v.get("cfg_img", cond)
+        guided = v["cfg_text"] + text_scale * (cond - v["cfg_text"])
+        if cfg.renorm_type == "text_channel":
+            guided = guided * _renorm_scale(cond, guided, (-1,), cfg.renorm_min)
+            return image_free + img_scale * (guided - image_free) if img_scale > 1 else guided
+        if img_scale > 1:
+            guided = image_free + img_scale * (guided - image_free)
+        dims = (1, 2) if cfg.renorm_type == "global" else (-1,)  # global: the whole image of each row
+        return guided * _renorm_scale(cond, guided, dims, cfg.renorm_min)
+
+    def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
+        for s, v in zip(states, preds):
+            sig = s.extras["sigmas"]
+            s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1]).item()
+            s.step_index += 1
+
+    # ---- decode ---------------------------------------------------------------------
+    def decode(self, state: DiffusionState) -> DiffusionOutput:
+        p = state.params
+        if p.output_type == "latent":
+            return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
+        with torch.no_grad():
+            z = self.model.unpatchify(state.latents, p.height, p.width)
+            pixels = to_uint8(self.vae.decode(z)).cpu().numpy()
+        if p.output_type == "np":
+            return DiffusionOutput(state.request_id, "image", p, images=list(pixels))
+        from PIL import Image
+
+        return DiffusionOutput(state.request_id, "image", p, images=[Image.fromarray(a) for a in pixels])
+
+
+def _renorm_scale(cond: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...], minimum: float) -> torch.Tensor:
+    ratio = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) / (torch.linalg.vector_norm(guided, dim=dims, keepdim=True) + 1e-8)
+    return ratio.clamp(min=minimum, max=1.0)
+
+
+def _stack_context(branches: list[BranchKV], n_query: int, layers: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Per-layer (K, V) of every row, right-padded to the longest context, and the mask hiding the padding."""
+    lengths = [b.num_tokens for b in branches]
+    longest = max(lengths)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) if t.shape[0] < longest else t
+
+    past = [(torch.stack([pad(b.keys[i]) for b in branches]), torch.stack([pad(b.values[i]) for b in branches]))
+            for i in range(layers)]
+    if all(n == longest for n in lengths):
+        return past, None
+    device = branches[0].keys[0].device
+    mask = torch.ones(len(branches), 1, n_query, longest + n_query, dtype=torch.bool, device=device)
+    for row, n in enumerate(lengths):
+        mask[row, :, :, n:longest] = False
+    return past, mask
+
+
+def load_bagel_pipeline(path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None,
+                        stage_input_required: bool = False) -> BagelStepwise:
+    """Load a BAGEL directory (config.json + ema/ae safetensors, no model_index.json) as the stage.
+
+    Args:
+        path: the checkpoint directory.
+        dtype, device: where the weights live (loader.default_load_config's defaults).
+        stage_input_required: True behind the AR stage: every request brings its BagelContext
+            and only the weights the DiT forward reads are loaded (`dit_forward_weight`);
+            False: a standalone DiT that prefills contexts itself (all weights).
+    """
+    from ...diffusion.loader import default_load_config
+
+    cfg = default_load_config(dtype, device)
+    # Behind the AR stage the DiT loads only what its forward reads (each weight once: the AR
+    # stage holds the LM head, the ViT, the encoder side); standalone it prefills its own contexts.
+    model = load_bagel_model(path, cfg.dtype, cfg.device, dit_only=stage_input_required)
+    return BagelStepwise(model, model_id=str(path), stage_input_required=stage_input_required)
+
+
+__all__ = ["BAGEL_DEFAULTS", "BagelCfg", "BagelStepwise", "load_bagel_pipeline"]

@@ -1,1 +1,0 @@
-"""Model classes that run inside vLLM's engine (registered in model_registry/)."""

@@ -1,0 +1,68 @@
+"""What the serving modules share: the runtime and id of a request, running it with disconnect-abort,
+and the `omni` block of an answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import Request
+
+from ...diffusion.output import DiffusionOutput
+from ...diffusion.params import ResolvedParams
+from ...orchestrator.engine_loop import ProgressFn
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client went away; its work was aborted. Nobody reads the response."""
+
+
+def runtime(request: Request):
+    """The `OmniRuntime` of the app `request` came to."""
+    return request.app.state.omni
+
+
+def request_id(request: Request) -> str:
+    """This request's id: made once per request by `omni_route`, unique (it keys engine work),
+    returned in the `X-Request-Id` header and in `omni.request_id`."""
+    return request.state.omni_request_id
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (each runtime turns the
+    cancellation into an abort of its engine work) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def generate(request: Request, params: ResolvedParams, on_progress: ProgressFn | None = None) -> DiffusionOutput:
+    """Run one image request (diffusion engine, or AR -> DiT); abort it if the client disconnects first."""
+    work = runtime(request).stages.generate_image(params, on_progress, request_id=request_id(request))
+    return await until_disconnect(request, work)
+
+
+def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `omni` block of a response: the parameters that ran, and the fields accepted without effect."""
+    out: dict[str, Any] = {"resolved": params.public_dict(), "ignored": list(ignored)}
+    if request_id is not None:
+        out["request_id"] = request_id
+    return out
