@@ -112,7 +112,8 @@ def test_flux_refuses_what_it_does_not_read(omni_server):
     for field, value in (("guidance_scale_2", 2.0), ("layers", 2), ("num_frames", 5)):
         _post_error(server, "/v1/images/generations", field, "not used by this model",
                     json={"prompt": "x", field: value})
-    _post_error(server, "/v1/images/generations", None, "max_sequence_length must be an integer in [1, 512]",
+    _post_error(server, "/v1/images/generations", "max_sequence_length",
+                "max_sequence_length must be an integer in [1, 512]",
                 json={"prompt": "x", "max_sequence_length": 600})
     _post_error(server, "/v1/images/edits", "image", "does not take input images",
                 data={"prompt": "x"}, files={"image": ("a.png", png_bytes(striped_image(32, 32)), "image/png")})
@@ -158,7 +159,7 @@ def test_kontext_refuses_what_it_does_not_take(omni_server):
                 data={"prompt": "x"}, files=[("image[]", ("a.png", png, "image/png"))] * 2)
     _post_error(server, "/v1/images/edits", "guidance_scale_2", "not used by this model",
                 data={"prompt": "x", "guidance_scale_2": "3"}, files={"image": ("a.png", png, "image/png")})
-    _post_error(server, "/v1/images/generations", None, "max_area must be a positive integer",
+    _post_error(server, "/v1/images/generations", "max_area", "max_area must be a positive integer",
                 json={"prompt": "x", "max_area": 0})
     caps = requests.get(server.url + "/v1/models", headers=server.headers()).json()["data"][0]["omni"]["capabilities"]
     assert caps["input_images"] == {"min": 0, "max": 1} and caps["knobs"] == {"max_area": "int"}
