@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
@@ -80,7 +83,9 @@ def test_flux_omitted_values_resolve_alike_on_every_path(omni_server, checkpoint
 
 def test_flux_concurrent_requests_share_steps_and_match_offline(omni_server, checkpoint):
     """Three clients at once, different prompts, seeds and sizes: the engine steps the two 64x64
-    requests together (fewer engine steps than request steps), and every answer is offline `Omni`'s."""
+    requests together (fewer engine steps than request steps), and every answer is offline `Omni`'s
+    run alone within 1 uint8 level (rows sharing a forward move floats by ~1e-6, which can flip a
+    rounding; tests/diffusion/test_flux.py measures it against the same run unbatched)."""
     server = omni_server("flux")
     client = server.client()
     asks = [("a red cat", 1, "64x64"), ("a much longer prompt about a blue dog on a beach", 2, "64x64"),
@@ -97,7 +102,9 @@ def test_flux_concurrent_requests_share_steps_and_match_offline(omni_server, che
         width, height = map(int, size.split("x"))
         off = offline(checkpoint, "flux").generate(
             prompt, SamplingParams(seed=seed, width=width, height=height, num_inference_steps=8))[0]
-        assert _images(answer) == [pil_md5(off.images[0])], prompt
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))), dtype=int)
+        assert served.shape == (height, width, 3)
+        assert np.abs(served - np.asarray(off.images[0], dtype=int)).max() <= 1, prompt
 
 
 def test_flux_refuses_what_it_does_not_read(omni_server):
@@ -105,7 +112,8 @@ def test_flux_refuses_what_it_does_not_read(omni_server):
     for field, value in (("guidance_scale_2", 2.0), ("layers", 2), ("num_frames", 5)):
         _post_error(server, "/v1/images/generations", field, "not used by this model",
                     json={"prompt": "x", field: value})
-    _post_error(server, "/v1/images/generations", None, "max_sequence_length must be an integer in [1, 512]",
+    _post_error(server, "/v1/images/generations", "max_sequence_length",
+                "max_sequence_length must be an integer in [1, 512]",
                 json={"prompt": "x", "max_sequence_length": 600})
     _post_error(server, "/v1/images/edits", "image", "does not take input images",
                 data={"prompt": "x"}, files={"image": ("a.png", png_bytes(striped_image(32, 32)), "image/png")})
@@ -151,7 +159,7 @@ def test_kontext_refuses_what_it_does_not_take(omni_server):
                 data={"prompt": "x"}, files=[("image[]", ("a.png", png, "image/png"))] * 2)
     _post_error(server, "/v1/images/edits", "guidance_scale_2", "not used by this model",
                 data={"prompt": "x", "guidance_scale_2": "3"}, files={"image": ("a.png", png, "image/png")})
-    _post_error(server, "/v1/images/generations", None, "max_area must be a positive integer",
+    _post_error(server, "/v1/images/generations", "max_area", "max_area must be a positive integer",
                 json={"prompt": "x", "max_area": 0})
     caps = requests.get(server.url + "/v1/models", headers=server.headers()).json()["data"][0]["omni"]["capabilities"]
     assert caps["input_images"] == {"min": 0, "max": 1} and caps["knobs"] == {"max_area": "int"}
