@@ -11,6 +11,7 @@ so this checkout's editable install stays inactive there: the plugin that loads 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,8 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # A copy of the tree: building writes *.egg-info and build/ into the source folder, and an
+    # egg-info in the checkout would shadow the installed entry points of later tests.
+    src = tmp_path_factory.mktemp("src") / "vllm-omni-plugin"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "out"))
     # --no-isolation: build with this venv's setuptools + wheel (the test extra), no index needed
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
                    check=True, capture_output=True, text=True, timeout=600)
     return out
 
@@ -62,12 +68,13 @@ def test_wheel_in_a_fresh_venv_passes_doctor(dist, tmp_path):
     wheel = dist / f"vllm_omni_plugin-{version}-py3-none-any.whl"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
+    # cwd: outside this checkout (`python -c` puts the working directory first on sys.path)
     where = subprocess.run(
         [str(py), "-c", "import vllm_omni_plugin, importlib.metadata as m; print(vllm_omni_plugin.__file__); "
-         "print(m.version('vllm-omni-plugin'))"], check=True, capture_output=True, text=True).stdout.split()
+         "print(m.version('vllm-omni-plugin'))"], check=True, capture_output=True, text=True, cwd=tmp_path).stdout.split()
     assert where[0].startswith(purelib) and where[1] == version  # the wheel's copy, not this checkout
     doctor = subprocess.run([str(env_dir / "bin" / "vllm-omni"), "doctor", "--json", "--contracts"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     report = json.loads(doctor.stdout)
     assert doctor.returncode == 0 and report["ok"], doctor.stdout[-3000:] + doctor.stderr[-3000:]
     assert report["plugin_version"] == version
