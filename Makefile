@@ -1,5 +1,5 @@
 # The two commands of README.md. Both (re)create .venv through one recipe.
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 
 setup:
 	bash scripts/setup_env.sh
@@ -9,3 +9,6 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+lint: setup
+	bash scripts/lint.sh

@@ -24,7 +24,6 @@ Prints a table last and writes JSON to $OUT/bench_bagel_gpu.json when OUT is set
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
@@ -199,9 +198,9 @@ def main() -> int:
         *[(f"text2img {x['size']} {x['steps']} steps e2e (s): prefill / hand-over / DiT (s/step) / decode",
            f"{x['e2e_client']}: {x['ar_prefill']} / {x['transfer']} / {x['dit']} ({x['dit_s_per_step']}) / {x['decode']}")
           for x in results["extra"]],
-        (f"img2img hand-over (MB / GB/s)", f'{results["img2img"]["transfer_mb"]} / {results["img2img"]["transfer_gbps"]}'),
+        ("img2img hand-over (MB / GB/s)", f'{results["img2img"]["transfer_mb"]} / {results["img2img"]["transfer_gbps"]}'),
         (f"{c['requests']} x text2img {c['size']} {c['steps']} steps: one at a time (img/s)", c["one_at_a_time_img_s"]),
-        (f"  concurrent (img/s, speed-up)", f'{c["concurrent_img_s"]} ({c["speedup"]}x)'),
+        ("  concurrent (img/s, speed-up)", f'{c["concurrent_img_s"]} ({c["speedup"]}x)'),
         ("GPU memory used while serving (GiB)", results["gpu_memory_used_gib_serving"]),
         *([("reference s/step vs ours", f'{results["reference"]["seconds_per_step"]} vs '
                                         f'{results["reference"]["ours_seconds_per_step"]}')] if "reference" in results else []),

@@ -185,7 +185,7 @@ def bench_diffusers(ckpt: Path, args: argparse.Namespace, res: Results) -> None:
     lat = statistics.median(latencies)
     res.record("diffusers:1", latency_s=round(lat, 3), images_per_s=round(1 / lat, 4),
                runs=[round(x, 3) for x in latencies])
-    del pipe
+    pipe = None  # noqa: F841 -- frees the pipeline before the next suite loads (one() is done with it)
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ class Bench:
             return
         try:
             fn()
-        except Exception:  # a failed variant is reported, the others still run
+        except Exception:  # noqa: BLE001 -- a failed variant is reported, the others still run
             traceback.print_exc()
             self.record(f"{name}:error", error=traceback.format_exc(limit=3))
 

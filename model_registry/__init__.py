@@ -10,7 +10,7 @@ from model_index.json and never go through vLLM's registry.
 
 from __future__ import annotations
 
-from vllm_omni_plugin.families import VllmModel, families, vllm_models
+from vllm_omni_plugin.registry import VllmModel, families, vllm_models
 
 #: the same record the families declare (kept under its historical name)
 OmniModel = VllmModel

@@ -113,7 +113,7 @@ def _vllm_version() -> str:
         import vllm
 
         return vllm.__version__
-    except Exception as e:  # vLLM missing or broken: say so instead of hiding it
+    except Exception as e:  # noqa: BLE001 -- vLLM missing or broken: say so instead of hiding it
         return f"<unavailable: {e}>"
 
 

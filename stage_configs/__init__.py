@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_omni_plugin.families import families
+from vllm_omni_plugin.registry import families
 
 
 def shipped() -> dict[str, Path]:

@@ -149,7 +149,7 @@ def run(backend, step, *, patched: bool = True) -> tuple[torch.Tensor, object]:
 
 def image_rows(batch: list[Req]) -> torch.Tensor:
     """Rows whose causal result misses part of their image: scheduled, inside a span, before its end."""
-    mask, row = [], 0
+    mask = []
     for req in batch:
         for p in range(req.seq_len - req.query_len, req.seq_len):
             mask.append(any(s <= p < e for s, e in req.spans))

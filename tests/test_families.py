@@ -1,4 +1,4 @@
-"""The family registry (vllm_omni_plugin/families/registry.py): discovery by folder, lazy targets, identify()."""
+"""The family registry (vllm_omni_plugin/registry.py): discovery by folder, lazy targets, identify()."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from vllm_omni_plugin.families import Family, families, identify, registry
+from vllm_omni_plugin.registry import Family, families, identify, registry
 
 
 def _write(path, data) -> None:
@@ -33,7 +33,7 @@ def test_every_shipped_family_is_found_and_its_targets_resolve():
 
 def test_discovery_imports_no_family_code():
     # The declarations only: no torch, diffusers, vLLM, and no family module beyond its __init__.
-    code = ("import sys; from vllm_omni_plugin.families import families, identify; families(); "
+    code = ("import sys; from vllm_omni_plugin.registry import families, identify; families(); "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'vllm', 'transformers')]; "
             "code = [m for m in sys.modules if m.startswith('vllm_omni_plugin.families.') and m.count('.') > 2]; "
             "print(heavy, code)")
@@ -47,7 +47,7 @@ def test_a_family_is_a_folder(tmp_path, monkeypatch):
     (root / "alpha").mkdir(parents=True)
     (root / "__init__.py").write_text("")
     (root / "alpha" / "__init__.py").write_text(textwrap.dedent("""
-        from vllm_omni_plugin.families.registry import Family
+        from vllm_omni_plugin.registry import Family
         FAMILY = Family(summary="alpha", pipelines={"AlphaPipeline": ".pipeline:AlphaStepwise"},
                         checkpoints={"alpha": ".checkpoint:build"})
     """))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pixels import assert_pixels_close, seeded
 from vllm_omni_plugin.diffusion import SamplingParams

@@ -27,14 +27,14 @@ PRESETS = ("tiny", "full")
 
 def checkpoint_names() -> list[str]:
     """Every name `make_checkpoint` builds (declared by the families, `Family.checkpoints`)."""
-    from ..families import checkpoint_builders
+    from ..registry import checkpoint_builders
 
     return sorted(checkpoint_builders())
 
 
 def device_checkpoint_names() -> list[str]:
     """The names whose builder can draw the weights on another device than the CPU."""
-    from ..families import families
+    from ..registry import families
 
     return sorted(n for fam in families().values() for n in fam.device_checkpoints)
 
@@ -46,7 +46,7 @@ def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, de
         device: where the random weights are drawn ("cpu", or "cuda" for `device_checkpoint_names()`);
             the files are the same format either way, the values differ between devices.
     """
-    from ..families import checkpoint_builders
+    from ..registry import checkpoint_builders
 
     builders = checkpoint_builders()
     if family not in builders:

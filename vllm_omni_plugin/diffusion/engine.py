@@ -404,7 +404,7 @@ class DiffusionEngine:
             with self._lock:
                 self._running.pop(rid, None)
             return events + [EngineEvent("aborted", rid)]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- one request's failure is its own error event; the others go on
             return events + [self._fail(req, exc)]
         with self._lock:
             self._running.pop(rid, None)

@@ -179,7 +179,7 @@ class StepwisePipeline(DiffusionPipelineBase):
                     out.append(self.prepare(p, rid))
                 else:
                     out.append(self.prepare(p, rid, stage_input=stage_inputs[i]))
-            except Exception as exc:  # reported as that request's error by the engine
+            except Exception as exc:  # noqa: BLE001 -- reported as that request's error by the engine
                 out.append(exc)
         return out
 

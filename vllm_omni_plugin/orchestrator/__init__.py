@@ -23,7 +23,7 @@ def orchestrator_for(model: str | Path, stage_config: Any) -> Any:
     Raises:
         ValueError: no family declares an orchestrator for these architectures.
     """
-    from ..families import identify, stage_family
+    from ..registry import identify, stage_family
 
     archs = [*identify(model).names, *stage_config.architectures]
     family = stage_family(archs)

@@ -130,7 +130,7 @@ def fit_ar_engine_args(model: str | Path, engine_args: Mapping[str, Any], max_ba
 def _language_config(model: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, its language model's section): the section the checkpoint's family declares
     (`Family.llm_config_key`), else transformers' `text_config`, else the top level."""
-    from ..families import identify
+    from ..registry import identify
 
     config = json.loads((Path(model) / "config.json").read_text())
     family = identify(model).family

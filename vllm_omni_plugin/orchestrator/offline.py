@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
-from ..families import identify
+from ..registry import identify
 from .stage_config import StageConfig, load_stage_config, stage_config_for
 
 T = TypeVar("T")

@@ -85,7 +85,7 @@ class StageSpec(BaseModel):
     @field_validator("input_processor")
     @classmethod
     def _processor(cls, v: str | None) -> str | None:
-        from ..families import input_processors
+        from ..registry import input_processors
 
         # input_processor names are registered by the families (Family.input_processor)
         if v is not None and v not in input_processors():

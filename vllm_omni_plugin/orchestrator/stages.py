@@ -52,7 +52,7 @@ from ..diffusion.params import ResolvedParams, SamplingParams
 from .ar_memory import fit_ar_engine_args, platform_name
 from .stage_dtype import ar_dtype, dtype_name, model_dtype
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
-from ..families import input_processors
+from ..registry import input_processors
 from .stage_config import StageConfig, StageSpec
 
 logger = logging.getLogger("vllm.omni_plugin.orchestrator")

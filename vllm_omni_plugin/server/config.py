@@ -27,7 +27,7 @@ from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 
-from ..families import identify
+from ..registry import identify
 from ..hub import ModelNotFoundError, resolve_model
 from ..diffusion.acceleration import DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config

@@ -19,7 +19,7 @@ def multistage_family(architectures: Sequence[str]) -> type[DiffusionPipelineBas
     Args:
         architectures: config.json `architectures` or a diffusers `_class_name`.
     """
-    from ...families import stage_family
+    from ...registry import stage_family
 
     family = stage_family(tuple(architectures))
     if family is None:
@@ -33,7 +33,7 @@ def stepwise_class_for(pipe: Any) -> type[DiffusionPipelineBase] | None:
     The family that declares the pipeline's class name (families/) names the class;
     that class's `variant_for(pipe)` may refine it by the loaded config.
     """
-    from ...families import pipeline_target
+    from ...registry import pipeline_target
 
     found = pipeline_target(type(pipe).__name__)
     if found is None:

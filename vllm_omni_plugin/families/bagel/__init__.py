@@ -1,6 +1,6 @@
 """BAGEL-7B-MoT: an AR stage in vLLM (understanding + context prefill) feeding its DiT stage (docs/bagel.md)."""
 
-from ..registry import Family, VllmModel
+from ...registry import Family, VllmModel
 
 FAMILY = Family(
     summary="BAGEL-7B-MoT: unified understanding (text) and generation (text2img, img2img)",

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from vllm.model_executor.models.bagel import BagelDummyInputsBuilder, BagelMultiModalProcessor, BagelProcessingInfo
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems

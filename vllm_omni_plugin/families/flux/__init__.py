@@ -1,6 +1,6 @@
 """FLUX.1 text-to-image and FLUX.1 Kontext image editing: step-wise, step-batched diffusion (docs/flux.md)."""
 
-from ..registry import Family
+from ...registry import Family
 
 FAMILY = Family(
     summary="FLUX.1: guidance-distilled text-to-image (FLUX.1-dev, -schnell) and Kontext image editing",

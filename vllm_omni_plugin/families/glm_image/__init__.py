@@ -1,6 +1,6 @@
 """GLM-Image: an AR prior in vLLM (image tokens) feeding a DiT decoder (docs/glm_image.md)."""
 
-from ..registry import Family, VllmModel
+from ...registry import Family, VllmModel
 
 FAMILY = Family(
     summary="GLM-Image: AR prior (vLLM) -> DiT decoder; text-to-image and image-to-image",

@@ -22,7 +22,7 @@ it -- each resized to multiples of 16 px, VAE-encoded (mode), and run once
 through the transformer with its own prior tokens (its VQ codes, upsampled)
 to fill a per-request `GlmImageKVCache` that every conditional forward reads.
 The codes come from GLM-Image's image tokenizer (the AR model's vision encoder
-+ VQ, `image_codes`), loaded here from `vision_language_encoder/` without the
++ VQ, `image_tokens.image_codes`), loaded here from `vision_language_encoder/` without the
 text model: vLLM's AR stage computes the same codes for its prompt but
 returns no prompt-side values, so this stage tokenizes its own inputs.
 
@@ -159,7 +159,7 @@ class GlmImageStepwise(StepwisePipeline):
         from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
         from diffusers.pipelines.glm_image.pipeline_glm_image import retrieve_latents
 
-        from .vllm_model import image_codes
+        from .image_tokens import image_codes
 
         if self.image_tokenizer is None:
             raise ValueError(f"{self.model_id}: no vision_language_encoder to tokenize condition images with")

@@ -39,6 +39,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
+from .image_tokens import image_codes
 from .positions import DecodeGridTable, prompt_positions
 from .processing import (
     IMAGE_TOKEN,
@@ -175,14 +176,3 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
-
-
-def image_codes(visual: nn.Module, vqmodel: nn.Module, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
-    """Source images -> VQ codes (one [h*w] tensor per image, row-major), as transformers'
-    `GlmImageModel.get_image_features` + `get_image_tokens` compute them."""
-    hidden = visual(pixel_values.to(visual.dtype), grid_thw=grids, return_dict=True).pooler_output
-    codes = []
-    for embed, (t, h, w) in zip(torch.split(hidden, grids.prod(-1).tolist()), grids.tolist()):
-        embed = embed.view(t, h, w, -1).permute(0, 3, 1, 2).reshape(-1, h, w)
-        codes.append(vqmodel.encode(embed[None]).image_tokens.view(-1))
-    return codes

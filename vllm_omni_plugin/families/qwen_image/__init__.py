@@ -1,6 +1,6 @@
 """Qwen-Image, -Edit, -Edit-Plus and -Layered: step-wise, step-batched diffusion (docs/diffusion.md)."""
 
-from ..registry import Family
+from ...registry import Family
 
 _PIPELINE = ".pipeline"
 _BUILD = ".checkpoint:build"

@@ -180,7 +180,7 @@ class QwenImageStepwise(StepwisePipeline):
             for p, rid in zip(params, request_ids):
                 try:
                     out.append(self._prepare(p, rid, encoded))
-                except Exception as exc:  # reported as that request's error by the engine
+                except Exception as exc:  # noqa: BLE001 -- reported as that request's error by the engine
                     out.append(exc)
         return out
 

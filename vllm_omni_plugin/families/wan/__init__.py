@@ -1,6 +1,6 @@
 """Wan2.2 T2V / I2V (A14B, two experts) and TI2V-5B: step-wise video diffusion (docs/diffusion.md)."""
 
-from ..registry import Family
+from ...registry import Family
 
 _PIPELINE = ".pipeline"
 _BUILD = ".checkpoint:build"

@@ -2,7 +2,7 @@
 
 A family is a sub-package of `vllm_omni_plugin.families` whose `__init__.py`
 holds only its `FAMILY = Family(...)` declaration (names and "module:attr"
-strings, no heavy imports). `families()` finds them with `pkgutil` over this
+strings, no heavy imports). `families()` finds them with `pkgutil` over that
 package's path and imports nothing but those `__init__` modules; a family's
 code is imported when something asks for it (`load(target)`), the way vLLM's
 ModelRegistry keeps "module:Class" strings until an architecture is built.
