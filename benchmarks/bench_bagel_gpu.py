@@ -1,16 +1,19 @@
 """BAGEL-7B-MoT (full dimensions, random weights, bf16) end to end through `vllm serve --omni` on a GPU.
 
     python benchmarks/bench_bagel_gpu.py [--ckpt-root /dev/shm/omni-gpu-ckpt] [--size 1024] [--steps 50]
-                                         [--concurrent 8] [--concurrent-steps 10] [--reference-steps 3]
+                                         [--concurrent 8] [--concurrent-steps 10] [--concurrent-size 512]
+                                         [--extra 512:20 ...] [--reference-steps 3]
 
 What it measures, in one run, on the shipped stage config (vllm_omni_plugin/families/bagel/stage_config.yaml):
   * server start-up (AR engine: load, torch.compile, CUDA graphs; DiT stage load)
   * one text2img request (size x size, --steps): client e2e, and the server's own per-request
     breakdown (its log line "omni request ...": AR prefill, KV hand-over bytes and GB/s, DiT
     steps, decode); orchestration = e2e - (prefill + hand-over + DiT + decode)
+  * each --extra SIZE:STEPS text2img request alone, with the same breakdown
   * one img2img request through /v1/images/edits (a size x size edit image: a ~9k-token context
     with its VAE and ViT blocks), a few steps: hand-over of a large context (bytes, GB/s)
-  * --concurrent text2img requests one at a time, then all at once (--concurrent-steps each):
+  * --concurrent text2img requests (--concurrent-size, default --size) one at a time, then all at
+    once (--concurrent-steps each):
     images/s of both
   * GPU memory in use while serving (nvidia-smi) with the AR engine's --gpu-memory-utilization
   * the plain-PyTorch reference (tests/reference/bagel_generation.py: full sequence, no KV cache)
@@ -69,6 +72,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--concurrent-steps", type=int, default=10)
+    ap.add_argument("--concurrent-size", type=int, default=None, help="side of the concurrent requests (default --size)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="SIZE:STEPS",
+                    help="further single text2img requests measured like the main one, e.g. 512:20")
     ap.add_argument("--edit-steps", type=int, default=4)
     ap.add_argument("--reference-steps", type=int, default=3, help="0 skips the reference")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the AR engine's share of the GPU")
@@ -108,6 +114,17 @@ def main() -> int:
                                "orchestration_and_handover_pct": round(100 * (e2e - parts + one["transfer"]) / e2e, 2)}
         results["gpu_memory_used_gib_serving"] = gpu_memory_used_gib()
 
+        results["extra"] = []
+        for spec in args.extra:
+            side, steps = (int(x) for x in spec.split(":"))
+            sz = f"{side}x{side}"
+            t2i(2, 0, sz)  # first request at this size: lazy shape-dependent setup out of the timing
+            n_before = len(breakdowns(log))
+            e2e = t2i(steps, 3, sz)
+            (row,) = breakdowns(log)[n_before:]
+            results["extra"].append({**row, "size": sz, "steps": steps, "e2e_client": round(e2e, 3),
+                                     "dit_s_per_step": round(row["dit"] / steps, 4)})
+
         n_before = len(breakdowns(log))
         started = time.perf_counter()
         client.images.edit(model=model, image=("edit.png", edit_png(args.size), "image/png"), prompt="make it blue",
@@ -115,15 +132,17 @@ def main() -> int:
         (edit,) = breakdowns(log)[n_before:]
         results["img2img"] = {**edit, "e2e_client": round(time.perf_counter() - started, 3)}
 
+        csize = f"{args.concurrent_size or args.size}x{args.concurrent_size or args.size}"
+        t2i(2, 0, csize)
         started = time.perf_counter()
         for i in range(args.concurrent):
-            t2i(args.concurrent_steps, 10 + i)
+            t2i(args.concurrent_steps, 10 + i, csize)
         sequential = time.perf_counter() - started
         errors: list[BaseException] = []
 
         def worker(i: int) -> None:
             try:
-                t2i(args.concurrent_steps, 10 + i)
+                t2i(args.concurrent_steps, 10 + i, csize)
             except BaseException as e:  # noqa: BLE001 -- reported below
                 errors.append(e)
 
@@ -137,7 +156,7 @@ def main() -> int:
         if errors:
             raise errors[0]
         results["concurrency"] = {
-            "requests": args.concurrent, "steps": args.concurrent_steps,
+            "requests": args.concurrent, "steps": args.concurrent_steps, "size": csize,
             "one_at_a_time_img_s": round(args.concurrent / sequential, 3),
             "concurrent_img_s": round(args.concurrent / together, 3),
             "speedup": round(sequential / together, 2),
@@ -173,12 +192,15 @@ def main() -> int:
         (f"text2img {size} {args.steps} steps e2e (s)", t["e2e_client"]),
         ("  AR prefill (s)", t["ar_prefill"]),
         ("  KV hand-over (s / MB / GB/s)", f'{t["transfer"]} / {t["transfer_mb"]} / {t["transfer_gbps"]}'),
-        ("  DiT steps (s)", t["dit"]),
+        ("  DiT steps (s, s/step)", f'{t["dit"]} ({t["dit"] / args.steps:.4f})'),
         ("  decode (s)", t["decode"]),
         ("  orchestration + HTTP (s)", t["orchestration_and_http"]),
         ("  orchestration + hand-over (% of e2e)", t["orchestration_and_handover_pct"]),
+        *[(f"text2img {x['size']} {x['steps']} steps e2e (s): prefill / hand-over / DiT (s/step) / decode",
+           f"{x['e2e_client']}: {x['ar_prefill']} / {x['transfer']} / {x['dit']} ({x['dit_s_per_step']}) / {x['decode']}")
+          for x in results["extra"]],
         (f"img2img hand-over (MB / GB/s)", f'{results["img2img"]["transfer_mb"]} / {results["img2img"]["transfer_gbps"]}'),
-        (f"{c['requests']} x text2img {c['steps']} steps: one at a time (img/s)", c["one_at_a_time_img_s"]),
+        (f"{c['requests']} x text2img {c['size']} {c['steps']} steps: one at a time (img/s)", c["one_at_a_time_img_s"]),
         (f"  concurrent (img/s, speed-up)", f'{c["concurrent_img_s"]} ({c["speedup"]}x)'),
         ("GPU memory used while serving (GiB)", results["gpu_memory_used_gib_serving"]),
         *([("reference s/step vs ours", f'{results["reference"]["seconds_per_step"]} vs '

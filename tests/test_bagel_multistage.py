@@ -15,7 +15,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from pixels import assert_batched_equals_alone
+from batching import assert_batched_equals_alone
 from reference.bagel_generation import BagelReference
 from test_bagel_generation import STEPS, _close
 from test_bagel_generation import _image as _input_image

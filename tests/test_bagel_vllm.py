@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from vllm_omni_plugin.checkpoints import bagel
+from vllm_omni_plugin.families.bagel import checkpoint as bagel
 
 IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>Describe the image"
 TEXT_PROMPT = "A red cat sitting on a blue chair"

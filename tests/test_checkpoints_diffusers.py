@@ -150,7 +150,9 @@ def test_t5_and_glm_tokenizers(checkpoint):
 
 
 def test_full_preset_has_the_released_dimensions():
-    from vllm_omni_plugin.checkpoints import glm_image, qwen_image, wan
+    from vllm_omni_plugin.families.glm_image import checkpoint as glm_image
+    from vllm_omni_plugin.families.qwen_image import checkpoint as qwen_image
+    from vllm_omni_plugin.families.wan import checkpoint as wan
 
     def billions(module):
         return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)

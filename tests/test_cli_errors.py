@@ -96,3 +96,15 @@ def test_an_ar_stage_that_cannot_fit_names_the_field_and_the_value(checkpoint, t
     assert "one 1000000000-token sequence needs" in line and "Lower max_model_len to " in line
     fits = int(line.split("--max-model-len ")[1].split("`")[0])
     assert 0 < fits <= 32768 and "stages[ar].engine_args.max_model_len" in line  # at most what the model takes
+
+
+@pytest.mark.parametrize("store,fragment", [
+    ("mysql://db/omni", "--omni-job-store 'mysql://db/omni': write sqlite:///PATH or postgresql://"),
+    ("postgresql://nobody@127.0.0.1:1/omni", "--omni-job-store: cannot reach postgresql://nobody@127.0.0.1:1/omni"),
+])
+def test_a_bad_or_unreachable_job_store_is_one_line(checkpoint, store, fragment):
+    done = _run(str(BIN / "vllm"), "serve", str(checkpoint("qwen-image")), "--omni", "--omni-job-store", store)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out[-3000:]
+    (line,) = _error_lines(done, "vllm serve --omni")
+    assert fragment in line, line

@@ -144,6 +144,10 @@ def _check_command(words: list[str], block: Block) -> None:
     elif program == "vllm":
         assert words[1] == "serve" and "--omni" in words, f"{block}: the docs show `vllm serve ... --omni` only"
         _check_serve([w for w in words[2:] if w != "--omni"])
+    elif program == "vllm-router":
+        from vllm_router.launch_router import parse_router_args
+
+        parse_router_args(words[1:])  # exits (fails the test) on an unknown flag or a bad value
     elif program == "python" and words[1] == "-m":
         import importlib.util
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixels import assert_batched_equals_alone
+from batching import assert_batched_equals_alone
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
 STEPS = 3

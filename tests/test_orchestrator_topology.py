@@ -54,8 +54,11 @@ def test_every_glm_stage_field_reaches_an_engine(checkpoint):
     config = parse_stage_config(GLM, "glm.yaml")
     o = GlmImageOrchestrator(str(model), config, ar_engine_args={"max_model_len": 640}, dtype="float32")
     assert o.ar_model == str(model / "vision_language_encoder")
-    # engine_args < the caller's (vllm serve flags); tokenizer and batch limit from the stage.
-    assert o._ar_args == {"max_model_len": 640, "tokenizer": str(model / "processor"), "max_num_seqs": 3}
+    # engine_args < the caller's (vllm serve flags); tokenizer and batch limit from the stage; the
+    # model-wide dtype reaches the AR stage too (orchestrator/stage_dtype.py).
+    assert o._ar_args == {"max_model_len": 640, "dtype": "float32", "tokenizer": str(model / "processor"),
+                          "max_num_seqs": 3}
+    assert set(o.stage_dtypes.values()) == {"float32"} and len(o.stage_dtypes) == 2
     assert isinstance(o.pipeline, GlmImageStepwise) and str(o.pipeline.device) == "cpu"
     assert o.engine.config.max_running == 5
     assert o.resolve(SamplingParams(prompt="x")).num_inference_steps == 7  # the diffusion stage's default

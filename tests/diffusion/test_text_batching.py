@@ -137,7 +137,7 @@ def test_a_failing_request_in_an_admitted_batch_fails_alone(pipeline, monkeypatc
 
 
 def test_processor_fallback_lives_in_the_diffusion_package():
-    from vllm_omni_plugin.checkpoints import qwen_image as factory
+    from vllm_omni_plugin.families.qwen_image import checkpoint as factory
     from vllm_omni_plugin.diffusion import processors
 
     assert factory.load_processor is processors.load_processor

@@ -51,6 +51,12 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.gpu)
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=f"GPU tier: {reason}"))
+    # The session's in-process BAGEL (`bagel_gpu_omni`: ~70 GB of GPU memory until the session
+    # ends) goes last: the tests that start servers or other engines need that memory first.
+    late = [item for item in ours if "bagel_gpu_omni" in getattr(item, "fixturenames", ())]
+    if late:
+        late_ids = {id(item) for item in late}
+        items[:] = [item for item in items if id(item) not in late_ids] + late
 
 
 def ckpt_root() -> Path:
@@ -94,6 +100,11 @@ BAGEL_GPU_AR_ARGS = {"dtype": "bfloat16", "gpu_memory_utilization": 0.30, "seed"
 @pytest.fixture(scope="session")
 def full_bagel() -> Path:
     return full_checkpoint("bagel")
+
+
+@pytest.fixture(scope="session")
+def full_glm_image() -> Path:
+    return full_checkpoint("glm-image")
 
 
 @pytest.fixture(scope="session")

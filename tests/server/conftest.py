@@ -140,8 +140,8 @@ class Server:
 
 
 def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
-                 env: dict[str, str] | None = None) -> Server:
-    port = free_port()
+                 env: dict[str, str] | None = None, port: int | None = None) -> Server:
+    port = port or free_port()
     log = workdir / f"server-{family}.log"
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
             "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
@@ -157,19 +157,27 @@ def start_server(family: str, model: Path | str, workdir: Path, extra_args: list
     server = Server(family, model, port, proc, log)
     # A diffusion-only server starts two interpreters (the API server, then its engine process,
     # each importing torch + diffusers): on a loaded 2-core box that has taken more than 240 s.
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(server.url + "/health", timeout=2).status_code == 200:
-                server.extra["startup_s"] = round(STARTUP_TIMEOUT_S - (deadline - time.monotonic()), 1)
-                return server
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    started = time.monotonic()
+    if wait_healthy(server.url, proc, log, STARTUP_TIMEOUT_S):
+        server.extra["startup_s"] = round(time.monotonic() - started, 1)
+        return server
     server.stop()
     raise RuntimeError(f"server did not become healthy in {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> bool:
+    """Wait for `GET url/health` to answer 200; False after `timeout` s, RuntimeError if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -210,7 +218,9 @@ def omni_server(checkpoint, tmp_path_factory, request):
             extra += ["--stage-configs-path", str(stage_config), "--max-model-len", "512",
                       "--served-model-name", "tiny-bagel", "--omni-max-queue", "1", "--middleware", BODY_LIMIT]
         elif family == "wan2.2-t2v":
-            extra += ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6"]
+            # first: a variant's own flags (later on the command line) win
+            extra = ["--omni-video-dir", str(video_dir), "--omni-video-retention", "6",
+                     "--omni-job-store", f"sqlite:///{workdir}/video-jobs.db", *extra]
         elif family == "glm-image":
             stage_config = workdir / "glm-image-stages.yaml"
             stage_config.write_text(GLM_IMAGE_STAGE_CONFIG)
@@ -219,13 +229,19 @@ def omni_server(checkpoint, tmp_path_factory, request):
             # GLM-Image: the deterministic-AR copy the offline Omni of the GLM-Image tests runs.
             model = request.getfixturevalue("glm_image_checkpoint") if family == "glm-image" else checkpoint(family)
         server = start_server(family, model, workdir, extra, use_omni_cli=family == "qwen-image-edit", env=env)
-        server.extra.update(media_dir=media_dir, video_dir=video_dir, key=key)
+        server.extra.update(media_dir=media_dir, video_dir=video_dir, job_db=workdir / "video-jobs.db", key=key)
         state["current"] = server
         return server
 
+    def stop() -> None:
+        """Stop the running server (a test that starts servers of its own calls this first)."""
+        if state["current"] is not None:
+            state["current"].stop()
+            state["current"] = None
+
+    get.stop = stop
     yield get
-    if state["current"] is not None:
-        state["current"].stop()
+    stop()
 
 
 def decoded_md5(data: bytes) -> str:

@@ -54,5 +54,6 @@ def test_omni_flags_in_help():
     out = subprocess.run([str(vllm), "serve", "--omni", "--help=Omni"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--omni-max-pixels", "--omni-max-frames", "--omni-max-n", "--omni-max-steps", "--omni-max-queue",
-                 "--stage-configs-path", "--default-sampling-params", "--omni-video-dir", "--omni-video-retention"):
+                 "--stage-configs-path", "--default-sampling-params", "--omni-video-dir", "--omni-video-retention",
+                 "--omni-job-store"):
         assert flag in out.stdout

@@ -4,6 +4,7 @@ offline frames through the same export, deletion, retention, errors."""
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 
 import numpy as np
@@ -44,6 +45,13 @@ def _wait(client, video_id, timeout=300):
     raise AssertionError(f"video {video_id} did not finish: {seen[-5:]}")
 
 
+def stored_mp4(server, video_id: str) -> bytes | None:
+    """The mp4 bytes the server's SQLite job store holds for a job (read beside the server)."""
+    with sqlite3.connect(f"file:{server.extra['job_db']}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT content FROM omni_video_jobs WHERE id = ?", (video_id,)).fetchone()
+    return None if row is None else row[0]
+
+
 def test_video_matches_offline_then_expires(omni_server, checkpoint, tmp_path):
     server = omni_server("wan2.2-t2v")
     client = server.client()
@@ -56,8 +64,7 @@ def test_video_matches_offline_then_expires(omni_server, checkpoint, tmp_path):
     content = client.videos.download_content(job.id)
     served = tmp_path / "served.mp4"
     served.write_bytes(content.read())
-    stored = server.extra["video_dir"] / f"{job.id}.mp4"
-    assert stored.is_file() and stored.read_bytes() == served.read_bytes()
+    assert stored_mp4(server, job.id) == served.read_bytes()  # the job store holds the file
 
     off = offline(checkpoint, "wan2.2-t2v").generate("a boat at sea", SamplingParams(seed=9, negative_prompt="blur"))[0]
     assert done.model_extra["omni"]["resolved"] == comparable(off.params.public_dict())
@@ -76,9 +83,9 @@ def test_video_matches_offline_then_expires(omni_server, checkpoint, tmp_path):
 
     # retention (6 s on this server): the job and its file go away by themselves
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and stored.exists():
+    while time.monotonic() < deadline and stored_mp4(server, job.id) is not None:
         time.sleep(0.5)
-    assert not stored.exists()
+    assert stored_mp4(server, job.id) is None
     r = requests.get(f"{server.url}/v1/videos/{job.id}", headers=server.headers())
     assert r.status_code == 404
 
@@ -106,7 +113,7 @@ def test_video_delete_and_errors(omni_server):
     assert metrics["omni_engine_requests_aborted"] == aborted_before + 1
     r = requests.get(f"{server.url}/v1/videos/{job.id}", headers=h)
     assert r.status_code == 404
-    assert not list(server.extra["video_dir"].glob(f"{job.id}*"))
+    assert not list(server.extra["video_dir"].glob(f"{job.id}*")) and stored_mp4(server, job.id) is None
 
     cases = [
         ({"prompt": "x", "size": "huge"}, "WIDTHxHEIGHT"),
@@ -120,3 +127,36 @@ def test_video_delete_and_errors(omni_server):
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
     r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"})
     assert r.status_code == 400 and "/v1/videos" in r.json()["error"]["message"]
+
+
+def test_restarted_server_keeps_every_finished_job(omni_server, tmp_path):
+    """`--omni-job-store sqlite:///PATH`: a server that crashed (SIGKILL) and was started again
+    lists and serves every finished job, byte for byte, and says the running one failed, why."""
+    extra = ["--omni-job-store", f"sqlite:///{tmp_path}/jobs.db", "--omni-video-retention", "3600"]
+    server = omni_server("wan2.2-t2v", variant="store-before", extra=extra)
+    client = server.client()
+    done = [client.videos.create(prompt=f"boat {i}", extra_body={"seed": i}).id for i in range(2)]
+    for video_id in done:
+        assert _wait(client, video_id)[0].status == "completed"
+    served = {video_id: client.videos.download_content(video_id).read() for video_id in done}
+    running = client.videos.create(prompt="a slow one", extra_body={"num_inference_steps": 150, "seed": 3}).id
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(running).progress == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.proc.kill()  # a crash mid-job: nothing of the server gets to settle anything
+    server.proc.wait(30)
+
+    server = omni_server("wan2.2-t2v", variant="store-after", extra=extra)
+    client = server.client()
+    listed = {v.id: v for v in client.videos.list().data}
+    assert list(listed) == [*done, running]  # every job, in creation order
+    for video_id in done:
+        assert listed[video_id].status == "completed"
+        assert client.videos.download_content(video_id).read() == served[video_id]
+    failed = listed[running]
+    assert failed.status == "failed" and failed.error.code == "server_stopped", failed
+    r = requests.get(f"{server.url}/v1/videos/{running}/content", headers=server.headers())
+    assert r.status_code == 409 and "status failed" in r.json()["error"]["message"]
+    for video_id in listed:
+        assert client.videos.delete(video_id).deleted
+    assert client.videos.list().data == []

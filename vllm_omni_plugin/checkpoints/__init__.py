@@ -13,7 +13,7 @@ Presets:
         benchmarks; `build_in_memory` can skip the disk.
 
 The same (family, preset, seed) gives the same bytes on the same device.
-`device="cuda"` (bagel, qwen-image*) draws the weights on the GPU: a `full`
+`device="cuda"` (bagel, qwen-image*, glm-image) draws the weights on the GPU: a `full`
 checkpoint is then written in seconds instead of minutes of CPU sampling.
 
 This module must not import vLLM: the GPU benchmark machine has none.

@@ -3,6 +3,9 @@
     layout.py     paged KV cache of any attention backend -> per-token K, V
     store.py      the transfer store: one file per request id (no vLLM imports)
     connector.py  OmniKVConnector, vLLM's v1 connector interface (imports vLLM)
+    nixl.py       across hosts: NixlProducer publishes a request's context, NixlConsumer pulls it
+                  with one NIXL READ; a handle (JSON) keyed by request id, a lease (no vLLM imports)
+    netns.py      two hosts on one machine (network namespaces + a veth pair) for tests and benchmarks
 
 `register_connector()` makes "OmniKVConnector" selectable through
 `--kv-transfer-config`; the plugin calls it in every vLLM process.

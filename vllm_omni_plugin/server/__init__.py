@@ -14,7 +14,8 @@ checkpoints are served by an app made of vLLM's pieces with the same routes.
     plugin.py     OmniEndpointPlugin (the "omni" endpoint plugin), VLLM_PLUGINS allowlisting
     app.py        OmniRuntime (InlineDiffusion | MultiStage): what the routes run requests on
     (EngineLoop, the diffusion engine on a background thread, lives in orchestrator/engine_loop.py)
-    videos.py     VideoStore: video jobs, their files, retention
+    videos.py     VideoJob: one video job's record and its public JSON
+    job_store.py  JobStore: video jobs and their mp4s in SQLite or Postgres (replicas share one)
     media.py      image URLs: vLLM's media settings -> the request layer's one image path
     encode.py     images -> png / jpeg / webp base64
     errors.py     OpenAI-format error bodies, for every status and every layer that answers

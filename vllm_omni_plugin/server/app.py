@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from vllm.exceptions import VLLMClientError
 
@@ -31,11 +31,13 @@ from ..diffusion.params import ResolvedParams
 from ..engine.client import EngineCoreClient
 from ..engine.spec import EngineSpec, PipelineInfo
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
+from ..orchestrator.stages import StageTimings
 from ..request import RequestBuilder, RequestError
 from .config import OmniServerConfig
+from .errors import OmniHTTPError
 from .media import MediaFetcher
+from .job_store import HEARTBEAT_S, JobStore
 from .metrics import OmniMetrics
-from .videos import VideoStore
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -96,6 +98,8 @@ class MultiStage:
         self.bridge: EngineLoop = orchestrator.loop
         self.max_queue = max_queue
         self.images_in_flight = 0
+        #: called with each finished image request's StageTimings (the omni metrics)
+        self.timings_observer: Callable[[Any], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -120,9 +124,13 @@ class MultiStage:
                 f"--omni-max-queue {self.max_queue}); retry later"
             )
         self.images_in_flight += 1
+        timings = StageTimings()
         try:
-            return await self.orchestrator.generate_image(
-                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"))
+            output = await self.orchestrator.generate_image(
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"), timings=timings)
+            if self.timings_observer is not None:
+                self.timings_observer(timings)
+            return output
         except VLLMClientError as e:  # the AR stage refused it (e.g. prompt longer than max_model_len)
             raise RequestError(str(e), getattr(e, "parameter", None)) from e
         finally:
@@ -140,7 +148,7 @@ class OmniRuntime:
     stages: InlineDiffusion | MultiStage
     metrics: OmniMetrics
     media: MediaFetcher
-    videos: VideoStore
+    videos: JobStore
     created: int = field(default_factory=lambda: int(time.time()))
     _janitor: asyncio.Task | None = None
     _stopped: bool = False
@@ -162,6 +170,7 @@ class OmniRuntime:
         """
         from ..diffusion.workers import PipelineBuilder
 
+        videos = _open_job_store(config)  # first: a bad or unreachable store fails before the model loads
         spec = EngineSpec(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
@@ -171,10 +180,10 @@ class OmniRuntime:
         if not engine_process:
             engine = spec.launch()
             return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
-                                 InlineDiffusion(EngineLoop(engine, config.max_queue)))
+                                 InlineDiffusion(EngineLoop(engine, config.max_queue)), videos)
         client = EngineCoreClient(spec, config.max_queue)
         client.start()
-        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client))
+        return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client), videos)
 
     @classmethod
     def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
@@ -182,16 +191,17 @@ class OmniRuntime:
         Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
         from ..orchestrator import orchestrator_for
 
+        videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
                                                dtype=config.dtype, max_queue=config.max_queue)
         engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
         return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
-                             MultiStage(orchestrator, config.max_queue))
+                             MultiStage(orchestrator, config.max_queue), videos)
 
     @classmethod
     def _assemble(cls, config: OmniServerConfig, pipeline: PipelineInfo, resolve_fn: Any,
-                  stages: InlineDiffusion | MultiStage) -> "OmniRuntime":
+                  stages: InlineDiffusion | MultiStage, videos: JobStore) -> "OmniRuntime":
         # The diffusion engine's own stage defaults: what offline Omni resolves with too.
         stage_defaults = pipeline.stage_defaults
         caps = pipeline.capabilities
@@ -201,14 +211,17 @@ class OmniRuntime:
             config.model, pipeline.family, caps.output, " and text" if stages.text else "",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
+        metrics = OmniMetrics(stages.bridge)
+        if isinstance(stages, MultiStage):
+            stages.timings_observer = metrics.observe_stage_timings
         return cls(
             config=config,
             pipeline=pipeline,
             builder=builder,
             stages=stages,
-            metrics=OmniMetrics(stages.bridge),
+            metrics=metrics,
             media=MediaFetcher(config),
-            videos=VideoStore(config.video_dir, config.video_retention_s),
+            videos=videos,
         )
 
     @property
@@ -228,11 +241,27 @@ class OmniRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
         await self.stages.stop()
+        # the engine is gone: let the unfinished video jobs record that before the store closes
+        if self.videos.tasks:
+            await asyncio.wait(set(self.videos.tasks.values()), timeout=10)
         self.videos.close()
 
     async def _expire_videos(self) -> None:
-        period = max(0.5, min(30.0, self.config.video_retention_s / 4))
+        """The job store's housekeeping: this server's heartbeat, the jobs of servers that
+        stopped heartbeating (failed, with the reason), and expired jobs."""
+        store = self.videos
+        period = max(0.5, min(HEARTBEAT_S, self.config.video_retention_s / 4))
         while True:
             await asyncio.sleep(period)
-            for video_id in self.videos.expire():
-                logger.info("omni: video %s expired and was deleted", video_id)
+            try:
+                await store.call(store.heartbeat)
+                for video_id in await store.call(store.reap):
+                    logger.warning("omni: video %s failed: the server running it stopped heartbeating", video_id)
+                for video_id in await store.call(store.expire):
+                    logger.info("omni: video %s expired and was deleted", video_id)
+            except OmniHTTPError as exc:  # the store is unreachable: try again next period
+                logger.error("omni: job store housekeeping failed: %s", exc.message)
+
+
+def _open_job_store(config: OmniServerConfig) -> JobStore:
+    return JobStore(config.job_store, config.video_retention_s, config.video_dir)

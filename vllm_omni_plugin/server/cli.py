@@ -13,10 +13,12 @@ import sys
 from typing import Sequence
 
 import uvloop
-from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+from ..vllm_moves import vllm_symbol
 from .flags import parse_args
 from .launch import run_server
+
+cli_env_setup = vllm_symbol("cli_env_setup")  # moved in vLLM 0.33 (vllm_moves.py)
 
 
 def serve_main(argv: Sequence[str]) -> int:

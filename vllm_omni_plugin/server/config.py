@@ -59,6 +59,7 @@ class OmniServerConfig:
     max_batch_tokens: int = 65536
     video_dir: Path | None = None
     video_retention_s: float = 3600.0
+    job_store: str | None = None  # --omni-job-store URL (None: a temporary SQLite file)
     dtype: str | None = None
     allowed_local_media_path: str = ""
     allowed_media_domains: tuple[str, ...] | None = None
@@ -80,6 +81,9 @@ class OmniServerConfig:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
         if args.omni_video_retention <= 0:
             raise ConfigError(f"--omni-video-retention must be positive seconds, got {args.omni_video_retention}")
+        job_store = getattr(args, "omni_job_store", None)
+        if job_store and not job_store.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ConfigError(f"--omni-job-store {job_store!r}: write sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
         names = tuple(args.served_model_name or [args.model])  # the id as given, as vLLM names it
         try:
             model = str(resolve_model(args.model, args.revision, args.download_dir))
@@ -112,6 +116,7 @@ class OmniServerConfig:
             max_batch_tokens=args.omni_max_batch_tokens,
             video_dir=Path(args.omni_video_dir) if args.omni_video_dir else None,
             video_retention_s=float(args.omni_video_retention),
+            job_store=job_store,
             dtype=dtype,
             allowed_local_media_path=args.allowed_local_media_path or "",
             allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,

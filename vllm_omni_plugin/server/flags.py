@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
 from vllm.logger import configure_logging_from_args
 from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from ..vllm_moves import vllm_symbol
+
+# both moved to vllm.entrypoints.common.cli_args in vLLM 0.33 (vllm_moves.py)
+make_arg_parser = vllm_symbol("make_arg_parser")
+validate_parsed_serve_args = vllm_symbol("validate_parsed_serve_args")
 
 
 def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,7 +62,15 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--omni-video-dir",
         default=None,
-        help="Directory for generated videos (default: a fresh temporary directory, removed at exit).",
+        help="Scratch directory where videos are encoded before they go into the job store "
+        "(default: a fresh temporary directory, removed at exit).",
+    )
+    group.add_argument(
+        "--omni-job-store",
+        default=None,
+        help="Where video jobs and their files live: sqlite:///PATH (one server; kept across restarts) or "
+        "postgresql://USER@HOST:PORT/DB (shared by replicas behind a router). Default: a temporary SQLite "
+        "file, removed at exit.",
     )
     group.add_argument(
         "--omni-video-retention",

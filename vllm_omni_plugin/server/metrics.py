@@ -7,6 +7,8 @@ and these) on either kind of server.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..engine.client import EngineCoreClient
@@ -45,6 +47,20 @@ class OmniMetrics:
         Gauge("omni_engine_queue_length", "Requests waiting for the diffusion engine to admit them",
               registry=r).set_function(lambda: max(bridge.in_flight - bridge.running, 0))
         Gauge("omni_engine_queue_capacity", "--omni-max-queue", registry=r).set_function(lambda: bridge.max_queue)
+        # Multi-stage models (AR -> DiT): where an image request's time went, and the KV hand-over
+        # (MultiStage feeds these through observe_stage_timings; they stay at zero on diffusion-only models)
+        self.stage_seconds = Histogram(
+            "omni_stage_seconds", "Wall time of one image request in a stage of a multi-stage model "
+            "(ar_prefill, kv_handover, diffusion, decode -- part of diffusion --, total)", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.handover_seconds = Histogram(
+            "omni_kv_handover_seconds", "Wall time of one request's KV hand-over from the AR stage to the DiT stage",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.handover_bytes = Counter(
+            "omni_kv_handover_bytes", "Bytes of KV cache handed from the AR stage to the DiT stage", registry=r
+        )
         for name in ("submitted", "finished", "failed", "aborted", "rejected"):
             Gauge(f"omni_engine_requests_{name}", f"Requests {name} since start", registry=r).set_function(
                 (lambda n: lambda: getattr(bridge.stats, n))(name)
@@ -58,6 +74,14 @@ class OmniMetrics:
     def observe_step(self, seconds: float, requests: int) -> None:
         self.step_latency.observe(seconds)
         self.step_batch.observe(requests)
+
+    def observe_stage_timings(self, timings: Any) -> None:
+        """One finished image request of a multi-stage model (its orchestrator's `StageTimings`)."""
+        for stage, seconds in (("ar_prefill", timings.ar_prefill), ("kv_handover", timings.transfer),
+                               ("diffusion", timings.diffusion), ("decode", timings.decode), ("total", timings.total)):
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.handover_seconds.observe(timings.transfer)
+        self.handover_bytes.inc(timings.transferred_bytes)
 
     def expose_in_vllm_registry(self) -> None:
         """Serve these metrics on vLLM's /metrics (vLLM's process-wide registry). One runtime serves a

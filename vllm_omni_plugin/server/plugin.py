@@ -15,6 +15,7 @@ an AR stage:
   replaced by one route that decides by the requested output -- text goes on
   to vLLM's own chat handler, images to the request builder and the BAGEL
   orchestrator, which runs its AR prefills on vLLM's engine client;
+* GET /omni/playground: a page to try the model in a browser (routes/playground.py);
 * /health answers 503 when either stage is down; the omni metrics join vLLM's
   Prometheus registry (GET /metrics); every error body is OpenAI-shaped.
 
@@ -40,7 +41,7 @@ from .app import OmniRuntime
 from .config import OmniServerConfig
 from .errors import install_error_handlers, wrap_app_errors
 from .flags import add_omni_args
-from .routes import chat, images, meta, videos
+from .routes import chat, images, meta, playground, videos
 
 logger = logging.getLogger("vllm.omni_plugin.server")
 
@@ -141,7 +142,7 @@ class OmniEndpointPlugin:
                 return
         # vLLM's chat handler answers text (None on the diffusion-only app, which has none)
         app.state.omni_text_chat = _vllm_route(app, "/v1/chat/completions", "POST")
-        routers = [images.router, videos.router, chat.router, meta.router]
+        routers = [images.router, videos.router, chat.router, meta.router, playground.router]
         if app.state.omni_text_chat is None:
             routers.append(meta.models_router)  # vLLM's /v1/models where vLLM serves the model
         for router in routers:

@@ -12,7 +12,7 @@ hands to the diffusion stage.
 
 No math is duplicated here: the FLUX encoder, the latent embedding and the
 generation expert's per-layer parts are the diffusion stage's
-(`diffusion.bagel.autoencoder`, `.weights.BagelModel`, `.mot.MoTDecoder`),
+(`dit.autoencoder`, `dit.weights.BagelModel`, `dit.mot.MoTDecoder`),
 run over the checkpoint tensors the vLLM loader streams (kept under their
 checkpoint names, outside the nn.Module tree: vLLM's own modules do not hold
 them). The understanding rows use vLLM's modules of each layer.

@@ -99,13 +99,16 @@ def clip_tokenizer() -> CLIPTokenizer:
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tok.normalizer = template.backend_tokenizer.normalizer
     tok.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(vocab_size=CLIP_BPE_VOCAB, initial_alphabet=_byte_alphabet(), special_tokens=[],
-                                  end_of_word_suffix="</w>", show_progress=False)
+    # The trainer numbers each "x</w>" piece as it first meets it in a (randomly ordered) hash
+    # map, and equal-count merges are ranked by those numbers: given up front as special
+    # tokens, they have fixed numbers and the training is the same in every process.
+    bytes_ = _byte_alphabet()
+    words_end = [b + "</w>" for b in bytes_]
+    trainer = trainers.BpeTrainer(vocab_size=CLIP_BPE_VOCAB + len(words_end), initial_alphabet=bytes_,
+                                  special_tokens=words_end, end_of_word_suffix="</w>", show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
     model = json.loads(tok.to_str())["model"]
     learnt = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-    bytes_ = _byte_alphabet()
-    words_end = [b + "</w>" for b in bytes_]
     order = bytes_ + words_end + [t for t, _ in learnt if t not in set(bytes_) | set(words_end)]
     vocab = {t: i for i, t in enumerate(order)}
     vocab["<|startoftext|>"] = len(vocab)

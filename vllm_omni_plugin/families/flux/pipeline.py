@@ -244,7 +244,9 @@ class FluxKontextStepwise(FluxStepwise):
 
     family = "flux-kontext"
     capabilities = Capabilities(
-        output="image", input_images=(0, 1), fields=FLUX_FIELDS, knobs={"max_area": Knob(int)}
+        output="image", input_images=(0, 1), fields=FLUX_FIELDS,
+        knobs={"max_area": Knob(int, description="About how many pixels the output has (default 1024*1024); "
+                                "its size keeps the aspect of the requested size or the input image.")},
     )
 
     def defaults(self) -> PipelineDefaults:

@@ -21,5 +21,6 @@ FAMILY = Family(
         ),
     ),
     checkpoints={"glm-image": ".checkpoint:build"},
+    device_checkpoints=("glm-image",),
     docs="docs/glm_image.md",
 )

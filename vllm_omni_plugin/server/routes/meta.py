@@ -1,4 +1,5 @@
-"""GET /health (both apps) and GET /v1/models (the diffusion-only app; vLLM's own where vLLM serves the model).
+"""GET /health (both apps); GET /v1/models and GET /load on the diffusion-only app (vLLM's own
+where vLLM serves the model).
 
 /metrics is vLLM's route on vLLM's registry, which the omni metrics join
 (`OmniMetrics.expose_in_vllm_registry`).
@@ -47,3 +48,12 @@ async def health(request: Request):
     if problem is None:
         return Response(status_code=200)
     return error_response(503, problem)
+
+
+@models_router.get("/load")
+async def load(request: Request):
+    """vLLM's `/load` body, `{"server_load": n}`, read by load-aware routers (vllm-router's
+    power_of_two). vLLM counts the HTTP requests in flight on its generation routes; here n is
+    the requests in the diffusion engine (waiting + running), which also counts video jobs
+    whose POST has long been answered -- the work a replica really has."""
+    return json_response({"server_load": runtime(request).bridge.in_flight})

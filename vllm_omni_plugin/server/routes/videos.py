@@ -2,10 +2,11 @@
 
 A video is a job: POST validates and queues it (bad input fails right there,
 with a 4xx), the engine runs it in the background, GET reports status and
-progress, GET .../content streams the mp4 once it is completed. Deleting a
+progress, GET .../content sends the mp4 once it is completed. Deleting a
 job that is still running aborts its engine work and answers once the engine
 has dropped it (at the end of the denoise step it was in), with `status:
-"cancelled"`.
+"cancelled"`. Jobs live in the job store (`job_store.py`), so any replica
+sharing it answers for every job.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from ...request import RequestError
 from ...request.protocol import request_body
@@ -26,9 +27,10 @@ from .common import check_request, json_body, json_response, omni_route, read_fo
 router = APIRouter()
 
 
-def _job(request: Request, video_id: str) -> VideoJob:
+async def _job(request: Request, video_id: str) -> VideoJob:
+    store = runtime(request).videos
     try:
-        return runtime(request).videos.get(video_id)
+        return await store.call(store.get, video_id)
     except VideoNotFound:
         raise OmniHTTPError(404, f"No video found with id {video_id!r}", "video_id") from None
 
@@ -57,8 +59,8 @@ async def create_video(request: Request):
 @router.get("/v1/videos")
 @omni_route("videos.list")
 async def list_videos(request: Request):
-    jobs = sorted(runtime(request).videos.jobs.values(), key=lambda j: j.created_at)
-    data = [j.to_json() for j in jobs]
+    store = runtime(request).videos
+    data = [j.to_json() for j in await store.call(store.list)]
     return json_response(
         {
             "object": "list",
@@ -73,24 +75,25 @@ async def list_videos(request: Request):
 @router.get("/v1/videos/{video_id}")
 @omni_route("videos.retrieve")
 async def retrieve_video(request: Request, video_id: str):
-    return json_response(_job(request, video_id).to_json())
+    return json_response((await _job(request, video_id)).to_json())
 
 
 @router.get("/v1/videos/{video_id}/content")
 @omni_route("videos.content")
 async def video_content(request: Request, video_id: str, variant: str = "video"):
-    job = _job(request, video_id)
+    store = runtime(request).videos
+    job = await _job(request, video_id)
     if variant != "video":
         raise RequestError(f"variant {variant!r} is not available; this server stores the video only", "variant")
     if job.status != "completed":
         raise OmniHTTPError(409, f"video {video_id} is not ready (status {job.status}); poll GET /v1/videos/{video_id}")
-    path = runtime(request).videos.path_for(job.id)
-    if not path.is_file():
+    data = await store.call(store.content, job.id)
+    if data is None:
         raise OmniHTTPError(404, f"the file of video {video_id} is gone (expired or deleted)", "video_id")
-    return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+    return Response(data, media_type="video/mp4", headers={"Content-Disposition": f'attachment; filename="{job.id}.mp4"'})
 
 
 @router.delete("/v1/videos/{video_id}")
 @omni_route("videos.delete")
 async def delete_video(request: Request, video_id: str):
-    return json_response(await delete_job(request, _job(request, video_id)))
+    return json_response(await delete_job(request, await _job(request, video_id)))
