@@ -26,7 +26,9 @@ def _hands_kv_over(vllm_config) -> bool:
 
 
 def _make_replacement(original):
-    from vllm.utils.torch_utils import is_quantized_kv_cache
+    from vllm_omni_plugin.vllm_moves import vllm_symbol
+
+    is_quantized_kv_cache = vllm_symbol("is_quantized_kv_cache")  # moved in vLLM 0.33 (vllm_moves.py)
 
     @functools.wraps(original)
     def _set_isa_to_layers(self, layer_names):
@@ -69,10 +71,8 @@ PATCH = Patch(
     ),
     checked=("0.32.0",),
     signature="(self, layer_names: list[str]) -> None",
-    requires=(
-        "vllm._custom_ops:cpu_attn_reshape_and_cache",
-        "vllm.utils.torch_utils:is_quantized_kv_cache",
-    ),
+    # is_quantized_kv_cache too, through vllm_moves (it moved in 0.33; the moved-symbol contract checks it)
+    requires=("vllm._custom_ops:cpu_attn_reshape_and_cache",),
     make_replacement=_make_replacement,
     platforms=("cpu",),
 )

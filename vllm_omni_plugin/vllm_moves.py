@@ -16,6 +16,8 @@ MOVED: dict[str, tuple[tuple[str, str], ...]] = {
     "validate_parsed_serve_args": (("0.32", "vllm.entrypoints.launchers.cli_args"),
                                    ("0.33", "vllm.entrypoints.common.cli_args")),
     "cli_env_setup": (("0.32", "vllm.entrypoints.serve.utils.api_utils"), ("0.33", "vllm.entrypoints.common.startup")),
+    # patches/cpu_attn_known_kv_layout.py (the CPU build exists as 0.32 only; the contract checks 0.33 too)
+    "is_quantized_kv_cache": (("0.32", "vllm.utils.torch_utils"), ("0.33", "vllm.v1.kv_cache_interface")),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ...registry import identify
+from ....registry import identify
 
 # FLUX AutoEncoder latent normalisation (ae.safetensors carries no config; these
 # are the constants BAGEL's loader passes to the FLUX AutoEncoder).
