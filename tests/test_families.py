@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from vllm_omni_plugin.registry import Family, families, identify, registry
+from vllm_omni_plugin import registry
+from vllm_omni_plugin.registry import Family, families, identify
 
 
 def _write(path, data) -> None:
