@@ -185,10 +185,11 @@ USER = [{"role": "user", "content": "x"}]
 _TINY_PNG = _data_url(png_bytes(Image.new("RGB", (32, 32), (10, 200, 30))))
 CASES = [
     # (path, json body, status, param, message fragment)
-    (GEN, {"prompt": "x", "size": "40x40"}, 400, None, "multiples of 16"),  # the pipeline's own rule
+    # the pipeline's own rules: InvalidParams names the field (request/protocol.py, 400 vs 500)
+    (GEN, {"prompt": "x", "size": "40x40"}, 400, "size", "multiples of 16"),
     (GEN, {"prompt": "x", "cfg_interval": [0.4]}, 400, "cfg_interval", "list of 2 numbers"),
     (GEN, {"prompt": "x", "cfg_text_scale": "high"}, 400, "cfg_text_scale", "must be a number"),
-    (GEN, {"prompt": "x", "cfg_renorm_type": "nope"}, 400, None, "cfg_renorm_type"),
+    (GEN, {"prompt": "x", "cfg_renorm_type": "nope"}, 400, "cfg_renorm_type", "cfg_renorm_type"),
     (GEN, {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "--omni-max-steps"),
     # BAGEL's declaration: its CFG is cfg_text_scale / cfg_img_scale, not these; one input image at most
     (GEN, {"prompt": "x", "guidance_scale": 3.0}, 400, "guidance_scale", "not used by this model"),
