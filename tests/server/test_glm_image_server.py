@@ -46,7 +46,7 @@ def test_generations_and_chat_equal_offline(omni_server, glm_omni):
 def test_a_size_it_cannot_render_is_a_400_naming_the_allowed_sizes(omni_server):
     server = omni_server("glm-image")
     body = {"model": MODEL, "prompt": PROMPT, "size": "250x256"}
-    assert_openai_error(server, "/v1/images/generations", body, 400, None, "multiples of 32 between 256 and 2048")
+    assert_openai_error(server, "/v1/images/generations", body, 400, "size", "multiples of 32 between 256 and 2048")
     # The server keeps serving.
     ok = server.client().images.generate(model=MODEL, prompt=PROMPT, size="256x256", extra_body={"seed": 1})
     assert ok.size == "256x256"
