@@ -50,7 +50,7 @@ def test_sdist_and_wheel_pass_twine_check(dist):
     assert check.returncode == 0 and check.stdout.count("PASSED") == 2, check.stdout + check.stderr
     names = set(zipfile.ZipFile(wheel).namelist())
     # package data and the mapped folders travel in the wheel
-    for needed in ("vllm_omni_plugin/server/playground-page/index.html", "vllm_omni_plugin/stage_configs/bagel.yaml",
+    for needed in ("vllm_omni_plugin/server/playground-page/index.html", "vllm_omni_plugin/families/bagel/stage_config.yaml",
                    "vllm_omni_plugin/patches/__init__.py", "vllm_omni/__init__.py", "vllm_omni_plugin/bench/cli.py"):
         assert needed in names, needed
     meta = zipfile.ZipFile(wheel).read(f"vllm_omni_plugin-{version}.dist-info/entry_points.txt").decode()
