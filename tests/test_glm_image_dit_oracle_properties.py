@@ -21,15 +21,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_glm_image_oracle_properties import prompts  # the same prompt space as the whole-pipeline oracle
 from vllm_omni_plugin.diffusion.params import SamplingParams
 from vllm_omni_plugin.families.glm_image.pipeline import GlmImagePrior, load_glm_image_pipeline
 
 EXAMPLES = 4
 STEPS = 2
-prompts = st.builds(lambda w, q, n: w + q + n,
-                    st.sampled_from(["A sign on a red wall", "a poster", "a shop front"]),
-                    st.sampled_from(["", ' that says "GLM"', " reading \u201c\u667a\u8c31\u201d"]),
-                    st.sampled_from(["", " in Z\u00fcrich", " \u2014 \u041c\u043e\u0441\u043a\u0432\u0430"]))
 
 
 @pytest.fixture(scope="module")
