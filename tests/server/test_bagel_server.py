@@ -36,6 +36,7 @@ from vllm_omni_plugin.diffusion.params import SamplingParams
 
 from .conftest import assert_aborted_and_idle, assert_framework_errors_shaped, assert_openai_error, decoded_md5, pil_md5, png_bytes, striped_image
 from .offline import comparable
+from .openapi_bodies import assert_omni_bodies
 
 pytestmark = pytest.mark.engine
 
@@ -244,6 +245,9 @@ def test_meta_routes_and_still_serving(omni_server):
     (model,) = client.models.list().data
     assert model.id == MODEL and model.model_extra["max_model_len"] == 512
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    # vLLM's OpenAPI document shows the omni bodies, BAGEL's own knobs in them
+    document = requests.get(server.url + "/openapi.json", timeout=30).json()
+    assert_omni_bodies(document, knobs=("cfg_text_scale", "cfg_img_scale", "cfg_interval", "cfg_renorm_type"))
     r = client.images.generate(prompt="still here", size="32x32", extra_body={"seed": 2})
     # omitted steps: --default-sampling-params (3) beat the stage config's dit default (4)
     assert r.model_extra["omni"]["resolved"]["num_inference_steps"] == 3

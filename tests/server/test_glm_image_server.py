@@ -13,11 +13,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+import requests
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
 from .conftest import assert_openai_error, decoded_md5, pil_md5, png_bytes
 from .offline import comparable
+from .openapi_bodies import assert_omni_bodies
 
 pytestmark = pytest.mark.engine
 
@@ -57,6 +59,8 @@ def test_text_answers_are_refused(omni_server):
     # (left out, `modalities` means images here: the family declares no text output)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "modalities": ["text"]}
     assert_openai_error(server, "/v1/chat/completions", body, 400, "modalities", "answers with images, not text")
+    # what it does take is in vLLM's OpenAPI document: the omni bodies, GLM-Image's own field in them
+    assert_omni_bodies(requests.get(server.url + "/openapi.json", timeout=30).json(), knobs=("max_sequence_length",))
 
 
 def test_a_size_beyond_the_ar_stages_context_is_a_400(omni_server):

@@ -24,6 +24,8 @@ from vllm_omni_plugin.server.config import OmniServerConfig
 from vllm_omni_plugin.server.flags import parse_args
 from vllm_omni_plugin.server.launch import build_app
 
+from .openapi_bodies import assert_omni_bodies
+
 pytestmark = pytest.mark.engine
 
 FAULT = "refused after validation"
@@ -81,12 +83,6 @@ def test_pipeline_value_error_is_a_500_with_request_id(checkpoint, caplog):
     assert served.data[0].b64_json and served.model_extra["omni"]["request_id"] != rid
 
 
-OMNI_BODIES = {
-    "/v1/images/generations": {"application/json": "ImageGenerationRequest"},
-    "/v1/images/edits": {"multipart/form-data": "ImageEditForm", "application/json": "ImageEditRequest"},
-    "/v1/videos": {"application/json": "VideoCreateRequest", "multipart/form-data": "VideoCreateForm"},
-    "/v1/chat/completions": {"application/json": "ChatImageRequest"},
-}
 
 
 async def _resolve_faults(args) -> dict[str, object]:
@@ -132,13 +128,7 @@ def test_resolve_bug_is_a_500_declared_refusal_a_400_and_openapi_shows_every_bod
     assert out["served"].status_code == 200 and out["served"].json()["data"][0]["b64_json"]
 
     document = out["openapi"]
-    schemas = document["components"]["schemas"]
-    for path, bodies in OMNI_BODIES.items():
-        body = document["paths"][path]["post"]["requestBody"]
-        assert {kind: c["schema"]["$ref"].rsplit("/", 1)[-1] for kind, c in body["content"].items()} == bodies
-        for name in bodies.values():
-            props = schemas[name]["properties"]
-            assert all(p.get("description") for p in props.values()), name  # every field described
+    schemas = assert_omni_bodies(document)
     generation = schemas["ImageGenerationRequest"]
     assert generation["required"] == ["prompt"] and generation["additionalProperties"] is False
     props = generation["properties"]
