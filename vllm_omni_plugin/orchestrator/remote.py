@@ -54,7 +54,8 @@ class RemoteAR:
 
     errored = False  # per-request failures are 503s; the DiT server itself stays up
 
-    def __init__(self, urls: list[str], model: str, ar_model_dir: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, urls: list[str], model: str, ar_model_dir: str, timeout_s: float = 300.0,
+                 api_key: str | None = None) -> None:
         if not urls:
             raise ValueError("no AR server URL given")
         self.urls = [u.rstrip("/") for u in urls]
@@ -63,13 +64,15 @@ class RemoteAR:
         self.timeout_s = timeout_s
         self._served: dict[str, str] = {}  # AR URL -> the model name its /v1/completions takes (checked)
         self._client: Any = None
+        #: sent to the AR servers (the DiT server's own first --api-key: one key for both stages)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     @property
     def client(self) -> Any:
         import httpx
 
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=5.0))
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=5.0), headers=self._headers)
         return self._client
 
     async def _load(self, url: str) -> float | None:

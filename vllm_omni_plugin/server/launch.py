@@ -113,7 +113,8 @@ async def _serve_dit_stage(args: argparse.Namespace, config: OmniServerConfig) -
         raise ConfigError("--omni-stage dit needs --omni-ar-url http://HOST:PORT[,...] (the AR servers, "
                           "started with `vllm serve MODEL --omni --omni-stage ar`)")
     remote = RemoteAR([u.strip() for u in args.omni_ar_url.split(",") if u.strip()], config.model,
-                      ar_model_path(config.model, stage_pair(config.stage_config)[0]))
+                      ar_model_path(config.model, stage_pair(config.stage_config)[0]),
+                      api_key=(args.api_key or [None])[0])
     await _serve_diffusion(args, config, lambda: OmniRuntime.attach_multistage(config, remote, remote=True))
 
 
