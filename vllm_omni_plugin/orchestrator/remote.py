@@ -109,6 +109,19 @@ class RemoteAR:
         self._served[url] = info["served_model_name"]
         return self._served[url]
 
+    async def check_at_start(self) -> None:
+        """Check every AR server once at start-up, logging what is wrong (a mismatch is also refused
+        on each request to that server; one not up yet is checked on its first request)."""
+        for url in self.urls:
+            try:
+                await self._check(url)
+                logger.info("omni: AR server %s serves this checkpoint's AR stage", url)
+            except StageUnavailable as e:
+                logger.error("omni: %s", e)
+            except Exception as e:  # noqa: BLE001 - not up yet: its first request checks it
+                logger.warning("omni: AR server %s not reachable at start-up (%s); checked on its first request",
+                               url, type(e).__name__)
+
     async def generate(self, prompt: Any, params: Any, request_id: str):
         """The AR prefill of one hand-over on an AR server; yields one output with the pulled KV."""
         import httpx

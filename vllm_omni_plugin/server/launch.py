@@ -84,6 +84,12 @@ async def run_server(args: argparse.Namespace) -> None:
     stage = getattr(args, "omni_stage", None)
     if stage is not None and not config.multi_stage:
         raise ConfigError(f"--omni-stage {stage}: {config.model} has one stage; serve it without --omni-stage")
+    if stage is not None and stage_pair(config.stage_config)[0].connector != "omni_kv":
+        raise ConfigError(f"--omni-stage {stage}: the stages of {config.stage_config.name} hand over through "
+                          f"{stage_pair(config.stage_config)[0].connector!r}, not the KV connector (omni_kv) that "
+                          "crosses hosts; serve it colocated, without --omni-stage")
+    if stage == "ar" and args.omni_ar_url:
+        raise ConfigError("--omni-ar-url is a flag of --omni-stage dit (the AR servers it asks)")
     if stage == "dit":
         await _serve_dit_stage(args, config)
     elif config.multi_stage:
@@ -115,6 +121,7 @@ async def _serve_dit_stage(args: argparse.Namespace, config: OmniServerConfig) -
     remote = RemoteAR([u.strip() for u in args.omni_ar_url.split(",") if u.strip()], config.model,
                       ar_model_path(config.model, stage_pair(config.stage_config)[0]),
                       api_key=(args.api_key or [None])[0])
+    remote.start_check = asyncio.create_task(remote.check_at_start())  # logs a mismatch at start (held: not GC'd)
     await _serve_diffusion(args, config, lambda: OmniRuntime.attach_multistage(config, remote, remote=True))
 
 
