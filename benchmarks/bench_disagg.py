@@ -7,9 +7,9 @@ Three servers of one tiny BAGEL checkpoint (vLLM's CPU build), the same flags: t
 machine by a veth pair (kv/netns.py; root) with `--omni-stage dit --omni-ar-url` here, UCX
 pinned to TCP on the veth. After two warm-up requests on each, the same seeded text2img
 request is sent --requests times, alternating between the two setups; reported: the median
-client-side wall time of each, the median KV hand-over of each (the servers' per-request
-timings: the producer's gather + the store read colocated; + the HTTP round trip's share
-and the NIXL READ disaggregated), and the disaggregated overhead beyond the hand-over, as a
+client-side wall time of each, the medians of the servers' per-request timings (AR prefill, KV hand-over,
+DiT, decode; the hand-over: the producer's gather + the store read colocated, the gather + the
+NIXL READ disaggregated, whose AR prefill holds the HTTP round trip to the AR server), and the disaggregated overhead beyond the hand-over, as a
 % of colocated (target <= 5%). Table last; JSON to $OUT/bench_disagg.json when OUT is set.
 """
 
@@ -32,7 +32,8 @@ import requests
 VLLM = Path(sys.executable).with_name("vllm")
 FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "1024", "--seed", "0",
          "--served-model-name", "tiny-bagel"]
-TIMINGS = re.compile(r"omni request (\S+): ar_prefill ([\d.]+)s, kv hand-over ([\d.]+)s .* total ([\d.]+)s")
+TIMINGS = re.compile(r"omni request (\S+): ar_prefill ([\d.]+)s, kv hand-over ([\d.]+)s \(.*?\), dit ([\d.]+)s, "
+                     r"decode ([\d.]+)s, total ([\d.]+)s")
 
 
 def start(host, model: str, port: int, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -111,17 +112,21 @@ def main() -> None:
     result = {"requests": args.requests, "steps": args.steps, "size": args.size,
               "identical": images["colocated"] == images["disaggregated"] and len(images["colocated"]) == 1}
     for name in urls:
-        handovers = [float(m.group(3)) for m in TIMINGS.finditer(server_log[name].read_text())][2:]
-        result[name] = {"wall_s": statistics.median(wall[name]), "handover_s": statistics.median(handovers)}
+        rows = [m.groups()[1:] for m in TIMINGS.finditer(server_log[name].read_text())][2:]
+        result[name] = {"wall_s": statistics.median(wall[name]),
+                        **{f"{k}_s": statistics.median(float(r[i]) for r in rows)
+                           for i, k in enumerate(("ar_prefill", "handover", "dit", "decode"))}}
     c, d = result["colocated"], result["disaggregated"]
     beyond = (d["wall_s"] - c["wall_s"]) - (d["handover_s"] - c["handover_s"])
     result["overhead_beyond_transfer_pct"] = 100 * beyond / c["wall_s"]
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_disagg.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print("| setup | e2e median s | KV hand-over median s |\n|---|---|---|")
+    print("| setup | e2e s | AR prefill s | KV hand-over s | DiT s | decode s |\n|---|---|---|---|---|---|")
     for name in urls:
-        print(f"| {name} | {result[name]['wall_s']:.3f} | {result[name]['handover_s']:.3f} |")
+        r = result[name]
+        print(f"| {name} | {r['wall_s']:.3f} | {r['ar_prefill_s']:.3f} | {r['handover_s']:.3f} | {r['dit_s']:.3f} "
+              f"| {r['decode_s']:.3f} |")
     print(f"disaggregated beyond the hand-over: {beyond * 1000:+.1f} ms ({result['overhead_beyond_transfer_pct']:+.1f}% "
           f"of colocated); images identical: {result['identical']}")
 
