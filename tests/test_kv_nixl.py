@@ -122,3 +122,34 @@ def test_each_request_gets_its_own_context_and_ack(monkeypatch):
         freed.update(producer.poll())
         time.sleep(0.02)
     assert freed == {rid: "acked" for rid in sizes} and producer.held == []
+
+
+def test_the_servers_producer_acks_a_pull_and_a_late_pull_finds_the_lease_expired(monkeypatch, tmp_path):
+    """`--omni-stage ar`'s LeasedProducer and `--omni-stage dit`'s pull_transferred (loopback, TCP):
+    a pulled context arrives whole and is counted acked; one pulled after its lease is refused
+    with LeaseExpired naming the request, and counted expired (the counters the AR server's
+    /metrics reads)."""
+    import time
+
+    import torch
+
+    from vllm_omni_plugin.kv.nixl import LEASE_STATS, LeasedProducer, LeaseExpired, pull_transferred
+    from vllm_omni_plugin.kv.store import TransferredKV
+
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    stats = tmp_path / LEASE_STATS
+    keys, values = (torch.randn(5, 2, 4), torch.randn(5, 2, 4)), (torch.randn(5, 2, 4), torch.randn(5, 2, 4))
+    producer = LeasedProducer("ar-lease", lease_s=30, stats_path=str(stats), period_s=0.01)
+    handle = json.loads(json.dumps(producer.publish(TransferredKV("r-1", keys, values, {"latent_position": 7}))))
+    got = pull_transferred({"status": "published", "nixl": handle})
+    assert got.request_id == "r-1" and got.metadata["latent_position"] == 7
+    assert all(torch.equal(a, b) for a, b in zip((*got.keys, *got.values), (*keys, *values)))
+    producer.producer.lease_s = 0.2
+    late = json.loads(json.dumps(producer.publish(TransferredKV("r-2", keys, values, {}))))
+    time.sleep(0.5)
+    with pytest.raises(LeaseExpired, match="r-2"):
+        pull_transferred({"status": "published", "nixl": late})
+    deadline = time.monotonic() + 10
+    while json.loads(stats.read_text())["acked"] + json.loads(stats.read_text())["expired"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert json.loads(stats.read_text()) == {"published": 2, "held": 0, "acked": 1, "expired": 1}

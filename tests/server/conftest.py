@@ -103,10 +103,11 @@ class Server:
     proc: subprocess.Popen
     log: Path
     extra: dict = field(default_factory=dict)
+    address: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     def client(self, **kw):
         import openai
@@ -140,9 +141,10 @@ class Server:
 
 
 def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
-                 env: dict[str, str] | None = None, port: int | None = None) -> Server:
+                 env: dict[str, str] | None = None, port: int | None = None, host=None) -> Server:
+    """`host`: a `kv.netns.Host` to run the server in (listening on its address), else this machine."""
     port = port or free_port()
-    log = workdir / f"server-{family}.log"
+    log = workdir / f"server-{family}-{port}.log"
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
             "--default-sampling-params", STAGE_DEFAULTS[family], *extra_args]
     cmd = [str(OMNI_CLI), "serve", *args] if use_omni_cli else [str(VLLM), "serve", *args, "--omni"]
@@ -153,8 +155,13 @@ def start_server(family: str, model: Path | str, workdir: Path, extra_args: list
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
            **(env or {})}
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    server = Server(family, model, port, proc, log)
+        if host is None or host.namespace is None:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        else:  # (the last --host wins)
+            proc = host.popen([*cmd, "--host", host.address], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                              start_new_session=True)  # its own group: a test may kill it with its engine
+    server = Server(family, model, port, proc, log, address="127.0.0.1" if host is None or host.namespace is None
+                    else host.address)
     # A diffusion-only server starts two interpreters (the API server, then its engine process,
     # each importing torch + diffusers): on a loaded 2-core box that has taken more than 240 s.
     started = time.monotonic()

@@ -33,6 +33,7 @@ connector is for single-rank AR stages, as BAGEL's is).
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -114,6 +115,12 @@ class MetadataSource(Protocol):
 _source: "weakref.ReferenceType[MetadataSource] | None" = None
 
 
+# NIXL transport: the worker side publishes in the step that completes a prompt and leaves
+# the handle in the transfer directory, keyed by the engine's request id; the scheduler side
+# (the EngineCore process; the worker may be another) hands it out in request_finished.
+_nixl_producer: Any = None
+
+
 def register_metadata_source(source: MetadataSource) -> None:
     """Make `source` the model this process's connector asks for per-request metadata."""
     global _source
@@ -142,8 +149,12 @@ class OmniKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.get_from_extra_config
-        # transport: "auto" keeps GPU K/V on the GPU (CUDA IPC) and uses files otherwise (store.py).
-        self.store = KVTransferStore(extra("transfer_dir", None), extra("transport", "auto"))
+        # transport: "auto" keeps GPU K/V on the GPU (CUDA IPC) and uses files otherwise (store.py);
+        # "nixl" publishes each context for a consumer on another host (kv/nixl.py, `--omni-stage ar`).
+        transport = extra("transport", "auto")
+        self.nixl = transport == "nixl"
+        self.store = KVTransferStore(extra("transfer_dir", None), "auto" if self.nixl else transport)
+        self._lease_s = float(extra("lease_s", 60.0))
         self._block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
@@ -203,6 +214,15 @@ class OmniKVConnector(KVConnectorBase_V1):
             return False, None
         if not t.saved:
             return False, {PARAMS_KEY: {"status": "not_saved", "reason": "finished before its prompt was prefilled"}}
+        if self.nixl:
+            path = self._handle_path(request.request_id)
+            try:
+                handle = json.loads(path.read_text())
+            except OSError as e:
+                return False, {PARAMS_KEY: {"status": "not_saved", "reason": f"no NIXL handle: {e}"}}
+            path.unlink(missing_ok=True)
+            return False, {PARAMS_KEY: {"status": "published", "request_id": request.request_id,
+                                        "num_tokens": request.num_prompt_tokens, "nixl": handle}}
         report = {
             "status": "saved",
             "request_id": request.request_id,  # the engine's id: the store's key
@@ -254,9 +274,34 @@ class OmniKVConnector(KVConnectorBase_V1):
             facts = source.kv_transfer_metadata(spec) if source is not None else {}
             slots = slot_mapping(spec.block_ids, self._block_size, spec.num_tokens)
             pairs = [gather_kv(cache, layout, head_dim, slots) for _, cache, layout, head_dim in self._layers]
-            self.store.put(TransferredKV(
+            item = TransferredKV(
                 request_id=spec.req_id,
                 keys=tuple(k for k, _ in pairs),
                 values=tuple(v for _, v in pairs),
                 metadata={**facts, "num_tokens": spec.num_tokens, "save_started_unix": started},
-            ))
+            )
+            if self.nixl:
+                handle = self._producer().publish(item)
+                handle["metadata"]["save_seconds"] = time.time() - started
+                path = self._handle_path(spec.req_id)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(handle))
+                tmp.replace(path)  # whole before the step's output reaches the scheduler
+            else:
+                self.store.put(item)
+
+    def _handle_path(self, request_id: str):
+        return self.store.path(request_id).with_suffix(".nixl.json")
+
+    def _producer(self):
+        """This engine process's NIXL producer (made on the first publish)."""
+        global _nixl_producer
+        if _nixl_producer is None:
+            import os
+
+            from .nixl import LEASE_STATS, LeasedProducer
+
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            _nixl_producer = LeasedProducer(f"omni-ar-{os.getpid()}-{time.time_ns()}", self._lease_s,
+                                            str(self.store.root / LEASE_STATS))
+        return _nixl_producer

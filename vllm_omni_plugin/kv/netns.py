@@ -35,7 +35,7 @@ def _ip(*args: str) -> None:
 
 @dataclass(frozen=True)
 class Host:
-    namespace: str
+    namespace: str | None  # None: this machine's own namespace (`veth_host`'s local end)
     device: str
     address: str
 
@@ -45,12 +45,14 @@ class Host:
     def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
         """Start `cmd` inside this host's namespace (UCX pinned to TCP on its veth)."""
         kw.setdefault("env", self.env())
-        return subprocess.Popen(["ip", "netns", "exec", self.namespace, *cmd], **kw)
+        return subprocess.Popen([*self._exec(), *cmd], **kw)
+
+    def _exec(self) -> list[str]:
+        return [] if self.namespace is None else ["ip", "netns", "exec", self.namespace]
 
     def tx_bytes(self) -> int:
         """Bytes this host has sent on its veth."""
-        out = subprocess.run(["ip", "netns", "exec", self.namespace, "cat",
-                              f"/sys/class/net/{self.device}/statistics/tx_bytes"],
+        out = subprocess.run([*self._exec(), "cat", f"/sys/class/net/{self.device}/statistics/tx_bytes"],
                              capture_output=True, text=True, check=True, timeout=30)
         return int(out.stdout)
 
@@ -75,3 +77,25 @@ def veth_hosts(prefix: str = "omni") -> Iterator[tuple[Host, Host]]:
     finally:
         for host in (a, b):  # deleting a namespace deletes its end of the veth, and so the pair
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, timeout=30)
+
+
+@contextmanager
+def veth_host(prefix: str = "omni") -> Iterator[tuple[Host, Host]]:
+    """One other host: namespace `<prefix>-r-<pid>` joined to this machine's own namespace by a
+    veth pair (10.213.8.1 there <-> 10.213.8.2 here), so this process reaches both hosts'
+    servers (127.0.0.1 stays this host's). Yields (the namespace, this host); deleted at the end."""
+    tag = os.getpid() % 100000
+    remote = Host(f"{prefix}-r-{tag}", f"ovr{tag}", "10.213.8.1")
+    local = Host(None, f"ovl{tag}", "10.213.8.2")
+    _ip("netns", "add", remote.namespace)
+    try:
+        _ip("link", "add", local.device, "type", "veth", "peer", "name", remote.device)
+        _ip("link", "set", remote.device, "netns", remote.namespace)
+        _ip("-n", remote.namespace, "addr", "add", f"{remote.address}/30", "dev", remote.device)
+        _ip("-n", remote.namespace, "link", "set", remote.device, "up")
+        _ip("-n", remote.namespace, "link", "set", "lo", "up")
+        _ip("addr", "add", f"{local.address}/30", "dev", local.device)
+        _ip("link", "set", local.device, "up")
+        yield remote, local
+    finally:  # deleting the namespace deletes its end of the veth, and so the pair
+        subprocess.run(["ip", "netns", "del", remote.namespace], capture_output=True, timeout=30)

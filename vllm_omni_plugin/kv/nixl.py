@@ -23,6 +23,8 @@ of one machine as one node and uses shared memory, which is not what they test.
 from __future__ import annotations
 
 import base64
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -58,9 +60,29 @@ def nixl_available() -> str | None:
     return None
 
 
+#: microseconds NIXL's progress thread sleeps between its passes. nixl's Python wrapper (1.5)
+#: sets 0, a thread that spins a core per agent even when idle: on the CPU hosts of the tests
+#: that took 50% of a core per agent from the AR engine and the DiT, and it moved 64 MB no
+#: faster (0.51-0.71 s at 0 vs 0.32-0.36 s at 1000 us, loopback TCP, 2 cores, 2026-12-02).
+PROGRESS_DELAY_US = 1000
+_agent_lock = threading.Lock()
+
+
 def _agent(name: str):
     nixl_agent, nixl_agent_config = _nixl()
-    return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    bind = sys.modules[nixl_agent.__module__].nixlBind
+    base = bind.nixlAgentConfig
+
+    class _Config(base):  # the wrapper's own config, but for the progress thread's delay
+        pthrDelay = property(base.pthrDelay.__get__,
+                             lambda self, us: base.pthrDelay.__set__(self, max(us, PROGRESS_DELAY_US)))
+
+    with _agent_lock:  # the wrapper builds its config from `nixlBind.nixlAgentConfig`
+        bind.nixlAgentConfig = _Config
+        try:
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        finally:
+            bind.nixlAgentConfig = base
 
 
 def _pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -203,3 +225,98 @@ class NixlConsumer:
             return _unpack(buf, handle["layout"]), handle["metadata"]
         finally:
             self.agent.deregister_memory(reg)
+
+
+# ---------------------------------------------------------------- the AR / DiT servers' side
+# `vllm serve MODEL --omni --omni-stage ar`: OmniKVConnector (transport "nixl") publishes each
+# opted-in request's TransferredKV through one `LeasedProducer` of its engine process, and its
+# request output's kv_transfer_params carry the handle; the DiT server's `pull_transferred`
+# turns that report back into the TransferredKV the colocated path reads from its store.
+
+#: the file (in the connector's transfer_dir) where the producer keeps its lease counters for
+#: the AR server's /metrics (the engine process writes it, the API server process reads it)
+LEASE_STATS = "nixl-leases.json"
+
+
+class LeaseExpired(NixlTransferError):
+    """The producer's lease on a published context ran out before the consumer pulled it."""
+
+
+class LeasedProducer:
+    """A NixlProducer shared by the engine's threads: publishes, and frees on ack or lease expiry
+    from a background thread (the engine may be idle while a lease runs out)."""
+
+    def __init__(self, name: str, lease_s: float, stats_path: str | None = None, period_s: float = 0.05) -> None:
+        import json
+        import threading
+
+        self._json = json
+        self.producer = NixlProducer(name, lease_s=lease_s)
+        self.lock = threading.Lock()
+        self.freed = {"acked": 0, "expired": 0}
+        self.published = 0
+        self.stats_path = stats_path
+        self._period = period_s
+        self._write_stats()
+        threading.Thread(target=self._poll_forever, name="omni-nixl-lease", daemon=True).start()
+
+    def publish(self, item: Any) -> dict[str, Any]:
+        """Publish one TransferredKV (kv/store.py); the handle, with the lease's end (unix time)."""
+        tensors = {f"k.{i}": k for i, k in enumerate(item.keys)}
+        tensors.update({f"v.{i}": v for i, v in enumerate(item.values)})
+        with self.lock:
+            handle = self.producer.publish(item.request_id, tensors, item.metadata)
+            self.published += 1
+        handle["expires_unix"] = time.time() + self.producer.lease_s
+        handle["num_layers"] = len(item.keys)
+        self._write_stats()
+        return handle
+
+    def _poll_forever(self) -> None:
+        while True:
+            time.sleep(self._period)
+            with self.lock:
+                freed = self.producer.poll()
+            if freed:
+                for why in freed.values():
+                    self.freed[why] += 1
+                self._write_stats()
+
+    def _write_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        import os
+
+        tmp = f"{self.stats_path}.tmp"
+        with open(tmp, "w") as f:
+            self._json.dump({"published": self.published, "held": len(self.producer.held), **self.freed}, f)
+        os.replace(tmp, self.stats_path)
+
+
+_consumer: NixlConsumer | None = None
+
+
+def pull_transferred(report: dict[str, Any], timeout_s: float = 60.0):
+    """The DiT server's read of a published context: the TransferredKV (kv/store.py) its handle names.
+
+    Raises:
+        LeaseExpired: the lease ended before the pull (the producer freed the context).
+        NixlTransferError: the READ failed or took longer than `timeout_s`.
+    """
+    import os
+
+    from .store import TransferredKV
+
+    global _consumer
+    handle = report["nixl"]
+    if time.time() >= handle["expires_unix"]:
+        raise LeaseExpired(f"the KV of request {handle['request_id']} published by {handle['agent']} expired "
+                           "(its lease ended) before this server pulled it; raise --omni-kv-lease on the AR server")
+    if _consumer is None:
+        _consumer = NixlConsumer(f"omni-dit-{os.getpid()}-{time.time_ns()}", timeout_s=timeout_s)
+    started = time.perf_counter()
+    tensors, metadata = _consumer.pull(handle)
+    metadata = {**metadata, "pull_seconds": time.perf_counter() - started}
+    layers = handle["num_layers"]
+    return TransferredKV(handle["request_id"], tuple(tensors[f"k.{i}"] for i in range(layers)),
+                         tuple(tensors[f"v.{i}"] for i in range(layers)), metadata)

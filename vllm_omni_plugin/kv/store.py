@@ -206,6 +206,8 @@ def take_transferred(kv_transfer_params: dict[str, Any] | None) -> TransferredKV
     keep it unique), which is the key the file was written under.
     """
     report = (kv_transfer_params or {}).get(PARAMS_KEY)
+    if report and report.get("status") == "pulled":  # pulled from another host over NIXL (`--omni-stage dit`)
+        return report["transferred"]
     if not report or report.get("status") != "saved":
         raise KeyError(f"no saved KV transfer in kv_transfer_params={kv_transfer_params!r}")
     return take_file(report["path"], report["request_id"])

@@ -200,7 +200,8 @@ class StageOrchestrator(ABC):
 
         #: the dtype each stage runs in (stage_dtype.py); the AR one as its engine reports it when attached
         self.stage_dtypes = {
-            self.ar.id: dtype_name(llm.vllm_config.model_config.dtype) if llm is not None else self._ar_args["dtype"],
+            self.ar.id: dtype_name(llm.vllm_config.model_config.dtype) if hasattr(llm, "vllm_config")
+            else self._ar_args["dtype"],
             self.dit.id: model_dtype(dtype, config.dtype, torch.device(device).type),
         }
         logger.info("omni: %s stage dtypes: %s", config.name,
@@ -240,6 +241,17 @@ class StageOrchestrator(ABC):
         self = cls(model, config, llm=llm, owns_llm=False, **kwargs)
         self.loop.start()
         return self
+
+    @classmethod
+    def attach_remote(cls, model: str, config: StageConfig, remote: Any, **kwargs: Any) -> "StageOrchestrator":
+        """Around the AR servers of `--omni-stage dit` (orchestrator/remote.py: `RemoteAR`); its engine
+        loop starts with `start()`, on the server's event loop."""
+        return cls(model, config, llm=remote, owns_llm=False, **kwargs)
+
+    def start(self) -> None:
+        """Start the DiT stage's engine loop if it is not running (call inside the running event loop)."""
+        if not self.loop.alive:
+            self.loop.start()
 
     # ---- the AR stage's health -------------------------------------------------------
     @property

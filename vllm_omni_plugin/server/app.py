@@ -110,7 +110,7 @@ class MultiStage:
         return self.orchestrator.health()
 
     async def start(self) -> None:
-        pass  # the orchestrator started its DiT engine when it was attached
+        self.orchestrator.start()  # (attached to vLLM's engine client: started then)
 
     async def stop(self) -> None:
         await self.orchestrator.shutdown()  # the AR engine is vLLM's to stop
@@ -186,15 +186,19 @@ class OmniRuntime:
         return cls._assemble(config, client.info, client.resolve, InlineDiffusion(client), videos)
 
     @classmethod
-    def attach_multistage(cls, config: OmniServerConfig, engine_client: Any) -> "OmniRuntime":
+    def attach_multistage(cls, config: OmniServerConfig, engine_client: Any, *, remote: bool = False) -> "OmniRuntime":
         """A multi-stage runtime around vLLM's AR engine client; call on the server's event loop.
-        Which orchestrator runs it is the family's declaration (`orchestrator_for`)."""
+        Which orchestrator runs it is the family's declaration (`orchestrator_for`).
+
+        `remote`: the engine client is the AR servers of `--omni-stage dit` (orchestrator/remote.py);
+        the orchestrator's engine loop is started by `start()`, on the server's loop."""
         from ..orchestrator import orchestrator_for
 
         videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
-        orchestrator = orchestrator_cls.attach(config.model, config.stage_config, engine_client,
-                                               dtype=config.dtype, max_queue=config.max_queue)
+        attach = orchestrator_cls.attach_remote if remote else orchestrator_cls.attach
+        orchestrator = attach(config.model, config.stage_config, engine_client,
+                              dtype=config.dtype, max_queue=config.max_queue)
         engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
         return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
                              MultiStage(orchestrator, config.max_queue), videos)

@@ -86,6 +86,17 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")
     group.add_argument("--omni-dit-quantization", choices=["fp8"], default=None,
                        help="fp8: torchao float8 DiT linear layers (CUDA, compute capability >= 8.9).")
+    group.add_argument("--omni-stage", choices=["ar", "dit"], default=None,
+                       help="Multi-stage models on separate hosts (docs/server.md): `ar` serves the AR stage alone "
+                       "(vLLM's OpenAI server; its KV connector publishes each image request's prompt KV over NIXL "
+                       "and returns the handle in kv_transfer_params); `dit` serves the image routes and pulls the "
+                       "KV from the AR servers of --omni-ar-url. Default: both stages in this server.")
+    group.add_argument("--omni-ar-url", default=None,
+                       help="--omni-stage dit: the AR servers, comma-separated (http://HOST:PORT,...); each request "
+                       "goes to the least loaded (vLLM's /load) that answers.")
+    group.add_argument("--omni-kv-lease", type=float, default=60.0,
+                       help="--omni-stage ar: seconds a published KV context waits for its DiT server's pull before "
+                       "it is freed (freed on the pull's acknowledgement otherwise).")
     # choices = acceleration.COMPILE_MODES, not imported: this module stays free of torch
     group.add_argument("--omni-dit-compile", choices=["regional"], default=None,
                        help="regional: torch.compile the DiT's repeated blocks.")

@@ -69,13 +69,30 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
     generation = {_GENERATION_CONFIG_KEYS[k]: v for k, v in defaults.items() if k in _GENERATION_CONFIG_KEYS}
     explicit = config.ar_engine_args.get("override_generation_config") or {}
     out["override_generation_config"] = {**generation, **explicit}
+    if getattr(args, "omni_stage", None) == "ar":  # the AR stage alone: its KV leaves over NIXL
+        kv = dict(out["kv_transfer_config"])
+        kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transport": "nixl",
+                                           "lease_s": float(args.omni_kv_lease)}
+        out["kv_transfer_config"] = kv
+        out["enable_server_load_tracking"] = True  # vLLM's /load: what a DiT server balances on
     return out
 
 
 async def run_server(args: argparse.Namespace) -> None:
     """Serve `args.model` until the server shuts down (the checkpoint decides which server, above)."""
     config = OmniServerConfig.from_args(args)
-    if config.multi_stage:
+    stage = getattr(args, "omni_stage", None)
+    if stage is not None and not config.multi_stage:
+        raise ConfigError(f"--omni-stage {stage}: {config.model} has one stage; serve it without --omni-stage")
+    if stage is not None and stage_pair(config.stage_config)[0].connector != "omni_kv":
+        raise ConfigError(f"--omni-stage {stage}: the stages of {config.stage_config.name} hand over through "
+                          f"{stage_pair(config.stage_config)[0].connector!r}, not the KV connector (omni_kv) that "
+                          "crosses hosts; serve it colocated, without --omni-stage")
+    if stage == "ar" and args.omni_ar_url:
+        raise ConfigError("--omni-ar-url is a flag of --omni-stage dit (the AR servers it asks)")
+    if stage == "dit":
+        await _serve_dit_stage(args, config)
+    elif config.multi_stage:
         await _serve_on_vllm(args, config)
     else:
         await _serve_diffusion(args, config)
@@ -93,9 +110,24 @@ async def _serve_on_vllm(args: argparse.Namespace, config: OmniServerConfig) -> 
     await vllm_run_server(args)
 
 
-async def _serve_diffusion(args: argparse.Namespace, config: OmniServerConfig) -> None:
+async def _serve_dit_stage(args: argparse.Namespace, config: OmniServerConfig) -> None:
+    """`--omni-stage dit`: the image routes on the diffusion-only app, the AR stage on the servers
+    of --omni-ar-url (orchestrator/remote.py)."""
+    from ..orchestrator.remote import RemoteAR
+
+    if not args.omni_ar_url:
+        raise ConfigError("--omni-stage dit needs --omni-ar-url http://HOST:PORT[,...] (the AR servers, "
+                          "started with `vllm serve MODEL --omni --omni-stage ar`)")
+    remote = RemoteAR([u.strip() for u in args.omni_ar_url.split(",") if u.strip()], config.model,
+                      ar_model_path(config.model, stage_pair(config.stage_config)[0]),
+                      api_key=(args.api_key or [None])[0])
+    remote.start_check = asyncio.create_task(remote.check_at_start())  # logs a mismatch at start (held: not GC'd)
+    await _serve_diffusion(args, config, lambda: OmniRuntime.attach_multistage(config, remote, remote=True))
+
+
+async def _serve_diffusion(args: argparse.Namespace, config: OmniServerConfig, load: Any = None) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
-    runtime = await asyncio.to_thread(OmniRuntime.load, config)
+    runtime = await asyncio.to_thread(load or (lambda: OmniRuntime.load(config)))
     app = build_app(args, runtime)
     for plugin in app.state.endpoint_plugins:  # vLLM's phase B, as init_app_state runs it
         await plugin.init_state(None, app.state, args)
@@ -143,6 +175,8 @@ def build_app(args: argparse.Namespace, runtime: OmniRuntime) -> FastAPI:
     app.state.args = args
     # vLLM's serve_http looks for one; a diffusion-only server has no vLLM engine
     app.state.engine_client = None
+    # --omni-stage dit: text is served by the AR servers (routes/chat.py names them in its 400)
+    app.state.omni_text_at = args.omni_ar_url if getattr(args, "omni_stage", None) == "dit" else None
     attach_metrics_router(app)  # vLLM's /metrics on vLLM's registry (the omni metrics join it)
     plugin = OmniEndpointPlugin(runtime)
     plugin.attach_router(app)

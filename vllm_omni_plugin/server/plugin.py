@@ -135,6 +135,13 @@ class OmniEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         """Add the omni routes to `app` (vLLM's, or the diffusion-only one)."""
+        args = omni_args(app.state.args)
+        if args.omni_stage == "ar":  # the AR stage alone: vLLM's routes, the stage's info (server/ar_stage.py)
+            from . import ar_stage
+
+            ar_stage.attach(app, app.state.args, args.model)
+            self.active = False
+            return
         if not self.active:
             self.active = _is_multistage(omni_args(app.state.args))
             if not self.active:

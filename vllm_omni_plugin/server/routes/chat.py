@@ -86,6 +86,11 @@ async def _omni_chat(request: Request):
     check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
         if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
+            if getattr(request.app.state, "omni_text_at", None):  # --omni-stage dit
+                raise RequestError(f"this server runs {runtime(request).model_name}'s DiT stage only "
+                                   f"(--omni-stage dit): send text chat to its AR server "
+                                   f"({request.app.state.omni_text_at}), or send modalities [\"image\"]",
+                                   "modalities")
             raise RequestError(f"{runtime(request).model_name} answers with images, not text (it makes images only): "
                                'omit `modalities` or send ["image"]', "modalities")
         field = _image_only_fields(request, body)[0]

@@ -1,0 +1,72 @@
+"""`vllm serve MODEL --omni --omni-stage ar`: what the omni plugin adds to vLLM's server of the AR stage alone.
+
+vLLM's routes answer everything (text as in plain `vllm serve`; a DiT server's hand-overs
+are /v1/completions requests with kv_transfer_params). Added here:
+
+* GET /omni/stage: what this server is (`{"stage": "ar", "model", "served_model_name",
+  "fingerprint"}`), which a DiT server checks before its first request
+  (orchestrator/remote.py);
+* on /metrics, the NIXL producer's leases (`omni_kv_published_total`,
+  `omni_kv_freed_total{reason="acked"|"expired"}`, `omni_kv_held`), read from the
+  file the engine process's connector keeps (kv/nixl.py: LEASE_STATS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+
+from ..kv.nixl import LEASE_STATS
+from ..orchestrator.remote import STAGE_ROUTE, checkpoint_fingerprint
+
+router = APIRouter()
+
+
+@router.get(STAGE_ROUTE)
+async def stage_info(request: Request) -> dict[str, Any]:
+    return request.app.state.omni_ar_stage
+
+
+class _LeaseCollector:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            stats = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            stats = {}
+        published = CounterMetricFamily("omni_kv_published", "KV contexts published over NIXL for DiT servers")
+        published.add_metric([], stats.get("published", 0))
+        freed = CounterMetricFamily("omni_kv_freed", "Published KV contexts freed: acked by the DiT server's "
+                                    "pull, or expired (the lease ended first)", labels=["reason"])
+        for reason in ("acked", "expired"):
+            freed.add_metric([reason], stats.get(reason, 0))
+        held = GaugeMetricFamily("omni_kv_held", "Published KV contexts waiting for their pull")
+        held.add_metric([], stats.get("held", 0))
+        return [published, freed, held]
+
+
+_collector: Any = None
+
+
+def attach(app: FastAPI, args: argparse.Namespace, model: str) -> None:
+    """Add the AR stage's route and lease metrics to vLLM's app (`args`: the serve args launch.py set)."""
+    global _collector
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    names = list(getattr(args, "served_model_name", None) or [args.model])
+    app.state.omni_ar_stage = {"stage": "ar", "model": model, "served_model_name": names[0],
+                               "fingerprint": checkpoint_fingerprint(args.model)}
+    app.include_router(router)
+    kv = getattr(args, "kv_transfer_config", None) or {}
+    extra = (kv.get("kv_connector_extra_config") if isinstance(kv, dict) else kv.kv_connector_extra_config) or {}
+    if extra.get("transfer_dir") and _collector is None:
+        _collector = _LeaseCollector(Path(extra["transfer_dir"]) / LEASE_STATS)
+        get_prometheus_registry().register(_collector)
