@@ -37,7 +37,12 @@ README's text2img settings use cfg_img_scale=1.0, which is what we do.)
 
 Batching: rows of any number of requests and CFG branches with the same image
 size share one forward; contexts of different lengths are right-padded and
-masked.
+masked (docs/bagel.md, "DiT step"). `batch_cfg=False` (dit_options
+`cfg_batch: false`) runs one forward per CFG branch instead (the requests of a
+branch still share it). The step itself keeps the host out of the loop: flow
+times live as Python floats and on the device, the marker embeddings and the
+padded context of a batch are built once, so nothing in a step reads a device
+value back (`.item()`, `nonzero`).
 """
 
 from __future__ import annotations
@@ -132,16 +137,36 @@ class BagelStepwise(StepwisePipeline):
                  stage_input_required: bool = False) -> None:
         # No diffusers scheduler to copy: each state carries its own flow-time table.
         super(StepwisePipeline, self).__init__(_Components(model), model_id or str(model.path))
-        self.batch_cfg = batch_cfg  # branches of all states always share the forward; kept for the engine's API
+        #: True: every CFG branch of every state in one forward; False: one forward per branch
+        self.batch_cfg = batch_cfg
         self.model = model
         self.decoder = MoTDecoder(model)
         self.vae = FluxAutoEncoder(model)
+        with torch.no_grad():  # [<|vision_start|>, <|vision_end|>] embeddings, the same in every step
+            self._markers = model.embed_tokens(torch.tensor([model.token_id("<|vision_start|>"),
+                                                             model.token_id("<|vision_end|>")], device=model.device))
+        #: the padded context of the last batch layout (reused while the batch stays the same)
+        self._layout: tuple[Any, tuple[Any, ...]] | None = None
         #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
         self.stage_input_required = stage_input_required
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def apply_dit_options(self, options: Any) -> None:
+        """The DiT options that apply to BAGEL (diffusion/acceleration.py `DitOptions`): `cfg_batch`, `compile`.
+
+        compile="regional": one torch.compile'd MoT decoder layer, shared by every layer.
+        """
+        if options.quantization is not None or options.parallel.world_size > 1:
+            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch and compile; "
+                             "quantization and CFG / sequence parallelism are not implemented for it")
+        self.batch_cfg = options.cfg_batch
+        if options.compile is not None:
+            # Dynamic token counts from the start: the rows (CFG on / off, concurrent requests) and
+            # the image size change between steps and requests without recompiling (MoTDecoder).
+            self.decoder.compile_layers()
 
     # ---- parameters -------------------------------------------------------------
     def defaults(self) -> PipelineDefaults:
@@ -225,7 +250,8 @@ class BagelStepwise(StepwisePipeline):
                 timesteps=sigmas[:-1],
                 cfg=cfg,
                 generator=generator,
-                extras={"branches": branches, "sigmas": sigmas, "pos_ids": m.latent_position_ids(params.height, params.width)},
+                extras={"branches": branches, "sigmas": sigmas.tolist(), "sigmas_dev": sigmas.to(self.device),
+                        "pos_ids": m.latent_position_ids(params.height, params.width)},
                 tokens_per_row=n_tok + 2 + max(b.num_tokens for b in branches.values()),
             )
 
@@ -233,8 +259,13 @@ class BagelStepwise(StepwisePipeline):
     def batch_key(self, state: DiffusionState) -> Any:
         return (self.model_id, state.params.height, state.params.width)
 
+    @staticmethod
+    def _t(state: DiffusionState) -> float:
+        """The state's current flow time, host-side (no device read)."""
+        return state.extras["sigmas"][state.step_index]
+
     def _needed(self, state: DiffusionState) -> list[str]:
-        text, img = state.cfg.scales_at(float(state.current_timestep))
+        text, img = state.cfg.scales_at(self._t(state))
         if text <= 1:
             return ["cond"]
         return ["cond", "cfg_text"] + (["cfg_img"] if img > 1 else [])
@@ -242,33 +273,51 @@ class BagelStepwise(StepwisePipeline):
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         with torch.no_grad():
             blocks = [(s, name) for s in states for name in self._needed(s)]
-            outs = self._forward(blocks)
+            if self.batch_cfg:
+                outs = self._forward(blocks)
+            else:  # one forward per branch, in block order
+                names = list(dict.fromkeys(n for _, n in blocks))
+                per = {n: iter(self._forward([b for b in blocks if b[1] == n])) for n in names}
+                outs = [next(per[n]) for _, n in blocks]
             by_block = dict(zip([(id(s), n) for s, n in blocks], outs))
             return [self._combine(s, {n: by_block[(id(s), n)] for n in self._needed(s)}) for s in states]
 
     def _forward(self, blocks: list[tuple[DiffusionState, str]]) -> list[torch.Tensor]:
         """One MoT forward over every row of every (state, branch) block; velocities per block."""
-        m, c = self.model, self.model.config
-        rows = [(s, s.extras["branches"][name]) for s, name in blocks for _ in range(s.rows)]
+        m = self.model
         latents = torch.cat([s.latents for s, _ in blocks])
-        t = torch.cat([s.current_timestep.expand(s.rows) for s, _ in blocks]).to(self.device)
+        t = torch.cat([s.extras["sigmas_dev"][s.step_index].expand(s.rows) for s, _ in blocks])
         n_lat = latents.shape[1]
         x = m.latent_embed(latents, t, blocks[0][0].extras["pos_ids"])
-        markers = m.embed_tokens(torch.tensor([m.token_id("<|vision_start|>"), m.token_id("<|vision_end|>")], device=self.device))
-        r = len(rows)
+        r = len(x)
+        markers = self._markers
         x = torch.cat([markers[:1].expand(r, 1, -1), x, markers[1:].expand(r, 1, -1)], dim=1)
-        positions = torch.tensor([b.latent_position for _, b in rows], device=self.device)[:, None].expand(r, n_lat + 2)
-        past, mask = _stack_context([b for _, b in rows], n_lat + 2, c.layers)
-        hidden, _ = self.decoder.forward(x, Route.image_block(n_lat, self.device), positions, past, mask)
+        route, positions, past, mask = self._batch_layout(blocks, n_lat)
+        hidden, _ = self.decoder.forward(x, route, positions, past, mask)
         v = m.latent_out(hidden[:, 1:-1]).float()
         return list(v.split([s.rows for s, _ in blocks]))
+
+    def _batch_layout(self, blocks: list[tuple[DiffusionState, str]], n_lat: int) -> tuple[Any, ...]:
+        """(route, RoPE positions, padded per-layer context KV, mask) of these blocks' rows.
+
+        Built on the host once per batch layout (which requests, which branches) and reused by the
+        following steps while it stays the same: restacking every layer's context KV each step would
+        copy all of it again."""
+        key = (n_lat, [(s, name, s.rows) for s, name in blocks])  # the states themselves: by identity
+        if self._layout is None or not _same_layout(self._layout[0], key):
+            self._layout = None  # the previous layout's padded copy is freed before this one is built
+            rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
+            positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
+            past, mask = _stack_context(rows, n_lat + 2, self.model.config.layers)
+            self._layout = (key, (Route.vae_block(), positions, past, mask))
+        return self._layout[1]
 
     def _combine(self, state: DiffusionState, v: dict[str, torch.Tensor]) -> torch.Tensor:
         cond = v["cond"]
         if "cfg_text" not in v:
             return cond
         cfg: BagelCfg = state.cfg
-        text_scale, img_scale = cfg.scales_at(float(state.current_timestep))
+        text_scale, img_scale = cfg.scales_at(self._t(state))
         # text2img with an image scale would use the cond context as the image-free one
         image_free = v.get("cfg_img", cond)
         guided = v["cfg_text"] + text_scale * (cond - v["cfg_text"])
@@ -282,12 +331,14 @@ class BagelStepwise(StepwisePipeline):
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         for s, v in zip(states, preds):
-            sig = s.extras["sigmas"]
-            s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1]).item()
+            sig = s.extras["sigmas"]  # Python floats: no device read
+            s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1])
             s.step_index += 1
 
     # ---- decode ---------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:
+        if self._layout is not None and any(s is state for s, _, _ in self._layout[0][1]):
+            self._layout = None  # a finished request's context is not kept alive by the layout cache
         p = state.params
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
@@ -299,6 +350,11 @@ class BagelStepwise(StepwisePipeline):
         from PIL import Image
 
         return DiffusionOutput(state.request_id, "image", p, images=[Image.fromarray(a) for a in pixels])
+
+
+def _same_layout(a: tuple[int, list], b: tuple[int, list]) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
 
 
 def _renorm_scale(cond: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...], minimum: float) -> torch.Tensor:
