@@ -52,9 +52,12 @@ REQUESTS = {
 }
 
 
+@pytest.mark.parametrize("mode", ["padded", "per_row"])
 @pytest.mark.parametrize("case", list(REQUESTS))
-def test_batched_branches_equal_one_forward_per_branch(pipe, case):
-    """Every step's velocity of the one batched forward == one forward per (request, branch) block."""
+def test_batched_branches_equal_one_forward_per_branch(pipe, case, mode):
+    """Every step's velocity of the one batched forward == one forward per (request, branch) block,
+    with the rows' contexts padded + masked or attended row by row."""
+    pipe.attention_mode = mode
     requests = {rid: dataclasses.replace(p, num_inference_steps=STEPS, extra={"timestep_shift": 1.0})
                 for rid, p in REQUESTS[case].items()}
     states = _states(pipe, requests)
@@ -73,10 +76,21 @@ def test_batched_branches_equal_one_forward_per_branch(pipe, case):
             worst = max(worst, (v - single).abs().max().item(), (w - single).abs().max().item())
         forwards.append(sum(len(pipe._needed(s)) for s in states))
         pipe.scheduler_step(states, batched)
-    pipe.batch_cfg = True
+    pipe.batch_cfg, pipe.attention_mode = True, "auto"
     assert worst <= 1e-5, worst
     assert max(forwards) > len(states)  # CFG ran (several branches per state) ...
     assert min(forwards) == len(states)  # ... and was off on the last steps
+
+
+def test_auto_attention_mode_pads_similar_lengths_only(pipe):
+    """text2img (prompt vs empty context, beside the image tokens): padded; img2img (image + prompt
+    vs prompt only): row by row."""
+    def mode(case: str) -> str:
+        states = _states(pipe, REQUESTS[case])
+        rows = [b for s in states for b in s.extras["branches"].values()]
+        return pipe._attention_mode(rows, states[0].latents.shape[1] + 2)
+
+    assert (mode("t2i"), mode("i2i")) == ("padded", "per_row")
 
 
 def test_cfg_batch_option_and_engine_batches_requests(pipe):
@@ -174,3 +188,31 @@ def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe):
         assert (ours.latents - ref.latents).abs().max().item() <= 1e-5
     assert rows == [2, 2, 1, 2, 2, 1]
     assert worst <= 1e-5, worst
+
+
+def test_benchmark_smoke(ckpt, capsys, tmp_path, monkeypatch):
+    """benchmarks/bench_bagel_dit.py at tiny size: the batched latents agree with the per-branch ones,
+    the reference runs, the table comes last. (The compiled variant and --attention are left out:
+    their first compiles cost tens of seconds on this CPU; the compile test above covers the former.)"""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bagel_dit.py"
+    spec = importlib.util.spec_from_file_location("bench_bagel_dit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", "per-branch", "batched",
+                           "--reference-steps", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "bench_bagel_dit.json").read_text())
+    assert [(r["size"], r["concurrent"]) for r in results["runs"]] == [(32, 2)]
+    for row in results["runs"]:
+        assert row["batched"]["max_abs_latents_vs_first"] <= 1e-5 and row["batched"]["s_per_step"] > 0
+    assert results["reference"]["s_per_step"] > 0
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-2].startswith("| 32^2, 3 steps, 2 concurrent") and table[-1].startswith("| reference")

@@ -77,6 +77,9 @@ BAGEL_DEFAULTS: Mapping[str, Any] = {
     "cfg_renorm_min": 0.0,
 }
 RENORM_TYPES = ("global", "channel", "text_channel")
+#: attention_mode "auto": padding may add this fraction to the keys a batch attends to before the
+#: rows attend one by one instead (measured on CPU: docs/bagel.md, "The DiT step")
+PADDING_WASTE = 0.25
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,10 @@ class BagelStepwise(StepwisePipeline):
                                                              model.token_id("<|vision_end|>")], device=model.device))
         #: the padded context of the last batch layout (reused while the batch stays the same)
         self._layout: tuple[Any, tuple[Any, ...]] | None = None
+        #: how a batched forward attends to contexts of different lengths: "padded" (right-padded +
+        #: boolean mask, one SDPA), "per_row" (one SDPA per row over its own context), or "auto":
+        #: padded unless padding adds more than PADDING_WASTE to the attended keys (docs/bagel.md)
+        self.attention_mode = "auto"
         #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
         self.stage_input_required = stage_input_required
 
@@ -308,9 +315,20 @@ class BagelStepwise(StepwisePipeline):
             self._layout = None  # the previous layout's padded copy is freed before this one is built
             rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
             positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
-            past, mask = _stack_context(rows, n_lat + 2, self.model.config.layers)
+            layers = self.model.config.layers
+            if self._attention_mode(rows, n_lat + 2) == "per_row":  # each row's own KV: nothing copied
+                past, mask = [[(b.keys[i], b.values[i]) for b in rows] for i in range(layers)], None
+            else:
+                past, mask = _stack_context(rows, n_lat + 2, layers)
             self._layout = (key, (Route.vae_block(), positions, past, mask))
         return self._layout[1]
+
+    def _attention_mode(self, rows: list[BranchKV], n_query: int) -> str:
+        if self.attention_mode != "auto":
+            return self.attention_mode
+        lengths = [b.num_tokens for b in rows]
+        padded, exact = len(rows) * (max(lengths) + n_query), sum(lengths) + len(rows) * n_query
+        return "per_row" if padded > (1 + PADDING_WASTE) * exact else "padded"
 
     def _combine(self, state: DiffusionState, v: dict[str, torch.Tensor]) -> torch.Tensor:
         cond = v["cond"]

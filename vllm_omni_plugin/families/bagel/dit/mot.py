@@ -16,7 +16,7 @@ and values, as in BagelContext) followed by the query tokens themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -148,14 +148,17 @@ class MoTDecoder:
         x: torch.Tensor,
         route: Route,
         positions: torch.Tensor,
-        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        past: list[Any] | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run query tokens x (B, N, hidden) through every layer.
 
         positions: RoPE positions, (N,) or (B, N). past[i]: layer i's cached
-        (K, V), each (B, T, kv_heads, head_dim). attn_mask: bool (B, 1, N, T+N),
-        True = may attend; None = every query token sees everything.
+        context, either (K, V) each (B, T, kv_heads, head_dim) -- rows padded to
+        one length, attn_mask hiding the padding -- or a list of B per-row
+        (K_r, V_r), each (T_r, kv_heads, head_dim): one attention per row over
+        its own context, no padding (`attention_per_row`). attn_mask: bool
+        (B, 1, N, T+N), True = may attend; None = every query token sees everything.
         Returns the final-normed hidden states and each layer's new (K, V) of
         the query tokens (post-norm, post-RoPE: the cache layout).
         """
@@ -180,8 +183,13 @@ class MoTDecoder:
                    for e, xe, ce, se in zip(experts, xs, coss, sins)]
             q, k, v = (rows([t[j] for t in qkv]) for j in range(3))
             new_kv.append((k, v))
-            keys, values = (k, v) if past is None else (torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1))
-            attn = flat(attention(q, keys, values, attn_mask))
+            if past is None:
+                attn = attention(q, k, v, attn_mask)
+            elif isinstance(past[i], list):
+                attn = attention_per_row(q, k, v, past[i])
+            else:
+                attn = attention(q, torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1), attn_mask)
+            attn = flat(attn)
             xs = [self.post_fn(self.expert_weights(i, e), xe, ae, c.rms_eps) for e, xe, ae in zip(experts, xs, attn)]
         out = rows([self.final_norm(xe, e) for e, xe in zip(experts, xs)])
         return out, new_kv
@@ -235,3 +243,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Row r's queries q[r] attend to its own context past[r] (T_r, kv_heads, d) then to k[r] / v[r]:
+    no padding, no mask (the CPU / SDPA stand-in for a varlen kernel)."""
+    rows = [attention(q[r:r + 1], torch.cat([pk, k[r]])[None], torch.cat([pv, v[r]])[None], None)
+            for r, (pk, pv) in enumerate(past)]
+    return torch.cat(rows)
