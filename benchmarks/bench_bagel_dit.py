@@ -15,7 +15,7 @@ or when it lacks config.json):
     the final latents from the per-branch ones (same seeds);
   * the plain-PyTorch reference (tests/reference/bagel_generation.py: full sequence per branch,
     no KV cache) at the first run's size: seconds per step, for scale (--reference-steps 0 skips);
-  * --attention: the masked attention of one batched step three ways (SDPA with a boolean mask
+  * --attention: the median time of --repeat calls of one batched step's attention, three ways (SDPA with a boolean mask
     over right-padded contexts, FlexAttention with a block mask, one SDPA per row) at BAGEL's
     head layout (28 query heads, 4 KV heads, d 128) and --attention-shape.
 Prints JSON, then a short table last; writes $OUT/bench_bagel_dit.json when OUT is set.
@@ -139,11 +139,13 @@ def attention_bench(shape: str, device: str, dtype: torch.dtype, repeat: int) ->
         result = fn()  # warm-up (flex: compiles)
         sync(device)
         first = time.perf_counter() - started
-        started = time.perf_counter()
+        times = []
         for _ in range(repeat):
+            started = time.perf_counter()
             fn()
-        sync(device)
-        out[name] = {"ms": round((time.perf_counter() - started) / repeat * 1e3, 3), "first_call_s": round(first, 2),
+            sync(device)
+            times.append(time.perf_counter() - started)
+        out[name] = {"ms": round(sorted(times)[len(times) // 2] * 1e3, 3), "first_call_s": round(first, 2),
                      "max_abs_vs_per_row": float((result.float() - oracle.float()).abs().max())}
     out["shape"] = {"query_tokens": n_query, "context_lengths": lengths, "heads": heads, "kv_heads": kv_heads, "head_dim": d}
     return out

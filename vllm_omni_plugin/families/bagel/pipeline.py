@@ -37,7 +37,7 @@ README's text2img settings use cfg_img_scale=1.0, which is what we do.)
 
 Batching: rows of any number of requests and CFG branches with the same image
 size share one forward; contexts of different lengths are right-padded and
-masked (docs/bagel.md, "DiT step"). `batch_cfg=False` (dit_options
+masked (docs/bagel.md, "The DiT step"). `batch_cfg=False` (dit_options
 `cfg_batch: false`) runs one forward per CFG branch instead (the requests of a
 branch still share it). The step itself keeps the host out of the loop: flow
 times live as Python floats and on the device, the marker embeddings and the
@@ -80,6 +80,7 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 #: attention_mode "auto": padding may add this fraction to the keys a batch attends to before the
 #: rows attend one by one instead (measured on CPU: docs/bagel.md, "The DiT step")
 PADDING_WASTE = 0.25
+MAX_LAYOUTS = 3  # batch layouts kept (BagelStepwise._batch_layout)
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,9 @@ class BagelStepwise(StepwisePipeline):
         with torch.no_grad():  # [<|vision_start|>, <|vision_end|>] embeddings, the same in every step
             self._markers = model.embed_tokens(torch.tensor([model.token_id("<|vision_start|>"),
                                                              model.token_id("<|vision_end|>")], device=model.device))
-        #: the padded context of the last batch layout (reused while the batch stays the same)
-        self._layout: tuple[Any, tuple[Any, ...]] | None = None
+        #: the laid-out contexts of the last batch layouts (reused while the batch stays the same;
+        #: one per forward of a step: up to three with batch_cfg=False)
+        self._layouts: list[tuple[Any, tuple[Any, ...]]] = []
         #: how a batched forward attends to contexts of different lengths: "padded" (right-padded +
         #: boolean mask, one SDPA), "per_row" (one SDPA per row over its own context), or "auto":
         #: padded unless padding adds more than PADDING_WASTE to the attended keys (docs/bagel.md)
@@ -305,23 +307,25 @@ class BagelStepwise(StepwisePipeline):
         return list(v.split([s.rows for s, _ in blocks]))
 
     def _batch_layout(self, blocks: list[tuple[DiffusionState, str]], n_lat: int) -> tuple[Any, ...]:
-        """(route, RoPE positions, padded per-layer context KV, mask) of these blocks' rows.
+        """(route, RoPE positions, per-layer context KV (padded or per row), mask) of these blocks' rows.
 
         Built on the host once per batch layout (which requests, which branches) and reused by the
         following steps while it stays the same: restacking every layer's context KV each step would
         copy all of it again."""
         key = (n_lat, [(s, name, s.rows) for s, name in blocks])  # the states themselves: by identity
-        if self._layout is None or not _same_layout(self._layout[0], key):
-            self._layout = None  # the previous layout's padded copy is freed before this one is built
-            rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
-            positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
-            layers = self.model.config.layers
-            if self._attention_mode(rows, n_lat + 2) == "per_row":  # each row's own KV: nothing copied
-                past, mask = [[(b.keys[i], b.values[i]) for b in rows] for i in range(layers)], None
-            else:
-                past, mask = _stack_context(rows, n_lat + 2, layers)
-            self._layout = (key, (Route.vae_block(), positions, past, mask))
-        return self._layout[1]
+        for known, layout in self._layouts:
+            if _same_layout(known, key):
+                return layout
+        del self._layouts[MAX_LAYOUTS - 1:]  # the oldest layout's copy is freed before this one is built
+        rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
+        positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
+        layers = self.model.config.layers
+        if self._attention_mode(rows, n_lat + 2) == "per_row":  # each row's own KV: nothing copied
+            past, mask = [[(b.keys[i], b.values[i]) for b in rows] for i in range(layers)], None
+        else:
+            past, mask = _stack_context(rows, n_lat + 2, layers)
+        self._layouts.insert(0, (key, (Route.vae_block(), positions, past, mask)))
+        return self._layouts[0][1]
 
     def _attention_mode(self, rows: list[BranchKV], n_query: int) -> str:
         if self.attention_mode != "auto":
@@ -355,8 +359,8 @@ class BagelStepwise(StepwisePipeline):
 
     # ---- decode ---------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:
-        if self._layout is not None and any(s is state for s, _, _ in self._layout[0][1]):
-            self._layout = None  # a finished request's context is not kept alive by the layout cache
+        # a finished request's context is not kept alive by the layout cache
+        self._layouts = [(k, v) for k, v in self._layouts if not any(s is state for s, _, _ in k[1])]
         p = state.params
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
