@@ -1,6 +1,6 @@
 """BAGEL's DiT stage, step by step: CFG branches per forward vs batched vs regionally compiled.
 
-    python benchmarks/bench_bagel_dit.py                     # CPU smoke: tiny checkpoint, seconds
+    python benchmarks/bench_bagel_dit.py                     # CPU smoke: tiny checkpoint, < 1 min
     python benchmarks/bench_bagel_dit.py --preset full --device cuda --ckpt /dev/shm/omni-gpu-ckpt/bagel \\
         --runs 512:20 1024:50 512:20x8                       # the GPU set (SIZE:STEPS[xCONCURRENT])
 
