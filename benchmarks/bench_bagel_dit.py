@@ -14,7 +14,8 @@ or when it lacks config.json):
     outside the timed loop; CUDA is synchronised around it) and the largest difference of
     the final latents from the per-branch ones (same seeds);
   * the plain-PyTorch reference (tests/reference/bagel_generation.py: full sequence per branch,
-    no KV cache) at the first run's size: seconds per step, for scale (--reference-steps 0 skips);
+    no KV cache) at the first run's size: seconds per text2img CFG step (its two forwards, median
+    of --reference-steps), for scale (0 skips);
   * --attention: the median time of --repeat calls of one batched step's attention, three ways (SDPA with a boolean mask
     over right-padded contexts, FlexAttention with a block mask, one SDPA per row) at BAGEL's
     head layout (28 query heads, 4 KV heads, d 128) and --attention-shape.
@@ -79,21 +80,27 @@ def run_variant(pipe, variant: str, size: int, steps: int, n: int, device: str) 
 
 
 def reference_per_step(ckpt: Path, size: int, device: str, steps: int) -> float:
-    """The reference's seconds per step: (time of 1 + steps steps - time of 1 step) / steps."""
+    """The reference's seconds per text2img CFG step: its full-sequence forward of the cond branch
+    (prompt + image block) and of the empty text-CFG branch (image block alone), median of `steps`."""
     sys.path.insert(0, str(ROOT / "tests"))
     from reference.bagel_generation import BagelReference
 
     ref = BagelReference(ckpt, device=device)
+    h = w = size // ref.down
+    x = torch.randn(h * w, ref.p * ref.p * ref.z, generator=torch.Generator("cpu").manual_seed(0)).to(device)
+    contexts = ([ref.text_block(PROMPTS[0])], [])
 
-    def timed(k: int) -> float:
+    def step() -> float:
         sync(device)
         started = time.perf_counter()
-        ref.generate(PROMPTS[0], height=size, width=size, seed=0, steps=k + 1)
+        with torch.no_grad():
+            for context in contexts:
+                ref.lin("llm2vae", ref.forward(context + [ref.image_block(x, 1.0, h, w)])[-(h * w) - 1:-1])
         sync(device)
         return time.perf_counter() - started
 
-    timed(1)  # warm-up
-    return max(timed(1 + steps) - timed(1), 0.0) / steps
+    step()  # warm-up
+    return sorted(step() for _ in range(steps))[steps // 2]
 
 
 def attention_bench(shape: str, device: str, dtype: torch.dtype, repeat: int) -> dict:
