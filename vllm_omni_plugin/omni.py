@@ -68,7 +68,7 @@ class Omni:
                     "ring_degree": 1}; world size = their product, one GPU per rank
                     (this process is rank 0; call `shutdown()` to stop the others)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
-    compile         None or "regional" (torch.compile of the DiT blocks)
+    compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     engine_process  False (default): the engine runs in this process; True: in its own
                     process, as under `vllm serve --omni` (diffusion-only models)
     """
@@ -99,15 +99,18 @@ class Omni:
         self._stages = None
         self._closed = False
         from .orchestrator.offline import multistage_config
+        from .orchestrator.stage_config import with_dit_options
 
         if not isinstance(parallel, ParallelConfig):
             parallel = ParallelConfig.from_dict(parallel)
         options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
         config = multistage_config(model, stage_config)
         if config is not None:
-            if options != DitOptions():
-                raise ValueError("parallel / quantization / compile apply to diffusers DiT models, not to "
+            if options.parallel.world_size > 1 or options.quantization is not None:
+                raise ValueError("parallel / quantization apply to diffusers DiT models, not to "
                                  f"the multi-stage model {model}")
+            if options.compile is not None:  # its diffusion stage applies it (StageOrchestrator)
+                config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
             # Multi-stage: AR stage on vLLM, DiT stage inline; the same
             # orchestrator the server awaits, run on a private event loop.
             from .orchestrator import orchestrator_for

@@ -46,6 +46,30 @@ def test_flags_override_the_stage_config(checkpoint, tmp_path):
         OmniServerConfig.from_args(parse_args([str(checkpoint("bagel")), "--omni-ring-degree", "2"]))
 
 
+def test_multistage_diffusion_stage_takes_compile_and_cfg_batch(checkpoint, tmp_path):
+    """BAGEL's DiT stage: --omni-dit-compile and the stage config's cfg_batch reach its dit_options
+    (StageOrchestrator applies them to the pipeline); parallelism / fp8 stay refused."""
+    from pathlib import Path
+
+    import vllm_omni_plugin.families.bagel as family
+    from vllm_omni_plugin.server.flags import parse_args
+    from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
+
+    bagel = str(checkpoint("bagel"))
+    assert OmniServerConfig.from_args(parse_args([bagel])).stage_config.final_stage.dit_options == {}
+    config = OmniServerConfig.from_args(parse_args([bagel, "--omni-dit-compile", "regional"]))
+    assert config.stage_config.final_stage.dit_options == {"compile": "regional"}
+    assert config.stage_config.stages[0].dit_options == {}  # the AR stage is untouched
+    text = (Path(family.__file__).parent / "stage_config.yaml").read_text()
+    path = tmp_path / "bagel.yaml"
+    path.write_text(text.replace("    final_output: true", "    final_output: true\n    dit_options: {cfg_batch: false}"))
+    config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path), "--omni-dit-compile",
+                                                    "regional"]))
+    assert config.stage_config.final_stage.dit_options == {"cfg_batch": False, "compile": "regional"}
+    with pytest.raises(ConfigError, match="--omni-dit-quantization.*not multi-stage.*takes cfg_batch, compile"):
+        OmniServerConfig.from_args(parse_args([bagel, "--omni-dit-quantization", "fp8"]))
+
+
 def test_stage_config_dit_options_are_validated():
     with pytest.raises(StageConfigError, match="dit_options.*unknown parallel setting"):
         parse_stage_config(STAGES.replace("cfg_degree: 2", "cfg_degre: 2"), "s.yaml")

@@ -21,30 +21,46 @@ QUANTIZATIONS = ("fp8",)
 #: trees overwrite one block's output with the next block's replay (all blocks
 #: are one compiled function), so the first step failed (docs/benchmarks.md).
 COMPILE_MODES = ("regional",)
+#: the options a multi-stage model's diffusion stage takes (its own pipeline applies them:
+#: `apply_dit_options` hands them to a pipeline's `apply_dit_options`)
+MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch"})
 
 
 @dataclass(frozen=True)
 class DitOptions:
     """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8";
-    compile: None (eager) or "regional" (see COMPILE_MODES)."""
+    compile: None (eager) or "regional" (see COMPILE_MODES); cfg_batch: True (default) runs
+    a step's CFG branches in one forward, False one forward per branch (the pipeline's
+    `batch_cfg`)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: str | None = None
     compile: str | None = None
+    cfg_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or unset, got {self.quantization!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} or unset, got {self.compile!r}")
+        if not isinstance(self.cfg_batch, bool):
+            raise ValueError(f"cfg_batch must be true or false, got {self.cfg_batch!r}")
+
+    def multi_stage_values(self) -> dict[str, Any]:
+        """The MULTI_STAGE_OPTIONS that differ from the defaults, as stage-config `dit_options`."""
+        default = DitOptions()
+        return {k: getattr(self, k) for k in sorted(MULTI_STAGE_OPTIONS) if getattr(self, k) != getattr(default, k)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "DitOptions":
-        """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8", "compile": "regional"}."""
+        """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8", "compile": "regional",
+        "cfg_batch": true}."""
         values = dict(values or {})
         quantization = values.pop("quantization", None)
         compile_mode = values.pop("compile", None)
-        return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization, compile=compile_mode)
+        cfg_batch = values.pop("cfg_batch", True)
+        return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization, compile=compile_mode,
+                   cfg_batch=cfg_batch)
 
 
 def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -140,7 +156,17 @@ def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
-    """Apply the model-level options to a loaded pipeline's transformer(s): fp8, then compile."""
+    """Apply the model-level options to a loaded pipeline's transformer(s): fp8, then compile.
+
+    A pipeline with its own `apply_dit_options(options)` (a DiT that is not a diffusers
+    `transformer`, e.g. a functional MoT) applies them itself.
+    """
+    own = getattr(pipeline, "apply_dit_options", None)
+    if own is not None:
+        own(options)
+        return
+    if not options.cfg_batch and hasattr(pipeline, "batch_cfg"):
+        pipeline.batch_cfg = False
     if options.quantization is None and options.compile is None:
         return
     if not dit_modules(pipeline):

@@ -153,6 +153,13 @@ class StageConfig(BaseModel):
         return next(s for s in self.stages if s.final_output)
 
 
+def with_dit_options(config: StageConfig, values: dict[str, Any]) -> StageConfig:
+    """`config` with its final (diffusion) stage's `dit_options` replaced by `values`."""
+    final = config.final_stage
+    merged = final.model_copy(update={"dit_options": dict(values)})
+    return config.model_copy(update={"stages": tuple(merged if s.id == final.id else s for s in config.stages)})
+
+
 def _location(loc: tuple[Any, ...], data: Any) -> str:
     """`stages[1].max_batch_size`, naming a stage by its id where it has one."""
     out = ""

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..diffusion.acceleration import DitOptions, apply_dit_options
 from ..diffusion.engine import DiffusionEngine, EngineConfig
 from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
@@ -207,6 +208,9 @@ class StageOrchestrator(ABC):
         logger.info("omni: %s stage dtypes: %s", config.name,
                     ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
         self.pipeline = self.load_pipeline(model, dtype=self.stage_dtypes[self.dit.id], device=device)
+        options = DitOptions.from_dict(self.dit.dit_options)
+        if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
+            apply_dit_options(self.pipeline, options)
         self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
                                       stage_defaults=self.dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)

@@ -29,9 +29,10 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 
 from ..registry import identify
 from ..hub import ModelNotFoundError, resolve_model
-from ..diffusion.acceleration import DitOptions
+from ..diffusion.acceleration import MULTI_STAGE_OPTIONS, DitOptions
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
-from ..orchestrator.stage_config import StageConfig, StageConfigError, builtin_stage_configs, load_stage_config
+from ..orchestrator.stage_config import (StageConfig, StageConfigError, builtin_stage_configs, load_stage_config,
+                                         with_dit_options)
 from ..request import Limits
 from .flags import make_parser
 
@@ -100,7 +101,11 @@ class OmniServerConfig:
             config = _load(args.stage_configs_path)
             stage_defaults = {**_final_stage(config, args.stage_configs_path).default_sampling_params, **overrides}
             dit_options = dict(_final_stage(config, args.stage_configs_path).dit_options)
+        if stage_config is not None:
+            dit_options = dict(_final_stage(stage_config, args.stage_configs_path).dit_options)
         dit = _dit_options(args, dit_options, multi_stage=stage_config is not None)
+        if stage_config is not None:  # the multi-stage DiT stage applies them itself (StageOrchestrator)
+            stage_config = with_dit_options(stage_config, dit.multi_stage_values())
         return cls(
             model=model,
             served_model_names=names,
@@ -139,13 +144,16 @@ def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_sta
     """The DiT options: --omni-* flags over the stage config's final-stage `dit_options`."""
     flags = {key: getattr(args, dest, None) for key, dest in _DIT_FLAGS.items()}
     values = {**from_stage, **{k: v for k, v in flags.items() if v is not None}}
-    if values and multi_stage:
-        given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" for k in values)
-        raise ConfigError(f"{given}: DiT parallelism / fp8 / compile apply to diffusers checkpoints, not multi-stage ones")
+    unsupported = [k for k in values if k not in MULTI_STAGE_OPTIONS]
+    if unsupported and multi_stage:
+        given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" if k in _DIT_FLAGS else k for k in unsupported)
+        raise ConfigError(f"{given}: DiT parallelism / fp8 apply to diffusers checkpoints, not multi-stage ones "
+                          f"(their diffusion stage takes {', '.join(sorted(MULTI_STAGE_OPTIONS))})")
     try:
         return DitOptions.from_dict(values)
     except ValueError as e:
-        raise ConfigError(f"DiT options ({', '.join(f'--{_DIT_FLAGS[k]}'.replace('_', '-') for k in values)}): {e}") from e
+        given = ", ".join(f"--{_DIT_FLAGS[k]}".replace("_", "-") if k in _DIT_FLAGS else k for k in values)
+        raise ConfigError(f"DiT options ({given}): {e}") from e
 
 
 def _load(path: str) -> StageConfig:

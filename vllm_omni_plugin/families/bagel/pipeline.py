@@ -37,7 +37,12 @@ README's text2img settings use cfg_img_scale=1.0, which is what we do.)
 
 Batching: rows of any number of requests and CFG branches with the same image
 size share one forward; contexts of different lengths are right-padded and
-masked.
+masked (docs/bagel.md, "The DiT step"). `batch_cfg=False` (dit_options
+`cfg_batch: false`) runs one forward per CFG branch instead (the requests of a
+branch still share it). The step itself keeps the host out of the loop: flow
+times live as Python floats and on the device, the marker embeddings and the
+padded context of a batch are built once, so nothing in a step reads a device
+value back (`.item()`, `nonzero`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ BAGEL_DEFAULTS: Mapping[str, Any] = {
     "cfg_renorm_min": 0.0,
 }
 RENORM_TYPES = ("global", "channel", "text_channel")
+#: attention_mode "auto": padding may add this fraction to the keys a batch attends to before the
+#: rows attend one by one instead (measured on CPU: docs/bagel.md, "The DiT step")
+PADDING_WASTE = 0.25
+MAX_LAYOUTS = 3  # batch layouts kept (BagelStepwise._batch_layout)
 
 
 @dataclass(frozen=True)
@@ -132,16 +141,41 @@ class BagelStepwise(StepwisePipeline):
                  stage_input_required: bool = False) -> None:
         # No diffusers scheduler to copy: each state carries its own flow-time table.
         super(StepwisePipeline, self).__init__(_Components(model), model_id or str(model.path))
-        self.batch_cfg = batch_cfg  # branches of all states always share the forward; kept for the engine's API
+        #: True: every CFG branch of every state in one forward; False: one forward per branch
+        self.batch_cfg = batch_cfg
         self.model = model
         self.decoder = MoTDecoder(model)
         self.vae = FluxAutoEncoder(model)
+        with torch.no_grad():  # [<|vision_start|>, <|vision_end|>] embeddings, the same in every step
+            self._markers = model.embed_tokens(torch.tensor([model.token_id("<|vision_start|>"),
+                                                             model.token_id("<|vision_end|>")], device=model.device))
+        #: the laid-out contexts of the last batch layouts (reused while the batch stays the same;
+        #: one per forward of a step: up to three with batch_cfg=False)
+        self._layouts: list[tuple[Any, tuple[Any, ...]]] = []
+        #: how a batched forward attends to contexts of different lengths: "padded" (right-padded +
+        #: boolean mask, one SDPA), "per_row" (one SDPA per row over its own context), or "auto":
+        #: padded unless padding adds more than PADDING_WASTE to the attended keys (docs/bagel.md)
+        self.attention_mode = "auto"
         #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
         self.stage_input_required = stage_input_required
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def apply_dit_options(self, options: Any) -> None:
+        """The DiT options that apply to BAGEL (diffusion/acceleration.py `DitOptions`): `cfg_batch`, `compile`.
+
+        compile="regional": one torch.compile'd MoT decoder layer, shared by every layer.
+        """
+        if options.quantization is not None or options.parallel.world_size > 1:
+            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch and compile; "
+                             "quantization and CFG / sequence parallelism are not implemented for it")
+        self.batch_cfg = options.cfg_batch
+        if options.compile is not None:
+            # Dynamic token counts from the start: the rows (CFG on / off, concurrent requests) and
+            # the image size change between steps and requests without recompiling (MoTDecoder).
+            self.decoder.compile_layers()
 
     # ---- parameters -------------------------------------------------------------
     def defaults(self) -> PipelineDefaults:
@@ -225,7 +259,8 @@ class BagelStepwise(StepwisePipeline):
                 timesteps=sigmas[:-1],
                 cfg=cfg,
                 generator=generator,
-                extras={"branches": branches, "sigmas": sigmas, "pos_ids": m.latent_position_ids(params.height, params.width)},
+                extras={"branches": branches, "sigmas": sigmas.tolist(), "sigmas_dev": sigmas.to(self.device),
+                        "pos_ids": m.latent_position_ids(params.height, params.width)},
                 tokens_per_row=n_tok + 2 + max(b.num_tokens for b in branches.values()),
             )
 
@@ -233,8 +268,13 @@ class BagelStepwise(StepwisePipeline):
     def batch_key(self, state: DiffusionState) -> Any:
         return (self.model_id, state.params.height, state.params.width)
 
+    @staticmethod
+    def _t(state: DiffusionState) -> float:
+        """The state's current flow time, host-side (no device read)."""
+        return state.extras["sigmas"][state.step_index]
+
     def _needed(self, state: DiffusionState) -> list[str]:
-        text, img = state.cfg.scales_at(float(state.current_timestep))
+        text, img = state.cfg.scales_at(self._t(state))
         if text <= 1:
             return ["cond"]
         return ["cond", "cfg_text"] + (["cfg_img"] if img > 1 else [])
@@ -242,33 +282,64 @@ class BagelStepwise(StepwisePipeline):
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         with torch.no_grad():
             blocks = [(s, name) for s in states for name in self._needed(s)]
-            outs = self._forward(blocks)
+            if self.batch_cfg:
+                outs = self._forward(blocks)
+            else:  # one forward per branch, in block order
+                names = list(dict.fromkeys(n for _, n in blocks))
+                per = {n: iter(self._forward([b for b in blocks if b[1] == n])) for n in names}
+                outs = [next(per[n]) for _, n in blocks]
             by_block = dict(zip([(id(s), n) for s, n in blocks], outs))
             return [self._combine(s, {n: by_block[(id(s), n)] for n in self._needed(s)}) for s in states]
 
     def _forward(self, blocks: list[tuple[DiffusionState, str]]) -> list[torch.Tensor]:
         """One MoT forward over every row of every (state, branch) block; velocities per block."""
-        m, c = self.model, self.model.config
-        rows = [(s, s.extras["branches"][name]) for s, name in blocks for _ in range(s.rows)]
+        m = self.model
         latents = torch.cat([s.latents for s, _ in blocks])
-        t = torch.cat([s.current_timestep.expand(s.rows) for s, _ in blocks]).to(self.device)
+        t = torch.cat([s.extras["sigmas_dev"][s.step_index].expand(s.rows) for s, _ in blocks])
         n_lat = latents.shape[1]
         x = m.latent_embed(latents, t, blocks[0][0].extras["pos_ids"])
-        markers = m.embed_tokens(torch.tensor([m.token_id("<|vision_start|>"), m.token_id("<|vision_end|>")], device=self.device))
-        r = len(rows)
+        r = len(x)
+        markers = self._markers
         x = torch.cat([markers[:1].expand(r, 1, -1), x, markers[1:].expand(r, 1, -1)], dim=1)
-        positions = torch.tensor([b.latent_position for _, b in rows], device=self.device)[:, None].expand(r, n_lat + 2)
-        past, mask = _stack_context([b for _, b in rows], n_lat + 2, c.layers)
-        hidden, _ = self.decoder.forward(x, Route.image_block(n_lat, self.device), positions, past, mask)
+        route, positions, past, mask = self._batch_layout(blocks, n_lat)
+        hidden, _ = self.decoder.forward(x, route, positions, past, mask)
         v = m.latent_out(hidden[:, 1:-1]).float()
         return list(v.split([s.rows for s, _ in blocks]))
+
+    def _batch_layout(self, blocks: list[tuple[DiffusionState, str]], n_lat: int) -> tuple[Any, ...]:
+        """(route, RoPE positions, per-layer context KV (padded or per row), mask) of these blocks' rows.
+
+        Built on the host once per batch layout (which requests, which branches) and reused by the
+        following steps while it stays the same: restacking every layer's context KV each step would
+        copy all of it again."""
+        key = (n_lat, [(s, name, s.rows) for s, name in blocks])  # the states themselves: by identity
+        for known, layout in self._layouts:
+            if _same_layout(known, key):
+                return layout
+        del self._layouts[MAX_LAYOUTS - 1:]  # the oldest layout's copy is freed before this one is built
+        rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
+        positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
+        layers = self.model.config.layers
+        if self._attention_mode(rows, n_lat + 2) == "per_row":  # each row's own KV: nothing copied
+            past, mask = [[(b.keys[i], b.values[i]) for b in rows] for i in range(layers)], None
+        else:
+            past, mask = _stack_context(rows, n_lat + 2, layers)
+        self._layouts.insert(0, (key, (Route.vae_block(), positions, past, mask)))
+        return self._layouts[0][1]
+
+    def _attention_mode(self, rows: list[BranchKV], n_query: int) -> str:
+        if self.attention_mode != "auto":
+            return self.attention_mode
+        lengths = [b.num_tokens for b in rows]
+        padded, exact = len(rows) * (max(lengths) + n_query), sum(lengths) + len(rows) * n_query
+        return "per_row" if padded > (1 + PADDING_WASTE) * exact else "padded"
 
     def _combine(self, state: DiffusionState, v: dict[str, torch.Tensor]) -> torch.Tensor:
         cond = v["cond"]
         if "cfg_text" not in v:
             return cond
         cfg: BagelCfg = state.cfg
-        text_scale, img_scale = cfg.scales_at(float(state.current_timestep))
+        text_scale, img_scale = cfg.scales_at(self._t(state))
         # text2img with an image scale would use the cond context as the image-free one
         image_free = v.get("cfg_img", cond)
         guided = v["cfg_text"] + text_scale * (cond - v["cfg_text"])
@@ -282,12 +353,14 @@ class BagelStepwise(StepwisePipeline):
 
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         for s, v in zip(states, preds):
-            sig = s.extras["sigmas"]
-            s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1]).item()
+            sig = s.extras["sigmas"]  # Python floats: no device read
+            s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1])
             s.step_index += 1
 
     # ---- decode ---------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:
+        # a finished request's context is not kept alive by the layout cache
+        self._layouts = [(k, v) for k, v in self._layouts if not any(s is state for s, _, _ in k[1])]
         p = state.params
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
@@ -299,6 +372,11 @@ class BagelStepwise(StepwisePipeline):
         from PIL import Image
 
         return DiffusionOutput(state.request_id, "image", p, images=[Image.fromarray(a) for a in pixels])
+
+
+def _same_layout(a: tuple[int, list], b: tuple[int, list]) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
 
 
 def _renorm_scale(cond: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...], minimum: float) -> torch.Tensor:

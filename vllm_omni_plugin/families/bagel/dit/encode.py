@@ -115,7 +115,7 @@ class _Prefill:
         pos = self.m.latent_position_ids(pixels.shape[1], pixels.shape[2])
         t0 = torch.zeros(1, device=self.m.device)  # clean image: flow time 0
         inner = self.m.latent_embed(tokens[None], t0, pos)[0]
-        self._image_block(inner, Route.image_block(tokens.shape[0], self.m.device))
+        self._image_block(inner, Route.vae_block())
 
     def vit_image(self, pixels: torch.Tensor) -> None:
         self._image_block(vit_tokens(self.m, pixels), Route.understanding())

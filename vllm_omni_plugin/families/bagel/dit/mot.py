@@ -16,7 +16,7 @@ and values, as in BagelContext) followed by the query tokens themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +28,25 @@ UND, GEN = "", "_moe_gen"  # weight-name suffix of each expert
 
 @dataclass(frozen=True)
 class Route:
-    """Which query positions go through which expert (index tensors on the token axis)."""
+    """Which query tokens go through which expert.
 
-    und: torch.Tensor | None
-    gen: torch.Tensor | None
+    image_block False: every token is understanding (text, ViT blocks).
+    image_block True: the query is [start-of-image marker, latent tokens, end-of-image
+    marker]; the markers are text tokens (understanding), the latents generation.
+    The split is by slicing, never by index tensors: nothing data-dependent, and no
+    extra tensor shapes for torch.compile to guard on.
+    """
+
+    image_block: bool = False
 
     @classmethod
     def understanding(cls) -> "Route":
-        return cls(None, None)
+        return cls(False)
 
     @classmethod
-    def image_block(cls, n_latent: int, device: torch.device) -> "Route":
-        """[start-of-image marker, n latent tokens, end-of-image marker]: markers are text tokens."""
-        return cls(torch.tensor([0, n_latent + 1], device=device), torch.arange(1, n_latent + 1, device=device))
+    def vae_block(cls) -> "Route":
+        """[start-of-image marker, VAE latent tokens, end-of-image marker]."""
+        return cls(True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,71 +71,74 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
-def _route(x: torch.Tensor, route: Route, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
-    """Apply `fn(tokens, expert_suffix)` to each expert's tokens of x (B, N, ...), reassembled in place."""
-    if route.gen is None:
-        return fn(x, UND)
-    if route.und is None:
-        return fn(x, GEN)
-    a, b = fn(x[:, route.und], UND), fn(x[:, route.gen], GEN)
-    out = a.new_empty(x.shape[:2] + a.shape[2:])
-    out[:, route.und] = a
-    out[:, route.gen] = b
-    return out
-
-
-def _route_many(x: torch.Tensor, route: Route, fn: Callable[[torch.Tensor, str], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """`_route` for an fn returning several tensors (each expert runs once)."""
-    if route.gen is None:
-        return fn(x, UND)
-    if route.und is None:
-        return fn(x, GEN)
-    outs = []
-    for a, b in zip(fn(x[:, route.und], UND), fn(x[:, route.gen], GEN)):
-        out = a.new_empty(x.shape[:2] + a.shape[2:])
-        out[:, route.und] = a
-        out[:, route.gen] = b
-        outs.append(out)
-    return tuple(outs)
-
-
 class MoTDecoder:
-    """The BAGEL language model's decoder stack over a `BagelModel`'s weights."""
+    """The BAGEL language model's decoder stack over a `BagelModel`'s weights.
+
+    A layer is two token-wise regions around the attention: `pre_attention`
+    (input norm, q/k/v, q/k norms, RoPE) and `post_attention` (o_proj, residual,
+    MLP, residual), each a pure function of one expert's weights (`expert_weights`)
+    over flattened tokens (tokens, hidden). The experts' tokens are kept apart in
+    the residual stream; only the attention sees them joined, per row.
+    `compile_layers()` swaps in torch.compile'd copies of the two regions that
+    every layer and both experts share (regional compilation: they differ only in
+    their weight tensors, which are arguments, and in the token count, a dynamic
+    size that is never 1 here: the markers are 2 per row, so the row count -- 1
+    when CFG is off for one request -- is not a size the graph sees).
+    """
 
     def __init__(self, model: BagelModel) -> None:
         self.m = model
         self.c = model.config
+        self.pre_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
+        self.post_fn: Callable[..., torch.Tensor] = post_attention
+        self._experts: dict[tuple[int, str], dict[str, torch.Tensor | None]] = {}
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """Regional torch.compile of the decoder layer's two token-wise regions, shared by all layers."""
+        options = {"fullgraph": True, "dynamic": True, **compile_kwargs}
+        self.pre_fn = torch.compile(pre_attention, **options)
+        self.post_fn = torch.compile(post_attention, **options)
+
+    @property
+    def compiled(self) -> bool:
+        return self.pre_fn is not pre_attention
 
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.m.w[f"language_model.model.layers.{layer}.{name}"]
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        bias = self.m.w.get(f"language_model.model.layers.{layer}.{name}.bias")
-        return F.linear(x, self._w(layer, f"{name}.weight"), bias)
-
-    def _mlp(self, layer: int, x: torch.Tensor, sfx: str) -> torch.Tensor:
-        gate = self._linear(layer, f"mlp{sfx}.gate_proj", x)
-        up = self._linear(layer, f"mlp{sfx}.up_proj", x)
-        return self._linear(layer, f"mlp{sfx}.down_proj", F.silu(gate) * up)
+    def expert_weights(self, i: int, sfx: str) -> dict[str, torch.Tensor | None]:
+        """Layer i's weights of one expert (suffix UND or GEN) under expert-neutral names."""
+        key = (i, sfx)
+        if key not in self._experts:
+            p, get = f"language_model.model.layers.{i}.", self.m.w.get
+            w: dict[str, torch.Tensor | None] = {
+                "input_norm": get(f"{p}input_layernorm{sfx}.weight"),
+                "post_norm": get(f"{p}post_attention_layernorm{sfx}.weight"),
+                "q_norm": get(f"{p}self_attn.q_norm{sfx}.weight"),
+                "k_norm": get(f"{p}self_attn.k_norm{sfx}.weight"),
+            }
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                w[proj], w[f"{proj}.bias"] = get(f"{p}self_attn.{proj}{sfx}.weight"), get(f"{p}self_attn.{proj}{sfx}.bias")
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                w[proj], w[f"{proj}.bias"] = get(f"{p}mlp{sfx}.{proj}.weight"), get(f"{p}mlp{sfx}.{proj}.bias")
+            self._experts[key] = w
+        return self._experts[key]
 
     # ---- one expert's parts of layer i (also used by the vLLM AR stage's MoT routing) ----
     def input_norm(self, i: int, x: torch.Tensor, sfx: str) -> torch.Tensor:
-        return rms_norm(x, self._w(i, f"input_layernorm{sfx}.weight"), self.c.rms_eps)
+        return rms_norm(x, self.expert_weights(i, sfx)["input_norm"], self.c.rms_eps)
 
     def qkv(self, i: int, h: torch.Tensor, sfx: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed hidden states (..., hidden) -> q (..., heads, d), k, v (..., kv_heads, d); q/k RMS-normed, no RoPE."""
-        c, eps, d = self.c, self.c.rms_eps, self.c.head_dim
-        q = rms_norm(self._linear(i, f"self_attn.q_proj{sfx}", h).unflatten(-1, (c.heads, d)), self._w(i, f"self_attn.q_norm{sfx}.weight"), eps)
-        k = rms_norm(self._linear(i, f"self_attn.k_proj{sfx}", h).unflatten(-1, (c.kv_heads, d)), self._w(i, f"self_attn.k_norm{sfx}.weight"), eps)
-        v = self._linear(i, f"self_attn.v_proj{sfx}", h).unflatten(-1, (c.kv_heads, d))
-        return q, k, v
+        c = self.c
+        return _qkv(self.expert_weights(i, sfx), h, c.rms_eps, c.heads, c.kv_heads, c.head_dim)
 
     def o_proj(self, i: int, attn: torch.Tensor, sfx: str) -> torch.Tensor:
-        return self._linear(i, f"self_attn.o_proj{sfx}", attn)
+        return _linear(self.expert_weights(i, sfx), "o_proj", attn)
 
     def mlp_block(self, i: int, x: torch.Tensor, sfx: str) -> torch.Tensor:
         """post_attention_layernorm + MLP of the residual stream x (the residual add is the caller's)."""
-        return self._mlp(i, rms_norm(x, self._w(i, f"post_attention_layernorm{sfx}.weight"), self.c.rms_eps), sfx)
+        return _mlp_block(self.expert_weights(i, sfx), x, self.c.rms_eps)
 
     def final_norm(self, x: torch.Tensor, sfx: str) -> torch.Tensor:
         return rms_norm(x, self.m.w[f"language_model.model.norm{sfx}.weight"], self.c.rms_eps)
@@ -139,31 +148,91 @@ class MoTDecoder:
         x: torch.Tensor,
         route: Route,
         positions: torch.Tensor,
-        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        past: list[Any] | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run query tokens x (B, N, hidden) through every layer.
 
         positions: RoPE positions, (N,) or (B, N). past[i]: layer i's cached
-        (K, V), each (B, T, kv_heads, head_dim). attn_mask: bool (B, 1, N, T+N),
-        True = may attend; None = every query token sees everything.
+        context, either (K, V) each (B, T, kv_heads, head_dim) -- rows padded to
+        one length, attn_mask hiding the padding -- or a list of B per-row
+        (K_r, V_r), each (T_r, kv_heads, head_dim): one attention per row over
+        its own context, no padding (`attention_per_row`). attn_mask: bool
+        (B, 1, N, T+N), True = may attend; None = every query token sees everything.
         Returns the final-normed hidden states and each layer's new (K, V) of
         the query tokens (post-norm, post-RoPE: the cache layout).
         """
         c = self.c
+        b, n = x.shape[:2]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = cos.expand(b, n, -1), sin.expand(b, n, -1)
+        experts = (UND, GEN) if route.image_block else (UND,)
+        split = _split_block if route.image_block else (lambda t: (t,))
+        join = _join_block if route.image_block else (lambda parts: parts[0])
+
+        def flat(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, N, ...) -> each expert's (tokens, ...)
+            return tuple(p.reshape(-1, *p.shape[2:]) for p in split(t))
+
+        def rows(parts: list[torch.Tensor]) -> torch.Tensor:  # each expert's (tokens, ...) -> (B, N, ...)
+            return join([p.view(b, -1, *p.shape[1:]) for p in parts])
+
+        xs, coss, sins = list(flat(x)), flat(cos), flat(sin)
         new_kv = []
         for i in range(c.layers):
-            h = _route(x, route, lambda t, s: self.input_norm(i, t, s))
-            q, k, v = _route_many(h, route, lambda t, s: self.qkv(i, t, s))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qkv = [self.pre_fn(self.expert_weights(i, e), xe, ce, se, c.rms_eps, c.heads, c.kv_heads, c.head_dim)
+                   for e, xe, ce, se in zip(experts, xs, coss, sins)]
+            q, k, v = (rows([t[j] for t in qkv]) for j in range(3))
             new_kv.append((k, v))
-            keys, values = (k, v) if past is None else (torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1))
-            attn = attention(q, keys, values, attn_mask)
-            x = x + _route(attn, route, lambda t, s: self.o_proj(i, t, s))
-            x = x + _route(x, route, lambda t, s: self.mlp_block(i, t, s))
-        out = _route(x, route, lambda t, s: self.final_norm(t, s))
+            if past is None:
+                attn = attention(q, k, v, attn_mask)
+            elif isinstance(past[i], list):
+                attn = attention_per_row(q, k, v, past[i])
+            else:
+                attn = attention(q, torch.cat([past[i][0], k], 1), torch.cat([past[i][1], v], 1), attn_mask)
+            attn = flat(attn)
+            xs = [self.post_fn(self.expert_weights(i, e), xe, ae, c.rms_eps) for e, xe, ae in zip(experts, xs, attn)]
+        out = rows([self.final_norm(xe, e) for e, xe in zip(experts, xs)])
         return out, new_kv
+
+
+def _split_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image block's tokens (B, N, ...) -> (the two markers (B, 2, ...), the latents (B, N-2, ...))."""
+    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
+
+
+def _join_block(parts: list[torch.Tensor]) -> torch.Tensor:
+    markers, latents = parts
+    return torch.cat([markers[:, :1], latents, markers[:, 1:]], dim=1)
+
+
+def _linear(w: Mapping[str, torch.Tensor | None], name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w[name], w[f"{name}.bias"])
+
+
+def _qkv(w: Mapping[str, torch.Tensor | None], h: torch.Tensor, eps: float, heads: int, kv_heads: int,
+         d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = rms_norm(_linear(w, "q_proj", h).unflatten(-1, (heads, d)), w["q_norm"], eps)
+    k = rms_norm(_linear(w, "k_proj", h).unflatten(-1, (kv_heads, d)), w["k_norm"], eps)
+    v = _linear(w, "v_proj", h).unflatten(-1, (kv_heads, d))
+    return q, k, v
+
+
+def _mlp_block(w: Mapping[str, torch.Tensor | None], x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = rms_norm(x, w["post_norm"], eps)
+    return _linear(w, "down_proj", F.silu(_linear(w, "gate_proj", h)) * _linear(w, "up_proj", h))
+
+
+def pre_attention(w: Mapping[str, torch.Tensor | None], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert's tokens x (M, hidden), RoPE tables (M, d) -> q (M, heads, d), k, v (M, kv_heads, d), post-RoPE."""
+    q, k, v = _qkv(w, rms_norm(x, w["input_norm"], eps), eps, heads, kv_heads, head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def post_attention(w: Mapping[str, torch.Tensor | None], x: torch.Tensor, attn: torch.Tensor, eps: float) -> torch.Tensor:
+    """One expert's residual stream x (M, hidden) and attention output (M, heads*d) -> the layer's output."""
+    x = x + _linear(w, "o_proj", attn)
+    return x + _mlp_block(w, x, eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -174,3 +243,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Row r's queries q[r] attend to its own context past[r] (T_r, kv_heads, d) then to k[r] / v[r]:
+    no padding, no mask (the CPU / SDPA stand-in for a varlen kernel)."""
+    rows = [attention(q[r:r + 1], torch.cat([pk, k[r]])[None], torch.cat([pv, v[r]])[None], None)
+            for r, (pk, pv) in enumerate(past)]
+    return torch.cat(rows)

@@ -1,0 +1,218 @@
+"""BAGEL's DiT step: CFG branches batched in one forward, regional compile, no host syncs.
+
+Oracles: the same step run one forward per (request, branch) block, and eager
+for the compiled decoder layer. CPU float32 on the tiny checkpoint; the full
+pipelines against tests/reference stay in test_bagel_generation.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
+from vllm_omni_plugin.diffusion.acceleration import DitOptions, apply_dit_options
+from vllm_omni_plugin.families.bagel.pipeline import load_bagel_pipeline
+
+STEPS = 6  # shift 1: flow times 1, .8, .6, .4, .2 -> CFG on the first three steps, off on the last two
+
+
+def _image(seed: int) -> Image.Image:  # 56x40 -> generated at 48x32
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (40, 56, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint):
+    return checkpoint("bagel")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):  # eager, the oracle of the compiled one
+    return load_bagel_pipeline(ckpt, dtype=torch.float32, device="cpu")
+
+
+def _states(pipe, requests: dict[str, SamplingParams]):
+    return [pipe.prepare(pipe.resolve(p), rid) for rid, p in requests.items()]
+
+
+REQUESTS = {
+    # contexts of different lengths in one batch: cond 5 tokens vs an empty cfg_text (text2img),
+    # two prompts of different lengths, an img2img request with three branches
+    "t2i": {"a": SamplingParams(prompt="a red cat", height=32, width=48, seed=1)},
+    "t2i-neg": {"a": SamplingParams(prompt="a red cat on a mat", negative_prompt="blurry", height=64, width=32, seed=2)},
+    "two": {"a": SamplingParams(prompt="a red cat", height=32, width=32, seed=3),
+            "b": SamplingParams(prompt="a much longer prompt about a blue dog on a chair", height=32, width=32, seed=4)},
+    "i2i": {"a": SamplingParams(prompt="make it blue", images=[_image(0)], seed=5),
+            "b": SamplingParams(prompt="make it a much greener picture", images=[_image(1)], seed=6)},
+}
+
+
+@pytest.mark.parametrize("mode", ["padded", "per_row"])
+@pytest.mark.parametrize("case", list(REQUESTS))
+def test_batched_branches_equal_one_forward_per_branch(pipe, case, mode):
+    """Every step's velocity of the one batched forward == one forward per (request, branch) block,
+    with the rows' contexts padded + masked or attended row by row."""
+    pipe.attention_mode = mode
+    requests = {rid: dataclasses.replace(p, num_inference_steps=STEPS, extra={"timestep_shift": 1.0})
+                for rid, p in REQUESTS[case].items()}
+    states = _states(pipe, requests)
+    lengths = {n: b.num_tokens for s in states for n, b in s.extras["branches"].items()}
+    assert len(set(lengths.values())) > 1  # padded, masked rows are exercised
+    worst, forwards = 0.0, []
+    for _ in range(STEPS - 1):
+        pipe.batch_cfg = True
+        batched = pipe.denoise_step(states)
+        with torch.no_grad():  # the oracle: each block alone, no padding, no mask
+            alone = {(id(s), n): pipe._forward([(s, n)])[0] for s in states for n in pipe._needed(s)}
+        pipe.batch_cfg = False
+        per_branch = pipe.denoise_step(states)
+        for s, v, w in zip(states, batched, per_branch):
+            single = pipe._combine(s, {n: alone[(id(s), n)] for n in pipe._needed(s)})
+            worst = max(worst, (v - single).abs().max().item(), (w - single).abs().max().item())
+        forwards.append(sum(len(pipe._needed(s)) for s in states))
+        pipe.scheduler_step(states, batched)
+    pipe.batch_cfg, pipe.attention_mode = True, "auto"
+    assert worst <= 1e-5, worst
+    assert max(forwards) > len(states)  # CFG ran (several branches per state) ...
+    assert min(forwards) == len(states)  # ... and was off on the last steps
+
+
+def test_auto_attention_mode_pads_similar_lengths_only(pipe):
+    """text2img (prompt vs empty context, beside the image tokens): padded; img2img (image + prompt
+    vs prompt only): row by row."""
+    def mode(case: str) -> str:
+        states = _states(pipe, REQUESTS[case])
+        rows = [b for s in states for b in s.extras["branches"].values()]
+        return pipe._attention_mode(rows, states[0].latents.shape[1] + 2)
+
+    assert (mode("t2i"), mode("i2i")) == ("padded", "per_row")
+
+
+def test_cfg_batch_option_and_engine_batches_requests(pipe):
+    """dit_options cfg_batch: false selects the per-branch path; both give the same images, and the
+    engine runs concurrent requests' rows in the same forward either way."""
+    requests = REQUESTS["two"]
+    out = {}
+    for cfg_batch in (True, False):
+        apply_dit_options(pipe, DitOptions.from_dict({"cfg_batch": cfg_batch}))
+        assert pipe.batch_cfg is cfg_batch
+        engine = DiffusionEngine(pipe)
+        for rid, p in requests.items():
+            engine.add_request(rid, dataclasses.replace(p, num_inference_steps=STEPS, output_type="latent"))
+        final = engine.run()
+        assert set(engine.stats.batch_sizes) == {2}
+        out[cfg_batch] = {rid: final[rid].output.latents for rid in requests}
+    for rid in requests:
+        assert (out[True][rid] - out[False][rid]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="cfg_batch"):
+        DitOptions.from_dict({"cfg_batch": "no"})
+
+
+# Ops that make the host wait for a device value (or whose output size depends on one).
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.masked_select", "aten.equal",
+            "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor", "aten.item")
+
+
+class _SyncRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(SYNC_OPS):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_no_host_sync_inside_a_step(pipe, batch_cfg):
+    """denoise_step + scheduler_step of text2img and img2img requests read no device value back."""
+    pipe.batch_cfg = batch_cfg
+    try:
+        states = _states(pipe, {"a": SamplingParams(prompt="a red cat", height=32, width=32, seed=1,
+                                                     num_inference_steps=4, extra={"cfg_interval": (0.0, 1.0)}),
+                                "b": SamplingParams(prompt="a blue dog", height=32, width=32, seed=2, num_inference_steps=4,
+                                                    extra={"timestep_shift": 1.0})})
+        for step in range(3):  # the first step builds the batch layout, the last runs without CFG for "b"
+            with _SyncRecorder() as rec:
+                preds = pipe.denoise_step(states)
+                pipe.scheduler_step(states, preds)
+            assert rec.seen == [], (step, rec.seen)
+        # the recorder sees what it should: one .item() is one _local_scalar_dense
+        with _SyncRecorder() as rec:
+            states[0].latents.sum().item()
+        assert rec.seen == ["aten._local_scalar_dense.default"]
+    finally:
+        pipe.batch_cfg = True
+
+
+def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe):
+    """compile="regional": the two token-wise regions of the MoT layer compile in the first step
+    (one graph per region and expert weight layout) and nothing recompiles after it -- not when CFG
+    turns off (1 row instead of 2), nor for a second request of another prompt length and image size."""
+    from torch._dynamo.utils import counters
+
+    compiled = load_bagel_pipeline(ckpt, dtype=torch.float32, device="cpu")
+    apply_dit_options(compiled, DitOptions(compile="regional"))
+    assert compiled.decoder.compiled and not pipe.decoder.compiled
+    torch._dynamo.reset()
+    counters.clear()
+
+    def graphs() -> tuple[int, int]:
+        return counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+    # 4 flow times -> 3 steps at t = 1, 2/3, 1/3: CFG (interval (0.4, 1]) on, on, off
+    requests = [SamplingParams(prompt="a red cat", height=32, width=32, seed=1, num_inference_steps=4,
+                               extra={"timestep_shift": 1.0}),
+                SamplingParams(prompt="a much longer prompt about a blue dog", height=32, width=48, seed=2,
+                               num_inference_steps=4, extra={"timestep_shift": 1.0})]
+    after_first, worst, rows = None, 0.0, []
+    for n, params in enumerate(requests):
+        ours, ref = compiled.prepare(compiled.resolve(params), f"c{n}"), pipe.prepare(pipe.resolve(params), f"e{n}")
+        for _ in range(3):
+            v, w = compiled.denoise_step([ours])[0], pipe.denoise_step([ref])[0]
+            worst = max(worst, (v - w).abs().max().item())
+            rows.append(len(compiled._needed(ours)))
+            compiled.scheduler_step([ours], [v])
+            pipe.scheduler_step([ref], [w])
+            if after_first is None:
+                after_first = graphs()
+                assert after_first[0] >= 2  # both regions went through dynamo
+            assert graphs() == after_first
+        assert (ours.latents - ref.latents).abs().max().item() <= 1e-5
+    assert rows == [2, 2, 1, 2, 2, 1]
+    assert worst <= 1e-5, worst
+
+
+def test_benchmark_smoke(ckpt, capsys, tmp_path, monkeypatch):
+    """benchmarks/bench_bagel_dit.py at tiny size: the batched latents agree with the per-branch ones,
+    the reference runs, the table comes last. (The compiled variant and --attention are left out:
+    their first compiles cost tens of seconds on this CPU; the compile test above covers the former.)"""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bagel_dit.py"
+    spec = importlib.util.spec_from_file_location("bench_bagel_dit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", "per-branch", "batched",
+                           "--reference-steps", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "bench_bagel_dit.json").read_text())
+    assert [(r["size"], r["concurrent"]) for r in results["runs"]] == [(32, 2)]
+    for row in results["runs"]:
+        assert row["batched"]["max_abs_latents_vs_first"] <= 1e-5 and row["batched"]["s_per_step"] > 0
+    assert results["reference"]["s_per_step"] > 0
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-2].startswith("| 32^2, 3 steps, 2 concurrent") and table[-1].startswith("| reference")
