@@ -17,7 +17,10 @@ import time
 import requests
 from PIL import Image
 
-from .conftest import assert_aborted_and_idle, assert_openai_error, png_bytes, striped_image
+from vllm_omni_plugin.diffusion.params import SamplingParams
+
+from .conftest import assert_aborted_and_idle, assert_openai_error, pil_md5, png_bytes, striped_image
+from .offline import offline
 
 GEN = "/v1/images/generations"
 
@@ -70,7 +73,14 @@ def test_edit_streams_multipart_and_json(omni_server):
     assert json.loads(frames[0].split("data: ", 1)[1])["b64_json"] == plain.data[0].b64_json
 
 
-def test_generate_streams_n_images_identical_to_unstreamed(omni_server):
+def _offline_partials(omni, params: SamplingParams) -> tuple[list, list[str]]:
+    """(the output, pil_md5 of each partial image in event order) of an offline run."""
+    events = []
+    (out,) = omni.generate(params, on_event=events.append, use_tqdm=False)
+    return out, [pil_md5(img) for e in events if e.kind == "partial" for img in e.output.images]
+
+
+def test_generate_streams_n_images_identical_to_unstreamed(omni_server, checkpoint):
     server = omni_server("qwen-image")
     client = server.client()
     args = dict(prompt="a lighthouse", n=2, size="64x64", extra_body={"seed": 11, "num_inference_steps": 4})
@@ -78,6 +88,12 @@ def test_generate_streams_n_images_identical_to_unstreamed(omni_server):
     partial, completed = _check_stream(events, "image_generation", n=2, k=3, size="64x64")
     plain = client.images.generate(**args)
     assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
+    # the same engine path offline (Omni in this process, LocalEngineClient): the same partial pixels
+    out, md5s = _offline_partials(offline(checkpoint, "qwen-image"), SamplingParams(
+        prompt="a lighthouse", num_outputs_per_prompt=2, width=64, height=64, seed=11, num_inference_steps=4,
+        partial_images=3))
+    assert md5s == [pil_md5(_png(e.b64_json)) for e in partial]
+    assert [pil_md5(img) for img in out.images] == [pil_md5(_png(e.b64_json)) for e in completed]
     for row in range(2):  # x0 after step 3 of 4 is not yet the final image
         last = [e for e in partial if e.model_extra["index"] == row][-1]
         assert _png(last.b64_json).tobytes() != _png(completed[row].b64_json).tobytes()
@@ -111,3 +127,16 @@ def test_disconnect_mid_stream_aborts_the_request(omni_server):
         assert next(lines).startswith(b"event: image_generation.partial_image")
     assert time.monotonic() - started < 120
     assert_aborted_and_idle(server, before, aborted=1, rejected=0, max_steps=200)
+
+
+def test_offline_engine_process_streams_as_in_process(checkpoint):
+    """Offline `Omni(engine_process=True)`: partial images cross the process boundary (raw frames)
+    and are the in-process engine's, in the same order; fewer steps than asked partials: N-1."""
+    from vllm_omni_plugin.omni import Omni
+
+    params = SamplingParams(prompt="a boat", width=64, height=64, seed=2, num_inference_steps=3, partial_images=3)
+    here, here_md5 = _offline_partials(offline(checkpoint, "qwen-image"), params)
+    with Omni(str(checkpoint("qwen-image")), engine_process=True) as omni:
+        there, there_md5 = _offline_partials(omni, params)
+    assert len(here_md5) == 2 and there_md5 == here_md5  # after steps 1 and 2 of 3
+    assert pil_md5(there.images[0]) == pil_md5(here.images[0])
