@@ -142,6 +142,7 @@ class DiffusionEngine:
         self._partials: dict[str, list[_PendingPartial]] = {}
         self._held: OrderedDict[str, EngineEvent] = OrderedDict()
         self._partial_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._partial_stream: Any = None  # CUDA: the decode thread's stream
 
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
@@ -285,15 +286,27 @@ class DiffusionEngine:
             x0 = self.pipeline.x0_estimate(state, pred)
         if self._partial_pool is None:
             self._partial_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="omni-partial-decode")
-        future = self._partial_pool.submit(self._decode_partial, x0, params)
+            if x0.is_cuda:  # the decode thread's own stream: its kernels do not queue behind (or ahead of) the loop's
+                self._partial_stream = torch.cuda.Stream(x0.device)
+        ready = None
+        if x0.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # x0 is computed on the loop's stream; the decode stream waits for it
+            x0.record_stream(self._partial_stream)  # (the allocator must not hand its memory back early)
+        future = self._partial_pool.submit(self._decode_partial, x0, params, ready)
         self._partials.setdefault(req.request_id, []).append(
             _PendingPartial(steps.index(done_after), done_after, state.num_steps, future))
 
-    def _decode_partial(self, x0: torch.Tensor, params: ResolvedParams) -> list[Any]:
-        """(the partial-decode thread; grad mode is per thread). The SDPA kernel choice is not
-        pinned here: it is process-wide, and the step loop pins it around every step."""
-        with torch.no_grad():
-            return self.pipeline.decode_partial(x0, params)
+    def _decode_partial(self, x0: torch.Tensor, params: ResolvedParams, ready: Any = None) -> list[Any]:
+        """(the partial-decode thread; grad mode is per thread). On CUDA it runs on its own stream
+        after `ready` (x0 computed). The SDPA kernel choice is not pinned here: it is process-wide,
+        and the step loop pins it around every step."""
+        if ready is None:
+            with torch.no_grad():
+                return self.pipeline.decode_partial(x0, params)
+        with torch.no_grad(), torch.cuda.stream(self._partial_stream):
+            self._partial_stream.wait_event(ready)
+            return self.pipeline.decode_partial(x0, params)  # (PIL images: synchronized with its stream)
 
     def _collect_partials(self, block: bool = False) -> list[EngineEvent]:
         """Partial events of the decodes that are done (in index order per request), then the
