@@ -201,7 +201,11 @@ class Omni:
         Args:
             prompts: one prompt (text, a dict of request fields, or SamplingParams) or a list.
             params: the SamplingParams of every prompt, or one per prompt.
-            on_event: called with each engine event (steps, and how each request ended).
+            on_event: called with each engine event (steps, partial images, and how each request
+                ended). A request with `partial_images=k` (families that stream them) sends k
+                "partial" events before it finishes: `event.index` 0..k-1, `event.output.images`
+                one PIL image per output, decoded from the model's x0 estimate (docs/server.md,
+                "Streaming partial images").
             use_tqdm: show a progress bar over the requests and their steps (progress.py).
 
         Returns:
@@ -230,7 +234,10 @@ class Omni:
         # step events cross from the engine only where something shows them (a bar or `on_event`)
         progress_cbs = [functools.partial(_step_event, progress.on_event, rid) if progress.wants_events else None
                         for rid in ids]
-        handles = client.submit_many([(p, None) for p in resolved], progress_cbs, request_ids=ids)
+        partial_cbs = [functools.partial(_partial_event, progress.on_event, rid) if p.partial_images else None
+                       for rid, p in zip(ids, resolved)]
+        handles = client.submit_many([(p, None) for p in resolved], progress_cbs, request_ids=ids,
+                                     on_partial=partial_cbs)
         outputs = []
         for handle in handles:
             try:
@@ -248,6 +255,11 @@ class Omni:
 
 def _step_event(on_event: Callable[[EngineEvent], None], request_id: str, step: int, total: int) -> None:
     on_event(EngineEvent("step", request_id, step, total))
+
+
+def _partial_event(on_event: Callable[[EngineEvent], None], request_id: str, index: int, images: list[Any]) -> None:
+    on_event(EngineEvent("partial", request_id, index=index, output=DiffusionOutput(request_id, "image", None,
+                                                                                      images=list(images))))
 
 
 def _final_event(on_event: Callable[[EngineEvent], None] | None, request_id: str, kind: str, **fields: Any) -> None:

@@ -50,6 +50,8 @@ class GenerateProgress:
         "error") the requests; then the caller's `on_event`."""
         if event.kind == "step":
             self.step(event.request_id, event.step, event.total)
+        elif event.kind == "partial":
+            pass
         else:
             self.finished(event.request_id)
         if self._on_event is not None:

@@ -86,6 +86,20 @@ def test_bench_images_summary_metrics_and_pixels(omni_server, tmp_path):
     assert req["output_md5"] == [_rgb_md5(ref.data[0].b64_json)]
 
 
+def test_bench_streams_and_times_the_first_partial_image(omni_server, tmp_path):
+    server = omni_server("qwen-image")
+    proc, result = _bench(server, tmp_path, "--stream", "--partial-images", "2", "--steps", "4", "--num-prompts", "2",
+                          "--max-concurrency", "1", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert (result["completed"], result["outputs"], result["streaming"], result["partial_images"]) == (2, 2, True, 2)
+    ttfp, lat = result["time_to_first_partial_image_ms"], result["latency_ms"]
+    assert 0 < ttfp["min"] and ttfp["max"] < lat["max"] and "Time to first partial image (ms)" in proc.stdout
+    assert all(0 < r["ttfp_s"] < r["latency_s"] for r in result["requests"])
+    # the completed image of a streamed request is the unstreamed answer's (seed 5 + 1, prompt 1)
+    ref = server.client().images.generate(prompt=BUILTIN_PROMPTS[1], extra_body={"seed": 6, "num_inference_steps": 4})
+    assert result["requests"][1]["output_md5"] == [_rgb_md5(ref.data[0].b64_json)]
+
+
 def test_bench_errors_by_code(omni_server, tmp_path):
     server = omni_server("qwen-image")  # --omni-max-queue 2
     # six at once against a queue of two: the server refuses the overflow (503, "at capacity")

@@ -122,6 +122,20 @@ def test_flux_refuses_what_it_does_not_read(omni_server):
     assert "guidance_scale" in caps["fields"] and "true_cfg_scale" in caps["fields"]
 
 
+def test_flux_streams_partial_images(omni_server):
+    """FLUX streams as Qwen-Image does (test_image_streaming.py): partial images of the output size,
+    the completed image byte for byte the non-streamed one."""
+    server = omni_server("flux")
+    client = server.client()
+    args = dict(prompt="a red fox", size="64x64", extra_body={"seed": 5, "num_inference_steps": 3})
+    events = list(client.images.generate(**args, stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    partials = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events[:2]]
+    assert [(p.format, p.size) for p in partials] == [("PNG", (64, 64))] * 2
+    assert events[-1].b64_json == client.images.generate(**args).data[0].b64_json
+
+
 def test_kontext_edits_and_chat_match_offline(omni_server, checkpoint):
     server = omni_server("flux-kontext")
     client = server.client()

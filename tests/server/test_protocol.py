@@ -23,9 +23,8 @@ from vllm_omni_plugin.request.protocol import (
 )
 
 # OpenAI fields this server does not take (a 400 naming them, as any unknown field): GIF / SVG
-# output, streaming partial images, the newer safety identifier and planning effort.
-NOT_TAKEN = {"complexity", "frame_count", "frame_duration_ms", "partial_images", "safety_identifier", "svg", "markup",
-             "mask"}
+# output, the newer safety identifier and planning effort.
+NOT_TAKEN = {"complexity", "frame_count", "frame_duration_ms", "safety_identifier", "svg", "markup", "mask"}
 
 
 @pytest.mark.parametrize(("openai_params", "ours"), [

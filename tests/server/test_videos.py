@@ -127,6 +127,13 @@ def test_video_delete_and_errors(omni_server):
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
     r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x"})
     assert r.status_code == 400 and "/v1/videos" in r.json()["error"]["message"]
+    # streaming partial images is the image families' (test_image_streaming.py): Wan refuses it by name
+    r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x", "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    assert r.json()["error"]["message"].startswith("wan-t2v cannot stream"), r.text
+    for body, param in [({"stream": True}, "stream"), ({"partial_images": 1}, "partial_images")]:
+        r = requests.post(server.url + "/v1/videos", headers=h, json={"prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_restarted_server_keeps_every_finished_job(omni_server, tmp_path):

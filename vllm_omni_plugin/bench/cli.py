@@ -41,6 +41,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JSON object merged into every request body, e.g. '{\"num_frames\": 9}'")
     p.add_argument("--image", default=None,
                    help="input image file: edits (default: a built-in 64x64 test image), chat (none by default)")
+    p.add_argument("--stream", action="store_true",
+                   help="images / edits: ask for server-sent events (stream: true) and time the first partial image")
+    p.add_argument("--partial-images", type=int, default=None, choices=range(4), metavar="{0..3}",
+                   help="partial images per request with --stream (default 2)")
     p.add_argument("--num-warmups", type=int, default=0, help="untimed requests sent first, one at a time")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one HTTP call may take")
     p.add_argument("--poll-interval", type=float, default=0.5, help="videos: seconds between status polls")
@@ -86,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ready_check_timeout_s=args.ready_check_timeout_sec,
         percentiles=tuple(float(p) for p in args.metric_percentiles.split(",") if p.strip()),
         detailed=args.save_detailed, disable_tqdm=args.disable_tqdm,
+        partial_images=(2 if args.partial_images is None else args.partial_images) if args.stream else None,
     )
 
 
@@ -97,6 +102,8 @@ def bench_main(args: argparse.Namespace) -> int:
     """
     if not isinstance(args.extra_body, dict):
         raise ValueError("--extra-body must be a JSON object")
+    if args.partial_images is not None and not args.stream:
+        raise ValueError("--partial-images needs --stream")
     config = config_from_args(args)
     summary = run_bench(config)
     print(format_summary(summary))

@@ -47,6 +47,8 @@ class BenchConfig:
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
     detailed: bool = False
     disable_tqdm: bool = False
+    #: images / edits: `stream: true` with this many partial images (None: no stream)
+    partial_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -57,6 +59,8 @@ class BenchConfig:
             raise ValueError("max_concurrency must be at least 1")
         if not self.request_rate > 0:
             raise ValueError("request_rate must be > 0 (inf: all requests at once)")
+        if self.partial_images is not None and self.task not in ("images", "edits"):
+            raise ValueError("--stream is for the images and edits tasks (the routes that stream)")
 
 
 class ServerNotReady(RuntimeError):
@@ -105,7 +109,8 @@ async def _run(config: BenchConfig) -> dict[str, Any]:
         model = config.model or await _first_model(client)
         workload: Workload = WORKLOADS[config.task](
             model=model, size=config.size, steps=config.steps, n=config.n, extra_body=config.extra_body,
-            image=config.image, poll_interval_s=config.poll_interval_s, detailed=config.detailed)
+            image=config.image, poll_interval_s=config.poll_interval_s, detailed=config.detailed,
+            partial_images=config.partial_images)
         prompts = load_prompts(config.prompts_file)
 
         # Warm-ups: one after another, seeds below the timed run's, results dropped.

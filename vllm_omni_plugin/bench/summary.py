@@ -2,8 +2,9 @@
 
 Schema "vllm-omni-bench/1" (docs/bench.md lists every key). Latencies are milliseconds, like
 `vllm bench serve`; throughputs are per second of the timed run (first request sent -> last
-answer read). `time_to_first_partial_image_ms` is null: no omni route streams partial images
-yet, so there is nothing to time; the key is there so results stay comparable once one does.
+answer read; with --stream: the completed event read). `time_to_first_partial_image_ms`: the
+percentiles of request sent -> first partial-image event, for a `--stream --partial-images K`
+run with K > 0; null otherwise.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def summarize(config: "BenchConfig", model: str, results: list[RequestResult], d
         "requests_per_s": round(len(ok) / duration_s, 4) if duration_s > 0 else None,
         "outputs_per_s": round(outputs / duration_s, 4) if duration_s > 0 else None,
         "latency_ms": _latency_ms([r.latency_s for r in ok], config.percentiles),
-        "streaming": False,
+        "streaming": config.partial_images is not None,
+        "partial_images": config.partial_images,
         "time_to_first_partial_image_ms": _latency_ms(ttfp, config.percentiles) if ttfp else None,
         "errors": dict(sorted(Counter(r.error_code for r in results if not r.ok).items())),
         "error_examples": {},
@@ -136,8 +138,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for key, value in s["latency_ms"].items():
         rows.append((f"{key.capitalize() if key[0] != 'p' else key.upper()} latency (ms)", _num(value)))
-    rows.append(("Time to first partial image", "n/a (the server does not stream partial images)"
-                 if s["time_to_first_partial_image_ms"] is None else _num(s["time_to_first_partial_image_ms"]["p50"])))
+    ttfp = s["time_to_first_partial_image_ms"]
+    rows.append(("Time to first partial image (ms)", _num(ttfp.get("p50", ttfp["mean"]))
+                 if ttfp else "n/a (no partial images asked: --stream --partial-images K)"))
     if s["server"]:
         rows += [("Engine steps", s["server"]["engine_steps"]),
                  ("Mean engine step (ms)", _num(s["server"]["mean_step_ms"])),

@@ -2,6 +2,8 @@
 
     images   POST /v1/images/generations (JSON)
     edits    POST /v1/images/edits (multipart upload of the input image, as OpenAI's client sends it)
+             (both with --stream: `stream: true` + `partial_images`, the server-sent events read as
+             they arrive; the time to the first partial image event is the request's `ttfp_s`)
     chat     POST /v1/chat/completions asking for images; with an input image it is an image part
     videos   POST /v1/videos, then GET /v1/videos/{id} every --poll-interval until it settles, then
              GET .../content (the latency of a video is create -> the mp4 downloaded)
@@ -41,7 +43,7 @@ class RequestResult:
     error: str | None = None
     outputs: int = 0  # images (or videos) in the answer
     request_id: str | None = None
-    #: time to the first partial image: None until the server streams partial images
+    #: time to the first partial image event (--stream with --partial-images > 0); None otherwise
     ttfp_s: float | None = None
     #: md5 of each output (decoded RGB pixels of an image, the bytes of an mp4); detailed runs only
     output_md5: list[str] = field(default_factory=list)
@@ -63,9 +65,13 @@ class Workload:
     image: bytes | None = None  # the input image (PNG/JPEG bytes) of edits, and of chat when given
     poll_interval_s: float = 0.5
     detailed: bool = False
+    #: images and edits: ask for server-sent events with this many partial images (None: no stream)
+    partial_images: int | None = None
 
     def fields(self, prompt: str, seed: int) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "seed": seed}
+        if self.partial_images is not None:
+            body["stream"], body["partial_images"] = True, self.partial_images
         if self.size is not None:
             body["size"] = self.size
         if self.steps is not None:
@@ -106,8 +112,35 @@ def _b64_images(body: dict[str, Any]) -> list[bytes]:
         raise RequestFailed("bad_response", f"no data[].b64_json in the answer ({e})") from None
 
 
+async def _streamed(client: httpx.AsyncClient, path: str, **kwargs: Any) -> tuple[dict[str, Any], list[bytes]]:
+    """POST an image request with `stream: true`; read its events as they come. Returns
+    ({"first_partial_at": perf_counter of the first partial event or None, "partial_images": count},
+    the completed images)."""
+    first, partials, images = None, 0, []
+    async with client.stream("POST", path, **kwargs) as r:
+        if r.status_code >= 400:
+            await r.aread()
+            _check(r)
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RequestFailed(str(event["error"].get("code", "stream_error")), event["error"].get("message", ""))
+            if event.get("type", "").endswith(".partial_image"):
+                first = first if first is not None else time.perf_counter()
+                partials += 1
+            elif event.get("type", "").endswith(".completed"):
+                images.append(base64.b64decode(event["b64_json"]))
+    if not images:
+        raise RequestFailed("bad_response", "the stream ended without a completed event")
+    return {"first_partial_at": first, "partial_images": partials}, images
+
+
 class Images(Workload):
     async def send(self, client, prompt, seed):
+        if self.partial_images is not None:
+            return await _streamed(client, "/v1/images/generations", json=self.fields(prompt, seed))
         body = _check(await client.post("/v1/images/generations", json=self.fields(prompt, seed)))
         return body, _b64_images(body)
 
@@ -118,6 +151,9 @@ class Edits(Workload):
             raise ValueError("the edits task needs an input image")
         form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.fields(prompt, seed).items()}
         files = {"image": ("input.png", self.image, "image/png")}
+        if self.partial_images is not None:
+            form["stream"] = "true"
+            return await _streamed(client, "/v1/images/edits", data=form, files=files)
         body = _check(await client.post("/v1/images/edits", data=form, files=files))
         return body, _b64_images(body)
 
@@ -184,6 +220,8 @@ async def timed_request(workload: Workload, task: str, client: httpx.AsyncClient
         result.error_code, result.error = "connection", f"{type(e).__name__}: {e}"
     else:
         result.ok, result.outputs = True, len(outputs)
+        if body.get("first_partial_at") is not None:
+            result.ttfp_s = body["first_partial_at"] - start
         omni = body.get("omni") or {}
         result.request_id = omni.get("request_id") or body.get("id")
         if workload.detailed:

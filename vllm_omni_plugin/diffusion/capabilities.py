@@ -110,6 +110,11 @@ class Capabilities:
                    pipeline runs inline in one diffusion engine
     background     what its outputs' background is: "opaque" (RGB) or "transparent"
                    (RGBA); a request asking for the other one is refused
+    partial_images it can hand out partial images while a request runs (streaming):
+                   its step-wise pipeline implements `x0_estimate` (the model's
+                   current estimate of the clean latent) and `decode_partial` (that
+                   estimate through the family's own VAE); a request asking for
+                   partial images from a family that cannot is refused, naming it
     """
 
     output: str
@@ -119,6 +124,7 @@ class Capabilities:
     text_output: bool = False
     orchestrator: str | None = None
     background: str = "opaque"
+    partial_images: bool = False
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_KINDS:
@@ -142,7 +148,8 @@ class Capabilities:
     @property
     def honoured(self) -> frozenset[str]:
         """Every SamplingParams field (and knob) a request may set for this family."""
-        return self.fields | ALWAYS_HONOURED | frozenset(self.knobs) | ({"images"} if self.takes_images else set())
+        return (self.fields | ALWAYS_HONOURED | frozenset(self.knobs) | ({"images"} if self.takes_images else set())
+                | ({"partial_images"} if self.partial_images else set()))
 
     def describe_images(self) -> str:
         low, high = self.input_images
@@ -191,4 +198,5 @@ class Capabilities:
                       for k, v in self.knobs.items()},
             "text_output": self.text_output,
             "orchestrator": self.orchestrator,
+            "partial_images": self.partial_images,
         }

@@ -21,12 +21,27 @@ one and only those that raise alone fail; a scheduler step runs per request.
 
 Monolithic (generic) pipelines run one whole request per step; an abort stops
 one at its next denoise step (the pipeline's step callback).
+
+Partial images (`params.partial_images` = k > 0, families that declare
+`Capabilities.partial_images`): after the steps `partial_steps(N, k)` names, the
+engine takes the pipeline's `x0_estimate` of the request (one element-wise op
+on its latents, before the scheduler step) and hands that snapshot to ONE
+partial-decode thread, which runs `decode_partial` (the family's VAE) while the
+step loop goes on with the next forward. A later `step()` collects finished
+decodes as "partial" events (never waiting for one that is still running), so
+the denoising of the other requests in the batch never waits for a partial
+decode. A request whose last step comes before its partial decodes are done
+keeps its "finished" event until they are, so its partial events always come
+first; the loop then only blocks on them when nothing else is running. An
+abort drops its pending partial decodes.
 No vLLM here: this runs on a bare GPU box (ARCHITECTURE.md, principle 3).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -39,8 +54,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .handover import check_stage_input
 from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
-from .params import ResolvedParams, SamplingParams
+from .params import ResolvedParams, SamplingParams, partial_steps
 from .state import DiffusionState
+
+logger = logging.getLogger("vllm.omni_plugin.diffusion")
 
 
 class _AbortedMidRun(Exception):
@@ -55,7 +72,9 @@ class EngineConfig:
 
 @dataclass
 class EngineEvent:
-    """kind: "step" (progress), "finished" (output set), "aborted", "error" (error set)."""
+    """kind: "step" (progress), "partial" (a partial image: `index`, `output.images` one per
+    row, `step` the step it was taken after), "finished" (output set), "aborted", "error"
+    (error set)."""
 
     kind: str
     request_id: str
@@ -63,6 +82,15 @@ class EngineEvent:
     total: int = 0
     output: DiffusionOutput | None = None
     error: BaseException | None = None
+    index: int = 0
+
+
+@dataclass
+class _PendingPartial:
+    index: int
+    step: int
+    total: int
+    future: concurrent.futures.Future
 
 
 @dataclass
@@ -109,6 +137,12 @@ class DiffusionEngine:
         self._arrivals = itertools.count()
         self._last_served: dict[Any, int] = {}
         self._step_no = 0
+        # partial images: request id -> its decodes in flight (in index order); finished
+        # events held until those are out; the one decode thread (made on first use)
+        self._partials: dict[str, list[_PendingPartial]] = {}
+        self._held: OrderedDict[str, EngineEvent] = OrderedDict()
+        self._partial_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._partial_stream: Any = None  # CUDA: the decode thread's stream
 
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
@@ -164,6 +198,8 @@ class DiffusionEngine:
 
     def close(self) -> None:
         """Release what the engine owns (a multi-rank engine stops its workers; see workers.py)."""
+        if self._partial_pool is not None:
+            self._partial_pool.shutdown(wait=True, cancel_futures=True)
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the end of the denoise step it is in; its memory is released there.
@@ -176,7 +212,7 @@ class DiffusionEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running)
+            return bool(self._waiting or self._running or self._held)
 
     @property
     def num_running(self) -> int:
@@ -226,8 +262,84 @@ class DiffusionEngine:
             events += self._denoise_one_batch()
         else:
             events += self._run_one_whole()
+        if self._partials or self._held:
+            # Nothing else to run: waiting for a partial decode delays nobody.
+            events += self._collect_partials(block=not self._running and not self._waiting)
         self._step_no += 1
         return events
+
+    # ---- partial images --------------------------------------------------------
+    def _take_partial(self, req: _Request, pred: torch.Tensor) -> None:
+        """Before the scheduler step: snapshot the x0 estimate if this step is one of the
+        request's partial steps, and queue its decode on the partial-decode thread."""
+        state, params = req.state, req.params
+        if not params.partial_images:
+            return
+        group = self._group
+        if group is not None and not group.is_driver:  # only rank 0 answers
+            return
+        steps = partial_steps(state.num_steps, params.partial_images)
+        done_after = state.step_index + 1
+        if done_after not in steps:
+            return
+        with torch.no_grad():
+            x0 = self.pipeline.x0_estimate(state, pred)
+        if self._partial_pool is None:
+            self._partial_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="omni-partial-decode")
+            if x0.is_cuda:  # the decode thread's own stream: its kernels do not queue behind (or ahead of) the loop's
+                self._partial_stream = torch.cuda.Stream(x0.device)
+        ready = None
+        if x0.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # x0 is computed on the loop's stream; the decode stream waits for it
+            x0.record_stream(self._partial_stream)  # (the allocator must not hand its memory back early)
+        future = self._partial_pool.submit(self._decode_partial, x0, params, ready)
+        self._partials.setdefault(req.request_id, []).append(
+            _PendingPartial(steps.index(done_after), done_after, state.num_steps, future))
+
+    def _decode_partial(self, x0: torch.Tensor, params: ResolvedParams, ready: Any = None) -> list[Any]:
+        """(the partial-decode thread; grad mode is per thread). On CUDA it runs on its own stream
+        after `ready` (x0 computed). The SDPA kernel choice is not pinned here: it is process-wide,
+        and the step loop pins it around every step."""
+        if ready is None:
+            with torch.no_grad():
+                return self.pipeline.decode_partial(x0, params)
+        with torch.no_grad(), torch.cuda.stream(self._partial_stream):
+            self._partial_stream.wait_event(ready)
+            return self.pipeline.decode_partial(x0, params)  # (PIL images: synchronized with its stream)
+
+    def _collect_partials(self, block: bool = False) -> list[EngineEvent]:
+        """Partial events of the decodes that are done (in index order per request), then the
+        held finished events whose partials are all out. `block`: wait for at least one."""
+        if block:
+            pending = [p.future for ps in self._partials.values() for p in ps[:1]]
+            if pending:
+                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        events: list[EngineEvent] = []
+        for rid in list(self._partials):
+            queue = self._partials[rid]
+            while queue and queue[0].future.done():
+                p = queue.pop(0)
+                exc = p.future.exception()
+                if exc is not None:  # the request fails with its decoder's error
+                    logger.error("partial image %d of request %s failed: %s", p.index, rid, exc)
+                    self._drop_partials(rid)
+                    held = self._held.pop(rid, None)
+                    if held is None:
+                        self.abort(rid)  # (its "aborted" event then finds no caller waiting)
+                    events.append(EngineEvent("error", rid, error=exc))
+                    break
+                events.append(EngineEvent("partial", rid, p.step, p.total, index=p.index,
+                                          output=DiffusionOutput(rid, "image", None, images=list(p.future.result()))))
+            if not self._partials.get(rid):
+                self._partials.pop(rid, None)
+        for rid in [r for r in self._held if r not in self._partials]:
+            events.append(self._held.pop(rid))
+        return events
+
+    def _drop_partials(self, request_id: str) -> None:
+        for p in self._partials.pop(request_id, ()):
+            p.future.cancel()
 
     def run(self, on_event: Callable[[EngineEvent], None] | None = None) -> dict[str, EngineEvent]:
         """Step until the queue is empty; returns each request's final event."""
@@ -236,7 +348,7 @@ class DiffusionEngine:
             for event in self.step():
                 if on_event is not None:
                     on_event(event)
-                if event.kind != "step":
+                if event.kind not in ("step", "partial"):
                     final[event.request_id] = event
         return final
 
@@ -252,6 +364,7 @@ class DiffusionEngine:
     def _release_aborted(self, dropped: list[_Request]) -> list[EngineEvent]:
         events = []
         for req in dropped:
+            self._drop_partials(req.request_id)
             if req.state is not None:
                 req.state.release()
                 req.state = None
@@ -340,6 +453,7 @@ class DiffusionEngine:
         events, done = [], []
         for req, pred in stepped:
             try:
+                self._take_partial(req, pred)
                 self.pipeline.scheduler_step([req.state], [pred])
             except Exception as exc:  # noqa: BLE001 -- this request's own error
                 events.append(self._fail(req, exc))
@@ -371,10 +485,15 @@ class DiffusionEngine:
                 self._running.pop(req.request_id, None)
             req.state.release()
             req.state = None
-            events.append(EngineEvent("finished", req.request_id, output=output))
+            event = EngineEvent("finished", req.request_id, output=output)
+            if req.request_id in self._partials:  # after its partial images (see _collect_partials)
+                self._held[req.request_id] = event
+            else:
+                events.append(event)
         return events
 
     def _fail(self, req: _Request, exc: BaseException) -> EngineEvent:
+        self._drop_partials(req.request_id)
         with self._lock:
             self._running.pop(req.request_id, None)
         if req.state is not None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
-from .capabilities import Capabilities, InvalidParams
+from .capabilities import Capabilities, InvalidParams, UnsupportedField
 from .output import DiffusionOutput
 from .parallel import ParallelGroup
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
@@ -83,7 +83,7 @@ class DiffusionPipelineBase(ABC):
         """request > stage defaults > this family's defaults; a field the family does not
         read, or an input-image count it does not take, is refused (`UnsupportedField`);
         step caching only where the family supports it (`supports_step_cache`)."""
-        check_request(self.capabilities, request)
+        check_request(self.capabilities, request, self.family)
         resolved = resolve(request, stage_defaults, self.defaults())
         if resolved.cache_threshold is not None and not self.supports_step_cache:
             raise InvalidParams(f"{self.family} does not support step caching; leave cache_threshold unset",
@@ -105,10 +105,13 @@ class DiffusionPipelineBase(ABC):
         """Run one resolved request to its output."""
 
 
-def check_request(capabilities: Capabilities, request: SamplingParams) -> None:
+def check_request(capabilities: Capabilities, request: SamplingParams, family: str = "this model") -> None:
     """Refuse what the declaration says the family does not read (raises `UnsupportedField`)."""
     capabilities.check_images(len(request.images or ()))
-    capabilities.check_fields(set(request.set_fields()) - {"images"})
+    if request.partial_images and not capabilities.partial_images:
+        raise UnsupportedField(f"{family} cannot stream partial images (it declares no x0 decoder); "
+                               "leave partial_images unset or 0", "partial_images")
+    capabilities.check_fields(set(request.set_fields()) - {"images", "partial_images"})
 
 
 # DiffusionState.extras key: the "cfg"-dimension ranks a request's branches run on (cfg_split).
@@ -297,6 +300,27 @@ class StepwisePipeline(DiffusionPipelineBase):
     def decode_many(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         """Decode several finished states (a pipeline may batch their VAE calls)."""
         return [self.decode(s) for s in states]
+
+    # ---- partial images (families that declare `capabilities.partial_images`) --------------
+    def x0_estimate(self, state: DiffusionState, pred: torch.Tensor) -> torch.Tensor:
+        """The model's current estimate of the clean latent, from this step's prediction.
+
+        Called by the engine BEFORE `scheduler_step` (the state still holds x_t). The
+        default is flow matching's (FlowMatchEulerDiscreteScheduler, velocity prediction):
+        x_t = (1 - sigma) x0 + sigma noise and v = noise - x0 give x0 = x_t - sigma v.
+        Returns a new tensor (the state is not touched).
+        """
+        sigma = state.scheduler.sigmas[state.step_index].to(state.latents.device, torch.float32)
+        return state.latents.to(torch.float32) - sigma * pred.to(torch.float32)
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """Latents of `params`' layout (an `x0_estimate`) -> one PIL image per row.
+
+        Runs on the engine's partial-decode thread, concurrently with the step loop:
+        it must not touch shared state the loop uses (a VAE that caches features in
+        its modules needs its own copy).
+        """
+        raise NotImplementedError(f"{self.family} declares no partial-image decoder")
 
     def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
         state = self.prepare(params, request_id)

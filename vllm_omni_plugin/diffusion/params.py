@@ -25,6 +25,20 @@ import torch
 from .capabilities import InvalidParams
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+#: at most this many partial images per request (OpenAI's bound for `partial_images`)
+MAX_PARTIAL_IMAGES = 3
+
+
+def partial_steps(num_steps: int, partial_images: int) -> tuple[int, ...]:
+    """The steps after which a request's partial images are taken: evenly spaced, none at the last.
+
+    Partial image i (0-based) is decoded after step (i + 1) * N // (k + 1) of N; e.g. 20 steps,
+    3 partial images: after steps 5, 10 and 15. The last step makes the completed image, so a
+    request of N steps has at most N - 1 partial images (fewer than asked when N <= k, as
+    OpenAI's API allows: the final image may come before all partial images).
+    """
+    k = min(partial_images, max(num_steps - 1, 0))
+    return tuple((i + 1) * num_steps // (k + 1) for i in range(k))
 
 
 @dataclass
@@ -53,6 +67,10 @@ class SamplingParams:
                               blocks while the first block's residual changes by
                               less than this (relative L1); unset = no caching,
                               0 = caching machinery on but never skipping
+    partial_images            0-3: images decoded from the model's estimate of the
+                              clean latent (x0) at evenly spaced steps, handed to
+                              the caller while the request runs (`partial_steps`);
+                              families that declare `Capabilities.partial_images`
     extra                     family-specific knobs (e.g. `cfg_normalize`)
     """
 
@@ -74,6 +92,7 @@ class SamplingParams:
     images: list[Any] | None = None
     output_type: str | None = None
     cache_threshold: float | None = None
+    partial_images: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cfg_scale: dataclasses.InitVar[float | None] = None
 
@@ -127,6 +146,7 @@ class ResolvedParams:
     images: tuple[Any, ...] | None
     output_type: str
     cache_threshold: float | None = None
+    partial_images: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
@@ -190,6 +210,7 @@ def resolve(
         merged["seed"] = secrets.randbits(63)
     merged.setdefault("num_outputs_per_prompt", 1)
     merged.setdefault("output_type", "pil")
+    merged.setdefault("partial_images", 0)
     if merged.get("prompt") is None:
         merged["prompt"] = ""
     _validate(merged)
@@ -211,6 +232,10 @@ def _validate(v: Mapping[str, Any]) -> None:
         positive_int(name)
     if v.get("num_inference_steps") is None:
         raise InvalidParams("num_inference_steps is unset and the pipeline has no default", "num_inference_steps")
+    partial = v["partial_images"]
+    if not isinstance(partial, int) or isinstance(partial, bool) or not 0 <= partial <= MAX_PARTIAL_IMAGES:
+        raise InvalidParams(f"partial_images must be an integer in [0, {MAX_PARTIAL_IMAGES}], got {partial!r}",
+                            "partial_images")
     if v["output_type"] not in OUTPUT_TYPES:
         raise InvalidParams(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}", "output_type")
     for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale", "cache_threshold"):

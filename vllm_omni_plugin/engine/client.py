@@ -54,7 +54,7 @@ from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from . import codec
 from .errors import EngineStopped, GenerationFailed, QueueFull, RequestAborted, StageUnavailable
-from .handles import ClientStats, ProgressFn, RequestHandle
+from .handles import ClientStats, PartialFn, ProgressFn, RequestHandle
 from .messages import Abort, AddRequest, AddRequests, Call, Events, Ready, Shutdown, StartFailed, frames_of, parse
 from .spec import EngineSpec, PipelineInfo
 
@@ -289,13 +289,15 @@ class EngineCoreClient:
         return codec.unpack(reply.value, buffers)
 
     def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
-               request_id: str | None = None, stage_input: Any = None) -> RequestHandle:
+               request_id: str | None = None, stage_input: Any = None,
+               on_partial: PartialFn | None = None) -> RequestHandle:
         """Queue one resolved request; see `submit_many`."""
-        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id])[0]
+        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id], on_partial)[0]
 
     def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
-                    prefix: str = "omni", request_ids: Sequence[str | None] | None = None) -> list[RequestHandle]:
+                    prefix: str = "omni", request_ids: Sequence[str | None] | None = None,
+                    on_partial: PartialFn | Sequence[PartialFn | None] | None = None) -> list[RequestHandle]:
         """Queue requests that one engine step admits together.
 
         Args:
@@ -305,6 +307,9 @@ class EngineCoreClient:
                 the client's thread.
             prefix: request id prefix ("images", "video" ...).
             request_ids: ids chosen by the caller (None: made here).
+            on_partial: called with (index, images) for each partial image of a request that
+                asks for them (`params.partial_images`), where `on_progress` is called; the
+                images cross from the engine process as raw frames.
 
         Returns:
             one handle per request, in order.
@@ -320,6 +325,7 @@ class EngineCoreClient:
         ids = list(request_ids or [None] * len(requests))
         buffers: list[Any] = []
         progress = list(on_progress) if isinstance(on_progress, (list, tuple)) else [on_progress] * len(requests)
+        partials = list(on_partial) if isinstance(on_partial, (list, tuple)) else [on_partial] * len(requests)
         with self._lock:  # (the status is checked under the lock the reader flips it under: see _engine_died)
             self._check_up()
             if self.max_queue is not None and len(self._handles) + len(requests) > self.max_queue:
@@ -329,11 +335,12 @@ class EngineCoreClient:
                     f"--omni-max-queue {self.max_queue}); retry later"
                 )
             handles, adds = [], []
-            for (params, stage_input), rid, on_progress in zip(requests, ids, progress):
+            for (params, stage_input), rid, on_progress, partial in zip(requests, ids, progress, partials):
                 rid = rid or f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
                 if rid in self._handles or any(h.request_id == rid for h in handles):
                     raise ValueError(f"request id {rid!r} is already in the engine")
-                handles.append(RequestHandle(rid, params, concurrent.futures.Future(), on_progress, loop))
+                handles.append(RequestHandle(rid, params, concurrent.futures.Future(), on_progress, loop,
+                                             on_partial=partial))
                 adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers)))
             # Registered before the send: the reader may see their events before this call returns.
             for h in handles:
@@ -420,6 +427,10 @@ class EngineCoreClient:
                 handle.step, handle.total = event.step, event.total
                 if handle.on_progress is not None:
                     self._progress(handle, event.step, event.total)
+            elif event.kind == "partial":
+                if handle.on_partial is not None:
+                    images = codec.unpack(event.output, buffers).images
+                    self._call(handle, handle.on_partial, event.index, images)
             elif event.kind == "finished":
                 output = codec.unpack(event.output, buffers)
                 output.params = handle.params  # (the core leaves out what the client sent)
@@ -436,11 +447,16 @@ class EngineCoreClient:
 
     @staticmethod
     def _progress(handle: RequestHandle, step: int, total: int) -> None:
+        EngineCoreClient._call(handle, handle.on_progress, step, total)
+
+    @staticmethod
+    def _call(handle: RequestHandle, fn: Callable, *args: Any) -> None:
+        """A request's callback: on the caller's event loop when it submitted from one, else here."""
         loop = handle.loop
         if loop is None:
-            handle.on_progress(step, total)
+            fn(*args)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(handle.on_progress, step, total)
+            loop.call_soon_threadsafe(fn, *args)
 
     def _settle(self, handle: RequestHandle, output: DiffusionOutput | None = None,
                 error: BaseException | None = None) -> None:

@@ -53,7 +53,7 @@ def _event_message(event: Any, buffers: list[Any]) -> Event:
     # with the input images they hold.
     output = codec.pack(dataclasses.replace(event.output, params=None), buffers) if event.output is not None else None
     error = codec.pack(event.error, buffers) if event.error is not None else None
-    return Event(event.kind, event.request_id, event.step, event.total, output, error)
+    return Event(event.kind, event.request_id, event.step, event.total, output, error, getattr(event, "index", 0))
 
 
 class EngineCore:
@@ -81,7 +81,7 @@ class EngineCore:
         buffers: list[Any] = []
         msgs = [_event_message(e, buffers) for e in events]
         with self._known_lock:
-            self._known.difference_update(e.request_id for e in events if e.kind != "step")
+            self._known.difference_update(e.request_id for e in events if e.kind not in ("step", "partial"))
         message = Events(step_seconds, msgs, self.engine.num_running)
         with self._send_lock:
             self.output.send_multipart(frames_of(message, buffers), copy=False)

@@ -10,6 +10,8 @@ from typing import Any, Callable
 from ..diffusion.params import ResolvedParams
 
 ProgressFn = Callable[[int, int], None]
+#: a partial image of a running request: (its 0-based index, one image per output row)
+PartialFn = Callable[[int, list[Any]], None]
 
 
 @dataclass
@@ -21,6 +23,8 @@ class RequestHandle:
     future: Any  # concurrent.futures.Future (engine clients) or asyncio.Future (EngineLoop)
     on_progress: ProgressFn | None = None
     loop: asyncio.AbstractEventLoop | None = None  # progress is called on this loop when set
+    #: called with each partial image (requests with `params.partial_images`), like on_progress
+    on_partial: PartialFn | None = None
     step: int = 0
     total: int = 0
     submitted: float = field(default_factory=time.monotonic)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from ..diffusion.engine import DiffusionEngine
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
-from .handles import ClientStats, ProgressFn, RequestHandle
+from .handles import ClientStats, PartialFn, ProgressFn, RequestHandle
 from .errors import GenerationFailed, QueueFull, RequestAborted
 from .spec import PipelineInfo
 
@@ -49,25 +49,28 @@ class LocalEngineClient:
         return self.engine.pipeline.resolve(request, stage_defaults or self.engine.stage_defaults)
 
     def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
-               request_id: str | None = None, stage_input: Any = None) -> RequestHandle:
-        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id])[0]
+               request_id: str | None = None, stage_input: Any = None,
+               on_partial: PartialFn | None = None) -> RequestHandle:
+        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id], on_partial)[0]
 
     def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
-                    prefix: str = "omni", request_ids: Sequence[str | None] | None = None) -> list[RequestHandle]:
-        """As `EngineCoreClient.submit_many`; progress is called in the thread that waits."""
+                    prefix: str = "omni", request_ids: Sequence[str | None] | None = None,
+                    on_partial: PartialFn | Sequence[PartialFn | None] | None = None) -> list[RequestHandle]:
+        """As `EngineCoreClient.submit_many`; progress and partial images are called in the thread that waits."""
         if self.max_queue is not None and len(self._handles) + len(requests) > self.max_queue:
             self.stats.rejected += len(requests)
             raise QueueFull(f"{len(self._handles)} requests in the engine, at most {self.max_queue}")
         progress = list(on_progress) if isinstance(on_progress, (list, tuple)) else [on_progress] * len(requests)
+        partials = list(on_partial) if isinstance(on_partial, (list, tuple)) else [on_partial] * len(requests)
         ids = [rid or f"{prefix}-{next(self._ids)}" for rid in (request_ids or [None] * len(requests))]
         results = self.engine.add_requests(
             [(rid, params, stage_input) for rid, (params, stage_input) in zip(ids, requests)])
         handles = []
-        for rid, result, fn in zip(ids, results, progress):
+        for rid, result, fn, partial in zip(ids, results, progress, partials):
             if isinstance(result, Exception):
                 raise result
-            handle = RequestHandle(rid, result, concurrent.futures.Future(), fn)
+            handle = RequestHandle(rid, result, concurrent.futures.Future(), fn, on_partial=partial)
             self._handles[rid] = handle
             handles.append(handle)
         self.stats.submitted += len(handles)
@@ -94,6 +97,10 @@ class LocalEngineClient:
             handle.step, handle.total = event.step, event.total
             if handle.on_progress is not None:
                 handle.on_progress(event.step, event.total)
+            return
+        if event.kind == "partial":
+            if handle.on_partial is not None:
+                handle.on_partial(event.index, event.output.images)
             return
         del self._handles[event.request_id]
         if event.kind == "finished":

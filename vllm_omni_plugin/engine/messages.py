@@ -62,12 +62,13 @@ class StartFailed(msgspec.Struct, tag=True, array_like=True):
 
 
 class Event(msgspec.Struct, array_like=True):
-    kind: str  # "step" | "finished" | "aborted" | "error"
+    kind: str  # "step" | "partial" | "finished" | "aborted" | "error"
     request_id: str
     step: int = 0
     total: int = 0
-    output: Any = None  # DiffusionOutput (packed)
+    output: Any = None  # DiffusionOutput (packed): its images cross as raw frames (codec.py)
     error: Any = None  # a packed exception
+    index: int = 0  # "partial": the partial image's index
 
 
 class Events(msgspec.Struct, tag=True, array_like=True):

@@ -31,7 +31,7 @@ from ..diffusion.engine import DiffusionEngine, EngineEvent
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
 from ..engine.errors import EngineStopped, GenerationFailed, QueueFull, RequestAborted, StageUnavailable
-from ..engine.handles import ClientStats, ProgressFn, RequestHandle
+from ..engine.handles import ClientStats, PartialFn, ProgressFn, RequestHandle
 
 # The request-ending exceptions are the engine clients' (engine/errors.py); importable from here as before.
 __all__ = ["EngineLoop", "EngineStopped", "GenerationFailed", "QueueFull", "RequestAborted", "StageUnavailable",
@@ -93,9 +93,11 @@ class EngineLoop:
         prefix: str = "omni",
         request_id: str | None = None,
         stage_input: Any = None,
+        on_partial: PartialFn | None = None,
     ) -> RequestHandle:
         """Queue a request; `request_id` names it where the caller already has (a multi-stage
-        request's stages share it), `stage_input` is what the stage before handed over for it."""
+        request's stages share it), `stage_input` is what the stage before handed over for it,
+        `on_partial(index, images)` receives its partial images (on the event loop)."""
         if not self.alive:
             raise EngineStopped("the diffusion engine is not running")
         if len(self._handles) >= self.max_queue:
@@ -107,7 +109,7 @@ class EngineLoop:
         rid = request_id or f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
         if rid in self._handles:
             raise ValueError(f"request id {rid!r} is already in the engine")
-        handle = RequestHandle(rid, params, self._loop.create_future(), on_progress)
+        handle = RequestHandle(rid, params, self._loop.create_future(), on_progress, on_partial=on_partial)
         self._handles[rid] = handle  # before the engine thread can report on it
         try:
             self.engine.add_request(rid, params, stage_input)
@@ -170,6 +172,9 @@ class EngineLoop:
                 handle.step, handle.total = event.step, event.total
                 if handle.on_progress is not None:
                     handle.on_progress(event.step, event.total)
+            elif event.kind == "partial":
+                if handle.on_partial is not None:
+                    handle.on_partial(event.index, event.output.images)
             elif event.kind == "finished":
                 self._settle(handle, output=event.output)
             elif event.kind == "aborted":

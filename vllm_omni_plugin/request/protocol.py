@@ -124,6 +124,10 @@ class GenerationParams(BaseModel):
         None, ge=1, description="Text-encoder token budget of the prompt (models that declare it: Qwen-Image, FLUX).")
     cache_threshold: float | None = Field(
         None, description="Step-cache threshold (>= 0; 0 or unset: every step computed). Models that cache only.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3,
+        description="With `stream: true` on the image routes: partial images (0-3) streamed before each "
+        "completed image, decoded from the model's estimate of the clean image at evenly spaced steps.")
     response_format: Literal["b64_json"] | None = Field(
         None, description="b64_json, the only one: this server keeps no image store (OpenAI's `url` is refused).")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
@@ -269,11 +273,15 @@ class ImageURL(BaseModel):
     image_url: str = Field(description="The image's URL.")
 
 
+_STREAM_HELP = ("true: answer with server-sent events (text/event-stream): `partial_images` partial-image "
+                "events, then one completed event per image (models that can stream; see docs/server.md).")
+
+
 class ImageGenerationRequest(GenerationParams):
     """POST /v1/images/generations (JSON): text to image(s)."""
 
     prompt: str = Field(description="What to generate.")
-    stream: Literal[False] | None = Field(None, description="Streaming is not supported; omit it or send false.")
+    stream: bool | None = Field(None, description=_STREAM_HELP)
 
 
 class ImageEditRequest(GenerationParams):
@@ -281,7 +289,7 @@ class ImageEditRequest(GenerationParams):
 
     prompt: str = Field(description="The edit instruction.")
     images: list[ImageURL] = Field(description="Input images, in order (as many as the served model takes).")
-    stream: Literal[False] | None = Field(None, description="Streaming is not supported; omit it or send false.")
+    stream: bool | None = Field(None, description=_STREAM_HELP)
 
 
 class ImageEditForm(GenerationParams):
@@ -291,7 +299,7 @@ class ImageEditForm(GenerationParams):
     prompt: str = Field(description="The edit instruction.")
     image: list[bytes] = Field(
         description="Input image file(s) (png, jpeg, webp ...); several as repeated `image` / `image[]` parts.")
-    stream: Literal[False] | None = Field(None, description="Streaming is not supported; omit it or send false.")
+    stream: bool | None = Field(None, description=_STREAM_HELP)
 
 
 class VideoCreateRequest(GenerationParams):

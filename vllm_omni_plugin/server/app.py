@@ -29,6 +29,7 @@ from ..diffusion.engine import EngineConfig
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams
 from ..engine.client import EngineCoreClient
+from ..engine.handles import PartialFn
 from ..engine.spec import EngineSpec, PipelineInfo
 from ..orchestrator.engine_loop import EngineLoop, ProgressFn, QueueFull
 from ..orchestrator.stages import StageTimings
@@ -73,8 +74,9 @@ class InlineDiffusion:
             self.bridge.engine.close()  # a multi-GPU DiT's worker ranks (after the engine thread ended)
 
     async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
-                             request_id: str | None = None) -> DiffusionOutput:
-        handle = self.bridge.submit(params, on_progress, request_id=request_id)
+                             request_id: str | None = None, on_partial: PartialFn | None = None) -> DiffusionOutput:
+        """Run one request; `on_partial(index, images)` gets its partial images (on this event loop)."""
+        handle = self.bridge.submit(params, on_progress, request_id=request_id, on_partial=on_partial)
         try:
             return await self.bridge.result(handle)
         except asyncio.CancelledError:

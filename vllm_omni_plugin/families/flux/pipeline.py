@@ -45,7 +45,7 @@ class FluxStepwise(StepwisePipeline):
     """Text-to-image (FluxPipeline: FLUX.1-dev, -schnell and their fine-tunes)."""
 
     family = "flux"
-    capabilities = Capabilities(output="image", fields=FLUX_FIELDS)
+    capabilities = Capabilities(output="image", fields=FLUX_FIELDS, partial_images=True)
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
@@ -201,14 +201,22 @@ class FluxStepwise(StepwisePipeline):
                 outputs.update(zip((s.request_id for s in group), self._decode_group(group)))
         return [outputs[s.request_id] for s in states]
 
+    def _decode_latents(self, latents: torch.Tensor, p: ResolvedParams, output_type: str) -> list[Any]:
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = pipe._unpack_latents(latents, p.height, p.width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return list(pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type=output_type))
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> PIL images. FLUX's AutoencoderKL keeps no state in its modules
+        during a decode, so the engine's decode thread shares it with the step loop."""
+        return self._decode_latents(latents.to(self.pipe.vae.dtype), params, "pil")
+
     def _decode_group(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
         if p.output_type == "latent":  # diffusers returns the packed latents
             return [DiffusionOutput(s.request_id, "latent", s.params, latents=s.latents) for s in states]
-        pipe, vae = self.pipe, self.pipe.vae
-        latents = pipe._unpack_latents(torch.cat([s.latents for s in states]), p.height, p.width, pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type=p.output_type)
+        images = self._decode_latents(torch.cat([s.latents for s in states]), p, p.output_type)
         outputs, start = [], 0
         for s in states:
             outputs.append(DiffusionOutput(s.request_id, "image", s.params, images=list(images[start : start + s.rows])))
@@ -244,7 +252,7 @@ class FluxKontextStepwise(FluxStepwise):
 
     family = "flux-kontext"
     capabilities = Capabilities(
-        output="image", input_images=(0, 1), fields=FLUX_FIELDS,
+        output="image", input_images=(0, 1), fields=FLUX_FIELDS, partial_images=True,
         knobs={"max_area": Knob(int, description="About how many pixels the output has (default 1024*1024); "
                                 "its size keeps the aspect of the requested size or the input image.")},
     )

@@ -16,6 +16,7 @@ padding does not move them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from collections import OrderedDict
@@ -71,13 +72,14 @@ class QwenImageStepwise(StepwisePipeline):
     """Text-to-image (QwenImagePipeline)."""
 
     family = "qwen-image"
-    capabilities = Capabilities(output="image", fields=QWEN_FIELDS)
+    capabilities = Capabilities(output="image", fields=QWEN_FIELDS, partial_images=True)
     supports_step_cache = True
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
         if pipe.transformer.config.guidance_embeds:  # a guidance-distilled checkpoint reads guidance_scale
             self.capabilities = self.capabilities.with_fields("guidance_scale")
+        self._partial_vae: Any = None  # decode_partial's own VAE (made on first use)
         # text -> [1, L, D] embeddings encoded alone (see "Text encoding" below)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -354,11 +356,22 @@ class QwenImageStepwise(StepwisePipeline):
                 outputs.update(zip((s.request_id for s in group), self._decode_images(group)))
         return [outputs[s.request_id] for s in states]
 
-    def decode_latents(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+    def decode_latents(self, latents: torch.Tensor, params: ResolvedParams, vae: Any = None,
+                       output_type: str | None = None) -> list[Any]:
         """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent")."""
+        vae = vae if vae is not None else self.pipe.vae
         latents = self.pipe._unpack_latents(latents, params.height, params.width, self.pipe.vae_scale_factor)
-        image = self.pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
-        return list(self.pipe.image_processor.postprocess(image, output_type=params.output_type))
+        image = vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        return list(self.pipe.image_processor.postprocess(image, output_type=output_type or params.output_type))
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> PIL images, through a private copy of the VAE: Qwen-Image's causal VAE
+        keeps its feature cache in its modules during a decode, so a partial decode on the
+        engine's decode thread must not share the modules the step loop's final decodes use
+        (the copy: the VAE's weights once more, ~250 MB for the full model in bf16)."""
+        if self._partial_vae is None:
+            self._partial_vae = copy.deepcopy(self.pipe.vae)
+        return self.decode_latents(latents, params, vae=self._partial_vae, output_type="pil")
 
     def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
@@ -393,7 +406,7 @@ class QwenImageEditStepwise(QwenImageStepwise):
     """Image + instruction -> image (QwenImageEditPipeline)."""
 
     family = "qwen-image-edit"
-    capabilities = Capabilities(output="image", input_images=(1, 1), fields=QWEN_FIELDS)
+    capabilities = Capabilities(output="image", input_images=(1, 1), fields=QWEN_FIELDS, partial_images=True)
     #: which input image sets the default output size (diffusers: the first for Edit, the last for Edit Plus)
     _size_image = 0
 
@@ -450,7 +463,7 @@ class QwenImageEditPlusStepwise(QwenImageEditStepwise):
     """
 
     family = "qwen-image-edit-plus"
-    capabilities = Capabilities(output="image", input_images=(1, None), fields=QWEN_FIELDS)
+    capabilities = Capabilities(output="image", input_images=(1, None), fields=QWEN_FIELDS, partial_images=True)
     _size_image = -1
     CONDITION_AREA = 384 * 384  # diffusers' CONDITION_IMAGE_SIZE
     VAE_AREA = 1024 * 1024  # diffusers' VAE_IMAGE_SIZE

@@ -75,11 +75,41 @@ async def json_body(request: Request) -> dict[str, Any]:
     return parse_json_object(b"".join(chunks), limits)
 
 
-def check_request(request: Request, fields: dict[str, Any]) -> None:
-    """Checks every generation route makes: the model name, and no streaming (pops `stream`)."""
+_FLAGS = {None: False, False: False, True: True, "false": False, "true": True}
+
+
+def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False) -> bool:
+    """Checks every generation route makes: the model name and `stream` (popped from `fields`).
+
+    Args:
+        request: the HTTP request.
+        fields: the body's fields.
+        streams: the route can answer with server-sent events (the image routes): then
+            `stream: true` is taken where the served model can stream partial images.
+
+    Returns:
+        whether the answer is to be streamed.
+    """
     check_model(request, fields.get("model"))
-    if fields.pop("stream", None) not in (None, False, "false"):
-        raise RequestError("streaming responses are not supported by the omni server; omit `stream`", "stream")
+    raw = fields.pop("stream", None)
+    stream = _FLAGS.get(raw) if isinstance(raw, (bool, str, type(None))) else None
+    if stream is None:
+        raise RequestError(f"`stream` must be true or false, got {raw!r}", "stream")
+    if stream and not streams:
+        raise RequestError("streaming responses are not supported by the omni server on this route; omit `stream`",
+                           "stream")
+    if not stream:
+        if fields.get("partial_images") not in (None, 0, "0"):
+            raise RequestError("`partial_images` needs `stream: true` (partial images are streamed)", "partial_images")
+        return False
+    info = runtime(request).pipeline
+    if not info.capabilities.partial_images:
+        raise RequestError(f"{info.family} cannot stream its answers (it declares no partial-image decoder; "
+                           "streaming: the Qwen-Image and FLUX families); omit `stream`", "stream")
+    if fields.get("response_format") == "url":
+        raise RequestError("`stream: true` answers with b64_json images only; response_format=url is not "
+                           "supported (this server keeps no image store)", "response_format")
+    return True
 
 
 async def read_form(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from ...request import RequestError
 from ...request.protocol import request_body
 from ..serving.common import runtime
-from ..serving.images import serve_images
+from ..serving.images import serve_images, stream_images
 from .common import check_request, json_body, json_response, omni_route, read_form
 
 router = APIRouter()
@@ -24,7 +24,8 @@ _NO_MASK = "`mask` is not supported: the served model edits from the instruction
 @omni_route("images.generations")
 async def create_image(request: Request):
     body = await json_body(request)
-    check_request(request, body)
+    if check_request(request, body, streams=True):
+        return await stream_images(request, body, task="image")
     return json_response(await serve_images(request, body, task="image"))
 
 
@@ -47,5 +48,6 @@ async def _edit_inputs(request: Request) -> tuple[dict[str, Any], list[Any]]:
 @omni_route("images.edits")
 async def edit_image(request: Request):
     fields, images = await _edit_inputs(request)
-    check_request(request, fields)
+    if check_request(request, fields, streams=True):
+        return await stream_images(request, fields, images, task="edit")
     return json_response(await serve_images(request, fields, images, task="edit"))
