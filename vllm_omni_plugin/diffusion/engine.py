@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .handover import check_stage_input
 from .interface import DiffusionPipelineBase, StepwisePipeline
+from .lora import LoraError
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
 from .state import DiffusionState
@@ -126,11 +127,25 @@ class DiffusionEngine:
         """
         check_stage_input(self.pipeline, request_id, stage_input)
         resolved = params if isinstance(params, ResolvedParams) else self.pipeline.resolve(params, self.stage_defaults)
+        self._pin(resolved)
         with self._lock:
             if request_id in self._waiting or request_id in self._running:
+                self._unpin(resolved)
                 raise ValueError(f"request id {request_id!r} is already in the engine")
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals), stage_input)
         return resolved
+
+    def _pin(self, params: ResolvedParams) -> None:
+        """Hold the request's LoRA adapters resident (an evicted one reloads) until it ends."""
+        if params.lora:
+            loras = self.pipeline.loras
+            if loras is None:
+                raise LoraError("this model serves no LoRA adapters", "lora")
+            loras.acquire(params.lora)
+
+    def _unpin(self, params: ResolvedParams) -> None:
+        if params.lora and self.pipeline.loras is not None:
+            self.pipeline.loras.release(params.lora)
 
     def add_requests(
         self, requests: list[tuple[str, SamplingParams | ResolvedParams, Any]]
@@ -148,8 +163,10 @@ class DiffusionEngine:
         for rid, params, stage_input in requests:
             try:
                 check_stage_input(self.pipeline, rid, stage_input)
-                out.append(params if isinstance(params, ResolvedParams)
-                           else self.pipeline.resolve(params, self.stage_defaults))
+                resolved = (params if isinstance(params, ResolvedParams)
+                            else self.pipeline.resolve(params, self.stage_defaults))
+                self._pin(resolved)
+                out.append(resolved)
             except Exception as exc:  # noqa: BLE001 -- that request's own error, returned to its caller
                 out.append(exc)
         with self._lock:
@@ -157,6 +174,7 @@ class DiffusionEngine:
                 if isinstance(resolved, Exception):
                     continue
                 if rid in self._waiting or rid in self._running:
+                    self._unpin(resolved)
                     out[i] = ValueError(f"request id {rid!r} is already in the engine")
                     continue
                 self._waiting[rid] = _Request(rid, resolved, next(self._arrivals), stage_input)
@@ -252,6 +270,7 @@ class DiffusionEngine:
     def _release_aborted(self, dropped: list[_Request]) -> list[EngineEvent]:
         events = []
         for req in dropped:
+            self._unpin(req.params)
             if req.state is not None:
                 req.state.release()
                 req.state = None
@@ -269,6 +288,7 @@ class DiffusionEngine:
         events = []
         for req, state in zip(admitted, states):
             if isinstance(state, Exception):  # the request fails, the engine goes on
+                self._unpin(req.params)
                 events.append(EngineEvent("error", req.request_id, error=state))
                 continue
             req.state = state
@@ -369,6 +389,7 @@ class DiffusionEngine:
                 output.timings["decode"] = decode_seconds
             with self._lock:
                 self._running.pop(req.request_id, None)
+            self._unpin(req.params)
             req.state.release()
             req.state = None
             events.append(EngineEvent("finished", req.request_id, output=output))
@@ -377,6 +398,7 @@ class DiffusionEngine:
     def _fail(self, req: _Request, exc: BaseException) -> EngineEvent:
         with self._lock:
             self._running.pop(req.request_id, None)
+        self._unpin(req.params)
         if req.state is not None:
             req.state.release()
             req.state = None

@@ -53,6 +53,8 @@ class SamplingParams:
                               blocks while the first block's residual changes by
                               less than this (relative L1); unset = no caching,
                               0 = caching machinery on but never skipping
+    lora                      LoRA adapters and their scales, ((name, scale), ...)
+                              (diffusion/lora.py); unset = the base model
     extra                     family-specific knobs (e.g. `cfg_normalize`)
     """
 
@@ -74,6 +76,7 @@ class SamplingParams:
     images: list[Any] | None = None
     output_type: str | None = None
     cache_threshold: float | None = None
+    lora: tuple[tuple[str, float], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cfg_scale: dataclasses.InitVar[float | None] = None
 
@@ -127,6 +130,7 @@ class ResolvedParams:
     images: tuple[Any, ...] | None
     output_type: str
     cache_threshold: float | None = None
+    lora: tuple[tuple[str, float], ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
