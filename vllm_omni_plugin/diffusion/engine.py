@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .handover import check_stage_input
 from .interface import DiffusionPipelineBase, StepwisePipeline
-from .lora import LoraError
+from .lora import LoraError, LoraNotFound, LoraPolicy
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
 from .state import DiffusionState
@@ -52,6 +52,10 @@ class _AbortedMidRun(Exception):
 class EngineConfig:
     max_batch_tokens: int = 65536
     max_running: int = 64
+    #: per-request LoRA adapters (diffusion/lora.py): the operator's policy; None: LoRA off
+    lora: LoraPolicy | None = None
+    #: (name, path) adapters loaded at start (their paths count as allowed)
+    loras: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -110,6 +114,29 @@ class DiffusionEngine:
         self._arrivals = itertools.count()
         self._last_served: dict[Any, int] = {}
         self._step_no = 0
+        if self.config.lora is not None:
+            loras = pipeline.enable_lora(self.config.lora)
+            for name, path in self.config.loras:
+                loras.register(name, path, operator=True)
+
+    # ---- LoRA adapters (thread-safe; the engine-core RPC and Omni call these) -------------------
+    def load_lora(self, name: str, path: str, operator: bool = False) -> dict[str, Any]:
+        """Check, read and register an adapter (LoraError naming the rule it breaks); `operator`:
+        the path is the operator's own (start-up flags, offline `Omni.load_lora`), allowed as such."""
+        if self.pipeline.loras is None:
+            raise LoraError("LoRA adapters are off for this model (start it with --omni-lora-dirs or --omni-lora)",
+                            "lora_path")
+        adapter = self.pipeline.loras.register(name, path, operator=operator)
+        return {"name": name, "path": adapter.path, "rank": adapter.rank, "modules": len(adapter.modules)}
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter; refused (LoraBusy) while a queued or running request uses it."""
+        if self.pipeline.loras is None:
+            raise LoraNotFound(f"LoRA adapter {name!r} is not loaded", "lora_name")
+        self.pipeline.loras.unregister(name)
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return [] if self.pipeline.loras is None else self.pipeline.loras.describe()
 
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,

@@ -261,8 +261,7 @@ class LoraSet:
             return list(self._resident)
 
     def _check(self, path: str) -> Path:
-        extra = [p for p in self._allowed_files if os.path.realpath(path) == p]
-        return check_path(path, self.policy, extra)
+        return check_path(path, self.policy, sorted(self._allowed_files))
 
     def _read(self, name: str, real: Path) -> Adapter:
         """Make room (evict the LRU unused adapter), read, make resident."""

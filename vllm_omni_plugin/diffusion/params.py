@@ -141,6 +141,7 @@ class ResolvedParams:
         """The resolved values without input images (for logs, responses, outputs)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
         out["extra"] = dict(self.extra)
+        out["lora"] = [{"name": n, "scale": s} for n, s in self.lora] if self.lora else None
         out["num_input_images"] = len(self.images) if self.images else 0
         return out
 

@@ -76,8 +76,18 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 def check_request(request: Request, fields: dict[str, Any]) -> None:
-    """Checks every generation route makes: the model name, and no streaming (pops `stream`)."""
-    check_model(request, fields.get("model"))
+    """Checks every generation route makes: the model name, and no streaming (pops `stream`).
+    A `model` that names a LoRA adapter selects it at scale 1.0 (vLLM's convention), ahead of `lora`."""
+    model = fields.get("model")
+    check_model(request, model)
+    if model is not None and model in runtime(request).adapters:
+        listed = fields.get("lora")
+        if isinstance(listed, str):  # a form field: JSON text
+            listed = _json_list(listed)
+        if listed is None:
+            listed = []
+        if isinstance(listed, list) and not any(isinstance(x, dict) and x.get("name") == model for x in listed):
+            fields["lora"] = [{"name": model, "scale": 1.0}, *listed]
     if fields.pop("stream", None) not in (None, False, "false"):
         raise RequestError("streaming responses are not supported by the omni server; omit `stream`", "stream")
 
@@ -126,9 +136,19 @@ def check_model(request: Request, model: Any) -> None:
     """`model` may be omitted; when given it must be a name this server serves."""
     if model is None:
         return
-    names = runtime(request).config.served_model_names
+    omni = runtime(request)
+    names = [*omni.config.served_model_names, *omni.adapters]
     if model not in names:
         raise OmniHTTPError(404, f"The model `{model}` does not exist. This server serves: {', '.join(names)}", "model")
+
+
+def _json_list(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # refused by the request layer, naming `lora`
 
 
 def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:
