@@ -157,3 +157,48 @@ def test_lru_eviction_reload_and_unload_in_use(setup, reference):
     assert_pixels_close(np.stack(final["uses-b"].output.images), reference(PROMPTS["b"], 4, ["b"], [0.5]), 1)
     loras.unregister("c")
     assert "c" not in loras.names()
+
+
+OTHERS = {
+    "flux": (dict(height=64, width=96, num_inference_steps=3, max_sequence_length=32), "images"),
+    # both experts take their steps; diffusers' load_lora_weights (and so the served adapter) targets the
+    # high-noise expert `transformer` only (load_into_transformer_2 is not used)
+    "wan2.2-t2v": (dict(negative_prompt="static", height=32, width=48, num_frames=5, num_inference_steps=4,
+                        guidance_scale=4.0, guidance_scale_2=2.0), "frames"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHERS))
+def test_mixed_adapters_match_diffusers_on_other_families(family, checkpoint, tmp_path):
+    kw, field = OTHERS[family]
+    ckpt = checkpoint(family)
+    ours = load_pipeline(ckpt, dtype=torch.float32, device="cpu")
+    paths = {"a": make_lora(ours.pipe, tmp_path / "a", rank=4, alpha=8, seed=1, magnitude=0.1),
+             "b": make_lora(ours.pipe, tmp_path / "b", rank=2, seed=2, magnitude=0.2)}
+    loras = ours.enable_lora(LoraPolicy(allowed_dirs=(str(tmp_path),)))
+    for name, path in paths.items():
+        loras.register(name, str(path))
+    lora = {"a": (("a", 1.0),), "b": (("b", 0.5),), "none": None}
+    engine = DiffusionEngine(ours)
+    for i, key in enumerate(lora):
+        engine.add_request(key, SamplingParams(prompt=PROMPTS[key], **kw, seed=20 + i, output_type="np",
+                                               lora=lora[key]))
+    final = engine.run()
+    assert engine.stats.batch_sizes == [3] * kw["num_inference_steps"]
+    ref = DiffusionPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    for name, path in paths.items():
+        ref.load_lora_weights(str(path), adapter_name=name)
+    for i, (key, v) in enumerate(lora.items()):
+        if v:
+            ref.enable_lora()
+            ref.set_adapters([n for n, _ in v], [w for _, w in v])
+        else:
+            ref.disable_lora()
+        expected = getattr(ref(PROMPTS[key], **kw, generator=seeded(20 + i), output_type="np"), field)
+        out = final[key].output
+        got = np.stack(out.images) if field == "images" else np.asarray(out.videos)
+        assert_pixels_close(got, expected, 1)
+        if v:
+            ref.disable_lora()
+            plain = getattr(ref(PROMPTS[key], **kw, generator=seeded(20 + i), output_type="np"), field)
+            assert np.abs(plain - expected).max() > 5 / 255  # the adapter does change the output

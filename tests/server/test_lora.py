@@ -116,3 +116,23 @@ def test_load_unload_routes_and_path_rules(server, adapters):
     assert "runtime" not in {m.id for m in client.models.list().data}
     r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "runtime"}, headers=headers, timeout=60)
     assert r.status_code == 404
+
+
+def test_lora_flags_refused_with_the_fix(checkpoint, tmp_path):
+    from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
+    from vllm_omni_plugin.server.flags import parse_args
+
+    model = str(checkpoint("qwen-image"))
+    config = OmniServerConfig.from_args(parse_args([model, "--omni-lora", "a=/x/a.safetensors", "--omni-lora-dirs",
+                                                    str(tmp_path), "--omni-max-loras", "3"]))
+    assert config.loras == (("a", "/x/a.safetensors"),) and config.lora_policy.max_loras == 3
+    assert config.lora_policy.allowed_dirs == (str(tmp_path),)
+    assert OmniServerConfig.from_args(parse_args([model])).lora_policy is None  # LoRA off unless asked for
+    for argv, fragment in [
+        (["--omni-lora", "no-equals-sign"], "write NAME=PATH"),
+        (["--omni-lora", "a=/p", "--omni-lora", "a=/q"], "already taken"),
+        (["--omni-lora-dirs", str(tmp_path / "missing")], "no such directory"),
+        (["--omni-lora", "a=/p", "--omni-lora", "b=/q", "--omni-max-loras", "1"], "--omni-max-loras 1"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            OmniServerConfig.from_args(parse_args([model, *argv]))
