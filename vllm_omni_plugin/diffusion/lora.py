@@ -9,11 +9,11 @@ adapter targets comes from the pipeline class's metadata (`transformer_name`).
 The weights are never merged. Each target `nn.Linear` of the component carries a
 forward hook that adds, for the rows of the current forward that use an adapter,
 
-    y[rows] += (w_req * alpha / r) * B(A(x[rows]))
+    y[rows] += B((w_req * alpha / r) * A(x[rows]))
 
 with rows grouped by (adapter, weight): one gathered pair of low-rank matmuls per group
-(index_select + index_add, S-LoRA / Punica style, in plain torch ops), the same
-`F.linear` chain and scaling as peft's `Linear.forward`. Which rows use which adapter
+(index_select + index_add, S-LoRA / Punica style, in plain torch ops); peft's `Linear.forward`
+computes the same sum with the scale applied after B (a rounding apart). Which rows use which adapter
 is set by the step-wise pipeline around each model forward (`rows`); the CFG rows of a
 request use its adapters, as the diffusers pipeline does. Rows without an adapter get
 exactly the base layer's output.
@@ -351,12 +351,17 @@ class LoraSet:
                 if x.shape[0] != plan.rows:
                     raise RuntimeError(f"LoRA on {module_name}: input has {x.shape[0]} rows, the forward {plan.rows}")
                 scaling = m.scaling(g.weight)
+                # the scale goes on the rank-r intermediate (r columns, not out_features), and the
+                # up-projection adds into the output in place: two passes over the activations
                 if g.index is None:
-                    out = out + F.linear(F.linear(x.to(m.A.dtype), m.A), m.B) * scaling
+                    h = F.linear(x.to(m.A.dtype), m.A) * scaling
+                    if out.is_contiguous() and out.dtype == m.B.dtype:
+                        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), m.B.t())
+                    else:
+                        out = out + F.linear(h, m.B).to(out.dtype)
                 else:
-                    xs = x.index_select(0, g.index).to(m.A.dtype)
-                    delta = F.linear(F.linear(xs, m.A), m.B) * scaling
-                    out = out.index_add(0, g.index, delta.to(out.dtype))
+                    h = F.linear(x.index_select(0, g.index).to(m.A.dtype), m.A) * scaling
+                    out = out.index_add_(0, g.index, F.linear(h, m.B).to(out.dtype))
             return out
 
         return hook
