@@ -194,9 +194,21 @@ class _Group:
 
 
 @dataclass
+class _Slot:
+    """The k-th adapter of every row (Punica-style): row i uses adapters[row_index[i] - 1], 0 = none."""
+
+    adapters: tuple[Adapter, ...]
+    row_index: torch.Tensor  # [rows] long
+    weights: torch.Tensor  # [rows] the request's scale (0 where none)
+
+
+@dataclass
 class _Plan:
     rows: int
+    #: one (adapter, weight) group: its rows gathered (or all rows, no gather)
     groups: list[_Group]
+    #: two or more groups: per-row adapters, one batched matmul pair per slot over all rows
+    slots: list[_Slot] | None = None
 
 
 _active = threading.local()
@@ -219,6 +231,8 @@ class LoraSet:
         self._in_use: dict[str, int] = {}
         self._allowed_files: set[str] = set()  # --omni-lora paths count as allowed
         self.loads = 0
+        #: per (layer, adapters of a slot): their stacked A / B (see _stacked); cleared when adapters change
+        self._stacks: dict[tuple, tuple[torch.Tensor, ...] | None] = {}
         self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.component.named_modules()
                        if isinstance(m, torch.nn.Linear)]
 
@@ -247,6 +261,7 @@ class LoraSet:
                                "request(s); unload it after they finish", "lora_name")
             del self._paths[name]
             self._resident.pop(name, None)
+            self._stacks.clear()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -271,6 +286,7 @@ class LoraSet:
                 raise LoraBusy(f"all {self.policy.max_loras} adapter slots (--omni-max-loras) are used by running "
                                f"requests; {name!r} cannot be loaded now", "lora")
             del self._resident[idle]
+            self._stacks.clear()
         adapter = read_adapter(self.pipe, self.component, self.prefix, name, real)
         self._resident[name] = adapter
         self.loads += 1
@@ -326,30 +342,88 @@ class LoraSet:
                 members.setdefault((name, float(weight)), []).extend(range(start, start + n))
             start += n
         device = next(self.component.parameters()).device
+        members = {k: v for k, v in members.items() if k[1] != 0}
         with self._lock:
-            groups = [_Group(self._resident[name], weight,
-                             None if len(idx) == total else torch.tensor(idx, dtype=torch.long, device=device))
-                      for (name, weight), idx in members.items() if weight != 0]
+            if len(members) <= 1:
+                plan = _Plan(total, [_Group(self._resident[name], weight, None if len(idx) == total else
+                                            torch.tensor(idx, dtype=torch.long, device=device))
+                                     for (name, weight), idx in members.items()])
+            else:
+                plan = _Plan(total, [], self._slots(per_block, total, device))
         previous = getattr(_active, "plan", None)
-        _active.plan = _Plan(total, groups)
+        _active.plan = plan
         try:
             yield
         finally:
             _active.plan = previous
 
-    @staticmethod
-    def _hook(module_name: str):
+    def _slots(self, per_block: Sequence[tuple[RowAdapters | None, int]], total: int,
+               device: torch.device) -> list[_Slot]:
+        """Per slot k (the k-th adapter a request names), each row's adapter and weight."""
+        slots = []
+        for k in range(max(len(lora or ()) for lora, _ in per_block)):
+            names = list(dict.fromkeys(lora[k][0] for lora, _ in per_block if lora and len(lora) > k))
+            index, weights = [], []
+            for lora, n in per_block:
+                has = bool(lora) and len(lora) > k
+                index += [names.index(lora[k][0]) + 1 if has else 0] * n
+                weights += [float(lora[k][1]) if has else 0.0] * n
+            dtype = next(self.component.parameters()).dtype
+            slots.append(_Slot(tuple(self._resident[n] for n in names),
+                               torch.tensor(index, dtype=torch.long, device=device),
+                               torch.tensor(weights, dtype=dtype, device=device)))
+        return slots
+
+    def _stacked(self, module_name: str, adapters: tuple[Adapter, ...]) -> tuple[torch.Tensor, ...] | None:
+        """(A [n+1, r, in], B [n+1, out, r], alpha/r [n+1]) of one layer for these adapters, zero-padded to the
+        largest rank, slot 0 all zeros (rows without an adapter); None where none of them targets the layer."""
+        key = (module_name, tuple(id(a) for a in adapters))
+        hit = self._stacks.get(key)
+        if hit is not None or key in self._stacks:
+            return hit
+        mods = [a.modules.get(module_name) for a in adapters]
+        present = [m for m in mods if m is not None]
+        if not present:
+            self._stacks[key] = None
+            return None
+        r = max(m.r for m in present)
+        ref = present[0]
+        A = ref.A.new_zeros(len(mods) + 1, r, ref.A.shape[1])
+        B = ref.B.new_zeros(len(mods) + 1, ref.B.shape[0], r)
+        scale = ref.A.new_zeros(len(mods) + 1)
+        for i, m in enumerate(mods, 1):
+            if m is not None:
+                A[i, : m.r], B[i, :, : m.r], scale[i] = m.A, m.B, m.scaling(1.0)
+        self._stacks[key] = (A, B, scale)
+        return A, B, scale
+
+    def _hook(self, module_name: str):
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             plan = getattr(_active, "plan", None)
             if plan is None:
                 return None
             x = args[0]
+
+            def check_rows() -> None:  # (a targeted layer whose input is not one row per batch row)
+                if x.shape[0] != plan.rows:
+                    raise RuntimeError(f"LoRA on {module_name}: input has {x.shape[0]} rows, the forward {plan.rows}")
+
+            for slot in plan.slots or ():
+                stacked = self._stacked(module_name, slot.adapters)
+                if stacked is None:
+                    continue
+                check_rows()
+                A, B, scale = stacked
+                idx = slot.row_index
+                h = torch.bmm(x.reshape(plan.rows, -1, x.shape[-1]).to(A.dtype), A.index_select(0, idx).transpose(1, 2))
+                h = h * (scale.index_select(0, idx) * slot.weights).view(-1, 1, 1)
+                delta = torch.bmm(h, B.index_select(0, idx).transpose(1, 2))
+                out = out + delta.view(out.shape).to(out.dtype)
             for g in plan.groups:
                 m = g.adapter.modules.get(module_name)
                 if m is None:
                     continue
-                if x.shape[0] != plan.rows:
-                    raise RuntimeError(f"LoRA on {module_name}: input has {x.shape[0]} rows, the forward {plan.rows}")
+                check_rows()
                 scaling = m.scaling(g.weight)
                 # the scale goes on the rank-r intermediate (r columns, not out_features), and the
                 # up-projection adds into the output in place: two passes over the activations
