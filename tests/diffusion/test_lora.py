@@ -90,6 +90,34 @@ def test_mixed_adapters_batch_and_match_diffusers(setup, reference):
     assert np.array_equal(np.stack(base.run()["none"].output.images), np.stack(final["none"].output.images))
 
 
+def test_a_kohya_layout_is_read_through_diffusers_converter(setup):
+    """A ComfyUI / kohya-style file (diffusion_model. prefix, lora_down / lora_up, per-layer alpha): read by
+    the pipeline class's own lora_state_dict, which converts it; the result equals diffusers' load_lora_weights."""
+    from safetensors.torch import load_file, save_file
+
+    ours, ckpt, root, paths = setup
+    kohya = {}
+    for key, value in load_file(paths["a"]).items():
+        layer = key.removeprefix("transformer.").replace(".lora_A.weight", "").replace(".lora_B.weight", "")
+        kind = "lora_down" if ".lora_A." in key else "lora_up"
+        kohya[f"diffusion_model.{layer}.{kind}.weight"] = value
+        kohya[f"diffusion_model.{layer}.alpha"] = torch.tensor(8.0)  # adapter a: rank 4, alpha 8
+    path = root / "kohya.safetensors"
+    save_file(kohya, path)
+    ours.loras.register("kohya", str(path))
+    try:
+        out = ours.generate(_req("a", 6, (("kohya", 0.8),)))
+        same = ours.generate(_req("a", 6, (("a", 0.8),)))
+    finally:
+        ours.loras.unregister("kohya")
+    ref = DiffusionPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    ref.load_lora_weights(str(path), adapter_name="kohya")
+    ref.set_adapters(["kohya"], [0.8])
+    expected = ref(PROMPTS["a"], **KW, generator=seeded(6), output_type="np").images
+    assert_pixels_close(np.stack(out.images), expected, 1)
+    assert_pixels_close(np.stack(out.images), np.stack(same.images), 1)  # the same adapter in another layout
+
+
 def test_two_adapters_on_one_request(setup, reference):
     ours, *_ = setup
     out = ours.generate(_req("a", 5, (("a", 0.7), ("b", 1.5))))

@@ -136,3 +136,28 @@ def test_lora_flags_refused_with_the_fix(checkpoint, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=fragment):
             OmniServerConfig.from_args(parse_args([model, *argv]))
+
+
+def test_unloading_an_adapter_in_use_is_refused(server, adapters):
+    import threading
+    import time
+
+    url, headers = server.url, server.headers()
+    r = requests.post(url + "/v1/load_lora_adapter", headers=headers, timeout=60,
+                      json={"lora_name": "busy", "lora_path": str(adapters["runtime"])})
+    assert r.status_code == 200, r.text
+    client = server.client()
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(client.images.generate(
+        model="busy", prompt=PROMPT, size="64x64", extra_body={"seed": 1, "num_inference_steps": 150})))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while requests.get(url + "/load", headers=headers, timeout=10).json()["server_load"] == 0:
+        assert worker.is_alive() and time.monotonic() < deadline, "the request never reached the engine"
+        time.sleep(0.05)
+    r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "busy"}, headers=headers, timeout=60)
+    assert r.status_code == 409 and "in use by 1" in r.json()["error"]["message"], r.text
+    worker.join(120)
+    assert answers and answers[0].model_extra["omni"]["resolved"]["lora"] == [{"name": "busy", "scale": 1.0}]
+    r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "busy"}, headers=headers, timeout=60)
+    assert r.status_code == 200  # once the request is done

@@ -110,7 +110,15 @@ class DiffusionPipelineBase(ABC):
     ) -> DiffusionOutput:
         """One request, start to end (no batching with others)."""
         params = request if isinstance(request, ResolvedParams) else self.resolve(request, stage_defaults)
-        return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        if not params.lora:
+            return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        if self.loras is None:
+            raise LoraError("this model serves no LoRA adapters", "lora")
+        self.loras.acquire(params.lora)  # resident (an evicted one reloads) while it runs
+        try:
+            return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        finally:
+            self.loras.release(params.lora)
 
     @abstractmethod
     def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
