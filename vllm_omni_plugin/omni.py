@@ -34,6 +34,7 @@ import torch
 
 from .diffusion.acceleration import DitOptions
 from .diffusion.engine import EngineConfig, EngineEvent
+from .diffusion.lora import LoraPolicy
 from .diffusion.parallel import ParallelConfig
 from .diffusion.workers import PipelineBuilder, launch_engine
 from .engine.errors import GenerationFailed, RequestAborted
@@ -71,6 +72,10 @@ class Omni:
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     engine_process  False (default): the engine runs in this process; True: in its own
                     process, as under `vllm serve --omni` (diffusion-only models)
+    loras           {name: path} LoRA adapters to serve (docs/server.md "LoRA adapters"); given
+                    (even {}), requests may name adapters in `SamplingParams(lora=[(name, scale)])`
+                    and `load_lora` adds more; the caller's paths are trusted
+    max_loras       most adapters resident at once (LRU of the ones no request uses)
     """
 
     def __init__(
@@ -90,8 +95,14 @@ class Omni:
         quantization: str | None = None,
         compile: str | None = None,
         engine_process: bool = False,
+        loras: Mapping[str, str] | None = None,
+        max_loras: int = 4,
     ) -> None:
         self.model = model
+        if loras is not None:
+            engine_config = dataclasses.replace(
+                engine_config or EngineConfig(), lora=LoraPolicy(max_loras=max(max_loras, len(loras))),
+                loras=tuple((str(k), str(v)) for k, v in loras.items()))
         #: the local directory `model` resolved to
         self.path = str(resolve_model(model, revision, download_dir))
         model = self.path
@@ -145,6 +156,26 @@ class Omni:
                                     stage_defaults=stage_defaults)
         self.pipeline = self.engine.pipeline
         self.client = LocalEngineClient(self.engine)
+
+    # ---- LoRA adapters ---------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> dict[str, Any]:
+        """Read a LoRA adapter (diffusers format) and serve it under `name` (needs `loras=` at start)."""
+        return self._lora_call("load_lora", name, str(path), True)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter; refused (LoraBusy) while a request uses it."""
+        self._lora_call("unload_lora", name)
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return self._lora_call("list_loras")
+
+    def _lora_call(self, method: str, *args: Any) -> Any:
+        self._check_open()
+        if self._stages is not None:
+            raise TypeError(f"{self.model}: per-request LoRA is served for diffusers DiT models only")
+        if self.engine is not None:
+            return getattr(self.engine, method)(*args)
+        return self.client.call(method, args)
 
     @property
     def capabilities(self) -> Any:

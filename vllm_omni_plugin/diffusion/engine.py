@@ -53,6 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .handover import check_stage_input
 from .interface import DiffusionPipelineBase, StepwisePipeline
+from .lora import LoraError, LoraNotFound, LoraPolicy
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams, partial_steps
 from .state import DiffusionState
@@ -68,6 +69,10 @@ class _AbortedMidRun(Exception):
 class EngineConfig:
     max_batch_tokens: int = 65536
     max_running: int = 64
+    #: per-request LoRA adapters (diffusion/lora.py): the operator's policy; None: LoRA off
+    lora: LoraPolicy | None = None
+    #: (name, path) adapters loaded at start (their paths count as allowed)
+    loras: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -144,6 +149,30 @@ class DiffusionEngine:
         self._partial_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._partial_stream: Any = None  # CUDA: the decode thread's stream
 
+        if self.config.lora is not None:
+            loras = pipeline.enable_lora(self.config.lora)
+            for name, path in self.config.loras:
+                loras.register(name, path, operator=True)
+
+    # ---- LoRA adapters (thread-safe; the engine-core RPC and Omni call these) -------------------
+    def load_lora(self, name: str, path: str, operator: bool = False) -> dict[str, Any]:
+        """Check, read and register an adapter (LoraError naming the rule it breaks); `operator`:
+        the path is the operator's own (start-up flags, offline `Omni.load_lora`), allowed as such."""
+        if self.pipeline.loras is None:
+            raise LoraError("LoRA adapters are off for this model (start it with --omni-lora-dirs or --omni-lora)",
+                            "lora_path")
+        adapter = self.pipeline.loras.register(name, path, operator=operator)
+        return {"name": name, "path": adapter.path, "rank": adapter.rank, "modules": len(adapter.modules)}
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter; refused (LoraBusy) while a queued or running request uses it."""
+        if self.pipeline.loras is None:
+            raise LoraNotFound(f"LoRA adapter {name!r} is not loaded", "lora_name")
+        self.pipeline.loras.unregister(name)
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return [] if self.pipeline.loras is None else self.pipeline.loras.describe()
+
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
                     stage_input: Any = None) -> ResolvedParams:
@@ -160,11 +189,25 @@ class DiffusionEngine:
         """
         check_stage_input(self.pipeline, request_id, stage_input)
         resolved = params if isinstance(params, ResolvedParams) else self.pipeline.resolve(params, self.stage_defaults)
+        self._pin(resolved)
         with self._lock:
             if request_id in self._waiting or request_id in self._running:
+                self._unpin(resolved)
                 raise ValueError(f"request id {request_id!r} is already in the engine")
             self._waiting[request_id] = _Request(request_id, resolved, next(self._arrivals), stage_input)
         return resolved
+
+    def _pin(self, params: ResolvedParams) -> None:
+        """Hold the request's LoRA adapters resident (an evicted one reloads) until it ends."""
+        if params.lora:
+            loras = self.pipeline.loras
+            if loras is None:
+                raise LoraError("this model serves no LoRA adapters", "lora")
+            loras.acquire(params.lora)
+
+    def _unpin(self, params: ResolvedParams) -> None:
+        if params.lora and self.pipeline.loras is not None:
+            self.pipeline.loras.release(params.lora)
 
     def add_requests(
         self, requests: list[tuple[str, SamplingParams | ResolvedParams, Any]]
@@ -182,8 +225,10 @@ class DiffusionEngine:
         for rid, params, stage_input in requests:
             try:
                 check_stage_input(self.pipeline, rid, stage_input)
-                out.append(params if isinstance(params, ResolvedParams)
-                           else self.pipeline.resolve(params, self.stage_defaults))
+                resolved = (params if isinstance(params, ResolvedParams)
+                            else self.pipeline.resolve(params, self.stage_defaults))
+                self._pin(resolved)
+                out.append(resolved)
             except Exception as exc:  # noqa: BLE001 -- that request's own error, returned to its caller
                 out.append(exc)
         with self._lock:
@@ -191,6 +236,7 @@ class DiffusionEngine:
                 if isinstance(resolved, Exception):
                     continue
                 if rid in self._waiting or rid in self._running:
+                    self._unpin(resolved)
                     out[i] = ValueError(f"request id {rid!r} is already in the engine")
                     continue
                 self._waiting[rid] = _Request(rid, resolved, next(self._arrivals), stage_input)
@@ -365,6 +411,7 @@ class DiffusionEngine:
         events = []
         for req in dropped:
             self._drop_partials(req.request_id)
+            self._unpin(req.params)
             if req.state is not None:
                 req.state.release()
                 req.state = None
@@ -382,6 +429,7 @@ class DiffusionEngine:
         events = []
         for req, state in zip(admitted, states):
             if isinstance(state, Exception):  # the request fails, the engine goes on
+                self._unpin(req.params)
                 events.append(EngineEvent("error", req.request_id, error=state))
                 continue
             req.state = state
@@ -483,6 +531,7 @@ class DiffusionEngine:
                 output.timings["decode"] = decode_seconds
             with self._lock:
                 self._running.pop(req.request_id, None)
+            self._unpin(req.params)
             req.state.release()
             req.state = None
             event = EngineEvent("finished", req.request_id, output=output)
@@ -496,6 +545,7 @@ class DiffusionEngine:
         self._drop_partials(req.request_id)
         with self._lock:
             self._running.pop(req.request_id, None)
+        self._unpin(req.params)
         if req.state is not None:
             req.state.release()
             req.state = None

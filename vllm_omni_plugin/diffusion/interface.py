@@ -14,6 +14,7 @@ loop: the engine runs the same three calls.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import uuid
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Hashable, Mapping
@@ -21,6 +22,7 @@ from typing import Any, Callable, Hashable, Mapping
 import torch
 
 from .capabilities import Capabilities, InvalidParams, UnsupportedField
+from .lora import LoraError, LoraPolicy, LoraSet, normalise_request
 from .output import DiffusionOutput
 from .parallel import ParallelGroup
 from .params import PipelineDefaults, ResolvedParams, SamplingParams, resolve
@@ -45,6 +47,9 @@ class DiffusionPipelineBase(ABC):
     #: every request must bring its stage input (a DiT stage behind an AR stage); False: the
     #: pipeline builds it itself when none is handed over (a standalone run, stated at load)
     stage_input_required: bool = False
+
+    #: the LoRA adapters this pipeline serves (diffusion/lora.py; set by `enable_lora`), else None
+    loras: LoraSet | None = None
 
     def __init__(self, pipe: Any, model_id: str = "") -> None:
         self.pipe = pipe
@@ -84,6 +89,13 @@ class DiffusionPipelineBase(ABC):
         read, or an input-image count it does not take, is refused (`UnsupportedField`);
         step caching only where the family supports it (`supports_step_cache`)."""
         check_request(self.capabilities, request, self.family)
+        if request.lora is not None:
+            request = dataclasses.replace(request, lora=normalise_request(request.lora))
+            if request.lora and self.loras is None:
+                raise LoraError("this model serves no LoRA adapters (the server's --omni-lora / --omni-lora-dirs "
+                                "switch them on)", "lora")
+            if request.lora:
+                self.loras.check(request.lora)
         resolved = resolve(request, stage_defaults, self.defaults())
         if resolved.cache_threshold is not None and not self.supports_step_cache:
             raise InvalidParams(f"{self.family} does not support step caching; leave cache_threshold unset",
@@ -98,11 +110,27 @@ class DiffusionPipelineBase(ABC):
     ) -> DiffusionOutput:
         """One request, start to end (no batching with others)."""
         params = request if isinstance(request, ResolvedParams) else self.resolve(request, stage_defaults)
-        return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        if not params.lora:
+            return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        if self.loras is None:
+            raise LoraError("this model serves no LoRA adapters", "lora")
+        self.loras.acquire(params.lora)  # resident (an evicted one reloads) while it runs
+        try:
+            return self.run_whole(params, f"gen-{uuid.uuid4().hex[:8]}", progress)
+        finally:
+            self.loras.release(params.lora)
 
     @abstractmethod
     def run_whole(self, params: ResolvedParams, request_id: str, progress: ProgressFn | None) -> DiffusionOutput:
         """Run one resolved request to its output."""
+
+    def enable_lora(self, policy: LoraPolicy) -> LoraSet:
+        """Serve per-request LoRA adapters (step-wise pipelines only: the rows of a forward carry them)."""
+        if self.monolithic:
+            raise ValueError(f"{self.family} runs whole requests; per-request LoRA needs a step-wise pipeline")
+        if self.loras is None:
+            self.loras = LoraSet(self.pipe, policy)
+        return self.loras
 
 
 def check_request(capabilities: Capabilities, request: SamplingParams, family: str = "this model") -> None:
@@ -111,7 +139,7 @@ def check_request(capabilities: Capabilities, request: SamplingParams, family: s
     if request.partial_images and not capabilities.partial_images:
         raise UnsupportedField(f"{family} cannot stream partial images (it declares no x0 decoder); "
                                "leave partial_images unset or 0", "partial_images")
-    capabilities.check_fields(set(request.set_fields()) - {"images", "partial_images"})
+    capabilities.check_fields(set(request.set_fields()) - {"images", "partial_images", "lora"})
 
 
 # DiffusionState.extras key: the "cfg"-dimension ranks a request's branches run on (cfg_split).
@@ -277,7 +305,11 @@ class StepwisePipeline(DiffusionPipelineBase):
         mine = owned[0 if par is None else par.cfg_rank]
         outs: dict[tuple[int, int], torch.Tensor] = {}
         for group in self.group_blocks(mine):
-            result = forward(group)
+            if self.loras is None:
+                result = forward(group)
+            else:  # which rows use which adapters (a request's CFG rows use its adapters, as in diffusers)
+                with self.loras.rows([(s.params.lora, s.rows) for s, _ in group]):
+                    result = forward(group)
             for (s, b), chunk in zip(group, result.split([s.rows for s, _ in group])):
                 outs[(id(s), b)] = chunk
         if cfg_ranks > 1:

@@ -71,6 +71,8 @@ class SamplingParams:
                               clean latent (x0) at evenly spaced steps, handed to
                               the caller while the request runs (`partial_steps`);
                               families that declare `Capabilities.partial_images`
+    lora                      LoRA adapters and their scales, ((name, scale), ...)
+                              (diffusion/lora.py); unset = the base model
     extra                     family-specific knobs (e.g. `cfg_normalize`)
     """
 
@@ -93,6 +95,7 @@ class SamplingParams:
     output_type: str | None = None
     cache_threshold: float | None = None
     partial_images: int | None = None
+    lora: tuple[tuple[str, float], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cfg_scale: dataclasses.InitVar[float | None] = None
 
@@ -147,6 +150,7 @@ class ResolvedParams:
     output_type: str
     cache_threshold: float | None = None
     partial_images: int = 0
+    lora: tuple[tuple[str, float], ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
@@ -157,6 +161,7 @@ class ResolvedParams:
         """The resolved values without input images (for logs, responses, outputs)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
         out["extra"] = dict(self.extra)
+        out["lora"] = [{"name": n, "scale": s} for n, s in self.lora] if self.lora else None
         out["num_input_images"] = len(self.images) if self.images else 0
         return out
 

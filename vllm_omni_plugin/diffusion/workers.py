@@ -155,6 +155,9 @@ def launch_engine(
     """
     options = options or DitOptions()
     world = options.parallel.world_size
+    if world > 1 and engine_config is not None and engine_config.lora is not None:
+        raise ValueError("per-request LoRA is not served on a multi-GPU DiT (yet): its adapters would live on "
+                         "rank 0 only")
     if world == 1:
         pipeline = main_pipeline or build(device)
         apply_dit_options(pipeline, options)

@@ -168,6 +168,8 @@ def _serve_rpc(engine: Any, ctx: zmq.Context, addr: str) -> None:
         try:
             if call.method == "resolve":
                 value = engine.pipeline.resolve(codec.unpack(call.arg, buffers), engine.stage_defaults)
+            elif call.method in ("load_lora", "unload_lora", "list_loras"):  # arg: the method's arguments
+                value = getattr(engine, call.method)(*(codec.unpack(call.arg, buffers) or ()))
             elif call.method == "ping":
                 value = os.getpid()
             else:

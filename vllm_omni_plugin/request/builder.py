@@ -133,6 +133,8 @@ def build_sampling_params(
         value, ours = getattr(checked, wire), copied_to(wire)
         if value is None or ours is None:  # output / ignored fields; size and seconds below
             continue
+        if wire == "lora":
+            value = tuple((x.name, x.scale) for x in value)
         if ours in values and values[ours] != value:
             raise RequestError(f"`{wire}` conflicts with another field setting {ours}", wire)
         values[ours] = value
@@ -265,7 +267,7 @@ class RequestBuilder:
     def _check_honoured(self, present: set[str]) -> None:
         """A generation field the model does not read is a 400 naming the wire field."""
         honoured = self.capabilities.honoured
-        for wire in sorted(present):
+        for wire in sorted(present - {"lora"}):  # (`lora`: the pipeline says whether it serves adapters)
             ours = sampling_fields(wire)
             unread = [f for f in ours if f not in honoured]
             if unread:

@@ -22,6 +22,8 @@ resolved values).
 
 from __future__ import annotations
 
+import json
+
 import re
 import typing
 from dataclasses import dataclass
@@ -83,6 +85,16 @@ _SIZE_HELP = ('"WIDTHxHEIGHT" (e.g. "1024x1024") or "auto" (the model\'s default
               "after resolution")
 
 
+class LoraSelection(BaseModel):
+    """One LoRA adapter of a request and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, description="The adapter's name (as listed in /v1/models).")
+    scale: float = Field(1.0, ge=-16, le=16, allow_inf_nan=False,
+                         description="Multiplies the adapter's delta (1.0: as trained; 0: off).")
+
+
 class GenerationParams(BaseModel):
     """What every generation body may carry besides its inputs: the canonical request's fields by
     their wire names, how the output is handed back, and OpenAI fields accepted without effect.
@@ -135,7 +147,15 @@ class GenerationParams(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg / webp quality, 0-100.")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="transparent: models that make RGBA outputs (png or webp); opaque: the others.")
-    model: str | None = Field(None, description="A served model name (omitted: the one this server serves).")
+    model: str | None = Field(
+        None, description="A served model name (omitted: the one this server serves), or the name of a LoRA adapter "
+        "the server serves (listed in /v1/models with the base model as `parent`): that adapter at scale 1.0.")
+    lora: list[LoraSelection] | None = Field(
+        None, max_length=16,
+        description="LoRA adapters to apply, with their scales (vllm-omni extension): "
+        '[{"name": "NAME", "scale": 0.8}, ...]; names as listed in /v1/models. Requests with different '
+        "adapters still share denoise steps. With `model` naming an adapter too, both apply (this list's scale "
+        "wins for the same name).")
     user: str | None = Field(None, description="End-user id (OpenAI's field); metadata only.")
     quality: str | None = Field(
         None, description="OpenAI's field; accepted, no effect here (listed in `omni.ignored`).")
@@ -159,6 +179,18 @@ class GenerationParams(BaseModel):
 
 
 def _check_value(name: str, value: Any, annotation: Any, metadata: list[Any], limits: Limits) -> Any:
+    if name == "lora":  # a list of {name, scale}: a form sends it as JSON text
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise RequestError("`lora` must be a list of {name, scale} (JSON in a form)", "lora") from None
+        if not isinstance(value, list):
+            raise RequestError(f"`lora` must be a list of {{name, scale}}, got {type(value).__name__}", "lora")
+        names = [x.get("name") if isinstance(x, dict) else None for x in value]
+        if len(set(map(str, names))) != len(names):
+            raise RequestError("`lora` names an adapter twice", "lora")
+        return value
     if name == "size":  # a string of its own grammar: checked (and parsed later) by parse_size
         parse_size(value)
         return value

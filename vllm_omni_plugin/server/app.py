@@ -152,6 +152,8 @@ class OmniRuntime:
     media: MediaFetcher
     videos: JobStore
     created: int = field(default_factory=lambda: int(time.time()))
+    #: LoRA adapter name -> path, as loaded in the engine (start flags, then the load / unload routes)
+    adapters: dict[str, str] = field(default_factory=dict)
     _janitor: asyncio.Task | None = None
     _stopped: bool = False
 
@@ -176,7 +178,8 @@ class OmniRuntime:
         spec = EngineSpec(
             PipelineBuilder(config.model, config.dtype),
             options=config.dit_options,
-            engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue),
+            engine_config=EngineConfig(max_batch_tokens=config.max_batch_tokens, max_running=config.max_queue,
+                                       lora=config.lora_policy, loras=config.loras),
             stage_defaults=config.stage_defaults or None,
         )
         if not engine_process:
@@ -228,11 +231,24 @@ class OmniRuntime:
             metrics=metrics,
             media=MediaFetcher(config),
             videos=videos,
+            adapters=dict(config.loras),
         )
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_names[0]
+
+    # ---- LoRA adapters (in the engine, which may live in its own process) ---------------------
+    async def lora_call(self, method: str, *args: Any) -> Any:
+        """`DiffusionEngine.load_lora / unload_lora / list_loras`, through the engine-core RPC or in-process."""
+        bridge = self.bridge
+        if isinstance(bridge, EngineCoreClient):
+            return await asyncio.to_thread(bridge.call, method, args)
+        return await asyncio.to_thread(getattr(bridge.engine, method), *args)
+
+    def lora_names(self) -> list[str]:
+        """The adapters served now (the names `model` may carry); kept here as the routes change them."""
+        return list(self.adapters)
 
     async def start(self) -> None:
         await self.stages.start()

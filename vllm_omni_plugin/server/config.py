@@ -30,6 +30,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from ..registry import identify
 from ..hub import ModelNotFoundError, resolve_model
 from ..diffusion.acceleration import MULTI_STAGE_OPTIONS, DitOptions
+from ..diffusion.lora import LoraPolicy
 from ..orchestrator.offline import checkpoint_architectures, multistage_config
 from ..orchestrator.stage_config import (StageConfig, StageConfigError, builtin_stage_configs, load_stage_config,
                                          with_dit_options)
@@ -70,6 +71,9 @@ class OmniServerConfig:
     ar_engine_args: dict[str, Any] = field(default_factory=dict)
     #: the diffusion stage's DiT options (flags > the stage config's `dit_options`)
     dit_options: DitOptions = field(default_factory=DitOptions)
+    #: per-request LoRA: the operator's policy (None: off) and the --omni-lora adapters
+    lora_policy: LoraPolicy | None = None
+    loras: tuple[tuple[str, str], ...] = ()
 
     @property
     def multi_stage(self) -> bool:
@@ -106,6 +110,7 @@ class OmniServerConfig:
         dit = _dit_options(args, dit_options, multi_stage=stage_config is not None)
         if stage_config is not None:  # the multi-stage DiT stage applies them itself (StageOrchestrator)
             stage_config = with_dit_options(stage_config, dit.multi_stage_values())
+        lora_policy, loras = _lora_flags(args, multi_stage=stage_config is not None, parallel=dit.parallel.world_size > 1)
         return cls(
             model=model,
             served_model_names=names,
@@ -128,6 +133,8 @@ class OmniServerConfig:
             stage_config=stage_config,
             ar_engine_args=ar_engine_args,
             dit_options=dit,
+            lora_policy=lora_policy,
+            loras=loras,
         )
 
 
@@ -154,6 +161,35 @@ def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_sta
     except ValueError as e:
         given = ", ".join(f"--{_DIT_FLAGS[k]}".replace("_", "-") if k in _DIT_FLAGS else k for k in values)
         raise ConfigError(f"DiT options ({given}): {e}") from e
+
+
+def _lora_flags(args: argparse.Namespace, multi_stage: bool,
+                parallel: bool) -> tuple[LoraPolicy | None, tuple[tuple[str, str], ...]]:
+    """--omni-lora NAME=PATH / --omni-lora-dirs / --omni-max-loras / --omni-max-lora-bytes."""
+    specs, dirs = list(getattr(args, "omni_lora", None) or []), list(getattr(args, "omni_lora_dirs", None) or [])
+    if not specs and not dirs:
+        return None, ()
+    if multi_stage or parallel:
+        what = "multi-stage models" if multi_stage else "a multi-GPU DiT"
+        raise ConfigError(f"--omni-lora / --omni-lora-dirs: per-request LoRA is not served for {what} (yet)")
+    loras: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--omni-lora {spec!r}: write NAME=PATH")
+        if name in {n for n, _ in loras} or name in (args.served_model_name or [args.model]):
+            raise ConfigError(f"--omni-lora {spec!r}: the name {name!r} is already taken")
+        loras.append((name, path))
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"--omni-lora-dirs {d!r}: no such directory")
+    if args.omni_max_loras < 1 or args.omni_max_loras < len(loras):
+        raise ConfigError(f"--omni-max-loras {args.omni_max_loras}: must be at least 1 and the number of --omni-lora "
+                          f"adapters ({len(loras)})")
+    if args.omni_max_lora_bytes < 1:
+        raise ConfigError(f"--omni-max-lora-bytes must be positive, got {args.omni_max_lora_bytes}")
+    policy = LoraPolicy(allowed_dirs=tuple(dirs), max_loras=args.omni_max_loras, max_bytes=args.omni_max_lora_bytes)
+    return policy, tuple(loras)
 
 
 def _load(path: str) -> StageConfig:

@@ -24,6 +24,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ..diffusion.lora import LoraBusy, LoraError
 from ..request import RequestError
 from ..orchestrator.engine_loop import EngineStopped, GenerationFailed, QueueFull, RequestAborted
 
@@ -69,6 +70,11 @@ def to_http_error(exc: BaseException) -> OmniHTTPError:
         return OmniHTTPError(503, str(exc))
     if isinstance(exc, RequestAborted):
         return OmniHTTPError(409, str(exc))
+    if isinstance(exc, GenerationFailed) and isinstance(exc.__cause__, LoraError):
+        # an adapter the engine could not pin when the request was queued (all slots busy, or its file
+        # no longer passes the rules on reload): the caller's to retry or fix, not a server failure
+        cause = exc.__cause__
+        return OmniHTTPError(503 if isinstance(cause, LoraBusy) else 400, str(cause), cause.field)
     if isinstance(exc, GenerationFailed):
         # Validation happened before the request was queued; whatever the pipeline
         # raises afterwards (ValueError included) is the server's failure.

@@ -100,6 +100,20 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # choices = acceleration.COMPILE_MODES, not imported: this module stays free of torch
     group.add_argument("--omni-dit-compile", choices=["regional"], default=None,
                        help="regional: torch.compile the DiT's repeated blocks.")
+    group.add_argument(
+        "--omni-lora", action="append", default=[], metavar="NAME=PATH",
+        help="A LoRA adapter (diffusers-format .safetensors, as pipeline.load_lora_weights reads it) served under "
+        "NAME, selected per request by `model: NAME` or `lora: [{name, scale}]`; repeatable. Its path counts as "
+        "allowed.")
+    group.add_argument(
+        "--omni-lora-dirs", action="append", default=[], metavar="DIR",
+        help="Directories adapters may be read from (POST /v1/load_lora_adapter, with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING set); repeatable. Symlinks are resolved before the check.")
+    group.add_argument("--omni-max-loras", type=int, default=4,
+                       help="Most LoRA adapters resident at once; the least recently used one no queued or running "
+                       "request uses is evicted (it reloads from its path when named again).")
+    group.add_argument("--omni-max-lora-bytes", type=int, default=2 << 30,
+                       help="Largest adapter file read, in bytes.")
     return parser
 
 

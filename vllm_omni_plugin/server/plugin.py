@@ -152,6 +152,8 @@ class OmniEndpointPlugin:
         routers = [images.router, videos.router, chat.router, meta.router, playground.router]
         if app.state.omni_text_chat is None:
             routers.append(meta.models_router)  # vLLM's /v1/models where vLLM serves the model
+            if meta.runtime_lora_updating():
+                routers.append(meta.lora_router)
         for router in routers:
             app.include_router(router)
         _document_bodies(app)

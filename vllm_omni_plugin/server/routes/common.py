@@ -79,7 +79,7 @@ _FLAGS = {None: False, False: False, True: True, "false": False, "true": True}
 
 
 def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False) -> bool:
-    """Checks every generation route makes: the model name and `stream` (popped from `fields`).
+    """Checks every generation route makes: the model name (or a LoRA adapter's) and `stream` (popped from `fields`).
 
     Args:
         request: the HTTP request.
@@ -90,7 +90,17 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
     Returns:
         whether the answer is to be streamed.
     """
-    check_model(request, fields.get("model"))
+    model = fields.get("model")
+    check_model(request, model)
+    if model is not None and model in runtime(request).adapters:
+        # a `model` that names a LoRA adapter selects it at scale 1.0 (vLLM's convention), ahead of `lora`
+        listed = fields.get("lora")
+        if isinstance(listed, str):  # a form field: JSON text
+            listed = _json_list(listed)
+        if listed is None:
+            listed = []
+        if isinstance(listed, list) and not any(isinstance(x, dict) and x.get("name") == model for x in listed):
+            fields["lora"] = [{"name": model, "scale": 1.0}, *listed]
     raw = fields.pop("stream", None)
     stream = _FLAGS.get(raw) if isinstance(raw, (bool, str, type(None))) else None
     if stream is None:
@@ -156,9 +166,19 @@ def check_model(request: Request, model: Any) -> None:
     """`model` may be omitted; when given it must be a name this server serves."""
     if model is None:
         return
-    names = runtime(request).config.served_model_names
+    omni = runtime(request)
+    names = [*omni.config.served_model_names, *omni.adapters]
     if model not in names:
         raise OmniHTTPError(404, f"The model `{model}` does not exist. This server serves: {', '.join(names)}", "model")
+
+
+def _json_list(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # refused by the request layer, naming `lora`
 
 
 def json_response(content: dict[str, Any], status: int = 200) -> JSONResponse:
