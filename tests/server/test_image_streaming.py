@@ -88,6 +88,10 @@ def test_generate_streams_n_images_identical_to_unstreamed(omni_server, checkpoi
     partial, completed = _check_stream(events, "image_generation", n=2, k=3, size="64x64")
     plain = client.images.generate(**args)
     assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
+    # each completed event carries the answer's `omni` block: the unstreamed request's, but for partial_images
+    for e in completed:
+        resolved = e.model_extra["omni"]["resolved"]
+        assert resolved == {**plain.model_extra["omni"]["resolved"], "partial_images": 3}, resolved
     # the same engine path offline (Omni in this process, LocalEngineClient): the same partial pixels
     out, md5s = _offline_partials(offline(checkpoint, "qwen-image"), SamplingParams(
         prompt="a lighthouse", num_outputs_per_prompt=2, width=64, height=64, seed=11, num_inference_steps=4,

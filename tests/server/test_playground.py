@@ -14,7 +14,7 @@ import os
 import pytest
 import requests
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from .browser import chromium
 from .conftest import API_KEY, decoded_md5
@@ -54,6 +54,7 @@ def test_playground_image_matches_api(omni_server, tmp_path):
         assert {"width", "height", "num_inference_steps", "seed", "true_cfg_scale", "negative_prompt"} <= shown
         assert shown <= set(card["capabilities"]["fields"]) | set(card["capabilities"]["knobs"])
         assert "num_frames" not in shown and not driver.find_element(By.ID, "upload-row").is_displayed()
+        assert driver.find_element(By.ID, "partials").get_attribute("value") == ""  # streaming: off unless asked
         _fill(driver, {"api-key": API_KEY, "prompt": "a red cat on a blue chair", "field-seed": "21",
                        "field-num_inference_steps": "3", "field-width": "64", "field-height": "48"})
         assert _generate(driver, 120) == "done", driver.find_element(By.ID, "error").text
@@ -70,6 +71,29 @@ def test_playground_image_matches_api(omni_server, tmp_path):
     assert decoded_md5(base64.b64decode(src.split(",", 1)[1])) == decoded_md5(base64.b64decode(api["data"][0]["b64_json"]))
     assert shown_omni["resolved"] == api["omni"]["resolved"]
     assert shown_omni["resolved"]["seed"] == 21 and shown_omni["resolved"]["num_inference_steps"] == 3
+
+
+def test_playground_streams_partial_images(omni_server):
+    """A family that streams: the page asks for partial images, shows each as it arrives, and ends on
+    the image the unstreamed API answers, with the streamed answer's `omni` block."""
+    server = omni_server("qwen-image")
+    with chromium() as driver:
+        _open(driver, server)
+        assert driver.find_element(By.ID, "stream-row").is_displayed()
+        Select(driver.find_element(By.ID, "partials")).select_by_value("2")
+        _fill(driver, {"api-key": API_KEY, "prompt": "a lighthouse at dusk", "field-seed": "8",
+                       "field-num_inference_steps": "4", "field-width": "64", "field-height": "64"})
+        assert _generate(driver, 120) == "done", driver.find_element(By.ID, "error").text
+        body = driver.find_element(By.TAG_NAME, "body")
+        img = driver.find_element(By.ID, "result-0")
+        assert body.get_attribute("data-partials") == "2" and img.get_attribute("data-kind") == "final"
+        src = img.get_attribute("src")
+        shown_omni = json.loads(driver.find_element(By.ID, "resolved").text)
+    api = requests.post(server.url + "/v1/images/generations", headers=server.headers(), timeout=120,
+                        json={"model": "tiny-qwen-image", "prompt": "a lighthouse at dusk", "seed": 8,
+                              "num_inference_steps": 4, "size": "64x64"}).json()
+    assert decoded_md5(base64.b64decode(src.split(",", 1)[1])) == decoded_md5(base64.b64decode(api["data"][0]["b64_json"]))
+    assert shown_omni["resolved"] == {**api["omni"]["resolved"], "partial_images": 2}
 
 
 def test_playground_shows_api_errors(omni_server):
@@ -91,6 +115,7 @@ def test_playground_video_progress_and_player(omni_server):
     with chromium() as driver:
         _open(driver, server)
         assert driver.find_element(By.ID, "field-num_frames").is_displayed()
+        assert not driver.find_element(By.ID, "stream-row").is_displayed()  # Wan declares no partial images
         _fill(driver, {"api-key": API_KEY, "prompt": "a boat at sea", "field-seed": "5"})
         assert _generate(driver, 300) == "done", driver.find_element(By.ID, "error").text
         video = driver.find_element(By.ID, "video")

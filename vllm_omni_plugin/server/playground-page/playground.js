@@ -45,6 +45,8 @@ function buildForm(config) {
     (caps.input_images.max ? `, takes ${caps.input_images.min}-${caps.input_images.max ?? "any"} input image(s)` : "");
   for (const [name, label, type] of FIELD_INPUTS) if (honoured.has(name)) addInput(name, label, type);
   for (const [name, type] of Object.entries(caps.knobs)) addInput(name, name, KNOB_TYPES[type] || "json");
+  // a family that declares a partial-image decoder streams (stream + partial_images)
+  if (caps.partial_images) $("stream-row").hidden = false;
   if (caps.input_images.max !== 0) {
     $("upload-row").hidden = false;
     $("upload-label").textContent = caps.input_images.min > 0 ? "Input image (required)" : "Input image (optional)";
@@ -113,20 +115,66 @@ function showResolved(omni) {
   $("resolved").textContent = JSON.stringify(omni, null, 2);
 }
 
+// Image `index` of the answer: made on first sight, replaced by each later partial / the final one.
+function showImage(index, format, b64, kind) {
+  let img = $("result-" + index);
+  if (!img) {
+    img = document.createElement("img");
+    img.id = "result-" + index;
+    img.alt = `generated image ${index + 1}`;
+    $("images").appendChild(img);
+  }
+  img.dataset.kind = kind;
+  img.src = `data:image/${format || "png"};base64,${b64}`;
+}
+
 async function generateImages(fields, file) {
+  const partials = $("stream-row").hidden ? "" : $("partials").value;
+  if (partials !== "") return streamImages(fields, file, parseInt(partials, 10));
   const r = file
     ? await call("POST", "/v1/images/edits", asForm(fields, "image", file))
     : await call("POST", "/v1/images/generations", fields);
   const body = await r.json();
-  const mime = "image/" + (body.output_format || "png");
-  body.data.forEach((d, i) => {
-    const img = document.createElement("img");
-    img.id = "result-" + i;
-    img.alt = `generated image ${i + 1}`;
-    img.src = `data:${mime};base64,${d.b64_json}`;
-    $("images").appendChild(img);
-  });
+  body.data.forEach((d, i) => showImage(i, body.output_format, d.b64_json, "final"));
   showResolved(body.omni);
+}
+
+// Streaming: the same request with stream=true, read as server-sent events while it runs. Each
+// partial image replaces the preview of its image; each completed event sets it for good and
+// carries the answer's `omni` block. Events are OpenAI's (`image_generation.partial_image`,
+// `image_generation.completed`; `image_edit.*` for edits); a failure mid-stream is an `error` event.
+async function streamImages(fields, file, partials) {
+  const body = { ...fields, stream: true, partial_images: partials };
+  const r = file
+    ? await call("POST", "/v1/images/edits", asForm(body, "image", file))
+    : await call("POST", "/v1/images/generations", body);
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let seen = 0;
+  const onEvent = (event) => {
+    if (event.error) throw new Error(event.error.message + (event.error.param ? ` (${event.error.param})` : ""));
+    const type = event.type || "";
+    if (type.endsWith(".partial_image")) {
+      seen += 1;
+      showImage(event.index ?? 0, event.output_format, event.b64_json, "partial");
+      $("status").textContent = `partial image ${event.partial_image_index + 1} of ${partials}\u2026`;
+    } else if (type.endsWith(".completed")) {
+      showImage(event.index ?? 0, event.output_format, event.b64_json, "final");
+      if (event.omni) showResolved(event.omni);
+    }
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const data = buffer.slice(0, cut).split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("");
+      buffer = buffer.slice(cut + 2);
+      if (data.trim()) onEvent(JSON.parse(data));
+    }
+  }
+  document.body.dataset.partials = String(seen);
 }
 
 async function generateVideo(fields, file) {
@@ -160,6 +208,7 @@ async function onGenerate(event) {
   $("video").hidden = true;
   $("progress").hidden = true;
   $("resolved").textContent = "\u2014";
+  delete document.body.dataset.partials;
   localStorage.setItem("omni-playground-api-key", $("api-key").value.trim());
   button.disabled = true;
   const started = performance.now();

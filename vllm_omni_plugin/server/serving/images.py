@@ -87,7 +87,8 @@ async def stream_images(request: Request, fields: dict[str, Any], images: Sequen
 
     Events, in order: for each partial image k (0..partial_images-1, `partial_steps`) one
     `<prefix>.partial_image` per output image (`index` 0..n-1), then one `<prefix>.completed`
-    per output image; prefix `image_generation` or `image_edit` (OpenAI's names and fields).
+    per output image, with the answer's `omni` block; prefix `image_generation` or `image_edit`
+    (OpenAI's names and fields).
     A failure after the stream started is one `data: {"error": ...}` event (the openai client
     raises it); a bad request or a full queue is a plain JSON error before any event. A client
     that closes the connection aborts the request (at the engine's next step).
@@ -140,8 +141,10 @@ async def _events(canon: CanonicalRequest, work: asyncio.Future, queue: asyncio.
                 logger.error("omni: streamed image request %s failed", rid, exc_info=exc)
             yield f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n".encode()
             return
+        # `omni` (an extension field, as on the non-streamed answer): what ran, defaults filled in
+        omni = resolved_json(p, output.request_id, canon.ignored)
         for row, b64 in enumerate(await asyncio.to_thread(b64_images, output, spec)):
-            yield _sse({"type": f"{prefix}.completed", **common(b64, row), "usage": _NO_USAGE})
+            yield _sse({"type": f"{prefix}.completed", **common(b64, row), "usage": _NO_USAGE, "omni": omni})
     finally:
         if not work.done():
             work.cancel()  # the client went away: the runtime aborts the request at the next step
