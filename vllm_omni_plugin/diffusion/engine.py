@@ -27,6 +27,7 @@ No vLLM here: this runs on a bare GPU box (ARCHITECTURE.md, principle 3).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,8 @@ from .interface import DiffusionPipelineBase, StepwisePipeline
 from .output import DiffusionOutput
 from .params import ResolvedParams, SamplingParams
 from .state import DiffusionState
+
+logger = logging.getLogger(__name__)
 
 
 class _AbortedMidRun(Exception):
@@ -177,6 +180,32 @@ class DiffusionEngine:
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running)
+
+    def run_loop(
+        self,
+        stopping: Callable[[], bool],
+        wake: threading.Event,
+        fail: Callable[[Exception], list],
+        deliver: Callable[[list, float], None],
+    ) -> None:
+        """The loop of the thread that drives this engine, until `stopping()`: step while requests
+        are unfinished, else wait for `wake`; hand each step's events and its seconds to `deliver`.
+
+        A step that raises is logged and `fail(exc)` gives the events to deliver instead (the
+        caller aborts the requests it knows and reports the error to each).
+        """
+        while not stopping():
+            if not self.has_unfinished():
+                wake.wait()
+                wake.clear()
+                continue
+            started = time.perf_counter()
+            try:
+                events = self.step()
+            except Exception as exc:  # noqa: BLE001 -- handed to every request in the engine, logged
+                logger.exception("diffusion engine step failed; failing the requests in it")
+                events = fail(exc)
+            deliver(events, time.perf_counter() - started)
 
     @property
     def num_running(self) -> int:

@@ -283,6 +283,35 @@ class StepwisePipeline(DiffusionPipelineBase):
                 outs.update(((id(s), b), t) for (s, b), t in zip(rank_blocks, tensors))
         return [[outs[(id(s), b)] for b in range(s.cfg.branches)] for s in states]
 
+    def guided_predictions(
+        self,
+        states: list[DiffusionState],
+        forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor],
+        latent_tokens: bool = True,
+    ) -> list[torch.Tensor]:
+        """Per state, its prediction from `run_branches(states, forward)`: the conditional output
+        alone without an unconditional branch, else uncond + scale * (cond - uncond) at this step's
+        scale, rescaled to the conditional output's norm (last dim) where `state.cfg.renorm`.
+
+        latent_tokens: the outputs carry condition-image tokens after the latents' (dim 1):
+        keep the first `latents.shape[1]`; False: the outputs are the prediction as they are.
+        """
+        preds = []
+        for s, outs in zip(states, self.run_branches(states, forward)):
+            if latent_tokens:
+                outs = [o[:, :s.latents.shape[1]] for o in outs]
+            cond = outs[0]
+            if s.uncond is None:
+                preds.append(cond)
+                continue
+            neg = outs[1]
+            comb = neg + s.guidance_scale_now() * (cond - neg)
+            if s.cfg.renorm:
+                comb = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+            preds.append(comb)
+        return preds
+
+    @torch.no_grad()
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         """Advance each state by one step with its own scheduler."""
         for state, pred in zip(states, preds):

@@ -54,7 +54,7 @@ from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from . import codec
 from .errors import EngineStopped, GenerationFailed, QueueFull, RequestAborted, StageUnavailable
-from .handles import ClientStats, ProgressFn, RequestHandle
+from .handles import ClientBase, ClientStats, ProgressFn, RequestHandle
 from .messages import Abort, AddRequest, AddRequests, Call, Events, Ready, Shutdown, StartFailed, frames_of, parse
 from .spec import EngineSpec, PipelineInfo
 
@@ -109,7 +109,7 @@ class _Incarnation:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class EngineCoreClient:
+class EngineCoreClient(ClientBase):
     """The client of one diffusion engine-core process (see the module docstring).
 
     Args:
@@ -239,10 +239,6 @@ class EngineCoreClient:
             return f"the {stage} stage's engine process died and could not be restarted ({self._down_reason})"
         return f"the {stage} stage's engine is not running ({self.status})"
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._handles)
-
     def _check_up(self) -> None:
         if self.status != "running":
             raise StageUnavailable(self.health() or "the diffusion engine is not running")
@@ -287,11 +283,6 @@ class EngineCoreClient:
         if reply.error is not None:
             raise codec.unpack(reply.error, buffers)
         return codec.unpack(reply.value, buffers)
-
-    def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
-               request_id: str | None = None, stage_input: Any = None) -> RequestHandle:
-        """Queue one resolved request; see `submit_many`."""
-        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id])[0]
 
     def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,

@@ -119,25 +119,17 @@ class EngineCore:
             self.send_events(refused, 0.0)
         return True
 
+    def _fail_all(self, exc: Exception) -> list[_Refused]:
+        with self._known_lock:
+            ids = sorted(self._known)
+        for rid in ids:
+            self.engine.abort(rid)
+        return [_Refused(rid, exc) for rid in ids]
+
     def run(self) -> None:
         threading.Thread(target=self._receive, name="omni-engine-input", daemon=True).start()
         engine = self.engine
-        while not self._stopping:
-            if not engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            started = time.perf_counter()
-            try:
-                events = engine.step()
-            except Exception as exc:  # noqa: BLE001 -- handed to every request in the engine, logged
-                logger.exception("diffusion engine step failed; failing the requests in it")
-                with self._known_lock:
-                    ids = sorted(self._known)
-                for rid in ids:
-                    engine.abort(rid)
-                events = [_Refused(rid, exc) for rid in ids]
-            self.send_events(events, time.perf_counter() - started)
+        engine.run_loop(lambda: self._stopping, self._wake, self._fail_all, self.send_events)
         # Shutdown: release what the requests left hold (aborted at the next step).
         with self._known_lock:
             ids = sorted(self._known)
