@@ -45,6 +45,9 @@ from .state import DiffusionState
 
 logger = logging.getLogger(__name__)
 
+#: the stage name a diffusion-only model's outputs report their dtype under (`DiffusionOutput.dtypes`)
+DIFFUSION_STAGE = "diffusion"
+
 
 class _AbortedMidRun(Exception):
     """Raised from a monolithic pipeline's step callback to stop an aborted request."""
@@ -112,6 +115,7 @@ class DiffusionEngine:
         self._arrivals = itertools.count()
         self._last_served: dict[Any, int] = {}
         self._step_no = 0
+        self._dtype_name: str | None = None
 
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
@@ -396,6 +400,7 @@ class DiffusionEngine:
         for req, output in zip(done, outputs):
             if output is not None:  # (None on worker ranks)
                 output.timings["decode"] = decode_seconds
+                self._stamp(output)
             with self._lock:
                 self._running.pop(req.request_id, None)
             req.state.release()
@@ -439,4 +444,11 @@ class DiffusionEngine:
             self._running.pop(rid, None)
         self.stats.forwards += 1
         self.stats.batch_sizes.append(1)
-        return events + [EngineEvent("finished", rid, output=output)]
+        return events + [EngineEvent("finished", rid, output=self._stamp(output))]
+
+    def _stamp(self, output: DiffusionOutput) -> DiffusionOutput:
+        """Record on an output the dtype it was made in (a multi-stage orchestrator adds its stages')."""
+        if self._dtype_name is None:
+            self._dtype_name = self.pipeline.dtype_name
+        output.dtypes.setdefault(DIFFUSION_STAGE, self._dtype_name)
+        return output

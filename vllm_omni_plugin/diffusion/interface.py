@@ -70,6 +70,22 @@ class DiffusionPipelineBase(ABC):
             self._device = self.pipe._execution_device
         return self._device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the loaded weights are in: the denoiser's (`pipe.transformer`, a diffusers
+        pipeline's DiT) where the pipeline has one, else `pipe.dtype`."""
+        model = getattr(self.pipe, "transformer", None)
+        if isinstance(model, torch.nn.Module):
+            param = next((p for p in model.parameters() if p.is_floating_point()), None)
+            if param is not None:
+                return param.dtype
+        return self.pipe.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """`dtype` as its name ("float32", "bfloat16" ...): what outputs and responses report."""
+        return str(self.dtype).removeprefix("torch.")
+
     @abstractmethod
     def defaults(self) -> PipelineDefaults:
         """This family's own defaults and derived-value rule (see params.resolve)."""
