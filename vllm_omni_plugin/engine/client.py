@@ -325,7 +325,8 @@ class EngineCoreClient(ClientBase):
                 if rid in self._handles or any(h.request_id == rid for h in handles):
                     raise ValueError(f"request id {rid!r} is already in the engine")
                 handles.append(RequestHandle(rid, params, concurrent.futures.Future(), on_progress, loop))
-                adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers)))
+                adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers),
+                                       wants_steps=on_progress is not None))
             # Registered before the send: the reader may see their events before this call returns.
             for h in handles:
                 self._handles[h.request_id] = h
@@ -401,13 +402,14 @@ class EngineCoreClient(ClientBase):
 
     def _dispatch(self, message: Events, buffers: list[Any]) -> None:
         self.running = message.running
-        stepped = 0
+        if self.step_observer is not None:  # first: the steps are counted before a request they finish settles
+            for seconds, stepped in message.steps:
+                self.step_observer(seconds, stepped)
         for event in message.events:
             handle = self._handles.get(event.request_id)
             if handle is None:
                 continue  # already settled (failed by a step error, then aborted)
             if event.kind == "step":
-                stepped += 1
                 handle.step, handle.total = event.step, event.total
                 if handle.on_progress is not None:
                     self._progress(handle, event.step, event.total)
@@ -422,8 +424,6 @@ class EngineCoreClient(ClientBase):
                 error = GenerationFailed(f"generation failed: {type(cause).__name__}: {cause}")
                 error.__cause__ = cause
                 self._settle(handle, error=error)
-        if stepped and self.step_observer is not None:
-            self.step_observer(message.step_seconds, stepped)
 
     @staticmethod
     def _progress(handle: RequestHandle, step: int, total: int) -> None:
