@@ -34,6 +34,7 @@ def test_answers_report_the_dtype_of_the_loaded_weights(omni_server, checkpoint)
     assert off.dtypes == {"diffusion": loaded}
     assert http.model_extra["omni"]["dtypes"] == off.dtypes
     assert chat.model_extra["omni"]["dtypes"] == off.dtypes
+    assert client.models.list().data[0].model_extra["omni"]["dtype"] == loaded
 
 
 def test_dtype_flag_changes_the_reported_dtype(omni_server, checkpoint):
@@ -52,3 +53,4 @@ def test_dtype_flag_changes_the_reported_dtype(omni_server, checkpoint):
     client = omni_server("qwen-image", variant="bf16", extra=["--dtype", "bfloat16"]).client()
     http = client.images.generate(prompt="a red cat", extra_body={"seed": 1})
     assert http.model_extra["omni"]["dtypes"] == {"diffusion": loaded}
+    assert client.models.list().data[0].model_extra["omni"]["dtype"] == loaded
