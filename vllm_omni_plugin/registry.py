@@ -228,8 +228,13 @@ def checkpoint_builders() -> dict[str, Family]:
 def params() -> dict[str, Param]:
     """Every family-declared request field, by name (sorted); one name declared by several
     families must be declared alike, and no alias may shadow a field."""
+    return merged_params(families())
+
+
+def merged_params(found_families: Mapping[str, Family]) -> dict[str, Param]:
+    """The params of these families, merged as `params` merges every family's (ValueError on a clash)."""
     found: dict[str, tuple[Param, str]] = {}
-    for fam in families().values():
+    for fam in found_families.values():
         for name, param in fam.params.items():
             if name in found and found[name][0] != param:
                 raise ValueError(f"families {found[name][1]!r} and {fam.name!r} declare param {name!r} differently")
