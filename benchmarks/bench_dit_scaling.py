@@ -299,7 +299,7 @@ class Suite:
 
     def part_fp8(self) -> None:
         """bf16 vs fp8 on the same weights: a second, seeded-identical DiT is built and quantized."""
-        from vllm_omni_plugin.checkpoints._weights import random_model
+        from vllm_omni_plugin.checkpoints.weights import random_model
         from vllm_omni_plugin.families.qwen_image.checkpoint import TRANSFORMER
         from diffusers import QwenImageTransformer2DModel
 

@@ -79,6 +79,33 @@ def test_two_families_claiming_one_name_are_refused_naming_both():
         registry._check_unique({"a": a, "b": b})
 
 
+def test_family_params_join_the_shared_vocabulary_and_must_agree():
+    from vllm_omni_plugin.diffusion.capabilities import DECLARABLE_FIELDS
+    from vllm_omni_plugin.diffusion.params import ResolvedParams, SamplingParams
+    from vllm_omni_plugin.request.protocol import GenerationParams
+
+    declared = {name for fam in families().values() for name in fam.params}
+    assert declared and declared == set(registry.params())
+    for name in declared:  # a field of the request, of what ran, of the wire, declarable by a model
+        assert name in SamplingParams.__dataclass_fields__ and name in ResolvedParams.__dataclass_fields__
+        assert name in GenerationParams.model_fields and name in DECLARABLE_FIELDS
+    for alias, name in registry.param_aliases().items():
+        assert getattr(SamplingParams(**{alias: 2.0}), name) == 2.0 and alias in GenerationParams.model_fields
+
+    scale = registry.Param(float, "a scale", ge=0.0)
+    a = registry._named(Family(summary="a", params={"s": scale}), "a", "pkg.a")
+    same = registry._named(Family(summary="b", params={"s": scale}), "b", "pkg.b")
+    assert registry.merged_params({"a": a, "b": same}) == {"s": scale}  # declared alike: one field
+    other = registry._named(Family(summary="b", params={"s": registry.Param(int, "a count")}), "b", "pkg.b")
+    with pytest.raises(ValueError, match=r"families 'a' and 'b' declare param 's' differently"):
+        registry.merged_params({"a": a, "b": other})
+    shadow = registry._named(Family(summary="c", params={"t": registry.Param(float, "t", aliases=("s",))}), "c", "c")
+    with pytest.raises(ValueError, match="param alias 's'"):
+        registry.merged_params({"a": a, "c": shadow})
+    with pytest.raises(TypeError, match="int or float"):
+        registry.Param(str, "text")
+
+
 def test_a_declaration_that_cannot_work_is_refused():
     with pytest.raises(ValueError, match="orchestrator and input_processor come together"):
         Family(summary="x", orchestrator=".o:O")

@@ -45,6 +45,32 @@ class VllmModel:
 
 
 @dataclass(frozen=True)
+class Param:
+    """A request field a family adds to the shared vocabulary (`SamplingParams`, `ResolvedParams`,
+    the wire bodies): a number that means the same to every model that reads it.
+
+    A model reads it only where its `Capabilities.fields` says so; a request that sets it for
+    another model is refused, naming it. Several families may declare one name, with equal
+    declarations (FLUX and Qwen-Image both run true CFG).
+
+    type         int or float
+    description  what it does (the OpenAPI document, the playground)
+    ge, le       its bounds on the wire (inclusive); an int with ge=1 is "a positive integer"
+    aliases      other wire / keyword names of the same field (give one of them)
+    """
+
+    type: type
+    description: str
+    ge: float | None = None
+    le: float | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.type not in (int, float):
+            raise TypeError(f"a Param's type is int or float, got {self.type!r}")
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the generic layers need to know about one model family, as names and lazy targets.
 
@@ -65,6 +91,8 @@ class Family:
                       the stages (orchestrator/stages.py)
     input_processor   the name stage configs use for it (`input_processor: ...`)
     stage_config      the family's shipped stage config, a YAML file in its folder
+    params            request fields the family adds to the shared vocabulary, name -> Param
+                      (defaults are its pipelines' own: `PipelineDefaults`)
     vllm_models       architectures registered in vLLM's ModelRegistry
     vllm_setup        "module:function" run once per process before vLLM parses
                       engine args (BAGEL's config hook); None: nothing
@@ -83,6 +111,7 @@ class Family:
     orchestrator: str | None = None
     input_processor: str | None = None
     stage_config: str | None = None
+    params: Mapping[str, Param] = field(default_factory=dict)
     vllm_models: tuple[VllmModel, ...] = ()
     vllm_setup: str | None = None
     model_types: tuple[str, ...] = ()
@@ -193,6 +222,33 @@ def input_processors() -> dict[str, Family]:
 def checkpoint_builders() -> dict[str, Family]:
     """Checkpoint-factory names -> the family whose builder writes them."""
     return _index("checkpoints")
+
+
+@functools.cache
+def params() -> dict[str, Param]:
+    """Every family-declared request field, by name (sorted); one name declared by several
+    families must be declared alike, and no alias may shadow a field."""
+    return merged_params(families())
+
+
+def merged_params(found_families: Mapping[str, Family]) -> dict[str, Param]:
+    """The params of these families, merged as `params` merges every family's (ValueError on a clash)."""
+    found: dict[str, tuple[Param, str]] = {}
+    for fam in found_families.values():
+        for name, param in fam.params.items():
+            if name in found and found[name][0] != param:
+                raise ValueError(f"families {found[name][1]!r} and {fam.name!r} declare param {name!r} differently")
+            found.setdefault(name, (param, fam.name))
+    aliases = [a for p, _ in found.values() for a in p.aliases]
+    clash = sorted(set(aliases) & set(found)) or sorted({a for a in aliases if aliases.count(a) > 1})
+    if clash:
+        raise ValueError(f"param alias {clash[0]!r} is declared twice or names a param")
+    return {name: found[name][0] for name in sorted(found)}
+
+
+def param_aliases() -> dict[str, str]:
+    """Alias -> the family-declared field it names (`cfg_scale` -> `true_cfg_scale`)."""
+    return {alias: name for name, p in params().items() for alias in p.aliases}
 
 
 def vllm_models() -> tuple[VllmModel, ...]:

@@ -122,6 +122,27 @@ def test_bad_input_raises_the_pipelines_error_in_the_caller(omnis):
 
 
 @pytest.mark.engine
+def test_step_events_cross_only_for_a_listener_and_every_step_is_counted(omnis):
+    _, remote = omnis
+    client = remote.client
+    counted: list[int] = []
+    client.step_observer = lambda seconds, stepped: counted.append(stepped)
+    try:
+        quiet = client.submit(client.resolve(SamplingParams(prompt="quiet", seed=1, num_inference_steps=3)))
+        client.wait(quiet, timeout=120)
+        assert (quiet.step, quiet.total) == (0, 0)  # no step event came for it
+        assert sum(counted) == 3  # its steps' metrics came with its final message
+
+        seen: list[tuple[int, int]] = []
+        heard = client.submit(client.resolve(SamplingParams(prompt="heard", seed=1, num_inference_steps=3)),
+                              lambda step, total: seen.append((step, total)))
+        client.wait(heard, timeout=120)
+        assert seen == [(1, 3), (2, 3), (3, 3)] and sum(counted) == 6
+    finally:
+        client.step_observer = None
+
+
+@pytest.mark.engine
 def test_abort_stops_the_request_at_the_next_step(omnis):
     _, remote = omnis
     client = remote.client

@@ -79,6 +79,12 @@ def test_text2img_offline_images_chat_identical(omni_server, bagel_omni):
     assert resolved["extra"]["cfg_text_scale"] == 3.0
     assert http.model_extra["omni"]["resolved"] == resolved
     assert chat.model_extra["omni"]["resolved"] == resolved
+    # each stage's dtype as its engine holds it: vLLM's resolved model dtype, the DiT's weights
+    stages = bagel_omni._stages
+    ran = {stages.ar.id: str(stages.llm.vllm_config.model_config.dtype).removeprefix("torch."),
+           stages.dit.id: str(next(iter(bagel_omni.pipeline.pipe.model.w.values())).dtype).removeprefix("torch.")}
+    assert off.dtypes == ran
+    assert http.model_extra["omni"]["dtypes"] == chat.model_extra["omni"]["dtypes"] == ran
 
 
 def test_img2img_edits_and_chat_equal_offline(omni_server, bagel_omni):

@@ -17,8 +17,8 @@ where OpenAI clients send it anyway, reported as ignored) -- never silently
 dropped.
 
 Pipelines whose honoured fields depend on the loaded checkpoint (a
-guidance-distilled Qwen-Image reads `guidance_scale`; Wan2.1 has no second
-expert, so no `guidance_scale_2`) refine the class declaration per instance in
+guidance-distilled checkpoint reads `guidance_scale`; a checkpoint with one
+expert has no second expert's guidance) refine the class declaration per instance in
 `__init__` with `Capabilities.with_fields` / `without_fields`.
 
 This module imports neither vLLM nor diffusers.
@@ -30,6 +30,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .. import registry
+
 OUTPUT_KINDS = ("image", "layers", "video")
 
 #: SamplingParams fields every pipeline reads: nothing to declare for them.
@@ -37,10 +39,11 @@ OUTPUT_KINDS = ("image", "layers", "video")
 # its `supports_step_cache` class attribute, with a message that says so (interface.resolve).
 ALWAYS_HONOURED = frozenset({"prompt", "seed", "num_outputs_per_prompt", "output_type", "cache_threshold"})
 
-#: SamplingParams fields a family may declare (`images` is declared through `input_images`).
+#: SamplingParams fields a family may declare (`images` is declared through `input_images`): the
+#: shared ones and those families add (registry.Family.params).
 DECLARABLE_FIELDS = frozenset({
-    "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2",
-    "true_cfg_scale", "num_frames", "fps", "layers", "resolution", "max_sequence_length",
+    "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "num_frames", "fps",
+    "max_sequence_length", *registry.params(),
 })
 
 #: Knob types a family may declare: JSON-representable values a request can carry.

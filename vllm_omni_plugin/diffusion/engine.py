@@ -60,6 +60,9 @@ from .state import DiffusionState
 
 logger = logging.getLogger("vllm.omni_plugin.diffusion")
 
+#: the stage name a diffusion-only model's outputs report their dtype under (`DiffusionOutput.dtypes`)
+DIFFUSION_STAGE = "diffusion"
+
 
 class _AbortedMidRun(Exception):
     """Raised from a monolithic pipeline's step callback to stop an aborted request."""
@@ -173,6 +176,8 @@ class DiffusionEngine:
     def list_loras(self) -> list[dict[str, Any]]:
         return [] if self.pipeline.loras is None else self.pipeline.loras.describe()
 
+        self._dtype_name: str | None = None
+
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
                     stage_input: Any = None) -> ResolvedParams:
@@ -259,6 +264,32 @@ class DiffusionEngine:
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running or self._held)
+
+    def run_loop(
+        self,
+        stopping: Callable[[], bool],
+        wake: threading.Event,
+        fail: Callable[[Exception], list],
+        deliver: Callable[[list, float], None],
+    ) -> None:
+        """The loop of the thread that drives this engine, until `stopping()`: step while requests
+        are unfinished, else wait for `wake`; hand each step's events and its seconds to `deliver`.
+
+        A step that raises is logged and `fail(exc)` gives the events to deliver instead (the
+        caller aborts the requests it knows and reports the error to each).
+        """
+        while not stopping():
+            if not self.has_unfinished():
+                wake.wait()
+                wake.clear()
+                continue
+            started = time.perf_counter()
+            try:
+                events = self.step()
+            except Exception as exc:  # noqa: BLE001 -- handed to every request in the engine, logged
+                logger.exception("diffusion engine step failed; failing the requests in it")
+                events = fail(exc)
+            deliver(events, time.perf_counter() - started)
 
     @property
     def num_running(self) -> int:
@@ -529,6 +560,7 @@ class DiffusionEngine:
         for req, output in zip(done, outputs):
             if output is not None:  # (None on worker ranks)
                 output.timings["decode"] = decode_seconds
+                self._stamp(output)
             with self._lock:
                 self._running.pop(req.request_id, None)
             self._unpin(req.params)
@@ -579,4 +611,11 @@ class DiffusionEngine:
             self._running.pop(rid, None)
         self.stats.forwards += 1
         self.stats.batch_sizes.append(1)
-        return events + [EngineEvent("finished", rid, output=output)]
+        return events + [EngineEvent("finished", rid, output=self._stamp(output))]
+
+    def _stamp(self, output: DiffusionOutput) -> DiffusionOutput:
+        """Record on an output the dtype it was made in (a multi-stage orchestrator adds its stages')."""
+        if self._dtype_name is None:
+            self._dtype_name = self.pipeline.dtype_name
+        output.dtypes.setdefault(DIFFUSION_STAGE, self._dtype_name)
+        return output

@@ -75,6 +75,22 @@ class DiffusionPipelineBase(ABC):
             self._device = self.pipe._execution_device
         return self._device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the loaded weights are in: the denoiser's (`pipe.transformer`, a diffusers
+        pipeline's DiT) where the pipeline has one, else `pipe.dtype`."""
+        model = getattr(self.pipe, "transformer", None)
+        if isinstance(model, torch.nn.Module):
+            param = next((p for p in model.parameters() if p.is_floating_point()), None)
+            if param is not None:
+                return param.dtype
+        return self.pipe.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """`dtype` as its name ("float32", "bfloat16" ...): what outputs and responses report."""
+        return str(self.dtype).removeprefix("torch.")
+
     @abstractmethod
     def defaults(self) -> PipelineDefaults:
         """This family's own defaults and derived-value rule (see params.resolve)."""
@@ -318,6 +334,35 @@ class StepwisePipeline(DiffusionPipelineBase):
                 outs.update(((id(s), b), t) for (s, b), t in zip(rank_blocks, tensors))
         return [[outs[(id(s), b)] for b in range(s.cfg.branches)] for s in states]
 
+    def guided_predictions(
+        self,
+        states: list[DiffusionState],
+        forward: Callable[[list[tuple[DiffusionState, int]]], torch.Tensor],
+        latent_tokens: bool = True,
+    ) -> list[torch.Tensor]:
+        """Per state, its prediction from `run_branches(states, forward)`: the conditional output
+        alone without an unconditional branch, else uncond + scale * (cond - uncond) at this step's
+        scale, rescaled to the conditional output's norm (last dim) where `state.cfg.renorm`.
+
+        latent_tokens: the outputs carry condition-image tokens after the latents' (dim 1):
+        keep the first `latents.shape[1]`; False: the outputs are the prediction as they are.
+        """
+        preds = []
+        for s, outs in zip(states, self.run_branches(states, forward)):
+            if latent_tokens:
+                outs = [o[:, :s.latents.shape[1]] for o in outs]
+            cond = outs[0]
+            if s.uncond is None:
+                preds.append(cond)
+                continue
+            neg = outs[1]
+            comb = neg + s.guidance_scale_now() * (cond - neg)
+            if s.cfg.renorm:
+                comb = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+            preds.append(comb)
+        return preds
+
+    @torch.no_grad()
     def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
         """Advance each state by one step with its own scheduler."""
         for state, pred in zip(states, preds):

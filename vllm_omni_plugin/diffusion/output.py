@@ -21,6 +21,8 @@ class DiffusionOutput:
     fps       frame rate of `videos`
     latents   output_type="latent": the final latents
     params    the ResolvedParams this output was made with
+    dtypes    the dtype each stage ran in, by stage: {"diffusion": ...} for a diffusion-only
+              model (its loaded weights'), the AR and DiT stages' for a multi-stage one
     """
 
     request_id: str
@@ -31,6 +33,7 @@ class DiffusionOutput:
     videos: list[list[Any]] = field(default_factory=list)
     fps: int | None = None
     latents: Any = None
+    dtypes: dict[str, str] = field(default_factory=dict)
     # Seconds spent on this output inside the engine, by phase ("decode": the VAE decode of the
     # batch it finished in); for operators' logs and the benchmarks, never for results.
     timings: dict[str, float] = field(default_factory=dict)

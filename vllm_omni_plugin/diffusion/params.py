@@ -6,9 +6,15 @@ which means "unset" -- never a magic number. `resolve()` turns a request into a
 
     explicit request value  >  stage-config default  >  the pipeline's own default
 
-and then computes derived values (for example Wan2.2's `guidance_scale_2`, or
-Qwen-Image-Edit's output size from its input image) from the *resolved* values.
-Nothing shared is mutated: each call builds fresh objects.
+and then computes derived values (a family's `PipelineDefaults.derive`, e.g. a
+second expert's guidance following the first, or an edit's output size from its
+input image) from the *resolved* values. Nothing shared is mutated: each call
+builds fresh objects.
+
+The fields every model shares are declared here; the fields some families add
+(`Family.params`, registry.py) join both dataclasses when this module is first
+imported, so `SamplingParams(true_cfg_scale=4.0).true_cfg_scale` reads as any
+other field, and no family is named here.
 
 This module imports neither vLLM nor diffusers.
 """
@@ -22,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .. import registry
 from .capabilities import InvalidParams
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -41,25 +48,29 @@ def partial_steps(num_steps: int, partial_images: int) -> tuple[int, ...]:
     return tuple((i + 1) * num_steps // (k + 1) for i in range(k))
 
 
+#: the request fields families declare (registry.Family.params), name -> Param
+FAMILY_PARAMS = registry.params()
+#: alias -> the family-declared field it names
+_ALIASES = registry.param_aliases()
+
+
 @dataclass
-class SamplingParams:
+class _SamplingParams:
     """What a request asks for. `None` everywhere means "not set".
 
-    prompt / negative_prompt  text; a negative prompt switches on true CFG for
-                              Qwen-Image (as in diffusers)
+    prompt / negative_prompt  text (a negative prompt switches on true CFG where a
+                              model runs it, as in diffusers)
     height, width             output size in pixels
     num_inference_steps       denoising steps
-    guidance_scale            CFG scale (Wan), or the distilled-guidance input
-                              (guidance-distilled Qwen-Image variants)
-    guidance_scale_2          Wan2.2: CFG scale of the low-noise expert; when
-                              unset it follows the resolved `guidance_scale`
-    true_cfg_scale            Qwen-Image true CFG scale; `cfg_scale` is an alias
+    guidance_scale            CFG scale, or the distilled-guidance input of a
+                              guidance-distilled model
+    <family params>           the fields families declare (FAMILY_PARAMS), with
+                              their aliases as keywords
     seed                      `torch.Generator("cpu").manual_seed(seed)` is handed
                               to the pipeline, exactly as a diffusers user would
     num_outputs_per_prompt    n outputs from one seed, with diffusers' batch
                               semantics (one generator draws the noise of all n)
     num_frames, fps           video length and frame rate
-    layers, resolution        Qwen-Image-Layered: layer count, 640 or 1024 bucket
     max_sequence_length       text tokens kept
     images                    input images (edit / layered / image-to-video)
     output_type               "pil" (default), "np" or "latent"
@@ -82,14 +93,10 @@ class SamplingParams:
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    guidance_scale_2: float | None = None
-    true_cfg_scale: float | None = None
     seed: int | None = None
     num_outputs_per_prompt: int | None = None
     num_frames: int | None = None
     fps: int | None = None
-    layers: int | None = None
-    resolution: int | None = None
     max_sequence_length: int | None = None
     images: list[Any] | None = None
     output_type: str | None = None
@@ -97,23 +104,26 @@ class SamplingParams:
     partial_images: int | None = None
     lora: tuple[tuple[str, float], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    cfg_scale: dataclasses.InitVar[float | None] = None
 
-    def __post_init__(self, cfg_scale: float | None) -> None:
-        if cfg_scale is not None:
-            if self.true_cfg_scale is not None and self.true_cfg_scale != cfg_scale:
+    def __post_init__(self, *alias_values: Any) -> None:
+        for alias, value in zip(_ALIASES, alias_values):
+            if value is None:
+                continue
+            name = _ALIASES[alias]
+            current = getattr(self, name)
+            if current is not None and current != value:
                 raise ValueError(
-                    f"cfg_scale={cfg_scale} and true_cfg_scale={self.true_cfg_scale} disagree; "
-                    "cfg_scale is an alias of true_cfg_scale, pass one of them"
+                    f"{alias}={value} and {name}={current} disagree; "
+                    f"{alias} is an alias of {name}, pass one of them"
                 )
-            self.true_cfg_scale = cfg_scale
+            setattr(self, name, value)
         if self.images is not None and not isinstance(self.images, (list, tuple)):
             self.images = [self.images]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingParams":
         """Build from a plain mapping (stage config, JSON body); unknown keys go to `extra`."""
-        known = {f.name for f in dataclasses.fields(cls)} | {"cfg_scale"}
+        known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES)
         kwargs = {k: v for k, v in values.items() if k in known and k != "extra"}
         extra = dict(values.get("extra") or {})
         extra.update({k: v for k, v in values.items() if k not in known and k != "extra"})
@@ -127,8 +137,19 @@ class SamplingParams:
         return out
 
 
+#: SamplingParams: the shared fields, then the families' (None = unset), then their aliases
+#: (keyword-only InitVars, folded into the field they name)
+SamplingParams = dataclasses.make_dataclass(
+    "SamplingParams",
+    [(name, p.type | None, None) for name, p in FAMILY_PARAMS.items()]
+    + [(alias, dataclasses.InitVar[FAMILY_PARAMS[name].type | None], None) for alias, name in _ALIASES.items()],
+    bases=(_SamplingParams,),
+)
+SamplingParams.__doc__, SamplingParams.__module__ = _SamplingParams.__doc__, __name__
+
+
 @dataclass(frozen=True)
-class ResolvedParams:
+class _ResolvedParams:
     """Every value a pipeline runs with, after resolution. Attached to each output."""
 
     prompt: str
@@ -137,14 +158,10 @@ class ResolvedParams:
     width: int | None
     num_inference_steps: int
     guidance_scale: float | None
-    guidance_scale_2: float | None
-    true_cfg_scale: float | None
     seed: int
     num_outputs_per_prompt: int
     num_frames: int | None
     fps: int | None
-    layers: int | None
-    resolution: int | None
     max_sequence_length: int | None
     images: tuple[Any, ...] | None
     output_type: str
@@ -164,6 +181,14 @@ class ResolvedParams:
         out["lora"] = [{"name": n, "scale": s} for n, s in self.lora] if self.lora else None
         out["num_input_images"] = len(self.images) if self.images else 0
         return out
+
+
+#: ResolvedParams: the shared fields, then the families' (None: unset or not read)
+ResolvedParams = dataclasses.make_dataclass(
+    "ResolvedParams", [(name, p.type | None, None) for name, p in FAMILY_PARAMS.items()],
+    bases=(_ResolvedParams,), frozen=True,
+)
+ResolvedParams.__doc__, ResolvedParams.__module__ = _ResolvedParams.__doc__, __name__
 
 
 # Derivation hook: (values merged by precedence, which names the request/stage set
@@ -233,7 +258,8 @@ def _validate(v: Mapping[str, Any]) -> None:
         if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
             raise InvalidParams(f"{name} must be a positive integer, got {x!r}", name)
 
-    for name in ("height", "width", "num_inference_steps", "num_outputs_per_prompt", "num_frames", "fps", "layers"):
+    ints = [n for n, p in FAMILY_PARAMS.items() if p.type is int]
+    for name in ("height", "width", "num_inference_steps", "num_outputs_per_prompt", "num_frames", "fps", *ints):
         positive_int(name)
     if v.get("num_inference_steps") is None:
         raise InvalidParams("num_inference_steps is unset and the pipeline has no default", "num_inference_steps")
@@ -243,7 +269,8 @@ def _validate(v: Mapping[str, Any]) -> None:
                             "partial_images")
     if v["output_type"] not in OUTPUT_TYPES:
         raise InvalidParams(f"output_type must be one of {OUTPUT_TYPES}, got {v['output_type']!r}", "output_type")
-    for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale", "cache_threshold"):
+    floats = [n for n, p in FAMILY_PARAMS.items() if p.type is float]
+    for name in ("guidance_scale", *floats, "cache_threshold"):
         x = v.get(name)
         if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)):
             raise InvalidParams(f"{name} must be a number, got {x!r}", name)

@@ -54,7 +54,7 @@ from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from . import codec
 from .errors import EngineStopped, GenerationFailed, QueueFull, RequestAborted, StageUnavailable
-from .handles import ClientStats, PartialFn, ProgressFn, RequestHandle
+from .handles import ClientBase, ClientStats, PartialFn, ProgressFn, RequestHandle
 from .messages import Abort, AddRequest, AddRequests, Call, Events, Ready, Shutdown, StartFailed, frames_of, parse
 from .spec import EngineSpec, PipelineInfo
 
@@ -109,7 +109,7 @@ class _Incarnation:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class EngineCoreClient:
+class EngineCoreClient(ClientBase):
     """The client of one diffusion engine-core process (see the module docstring).
 
     Args:
@@ -239,10 +239,6 @@ class EngineCoreClient:
             return f"the {stage} stage's engine process died and could not be restarted ({self._down_reason})"
         return f"the {stage} stage's engine is not running ({self.status})"
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._handles)
-
     def _check_up(self) -> None:
         if self.status != "running":
             raise StageUnavailable(self.health() or "the diffusion engine is not running")
@@ -287,12 +283,6 @@ class EngineCoreClient:
         if reply.error is not None:
             raise codec.unpack(reply.error, buffers)
         return codec.unpack(reply.value, buffers)
-
-    def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
-               request_id: str | None = None, stage_input: Any = None,
-               on_partial: PartialFn | None = None) -> RequestHandle:
-        """Queue one resolved request; see `submit_many`."""
-        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id], on_partial)[0]
 
     def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
@@ -341,7 +331,8 @@ class EngineCoreClient:
                     raise ValueError(f"request id {rid!r} is already in the engine")
                 handles.append(RequestHandle(rid, params, concurrent.futures.Future(), on_progress, loop,
                                              on_partial=partial))
-                adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers)))
+                adds.append(AddRequest(rid, codec.pack(params, buffers), codec.pack(stage_input, buffers),
+                                       wants_steps=on_progress is not None))
             # Registered before the send: the reader may see their events before this call returns.
             for h in handles:
                 self._handles[h.request_id] = h
@@ -417,13 +408,14 @@ class EngineCoreClient:
 
     def _dispatch(self, message: Events, buffers: list[Any]) -> None:
         self.running = message.running
-        stepped = 0
+        if self.step_observer is not None:  # first: the steps are counted before a request they finish settles
+            for seconds, stepped in message.steps:
+                self.step_observer(seconds, stepped)
         for event in message.events:
             handle = self._handles.get(event.request_id)
             if handle is None:
                 continue  # already settled (failed by a step error, then aborted)
             if event.kind == "step":
-                stepped += 1
                 handle.step, handle.total = event.step, event.total
                 if handle.on_progress is not None:
                     self._progress(handle, event.step, event.total)
@@ -442,8 +434,6 @@ class EngineCoreClient:
                 error = GenerationFailed(f"generation failed: {type(cause).__name__}: {cause}")
                 error.__cause__ = cause
                 self._settle(handle, error=error)
-        if stepped and self.step_observer is not None:
-            self.step_observer(message.step_seconds, stepped)
 
     @staticmethod
     def _progress(handle: RequestHandle, step: int, total: int) -> None:

@@ -76,15 +76,33 @@ class EngineCore:
         #: request ids in the engine (failed together if a whole step raises)
         self._known: set[str] = set()
         self._known_lock = threading.Lock()
+        #: request ids whose caller listens to their step events (the others get their final one only)
+        self._listening: set[str] = set()
+        #: (seconds, requests stepped) of the steps not yet reported, and the running count last sent
+        self._steps: list[tuple[float, int]] = []
+        self._sent_running = 0
 
     def send_events(self, events: list[Any], step_seconds: float) -> None:
-        buffers: list[Any] = []
-        msgs = [_event_message(e, buffers) for e in events]
+        """Send a step's events: the step events of listened-to requests and every final event;
+        nothing when that leaves none and the running count is unchanged (the step's metrics go
+        with the next message)."""
+        stepped = sum(e.kind == "step" for e in events)
         with self._known_lock:
-            self._known.difference_update(e.request_id for e in events if e.kind not in ("step", "partial"))
-        message = Events(step_seconds, msgs, self.engine.num_running)
+            # final events settle a request; partial images (like steps) do not, and always cross
+            final = {e.request_id for e in events if e.kind not in ("step", "partial")}
+            shown = [e for e in events if e.kind != "step" or e.request_id in self._listening]
+            self._known.difference_update(final)
+            self._listening.difference_update(final)
+        running = self.engine.num_running
         with self._send_lock:
-            self.output.send_multipart(frames_of(message, buffers), copy=False)
+            if stepped:
+                self._steps.append((step_seconds, stepped))
+            if not shown and running == self._sent_running:
+                return
+            buffers: list[Any] = []
+            msgs = [_event_message(e, buffers) for e in shown]
+            steps, self._steps, self._sent_running = self._steps, [], running
+            self.output.send_multipart(frames_of(Events(steps, msgs, running), buffers), copy=False)
 
     def _receive(self) -> None:
         sock = self._ctx.socket(zmq.PULL)
@@ -112,6 +130,7 @@ class EngineCore:
                 refused.append(_Refused(req.request_id, exc))
         with self._known_lock:  # known before the step that may finish them
             self._known.update(rid for rid, _, _ in batch)
+            self._listening.update(req.request_id for req in message.requests if req.wants_steps)
         for (rid, _, _), result in zip(batch, self.engine.add_requests(batch)):
             if isinstance(result, Exception):
                 refused.append(_Refused(rid, result))
@@ -119,25 +138,17 @@ class EngineCore:
             self.send_events(refused, 0.0)
         return True
 
+    def _fail_all(self, exc: Exception) -> list[_Refused]:
+        with self._known_lock:
+            ids = sorted(self._known)
+        for rid in ids:
+            self.engine.abort(rid)
+        return [_Refused(rid, exc) for rid in ids]
+
     def run(self) -> None:
         threading.Thread(target=self._receive, name="omni-engine-input", daemon=True).start()
         engine = self.engine
-        while not self._stopping:
-            if not engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            started = time.perf_counter()
-            try:
-                events = engine.step()
-            except Exception as exc:  # noqa: BLE001 -- handed to every request in the engine, logged
-                logger.exception("diffusion engine step failed; failing the requests in it")
-                with self._known_lock:
-                    ids = sorted(self._known)
-                for rid in ids:
-                    engine.abort(rid)
-                events = [_Refused(rid, exc) for rid in ids]
-            self.send_events(events, time.perf_counter() - started)
+        engine.run_loop(lambda: self._stopping, self._wake, self._fail_all, self.send_events)
         # Shutdown: release what the requests left hold (aborted at the next step).
         with self._known_lock:
             ids = sorted(self._known)

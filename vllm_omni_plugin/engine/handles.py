@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..diffusion.params import ResolvedParams
 
@@ -28,6 +28,28 @@ class RequestHandle:
     step: int = 0
     total: int = 0
     submitted: float = field(default_factory=time.monotonic)
+
+
+class ClientBase:
+    """What every engine client shares: its handles in flight, and `submit` as one `submit_many`."""
+
+    _handles: dict[str, RequestHandle]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._handles)
+
+    def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
+               request_id: str | None = None, stage_input: Any = None,
+               on_partial: "PartialFn | None" = None) -> RequestHandle:
+        """Queue one resolved request; see `submit_many`."""
+        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id], on_partial)[0]
+
+    def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
+                    on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
+                    prefix: str = "omni", request_ids: Sequence[str | None] | None = None,
+                    on_partial: "PartialFn | Sequence[PartialFn | None] | None" = None) -> list[RequestHandle]:
+        raise NotImplementedError
 
 
 @dataclass

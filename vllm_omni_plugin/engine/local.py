@@ -16,12 +16,12 @@ from typing import Any, Sequence
 from ..diffusion.engine import DiffusionEngine
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
-from .handles import ClientStats, PartialFn, ProgressFn, RequestHandle
+from .handles import ClientBase, ClientStats, PartialFn, ProgressFn, RequestHandle
 from .errors import GenerationFailed, QueueFull, RequestAborted
 from .spec import PipelineInfo
 
 
-class LocalEngineClient:
+class LocalEngineClient(ClientBase):
     """Args: engine: the DiffusionEngine to drive; max_queue: requests in it at once."""
 
     def __init__(self, engine: DiffusionEngine, max_queue: int | None = None) -> None:
@@ -40,18 +40,9 @@ class LocalEngineClient:
     def health(self) -> str | None:
         return None if self.alive else "the diffusion engine is stopped"
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._handles)
-
     def resolve(self, request: SamplingParams, stage_defaults: Any = None) -> ResolvedParams:
         """The pipeline's own resolution with the engine's stage defaults (raises what it raises)."""
         return self.engine.pipeline.resolve(request, stage_defaults or self.engine.stage_defaults)
-
-    def submit(self, params: ResolvedParams, on_progress: ProgressFn | None = None, prefix: str = "omni",
-               request_id: str | None = None, stage_input: Any = None,
-               on_partial: PartialFn | None = None) -> RequestHandle:
-        return self.submit_many([(params, stage_input)], on_progress, prefix, [request_id], on_partial)[0]
 
     def submit_many(self, requests: Sequence[tuple[ResolvedParams, Any]],
                     on_progress: ProgressFn | Sequence[ProgressFn | None] | None = None,

@@ -22,6 +22,7 @@ class AddRequest(msgspec.Struct, array_like=True):
     request_id: str
     params: Any  # ResolvedParams (packed)
     stage_input: Any = None  # a typed stage input (packed), or None
+    wants_steps: bool = False  # its caller listens to its progress: send its step events
 
 
 class AddRequests(msgspec.Struct, tag=True, array_like=True):
@@ -72,11 +73,19 @@ class Event(msgspec.Struct, array_like=True):
 
 
 class Events(msgspec.Struct, tag=True, array_like=True):
-    """What one engine step produced; `step_seconds` is its wall time (0 for events outside a step)."""
+    """What engine steps produced since the last message.
 
-    step_seconds: float
+    steps    (wall seconds, requests stepped) of each step since the last message (the step
+             metrics); a step whose only events are unobserved step events sends nothing
+             unless the number of running requests changed, so these ride on a later message
+    events   step events of requests whose caller listens (`AddRequest.wants_steps`), and
+             every request's final event
+    running  requests the engine holds state for, after the last step
+    """
+
+    steps: list[tuple[float, int]]
     events: list[Event]
-    running: int = 0  # requests the engine holds state for, after this step
+    running: int = 0
 
 
 ToCore = Union[AddRequests, Abort, Shutdown]

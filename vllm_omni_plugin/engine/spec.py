@@ -56,14 +56,16 @@ class PipelineInfo:
     capabilities    its declaration (as refined by the loaded checkpoint)
     monolithic      True: it runs whole requests (progress comes from its step callback)
     stage_defaults  the engine's stage defaults (what requests resolve with)
+    dtype           the dtype its loaded weights are in ("float32", "bfloat16" ...)
     """
 
     family: str
     capabilities: Capabilities
     monolithic: bool = False
     stage_defaults: Any = None
+    dtype: str | None = None
 
     @classmethod
     def of(cls, engine: DiffusionEngine) -> "PipelineInfo":
         pipe = engine.pipeline
-        return cls(pipe.family, pipe.capabilities, pipe.monolithic, engine.stage_defaults)
+        return cls(pipe.family, pipe.capabilities, pipe.monolithic, engine.stage_defaults, pipe.dtype_name)

@@ -132,19 +132,8 @@ class EngineLoop:
     # ---- engine thread ---------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
-        while not self._stopping:
-            if not engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            started = time.perf_counter()
-            try:
-                events = engine.step()
-            except Exception as exc:  # noqa: BLE001 -- handed to every affected request, logged
-                logger.exception("diffusion engine step failed; failing the requests in it")
-                events = self._fail_all(exc)
-            elapsed = time.perf_counter() - started
-            self._post(self._dispatch, events, elapsed)
+        engine.run_loop(lambda: self._stopping, self._wake, self._fail_all,
+                        lambda events, elapsed: self._post(self._dispatch, events, elapsed))
         # Drain aborts so the engine releases every state before the thread ends.
         if engine.has_unfinished():
             engine.step()

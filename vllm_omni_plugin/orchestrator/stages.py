@@ -199,28 +199,31 @@ class StageOrchestrator(ABC):
             device = _device_for(self.dit.devices)
         import torch
 
-        #: the dtype each stage runs in (stage_dtype.py); the AR one as its engine reports it when attached
-        self.stage_dtypes = {
-            self.ar.id: dtype_name(llm.vllm_config.model_config.dtype) if hasattr(llm, "vllm_config")
-            else self._ar_args["dtype"],
-            self.dit.id: model_dtype(dtype, config.dtype, torch.device(device).type),
-        }
-        logger.info("omni: %s stage dtypes: %s", config.name,
-                    ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
-        self.pipeline = self.load_pipeline(model, dtype=self.stage_dtypes[self.dit.id], device=device)
+        # the dtype each stage runs in (stage_dtype.py); `stage_dtypes` reports them as loaded
+        dit_dtype = model_dtype(dtype, config.dtype, torch.device(device).type)
+        self.llm = llm
+        self.pipeline = self.load_pipeline(model, dtype=dit_dtype, device=device)
         options = DitOptions.from_dict(self.dit.dit_options)
         if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
             apply_dit_options(self.pipeline, options)
         self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
                                       stage_defaults=self.dit.default_sampling_params or None)
         self.loop = EngineLoop(self.engine, max_queue)
-        self.llm = llm
+        logger.info("omni: %s stage dtypes: %s", config.name,
+                    ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
         self._owns_llm = owns_llm
         self._ids = itertools.count()
         self.ar_status = "running"  # running | restarting | failed
         self.ar_restarts = 0
         self.max_ar_restarts = 3
         self._supervisor: asyncio.Task | None = None
+
+    @property
+    def stage_dtypes(self) -> dict[str, str]:
+        """The dtype each stage runs in, by stage id: the AR stage's as its vLLM engine resolved it
+        (before an offline engine starts: what it is started with), the DiT's from its loaded weights."""
+        ar = self._ar_args["dtype"] if self.llm is None else dtype_name(self.llm.vllm_config.model_config.dtype)
+        return {self.ar.id: ar, self.dit.id: self.pipeline.dtype_name}
 
     @property
     def ar_model(self) -> str:
@@ -387,6 +390,7 @@ class StageOrchestrator(ABC):
             raise
         timings.diffusion = time.perf_counter() - diffusion_started
         timings.decode = output.timings.get("decode", 0.0)
+        output.dtypes = self.stage_dtypes
         timings.total = time.perf_counter() - started
         logger.info("omni request %s: %s", rid, timings.summary())
         return output

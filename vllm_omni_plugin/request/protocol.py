@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 from pydantic.json_schema import models_json_schema
 
+from .. import registry
 from ..diffusion.capabilities import Knob
 from .body import checked_int, checked_text, finite_float
 from .limits import Limits, RequestError
@@ -95,9 +96,10 @@ class LoraSelection(BaseModel):
                          description="Multiplies the adapter's delta (1.0: as trained; 0: off).")
 
 
-class GenerationParams(BaseModel):
+class _GenerationParams(BaseModel):
     """What every generation body may carry besides its inputs: the canonical request's fields by
-    their wire names, how the output is handed back, and OpenAI fields accepted without effect.
+    their wire names (the shared ones, and those families declare: `Family.params`), how the
+    output is handed back, and OpenAI fields accepted without effect.
 
     Unset (or null) means the model's default: request > stage defaults > the pipeline's own."""
 
@@ -117,23 +119,13 @@ class GenerationParams(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (at most --omni-max-steps).")
     guidance_scale: float | None = Field(
         None, **_GUIDANCE, description="Guidance weight (CFG; guidance-distilled models: the embedded guidance).")
-    guidance_scale_2: float | None = Field(
-        None, **_GUIDANCE, description="Guidance weight of the low-noise expert (models with two experts).")
-    true_cfg_scale: float | None = Field(
-        None, **_GUIDANCE,
-        description="True classifier-free guidance weight (runs with a negative prompt and a weight above 1).")
-    cfg_scale: Annotated[float | None, Sets(("true_cfg_scale",), alias=True)] = Field(
-        None, **_GUIDANCE, description="Alias of `true_cfg_scale` (give one of them).")
-    layers: int | None = Field(None, ge=1, description="RGBA layers per output (models that make layers).")
-    resolution: int | None = Field(
-        None, ge=1, description="Target resolution bucket of the output (models that size by a resolution).")
     num_frames: int | None = Field(None, ge=1, description="Video frames (at most --omni-max-frames).")
     fps: int | None = Field(None, ge=1, description="Frame rate of the exported video.")
     seconds: Annotated[float | str | None, Sets(("num_frames",), derived=True)] = Field(
         None, description="Video length in seconds (OpenAI's field; a number or a numeric string): "
         "num_frames = seconds x fps + 1 at the resolved fps. Give `seconds` or `num_frames`.")
     max_sequence_length: int | None = Field(
-        None, ge=1, description="Text-encoder token budget of the prompt (models that declare it: Qwen-Image, FLUX).")
+        None, ge=1, description="Text-encoder token budget of the prompt (models that declare it).")
     cache_threshold: float | None = Field(
         None, description="Step-cache threshold (>= 0; 0 or unset: every step computed). Models that cache only.")
     partial_images: int | None = Field(
@@ -176,6 +168,23 @@ class GenerationParams(BaseModel):
         field = cls.model_fields[name]
         limits = (info.context or {}).get("limits") or Limits()
         return _check_value(name, value, field.annotation, field.metadata, limits)
+
+
+def _family_fields() -> dict[str, Any]:
+    """The wire fields of the families' params (registry.Family.params) and of their aliases."""
+    out: dict[str, Any] = {}
+    for name, p in registry.params().items():
+        bounds = {k: v for k, v in (("ge", p.ge), ("le", p.le)) if v is not None}
+        out[name] = (p.type | None, Field(None, **bounds, description=p.description))
+        for alias in p.aliases:
+            out[alias] = (Annotated[p.type | None, Sets((name,), alias=True)],
+                          Field(None, **bounds, description=f"Alias of `{name}` (give one of them)."))
+    return out
+
+
+GenerationParams = create_model("GenerationParams", __base__=_GenerationParams, __module__=__name__,
+                                **_family_fields())
+GenerationParams.__doc__ = _GenerationParams.__doc__
 
 
 def _check_value(name: str, value: Any, annotation: Any, metadata: list[Any], limits: Limits) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 from ..capabilities import ALWAYS_HONOURED, Capabilities, Knob
 from ..interface import DiffusionPipelineBase, ProgressFn
 from ..output import DiffusionOutput
-from ..params import PipelineDefaults, ResolvedParams
+from ..params import FAMILY_PARAMS, PipelineDefaults, ResolvedParams
 
 # Our field name -> the names diffusers pipelines use for it.
 _ALIASES = {
@@ -30,13 +30,10 @@ _OUR_FIELDS = (
     "width",
     "num_inference_steps",
     "guidance_scale",
-    "guidance_scale_2",
-    "true_cfg_scale",
     "num_outputs_per_prompt",
     "num_frames",
-    "layers",
-    "resolution",
     "max_sequence_length",
+    *FAMILY_PARAMS,  # the families' fields keep diffusers' names (true_cfg_scale, layers ...)
 )
 # __call__ arguments that are plumbing, not request knobs.
 _NOT_KNOBS = frozenset({"output_type", "return_dict", "callback_on_step_end_tensor_inputs", "callback_steps"})

@@ -53,7 +53,7 @@ import torch
 from safetensors.torch import save_file
 
 from .dit.weights import sincos_2d  # BAGEL's frozen tables (the stage's own math)
-from ...checkpoints._weights import _stream_seed
+from ...checkpoints.weights import stream_seed
 from ...checkpoints.tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 
 
@@ -330,7 +330,7 @@ def _tensor(name: str, shape: tuple[int, ...], kind: str, seed: int, device: tor
     """float32 values of one tensor, from a generator of its own."""
     if kind == _SINCOS:
         return sincos_2d(shape[1], math.isqrt(shape[0])).to(device)
-    gen = torch.Generator(device=device).manual_seed(_stream_seed(seed, name))
+    gen = torch.Generator(device=device).manual_seed(stream_seed(seed, name))
     noise = torch.randn(shape, generator=gen, device=device)
     if kind == _MATRIX:
         return noise.mul_(1.0 / math.sqrt(math.prod(shape[1:])))

@@ -114,6 +114,11 @@ class _Components:
         self.model = model
         self._execution_device = model.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the loaded weights (the EMA state dict's)."""
+        return next(iter(self.model.w.values())).dtype
+
 
 class BagelStepwise(StepwisePipeline):
     family = "bagel"

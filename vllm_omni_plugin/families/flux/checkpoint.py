@@ -39,7 +39,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
-from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.weights import SAVE_DTYPE, random_model
 from ...checkpoints.tokenizers import CORPUS, T5_MODEL_VOCAB, write_t5_tokenizer
 
 PIPELINES = {"flux": FluxPipeline, "flux-kontext": FluxKontextPipeline}

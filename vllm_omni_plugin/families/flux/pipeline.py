@@ -150,16 +150,7 @@ class FluxStepwise(StepwisePipeline):
 
     @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        preds = []
-        for s, outs in zip(states, self.run_branches(states, self._forward)):
-            n_lat = s.latents.shape[1]
-            cond = outs[0][:, :n_lat]
-            if s.uncond is None:
-                preds.append(cond)
-                continue
-            neg = outs[1][:, :n_lat]
-            preds.append(neg + s.guidance_scale_now() * (cond - neg))
-        return preds
+        return self.guided_predictions(states, self._forward)
 
     def _forward(self, blocks: list[tuple[DiffusionState, int]]) -> torch.Tensor:
         """One transformer call over the rows of (state, branch) blocks (one token layout: see batch_key)."""

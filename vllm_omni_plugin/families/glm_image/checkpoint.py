@@ -64,7 +64,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
 
-from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.weights import SAVE_DTYPE, random_model
 from ...checkpoints.tokenizers import write_glm_image_tokenizer
 
 # The fields of scheduler/scheduler_config.json that differ from the class defaults.

@@ -38,7 +38,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ...diffusion.processors import load_processor  # runtime class; imported back for the factory
-from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.weights import SAVE_DTYPE, random_model
 from ...checkpoints.tokenizers import QWEN2_MODEL_VOCAB, write_qwen2_tokenizer
 
 PIPELINES = {

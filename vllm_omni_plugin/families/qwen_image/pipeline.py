@@ -260,21 +260,7 @@ class QwenImageStepwise(StepwisePipeline):
 
     @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        preds = []
-        for s, outs in zip(states, self.run_branches(states, self._forward)):
-            n_lat = s.latents.shape[1]
-            cond = outs[0][:, :n_lat]
-            if s.uncond is None:
-                preds.append(cond)
-                continue
-            neg = outs[1][:, :n_lat]
-            comb = neg + s.guidance_scale_now() * (cond - neg)
-            if s.cfg.renorm:
-                cond_norm = torch.norm(cond, dim=-1, keepdim=True)
-                noise_norm = torch.norm(comb, dim=-1, keepdim=True)
-                comb = comb * (cond_norm / noise_norm)
-            preds.append(comb)
-        return preds
+        return self.guided_predictions(states, self._forward)
 
     def _forward(self, blocks: list[tuple[DiffusionState, int]]) -> torch.Tensor:
         """One transformer call over the rows of (state, branch) blocks."""
@@ -323,10 +309,6 @@ class QwenImageStepwise(StepwisePipeline):
             shard=functools.partial(sequence_shard, transformer) if sp else None,
         )
         return step_cache.active(cached, ctx)
-
-    def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            super().scheduler_step(states, preds)
 
     # ---- decode -------------------------------------------------------------------
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ...checkpoints._weights import SAVE_DTYPE, random_model
+from ...checkpoints.weights import SAVE_DTYPE, random_model
 from ...checkpoints.tokenizers import T5_MODEL_VOCAB, write_t5_tokenizer
 
 # The fields of scheduler/scheduler_config.json that differ from the class defaults.

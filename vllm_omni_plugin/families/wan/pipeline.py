@@ -170,14 +170,7 @@ class WanStepwise(StepwisePipeline):
 
     @torch.no_grad()
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        preds = []
-        for s, outs in zip(states, self.run_branches(states, self._forward)):
-            if s.uncond is None:
-                preds.append(outs[0])
-            else:
-                cond, uncond = outs
-                preds.append(uncond + s.guidance_scale_now() * (cond - uncond))
-        return preds
+        return self.guided_predictions(states, self._forward, latent_tokens=False)
 
     def _forward(self, blocks: list[tuple[DiffusionState, int]]) -> torch.Tensor:
         """One call of the current expert over the rows of (state, branch) blocks."""
@@ -199,10 +192,6 @@ class WanStepwise(StepwisePipeline):
             attention_kwargs=None,
             return_dict=False,
         )[0]
-
-    def scheduler_step(self, states: list[DiffusionState], preds: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            super().scheduler_step(states, preds)
 
     # ---- decode -------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:

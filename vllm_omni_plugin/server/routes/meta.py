@@ -39,6 +39,7 @@ async def models(request: Request):
                 "output": omni.builder.output_kind,
                 "text_output": omni.stages.text,  # chat answers in text (AR stage) unless images are asked for
                 "capabilities": omni.pipeline.capabilities.as_json(),
+                "dtype": omni.pipeline.dtype,  # its loaded weights' (a video job's answers carry none)
             },
         }
         for name in omni.config.served_model_names

@@ -60,9 +60,13 @@ async def generate(request: Request, params: ResolvedParams, on_progress: Progre
     return await until_disconnect(request, work)
 
 
-def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The `omni` block of a response: the parameters that ran, and the fields accepted without effect."""
+def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored: tuple[str, ...] = (),
+                  dtypes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `omni` block of a response: the parameters that ran, the fields accepted without effect,
+    and the dtype each stage ran in (`DiffusionOutput.dtypes`)."""
     out: dict[str, Any] = {"resolved": params.public_dict(), "ignored": list(ignored)}
+    if dtypes is not None:
+        out["dtypes"] = dict(dtypes)
     if request_id is not None:
         out["request_id"] = request_id
     return out

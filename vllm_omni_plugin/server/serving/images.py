@@ -31,7 +31,7 @@ def images_response(canon: CanonicalRequest, output: DiffusionOutput) -> dict[st
         "output_format": canon.output.output_format,
         "size": f"{p.width}x{p.height}" if p.width and p.height else None,
         "background": "transparent" if output.kind == "layers" else "opaque",
-        "omni": resolved_json(p, output.request_id, canon.ignored),
+        "omni": resolved_json(p, output.request_id, canon.ignored, output.dtypes),
     }
 
 

@@ -1,4 +1,5 @@
-"""Seeded random weights, created directly on the target device and dtype.
+"""Seeded random weights, created directly on the target device and dtype (the families'
+checkpoint factories' shared helper: `random_model`, `stream_seed`, `SAVE_DTYPE`).
 
 `random_model(factory, seed=..., component=..., dtype=..., device=...)` builds a
 module with its parameters on the meta device (no memory, no default init: a
@@ -46,7 +47,8 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def _stream_seed(seed: int, name: str) -> int:
+def stream_seed(seed: int, name: str) -> int:
+    """The generator seed of one named tensor of a checkpoint seeded `seed` (63 bits of sha256)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
@@ -58,7 +60,7 @@ def _fill(shape: torch.Size, name: str, in_norm: bool, seed: int, device: torch.
         # Norm scales (weight/gamma) -> 1, biases and norm shifts -> 0.
         value = 0.0 if name.rsplit(".", 1)[-1] == "bias" else 1.0
         return torch.full(shape, value, device=device)
-    gen = torch.Generator(device=device).manual_seed(_stream_seed(seed, name))
+    gen = torch.Generator(device=device).manual_seed(stream_seed(seed, name))
     fan_in = math.prod(shape[1:])
     return torch.randn(shape, generator=gen, device=device).mul_(1.0 / math.sqrt(fan_in))
 
