@@ -151,6 +151,7 @@ class DiffusionEngine:
         self._held: OrderedDict[str, EngineEvent] = OrderedDict()
         self._partial_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._partial_stream: Any = None  # CUDA: the decode thread's stream
+        self._dtype_name: str | None = None  # the DiT weights' dtype, read once (`_stamp`)
 
         if self.config.lora is not None:
             loras = pipeline.enable_lora(self.config.lora)
@@ -175,8 +176,6 @@ class DiffusionEngine:
 
     def list_loras(self) -> list[dict[str, Any]]:
         return [] if self.pipeline.loras is None else self.pipeline.loras.describe()
-
-        self._dtype_name: str | None = None
 
     # ---- client side (thread-safe) ---------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams | ResolvedParams,
