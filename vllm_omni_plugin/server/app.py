@@ -216,8 +216,8 @@ class OmniRuntime:
         caps = pipeline.capabilities
         builder = RequestBuilder(resolve_fn, caps, stage_defaults, config.limits)
         logger.info(
-            "omni: serving %s (%s, makes %s%s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
-            config.model, pipeline.family, caps.output, " and text" if stages.text else "",
+            "omni: serving %s (%s, makes %s%s; DiT in %s) as %s; diffusion stage defaults %s; AR engine args from flags %s",
+            config.model, pipeline.family, caps.output, " and text" if stages.text else "", pipeline.dtype or "?",
             ", ".join(config.served_model_names), config.stage_defaults or "none", config.ar_engine_args or "none",
         )
         metrics = OmniMetrics(stages.bridge)
