@@ -216,3 +216,45 @@ def test_benchmark_smoke(ckpt, capsys, tmp_path, monkeypatch):
     assert results["reference"]["s_per_step"] > 0
     table = capsys.readouterr().out.rstrip().splitlines()
     assert table[-2].startswith("| 32^2, 3 steps, 2 concurrent") and table[-1].startswith("| reference")
+
+
+def test_x0_estimate_is_the_euler_step_to_zero_and_partials_stream(pipe):
+    """Streaming partial images: BAGEL's x0 = x_t - t v, the Euler step x - v (t_i - t_{i+1}) taken
+    to t = 0. At the last step (t_{i+1} = 0) it is the final latent bit for bit; before, it is where
+    the step's velocity points at t = 0 (x_{i+1} + t_{i+1} v: the same line, checked to float32
+    rounding). Through the engine: partial_images=2 with num_inference_steps=4 (4 flow times: 3 model
+    evaluations, the engine's steps) decodes after steps 1 and 2; the final image == the unstreamed
+    request's (batched with it)."""
+    params = SamplingParams(prompt="a red cat", negative_prompt="blurry", height=32, width=32, seed=11,
+                            num_inference_steps=5)
+    (state,) = _states(pipe, {"a": params})
+    sig = state.extras["sigmas"]
+    assert sig[-1] == 0.0
+    while not state.done:
+        (v,) = pipe.denoise_step([state])
+        x_t, i = state.latents.clone(), state.step_index
+        x0 = pipe.x0_estimate(state, v)
+        assert torch.equal(state.latents, x_t)  # the state is not touched
+        pipe.scheduler_step([state], [v])
+        if state.done:
+            assert torch.equal(x0, state.latents)
+        else:
+            assert not torch.equal(x0, state.latents)
+            torch.testing.assert_close(x0, state.latents - v * sig[i + 1], rtol=0, atol=1e-5)
+    # its decode is the final decode's pixels
+    final = pipe.decode(state).images[0]
+    (partial_of_final,) = pipe.decode_partial(state.latents, state.params)
+    assert np.array_equal(np.asarray(partial_of_final), np.asarray(final))
+
+    streamed = dataclasses.replace(params, num_inference_steps=4, partial_images=2)
+    engine = DiffusionEngine(pipe)
+    events = []
+    engine.add_request("s", streamed)
+    engine.add_request("u", dataclasses.replace(streamed, partial_images=0))
+    final_events = engine.run(on_event=events.append)
+    partials = [e for e in events if e.kind == "partial"]
+    assert [(e.request_id, e.index, e.step, e.total) for e in partials] == [("s", 0, 1, 3), ("s", 1, 2, 3)]
+    assert all(e.output.images[0].size == (32, 32) for e in partials)
+    s_img, u_img = (np.asarray(final_events[r].output.images[0]) for r in ("s", "u"))
+    assert np.array_equal(s_img, u_img)
+    assert not np.array_equal(np.asarray(partials[-1].output.images[0]), s_img)

@@ -251,7 +251,8 @@ class Omni:
         if self._stages is not None:
             async def one(i: int, request: SamplingParams) -> DiffusionOutput:
                 key = f"request-{i}"  # the bar's key; the orchestrator names the request itself
-                output = await self._stages.generate_image(request, progress.progress_for(key))
+                on_partial = functools.partial(_partial_event, progress.on_event, key) if request.partial_images else None
+                output = await self._stages.generate_image(request, progress.progress_for(key), on_partial=on_partial)
                 progress.finished(key)
                 return output
 

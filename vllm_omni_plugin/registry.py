@@ -225,6 +225,14 @@ def checkpoint_builders() -> dict[str, Family]:
 
 
 @functools.cache
+def pipeline_classes() -> tuple[type, ...]:
+    """Every step-wise class the families declare (diffusers pipelines' and multi-stage final
+    stages'), once each, in family order. Imports every family's pipeline module (on first use)."""
+    targets = [(fam, t) for fam in families().values() for t in (*fam.pipelines.values(), *fam.stages.values())]
+    return tuple(dict.fromkeys(fam.load(t) for fam, t in targets))
+
+
+@functools.cache
 def params() -> dict[str, Param]:
     """Every family-declared request field, by name (sorted); one name declared by several
     families must be declared alike, and no alias may shadow a field."""

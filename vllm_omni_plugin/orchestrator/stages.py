@@ -52,6 +52,7 @@ from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
 from .ar_memory import fit_ar_engine_args, platform_name
 from .stage_dtype import ar_dtype, dtype_name, model_dtype
+from ..engine.handles import PartialFn
 from .engine_loop import EngineLoop, ProgressFn, StageUnavailable
 from ..registry import input_processors
 from .stage_config import StageConfig, StageSpec
@@ -373,7 +374,10 @@ class StageOrchestrator(ABC):
         return self.pipeline.resolve(params, self.engine.stage_defaults)
 
     async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
-                             request_id: str | None = None, timings: StageTimings | None = None) -> DiffusionOutput:
+                             request_id: str | None = None, timings: StageTimings | None = None,
+                             on_partial: PartialFn | None = None) -> DiffusionOutput:
+        """AR stage, hand-over, DiT stage; `on_partial(index, images)` gets the DiT's partial images
+        (a request with `partial_images`, families that declare them; on this event loop)."""
         timings = timings if timings is not None else StageTimings()
         started = time.perf_counter()
         resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
@@ -382,7 +386,8 @@ class StageOrchestrator(ABC):
         stage_input = await self.hand_over(resolved, rid, timings)
         timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
         diffusion_started = time.perf_counter()
-        handle = self.loop.submit(resolved, on_progress, request_id=rid, stage_input=stage_input)
+        handle = self.loop.submit(resolved, on_progress, request_id=rid, stage_input=stage_input,
+                                  on_partial=on_partial)
         try:
             output = await self.loop.result(handle)
         except asyncio.CancelledError:

@@ -118,7 +118,9 @@ class MultiStage:
         await self.orchestrator.shutdown()  # the AR engine is vLLM's to stop
 
     async def generate_image(self, params: ResolvedParams, on_progress: ProgressFn | None = None,
-                             request_id: str | None = None) -> DiffusionOutput:
+                             request_id: str | None = None, on_partial: PartialFn | None = None) -> DiffusionOutput:
+        """Run one request through both stages; `on_partial(index, images)` gets the DiT stage's
+        partial images (on this event loop)."""
         if self.images_in_flight >= self.max_queue:
             self.bridge.stats.rejected += 1
             raise QueueFull(
@@ -129,7 +131,8 @@ class MultiStage:
         timings = StageTimings()
         try:
             output = await self.orchestrator.generate_image(
-                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"), timings=timings)
+                params, on_progress, request_id=request_id or self.orchestrator.new_id("omni"), timings=timings,
+                on_partial=on_partial)
             if self.timings_observer is not None:
                 self.timings_observer(timings)
             return output

@@ -28,6 +28,9 @@ Sampling follows ByteDance-Seed/Bagel (`generate_image` / `_forward_flow`):
     at least cfg_renorm_min of it. Outside the interval (or scale <= 1) the
     companion forwards are skipped, as BAGEL does;
   * Euler: x <- x - v * (t_i - t_{i+1});
+  * partial images (streaming): x0 = x_t - t_i * v, the Euler step taken all
+    the way to t = 0 (with t_{i+1} = 0 it IS the step: the last step's x0 is the
+    final latent exactly), decoded as the final latent is;
   * decode: FLUX AE, then BAGEL's uint8 conversion (clamp, truncate).
 
 Text2img has ONE companion (cfg_text); `cfg_img_scale` does not apply and
@@ -138,6 +141,7 @@ class BagelStepwise(StepwisePipeline):
         },
         text_output=True,  # the AR stage answers text2text / img2text
         orchestrator="bagel",
+        partial_images=True,  # x0 = x_t - t v (x0_estimate), decoded by its FLUX AE (decode_partial)
     )
 
     stage_input_type = BagelContext
@@ -362,6 +366,24 @@ class BagelStepwise(StepwisePipeline):
             s.latents = s.latents - v * (sig[s.step_index] - sig[s.step_index + 1])
             s.step_index += 1
 
+    def x0_estimate(self, state: DiffusionState, pred: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - t * v: the Euler step of `scheduler_step` taken from t to 0.
+
+        BAGEL's flow is x_t = (1 - t) x0 + t noise with v = noise - x0 (the update x - v dt
+        moves towards t = 0), so x_t - t v = x0. At the last step t_{i+1} = 0, and this is
+        the same float operation as the step itself: the last x0 equals the final latent.
+        """
+        return state.latents - pred * state.extras["sigmas"][state.step_index]
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> PIL images, as `decode` makes them. The FLUX AE is functional over
+        the loaded weights (no state in modules), so the decode thread shares it with the loop."""
+        return _to_pil(self._decode_pixels(latents, params))
+
+    def _decode_pixels(self, latents: torch.Tensor, p: ResolvedParams) -> Any:
+        z = self.model.unpatchify(latents, p.height, p.width)
+        return to_uint8(self.vae.decode(z)).cpu().numpy()
+
     # ---- decode ---------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:
         # a finished request's context is not kept alive by the layout cache
@@ -370,13 +392,16 @@ class BagelStepwise(StepwisePipeline):
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
         with torch.no_grad():
-            z = self.model.unpatchify(state.latents, p.height, p.width)
-            pixels = to_uint8(self.vae.decode(z)).cpu().numpy()
+            pixels = self._decode_pixels(state.latents, p)
         if p.output_type == "np":
             return DiffusionOutput(state.request_id, "image", p, images=list(pixels))
-        from PIL import Image
+        return DiffusionOutput(state.request_id, "image", p, images=_to_pil(pixels))
 
-        return DiffusionOutput(state.request_id, "image", p, images=[Image.fromarray(a) for a in pixels])
+
+def _to_pil(pixels: Any) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in pixels]
 
 
 def _same_layout(a: tuple[int, list], b: tuple[int, list]) -> bool:

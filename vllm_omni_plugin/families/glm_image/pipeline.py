@@ -75,6 +75,7 @@ class GlmImageStepwise(StepwisePipeline):
         input_images=(0, None),  # text-to-image, or image-to-image with condition images
         fields=frozenset({"height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"}),
         orchestrator="glm_image",  # the AR prior in vLLM -> this DiT (families/glm_image/orchestrator.py)
+        partial_images=True,  # flow matching's x0 = x_t - sigma v (the base x0_estimate), its VAE decodes it
     )
 
     #: the AR prior's tokens, handed over with every request (it has no prior of its own)
@@ -235,14 +236,22 @@ class GlmImageStepwise(StepwisePipeline):
         p = state.params
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
+        images = self._decode_latents(state.latents, p.output_type, state.generator)
+        return DiffusionOutput(state.request_id, "image", p, images=images)
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> PIL images. diffusers' AutoencoderKL keeps no state in its modules
+        during a decode (and draws nothing from the generator), so the decode thread shares it."""
+        return self._decode_latents(latents, "pil", None)
+
+    def _decode_latents(self, latents: torch.Tensor, output_type: str, generator: Any) -> list[Any]:
         vae = self.pipe.vae
-        latents = state.latents.to(vae.dtype)
+        latents = latents.to(vae.dtype)
         shape = (1, vae.config.latent_channels, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        image = vae.decode(latents * std + mean, return_dict=False, generator=state.generator)[0]
-        images = list(self.pipe.image_processor.postprocess(image, output_type=p.output_type))
-        return DiffusionOutput(state.request_id, "image", p, images=images)
+        image = vae.decode(latents * std + mean, return_dict=False, generator=generator)[0]
+        return list(self.pipe.image_processor.postprocess(image, output_type=output_type))
 
 
 def load_glm_image_pipeline(

@@ -78,6 +78,14 @@ async def json_body(request: Request) -> dict[str, Any]:
 _FLAGS = {None: False, False: False, True: True, "false": False, "true": True}
 
 
+def streaming_families() -> list[str]:
+    """The families (pipelines' `family` names) that stream partial images: every declared
+    pipeline whose capabilities say `partial_images`, read from the registry, not listed by hand."""
+    from ...registry import pipeline_classes  # imports each family's pipeline module: on this error path only
+
+    return sorted({cls.family for cls in pipeline_classes() if cls.capabilities.partial_images})
+
+
 def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False) -> bool:
     """Checks every generation route makes: the model name (or a LoRA adapter's) and `stream` (popped from `fields`).
 
@@ -115,7 +123,7 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
     info = runtime(request).pipeline
     if not info.capabilities.partial_images:
         raise RequestError(f"{info.family} cannot stream its answers (it declares no partial-image decoder; "
-                           "streaming: the Qwen-Image and FLUX families); omit `stream`", "stream")
+                           f"streaming: {', '.join(streaming_families())}); omit `stream`", "stream")
     if fields.get("response_format") == "url":
         raise RequestError("`stream: true` answers with b64_json images only; response_format=url is not "
                            "supported (this server keeps no image store)", "response_format")
