@@ -360,3 +360,41 @@ def assert_framework_errors_shaped(server: Server, completions_422: bool) -> Non
     if completions_422:
         assert_error_shape(requests.post(url + "/v1/completions", json={"model": "x", "prompt": {"a": 1}},
                                          headers=auth, timeout=10), 400)
+
+
+# ---- streamed images (OpenAI's image stream: test_image_streaming.py and the families' server tests) ----
+def b64_png(b64: str):
+    """A b64_json field -> the PIL image, checked to be a PNG."""
+    import io
+
+    from PIL import Image
+
+    raw = base64.b64decode(b64)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(raw))
+    img.load()
+    return img
+
+
+def check_image_stream(events: list, prefix: str, n: int, k: int, size: str) -> tuple[list, list]:
+    """OpenAI's event order and fields: k partial rounds of n images, then n completed. Returns
+    (partial events, completed events)."""
+    partial = [e for e in events if e.type == f"{prefix}.partial_image"]
+    completed = [e for e in events if e.type == f"{prefix}.completed"]
+    assert len(partial) + len(completed) == len(events) and events[-n:] == completed
+    assert [(e.partial_image_index, e.model_extra["index"]) for e in partial] == [
+        (i, row) for i in range(k) for row in range(n)]
+    assert [e.model_extra["index"] for e in completed] == list(range(n))
+    for e in partial + completed:
+        assert (e.size, e.output_format, e.background) == (size, "png", "opaque") and e.created_at > 0
+        assert b64_png(e.b64_json).size == tuple(int(x) for x in size.split("x"))
+    for e in completed:
+        assert e.usage.total_tokens == 0  # this server does not meter tokens
+    return partial, completed
+
+
+def offline_partials(omni, params) -> tuple:
+    """(the output, pil_md5 of each partial image in event order) of an offline `Omni.generate`."""
+    events = []
+    (out,) = omni.generate(params, on_event=events.append, use_tqdm=False)
+    return out, [pil_md5(img) for e in events if e.kind == "partial" for img in e.output.images]

@@ -34,7 +34,8 @@ from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import assert_aborted_and_idle, assert_framework_errors_shaped, assert_openai_error, decoded_md5, pil_md5, png_bytes, striped_image
+from .conftest import (assert_aborted_and_idle, assert_framework_errors_shaped, assert_openai_error, b64_png,
+                       check_image_stream, decoded_md5, offline_partials, pil_md5, png_bytes, striped_image)
 from .offline import comparable
 from .openapi_bodies import assert_omni_bodies
 
@@ -85,6 +86,31 @@ def test_text2img_offline_images_chat_identical(omni_server, bagel_omni):
            stages.dit.id: str(next(iter(bagel_omni.pipeline.pipe.model.w.values())).dtype).removeprefix("torch.")}
     assert off.dtypes == ran
     assert http.model_extra["omni"]["dtypes"] == chat.model_extra["omni"]["dtypes"] == ran
+
+
+def test_text2img_streams_partial_images(omni_server, bagel_omni):
+    """BAGEL's DiT stage streams (docs/server.md, "Streaming partial images") through the multi-stage
+    path: OpenAI's events, partial images after DiT steps 1 and 2 of 3 (4 flow times) of the output
+    size, the completed image byte for byte the unstreamed answer; partial_images 0 is the completed
+    event only; the offline Omni's on_event gets the same partial pixels."""
+    client = omni_server("bagel").client()
+    args = dict(model=MODEL, prompt="a red cat", size="32x32",
+                extra_body={"seed": 9, "num_inference_steps": 4, "negative_prompt": "blurry"})
+    events = list(client.images.generate(**args, stream=True, partial_images=2))
+    partial, completed = check_image_stream(events, "image_generation", n=1, k=2, size="32x32")
+    plain = client.images.generate(**args)
+    assert completed[0].b64_json == plain.data[0].b64_json
+    assert len({e.b64_json for e in partial + completed}) == 3  # each a different estimate
+    assert completed[0].model_extra["omni"]["resolved"] == {**plain.model_extra["omni"]["resolved"],
+                                                            "partial_images": 2}
+    only = list(client.images.generate(**args, stream=True, partial_images=0))
+    assert [e.type for e in only] == ["image_generation.completed"]
+    assert only[0].b64_json == plain.data[0].b64_json
+    out, md5s = offline_partials(bagel_omni, SamplingParams(
+        prompt="a red cat", negative_prompt="blurry", width=32, height=32, seed=9, num_inference_steps=4,
+        partial_images=2))
+    assert md5s == [pil_md5(b64_png(e.b64_json)) for e in partial]
+    assert pil_md5(out.images[0]) == pil_md5(b64_png(plain.data[0].b64_json))
 
 
 def test_img2img_edits_and_chat_equal_offline(omni_server, bagel_omni):

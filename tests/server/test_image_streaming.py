@@ -10,44 +10,18 @@ the server those files start anyway.)"""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 
 import requests
-from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import assert_aborted_and_idle, assert_openai_error, pil_md5, png_bytes, striped_image
+from .conftest import (assert_aborted_and_idle, assert_openai_error, b64_png, check_image_stream, offline_partials,
+                       pil_md5, png_bytes, striped_image)
 from .offline import offline
 
 GEN = "/v1/images/generations"
-
-
-def _png(b64: str) -> Image.Image:
-    raw = base64.b64decode(b64)
-    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    img = Image.open(io.BytesIO(raw))
-    img.load()
-    return img
-
-
-def _check_stream(events: list, prefix: str, n: int, k: int, size: str) -> tuple[list, list]:
-    """OpenAI's event order and fields: k partial rounds of n images, then n completed. Returns
-    (partial events, completed events)."""
-    partial = [e for e in events if e.type == f"{prefix}.partial_image"]
-    completed = [e for e in events if e.type == f"{prefix}.completed"]
-    assert len(partial) + len(completed) == len(events) and events[-n:] == completed
-    assert [(e.partial_image_index, e.model_extra["index"]) for e in partial] == [
-        (i, row) for i in range(k) for row in range(n)]
-    assert [e.model_extra["index"] for e in completed] == list(range(n))
-    for e in partial + completed:
-        assert (e.size, e.output_format, e.background) == (size, "png", "opaque") and e.created_at > 0
-        assert _png(e.b64_json).size == tuple(int(x) for x in size.split("x"))
-    for e in completed:
-        assert e.usage.total_tokens == 0  # this server does not meter tokens
-    return partial, completed
 
 
 def test_edit_streams_multipart_and_json(omni_server):
@@ -57,10 +31,10 @@ def test_edit_streams_multipart_and_json(omni_server):
     common = dict(image=("in.png", png, "image/png"), prompt="make it blue", size="64x64")
     extra = {"seed": 3, "num_inference_steps": 3}
     events = list(client.images.edit(**common, stream=True, partial_images=2, extra_body=extra))
-    partial, completed = _check_stream(events, "image_edit", n=1, k=2, size="64x64")
+    partial, completed = check_image_stream(events, "image_edit", n=1, k=2, size="64x64")
     plain = client.images.edit(**common, extra_body=extra)
     assert completed[0].b64_json == plain.data[0].b64_json  # byte-identical to the non-streamed answer
-    assert _png(partial[-1].b64_json).tobytes() != _png(completed[0].b64_json).tobytes()
+    assert b64_png(partial[-1].b64_json).tobytes() != b64_png(completed[0].b64_json).tobytes()
 
     # JSON body (image by data: URL), partial_images 0: the completed event only
     url = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -73,19 +47,12 @@ def test_edit_streams_multipart_and_json(omni_server):
     assert json.loads(frames[0].split("data: ", 1)[1])["b64_json"] == plain.data[0].b64_json
 
 
-def _offline_partials(omni, params: SamplingParams) -> tuple[list, list[str]]:
-    """(the output, pil_md5 of each partial image in event order) of an offline run."""
-    events = []
-    (out,) = omni.generate(params, on_event=events.append, use_tqdm=False)
-    return out, [pil_md5(img) for e in events if e.kind == "partial" for img in e.output.images]
-
-
 def test_generate_streams_n_images_identical_to_unstreamed(omni_server, checkpoint):
     server = omni_server("qwen-image")
     client = server.client()
     args = dict(prompt="a lighthouse", n=2, size="64x64", extra_body={"seed": 11, "num_inference_steps": 4})
     events = list(client.images.generate(**args, stream=True, partial_images=3))
-    partial, completed = _check_stream(events, "image_generation", n=2, k=3, size="64x64")
+    partial, completed = check_image_stream(events, "image_generation", n=2, k=3, size="64x64")
     plain = client.images.generate(**args)
     assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
     # each completed event carries the answer's `omni` block: the unstreamed request's, but for partial_images
@@ -93,14 +60,14 @@ def test_generate_streams_n_images_identical_to_unstreamed(omni_server, checkpoi
         resolved = e.model_extra["omni"]["resolved"]
         assert resolved == {**plain.model_extra["omni"]["resolved"], "partial_images": 3}, resolved
     # the same engine path offline (Omni in this process, LocalEngineClient): the same partial pixels
-    out, md5s = _offline_partials(offline(checkpoint, "qwen-image"), SamplingParams(
+    out, md5s = offline_partials(offline(checkpoint, "qwen-image"), SamplingParams(
         prompt="a lighthouse", num_outputs_per_prompt=2, width=64, height=64, seed=11, num_inference_steps=4,
         partial_images=3))
-    assert md5s == [pil_md5(_png(e.b64_json)) for e in partial]
-    assert [pil_md5(img) for img in out.images] == [pil_md5(_png(e.b64_json)) for e in completed]
+    assert md5s == [pil_md5(b64_png(e.b64_json)) for e in partial]
+    assert [pil_md5(img) for img in out.images] == [pil_md5(b64_png(e.b64_json)) for e in completed]
     for row in range(2):  # x0 after step 3 of 4 is not yet the final image
         last = [e for e in partial if e.model_extra["index"] == row][-1]
-        assert _png(last.b64_json).tobytes() != _png(completed[row].b64_json).tobytes()
+        assert b64_png(last.b64_json).tobytes() != b64_png(completed[row].b64_json).tobytes()
     assert len(set(e.b64_json for e in partial)) == len(partial)  # each a different estimate
 
 
@@ -139,8 +106,8 @@ def test_offline_engine_process_streams_as_in_process(checkpoint):
     from vllm_omni_plugin.omni import Omni
 
     params = SamplingParams(prompt="a boat", width=64, height=64, seed=2, num_inference_steps=3, partial_images=3)
-    here, here_md5 = _offline_partials(offline(checkpoint, "qwen-image"), params)
+    here, here_md5 = offline_partials(offline(checkpoint, "qwen-image"), params)
     with Omni(str(checkpoint("qwen-image")), engine_process=True) as omni:
-        there, there_md5 = _offline_partials(omni, params)
+        there, there_md5 = offline_partials(omni, params)
     assert len(here_md5) == 2 and there_md5 == here_md5  # after steps 1 and 2 of 3
     assert pil_md5(there.images[0]) == pil_md5(here.images[0])
