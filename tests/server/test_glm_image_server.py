@@ -17,7 +17,7 @@ import requests
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import assert_openai_error, decoded_md5, pil_md5, png_bytes
+from .conftest import assert_openai_error, b64_png, check_image_stream, decoded_md5, offline_partials, pil_md5, png_bytes
 from .offline import comparable
 from .openapi_bodies import assert_omni_bodies
 
@@ -43,6 +43,24 @@ def test_generations_and_chat_equal_offline(omni_server, glm_omni):
     parts = chat.choices[0].message.content
     assert [decoded_md5(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])) for p in parts] == [md5]
     assert http.model_extra["omni"]["resolved"] == comparable(off.params.public_dict())
+
+
+def test_generations_stream_partial_images(omni_server, glm_omni):
+    """GLM-Image's DiT stage streams through the multi-stage path (docs/server.md, "Streaming partial
+    images"): partial images after steps 1 and 2 of 3, of the output size, decoded from flow
+    matching's x0 by its VAE; the completed image byte for byte the unstreamed answer; the offline
+    Omni's on_event gets the same partial pixels."""
+    client = omni_server("glm-image").client()
+    args = dict(model=MODEL, prompt=PROMPT, size="256x256", extra_body={"seed": 5, "num_inference_steps": 3})
+    events = list(client.images.generate(**args, stream=True, partial_images=2))
+    partial, completed = check_image_stream(events, "image_generation", n=1, k=2, size="256x256")
+    plain = client.images.generate(**args)
+    assert completed[0].b64_json == plain.data[0].b64_json
+    assert len({e.b64_json for e in partial + completed}) == 3  # each a different estimate
+    out, md5s = offline_partials(glm_omni, SamplingParams(prompt=PROMPT, width=256, height=256, seed=5,
+                                                          num_inference_steps=3, partial_images=2))
+    assert md5s == [pil_md5(b64_png(e.b64_json)) for e in partial]
+    assert pil_md5(out.images[0]) == pil_md5(b64_png(plain.data[0].b64_json))
 
 
 def test_a_size_it_cannot_render_is_a_400_naming_the_allowed_sizes(omni_server):
