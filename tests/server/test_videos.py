@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
+from vllm_omni_plugin.server.routes.common import streaming_families
 
 from .offline import comparable, offline
 
@@ -131,6 +132,10 @@ def test_video_delete_and_errors(omni_server):
     r = requests.post(server.url + "/v1/images/generations", headers=h, json={"prompt": "x", "stream": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
     assert r.json()["error"]["message"].startswith("wan-t2v cannot stream"), r.text
+    # ... and lists the families that do, as their pipelines declare it (the multi-stage DiTs too)
+    streaming = streaming_families()
+    assert {"qwen-image", "flux", "bagel", "glm-image"} <= set(streaming) and "wan-t2v" not in streaming
+    assert f"streaming: {', '.join(streaming)})" in r.json()["error"]["message"], r.text
     for body, param in [({"stream": True}, "stream"), ({"partial_images": 1}, "partial_images")]:
         r = requests.post(server.url + "/v1/videos", headers=h, json={"prompt": "x", **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
