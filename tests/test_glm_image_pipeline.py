@@ -103,3 +103,26 @@ def test_image_to_image_equals_diffusers_pixel_for_pixel(glm_omni, reference):
     np.testing.assert_array_equal(ours, _reference_i2i(reference, source_image(), height, width, seed=5))
     # The source image conditions the result: text-to-image at the same size and seed differs.
     assert not np.array_equal(ours, _ours(glm_omni, height, width, seed=5))
+
+
+def test_dit_x0_estimate_at_the_last_step_is_the_final_latent(checkpoint):
+    """Streaming partial images (the DiT stage alone, a hand-made prior): flow matching's
+    x0 = x_t - sigma v (the base x0_estimate on the request's own scheduler) before each step; at
+    the last step (sigma_next = 0) the scheduler's Euler step is the same operation, so x0 equals
+    the final latent; decode_partial of it is the final image's pixels."""
+    from vllm_omni_plugin.families.glm_image.pipeline import GlmImagePrior, load_glm_image_pipeline
+
+    pipe = load_glm_image_pipeline(checkpoint("glm-image"), dtype=torch.float32, device="cpu")
+    prior = GlmImagePrior("r", tuple(i % 7 for i in range(64)), (8, 8))
+    params = pipe.resolve(SamplingParams(prompt=PROMPT, height=256, width=256, seed=3, num_inference_steps=STEPS))
+    state = pipe.prepare(params, "r", prior)
+    x0s = []
+    while not state.done:
+        (v,) = pipe.denoise_step([state])
+        x0s.append(pipe.x0_estimate(state, v))
+        pipe.scheduler_step([state], [v])
+    assert torch.equal(x0s[-1], state.latents)
+    assert not torch.equal(x0s[0], state.latents)
+    final = pipe.decode(state).images[0]
+    (partial,) = pipe.decode_partial(state.latents, params)
+    assert np.array_equal(np.asarray(partial), np.asarray(final))

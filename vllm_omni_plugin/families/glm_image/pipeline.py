@@ -239,6 +239,7 @@ class GlmImageStepwise(StepwisePipeline):
         images = self._decode_latents(state.latents, p.output_type, state.generator)
         return DiffusionOutput(state.request_id, "image", p, images=images)
 
+    @torch.no_grad()
     def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
         """An x0 estimate -> PIL images. diffusers' AutoencoderKL keeps no state in its modules
         during a decode (and draws nothing from the generator), so the decode thread shares it."""
