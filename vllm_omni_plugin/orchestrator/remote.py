@@ -61,6 +61,8 @@ class RemoteAR:
         self.urls = [u.rstrip("/") for u in urls]
         self.model = model
         self.fingerprint = checkpoint_fingerprint(ar_model_dir)
+        #: the AR model's dtype as an AR server reports it (GET /omni/stage); None until one answered
+        self.dtype: str | None = None
         self.timeout_s = timeout_s
         self._served: dict[str, str] = {}  # AR URL -> the model name its /v1/completions takes (checked)
         self._client: Any = None
@@ -107,6 +109,8 @@ class RemoteAR:
                 f"{info.get('fingerprint')}), this DiT server {self.model} (fingerprint {self.fingerprint}); "
                 "start both with the same checkpoint")
         self._served[url] = info["served_model_name"]
+        if info.get("dtype"):
+            self.dtype = info["dtype"]
         return self._served[url]
 
     async def check_at_start(self) -> None:

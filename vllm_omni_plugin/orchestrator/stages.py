@@ -223,7 +223,12 @@ class StageOrchestrator(ABC):
     def stage_dtypes(self) -> dict[str, str]:
         """The dtype each stage runs in, by stage id: the AR stage's as its vLLM engine resolved it
         (before an offline engine starts: what it is started with), the DiT's from its loaded weights."""
-        ar = self._ar_args["dtype"] if self.llm is None else dtype_name(self.llm.vllm_config.model_config.dtype)
+        if self.llm is None:
+            ar = self._ar_args["dtype"]
+        elif hasattr(self.llm, "vllm_config"):
+            ar = dtype_name(self.llm.vllm_config.model_config.dtype)
+        else:  # the AR stage on other hosts (orchestrator/remote.py): what they report, once one has
+            ar = getattr(self.llm, "dtype", None) or "unknown (remote AR stage)"
         return {self.ar.id: ar, self.dit.id: self.pipeline.dtype_name}
 
     @property

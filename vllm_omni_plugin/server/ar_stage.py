@@ -28,7 +28,13 @@ router = APIRouter()
 
 @router.get(STAGE_ROUTE)
 async def stage_info(request: Request) -> dict[str, Any]:
-    return request.app.state.omni_ar_stage
+    info = dict(request.app.state.omni_ar_stage)
+    # the dtype vLLM resolved for the AR model ("auto" on the command line becomes one here):
+    # a DiT server reports it as its AR stage's dtype
+    vllm_config = getattr(request.app.state, "vllm_config", None)
+    if vllm_config is not None:
+        info["dtype"] = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    return info
 
 
 class _LeaseCollector:
