@@ -78,14 +78,16 @@ async def json_body(request: Request) -> dict[str, Any]:
 _FLAGS = {None: False, False: False, True: True, "false": False, "true": True}
 
 
-def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False) -> bool:
+def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False, partials: bool = True) -> bool:
     """Checks every generation route makes: the model name (or a LoRA adapter's) and `stream` (popped from `fields`).
 
     Args:
         request: the HTTP request.
         fields: the body's fields.
-        streams: the route can answer with server-sent events (the image routes): then
-            `stream: true` is taken where the served model can stream partial images.
+        streams: the route can answer with server-sent events (the image routes, chat).
+        partials: what the route streams is partial images (the image routes): then
+            `stream: true` is taken where the served model can stream them. Chat streams the
+            finished images only (any model); it refuses `partial_images`.
 
     Returns:
         whether the answer is to be streamed.
@@ -112,6 +114,11 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
         if fields.get("partial_images") not in (None, 0, "0"):
             raise RequestError("`partial_images` needs `stream: true` (partial images are streamed)", "partial_images")
         return False
+    if not partials:
+        if fields.get("partial_images") not in (None, 0, "0"):
+            raise RequestError("a chat stream sends the finished images only; partial images are streamed by "
+                               "/v1/images/generations and /v1/images/edits", "partial_images")
+        return True
     info = runtime(request).pipeline
     if not info.capabilities.partial_images:
         raise RequestError(f"{info.family} cannot stream its answers (it declares no partial-image decoder; "
