@@ -181,6 +181,20 @@ def test_chat_streams_vllm_chunks_with_the_unstreamed_images(omni_server):
     assert data[3]["choices"] == [] and data[3]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "total_tokens": 0}
 
+    # partial images (an extension): a chunk per round between the role and the images, which do not change
+    chunks = _chat_stream(client, messages=messages, extra_body={**ext, "num_inference_steps": 3, "partial_images": 2})
+    plain = client.chat.completions.create(model="tiny-qwen-image", messages=messages,
+                                           extra_body={**ext, "num_inference_steps": 3})
+    rounds = [c.model_extra["omni_partial_image"] for c in chunks[1:3]]
+    assert [r["partial_image_index"] for r in rounds] == [0, 1] and len(chunks) == 5
+    assert all(c.choices[0].delta.content is None and c.choices[0].finish_reason is None for c in chunks[1:3])
+    for r in rounds:
+        assert len(r["content"]) == 2 and all(p["type"] == "image_url" for p in r["content"])
+        sizes = {_png(p["image_url"]["url"].split(",", 1)[1]).size for p in r["content"]}
+        assert sizes == {(64, 48)}
+    assert chunks[3].choices[0].delta.content == plain.choices[0].message.content  # the unstreamed bytes
+    assert rounds[1]["content"] != plain.choices[0].message.content  # x0 after step 2 of 3: not yet final
+
 
 def test_chat_stream_bad_input_and_disconnect(omni_server):
     """Refusals before the stream are JSON 400s naming the field; a client that reads the role
@@ -188,7 +202,8 @@ def test_chat_stream_bad_input_and_disconnect(omni_server):
     server = omni_server("qwen-image")
     user = {"model": "tiny-qwen-image", "messages": [{"role": "user", "content": "x"}], "modalities": ["image"]}
     for body, param, fragment in [
-        ({"stream": True, "partial_images": 2}, "partial_images", "finished images only"),
+        ({"stream": True, "partial_images": 4}, "partial_images", "within [0, 3]"),
+        ({"partial_images": 1}, "partial_images", "needs `stream: true`"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "`stream: true`"),
         ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "true or false"),
         ({"stream": True, "size": "1x"}, "size", "WIDTHxHEIGHT"),

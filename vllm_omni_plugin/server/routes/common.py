@@ -87,7 +87,7 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
         streams: the route can answer with server-sent events (the image routes, chat).
         partials: what the route streams is partial images (the image routes): then
             `stream: true` is taken where the served model can stream them. Chat streams the
-            finished images only (any model); it refuses `partial_images`.
+            finished images of any model, partial images (`partial_images`) where it can.
 
     Returns:
         whether the answer is to be streamed.
@@ -114,12 +114,13 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
         if fields.get("partial_images") not in (None, 0, "0"):
             raise RequestError("`partial_images` needs `stream: true` (partial images are streamed)", "partial_images")
         return False
-    if not partials:
-        if fields.get("partial_images") not in (None, 0, "0"):
-            raise RequestError("a chat stream sends the finished images only; partial images are streamed by "
-                               "/v1/images/generations and /v1/images/edits", "partial_images")
-        return True
     info = runtime(request).pipeline
+    if not partials:
+        if fields.get("partial_images") not in (None, 0, "0") and not info.capabilities.partial_images:
+            raise RequestError(f"{info.family} cannot stream partial images (it declares no partial-image "
+                               "decoder); its chat stream sends the finished images: omit `partial_images`",
+                               "partial_images")
+        return True
     if not info.capabilities.partial_images:
         raise RequestError(f"{info.family} cannot stream its answers (it declares no partial-image decoder; "
                            "streaming: the Qwen-Image and FLUX families); omit `stream`", "stream")

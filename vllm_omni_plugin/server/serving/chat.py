@@ -6,6 +6,7 @@ vLLM's `chat.completion.chunk` server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -16,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from ...request import RequestError
 from ...request.builder import CanonicalRequest
-from ..encode import MIME, b64_images
+from ..encode import MIME, b64_images, encode_image
 from .common import request_id, resolved_json, runtime, streamed_error
 from .images import run_images
 
@@ -131,7 +132,9 @@ async def stream_chat_images(request: Request, body: dict[str, Any]) -> Streamin
     Chunks, in order: the role (`delta: {"role": "assistant", "content": ""}`, sent at once), the
     images (`delta.content`: the `image_url` parts of the unstreamed answer, the same bytes), the
     finish (`finish_reason: "stop"`, the answer's `omni` block as an extension field), with
-    `stream_options.include_usage` a `usage` chunk (no choices). The models served today write no
+    `stream_options.include_usage` a `usage` chunk (no choices). With `partial_images: k` (families
+    that stream them), k partial-image chunks come between the role and the images: an empty delta
+    and `omni_partial_image: {partial_image_index, content: [image_url parts]}`. The models served today write no
     text before an image (BAGEL's AR stage only prefills the prompt), so no text chunks come.
     A bad request or a full queue is a plain JSON error before any chunk; a failure after the
     stream started is a `data: {"error": ...}` chunk, then `data: [DONE]` (as vLLM's). A client
@@ -141,13 +144,17 @@ async def stream_chat_images(request: Request, body: dict[str, Any]) -> Streamin
     include_usage = _include_usage(body, stream=True)
     canon = await _canonical(request, body)
     rid = request_id(request)
-    work = asyncio.ensure_future(omni.stages.generate_image(canon.params, None, request_id=rid))
+    queue: asyncio.Queue = asyncio.Queue()
+    # partial images: only a family that declares them gets here with partial_images > 0 (check_request)
+    partial = {"on_partial": lambda index, imgs: queue.put_nowait((index, imgs))} if canon.params.partial_images else {}
+    work = asyncio.ensure_future(omni.stages.generate_image(canon.params, None, request_id=rid, **partial))
+    work.add_done_callback(lambda _: queue.put_nowait(None))
     await asyncio.sleep(0)  # the work runs up to its submission: a refusal (QueueFull) is a JSON error
     if work.done() and work.exception() is not None:
         raise work.exception()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": body.get("model") or omni.model_name}
-    return StreamingResponse(_chunks(canon, work, head, include_usage, rid), media_type="text/event-stream",
+    return StreamingResponse(_chunks(canon, work, queue, head, include_usage, rid), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
@@ -155,8 +162,8 @@ def _data(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-async def _chunks(canon: CanonicalRequest, work: asyncio.Future, head: dict[str, Any], include_usage: bool,
-                  rid: str) -> AsyncIterator[bytes]:
+async def _chunks(canon: CanonicalRequest, work: asyncio.Future, queue: asyncio.Queue, head: dict[str, Any],
+                  include_usage: bool, rid: str) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         if finish is not None:
@@ -165,8 +172,13 @@ async def _chunks(canon: CanonicalRequest, work: asyncio.Future, head: dict[str,
 
     try:
         yield chunk({"role": "assistant", "content": ""})
+        while (item := await queue.get()) is not None:
+            index, imgs = item  # a partial image round: an empty delta, the images in an extension field
+            encoded = await asyncio.to_thread(lambda: [base64.b64encode(encode_image(img, canon.output)).decode("ascii")
+                                                       for img in imgs])
+            yield chunk({}, omni_partial_image={"partial_image_index": index, "content": _image_parts(canon, encoded)})
         try:
-            output = await work
+            output = work.result()
             encoded = await asyncio.to_thread(b64_images, output, canon.output)
         except Exception as exc:  # noqa: BLE001 -- the stream is open: the error is its last chunk
             yield _data(streamed_error(exc, rid, "chat image"))
