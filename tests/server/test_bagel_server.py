@@ -87,6 +87,16 @@ def test_text2img_offline_images_chat_identical(omni_server, bagel_omni):
     assert off.dtypes == ran
     assert http.model_extra["omni"]["dtypes"] == chat.model_extra["omni"]["dtypes"] == ran
 
+    # streamed (vLLM's chunk framing): no text before the image (the AR stage only prefills), then
+    # the unstreamed answer's image parts byte for byte, then the finish chunk with the same `omni`
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a red cat"}], modalities=["image"], stream=True,
+        extra_body={**ext, "size": "48x32"}))
+    assert [c.choices[0].delta.role for c in chunks] == ["assistant", None, None]
+    assert [c.choices[0].delta.content for c in chunks] == ["", chat.choices[0].message.content, None]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["omni"] == chat.model_extra["omni"] | {
+        "request_id": chunks[-1].model_extra["omni"]["request_id"]}
+
 
 def test_text2img_streams_partial_images(omni_server, bagel_omni):
     """BAGEL's DiT stage streams (docs/server.md, "Streaming partial images") through the multi-stage
@@ -238,7 +248,9 @@ CASES = [
     (CHAT, {"messages": USER, "temperature": -1}, 400, "temperature", "temperature"),  # vLLM's own check
     (CHAT, {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "at least 1"),  # vLLM's own check
     (CHAT, {"messages": USER, "modalities": ["audio"]}, 400, "modalities", "text"),
-    (CHAT, {"messages": USER, "modalities": ["image"], "stream": True}, 400, "stream", "not supported"),
+    # partial images are streamed: asked for without `stream`, refused
+    (CHAT, {"messages": USER, "modalities": ["image"], "partial_images": 1}, 400, "partial_images",
+     "needs `stream: true`"),
     (CHAT, {"messages": [{"role": "system", "content": "hi"}], "modalities": ["image"]}, 400, "messages",
      "no user message"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}], "modalities": ["image"]}, 400,

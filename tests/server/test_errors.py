@@ -42,9 +42,9 @@ CASES = [
     (GEN, {"prompt": "x", "response_format": "url"}, 400, "response_format", "use b64_json"),
     (GEN, {"prompt": "x", "background": "transparent"}, 400, "background", "layered model"),
     (GEN, {"prompt": "x", "num_inference_step": 3}, 400, "num_inference_step", "unknown parameter"),
-    # the image routes stream (test_image_streaming.py); a chat image answer does not
-    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream",
-     "not supported"),
+    # a chat image answer streams (test_image_streaming.py); partial images only in a stream
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "partial_images": 1},
+     400, "partial_images", "needs `stream: true`"),
     (GEN, {"size": "64x64"}, 400, "prompt", "`prompt` is required"),
     (GEN, {"prompt": "x", "model": "no-such-model"}, 404, "model", "does not exist"),
     (GEN, [1, 2], 400, None, "JSON object"),

@@ -52,6 +52,16 @@ async def _serve_and_ask(args) -> tuple[openai.InternalServerError, object]:
             client = openai.AsyncOpenAI(base_url="http://omni/v1", api_key="unused", http_client=http, max_retries=0)
             with pytest.raises(openai.InternalServerError) as failed:
                 await client.images.generate(prompt="explode", extra_body={"seed": 1})
+            # a chat stream fails after its role chunk: the error is its last `data:` chunk
+            stream = await client.chat.completions.create(
+                model=runtime.model_name, messages=[{"role": "user", "content": "explode"}], stream=True,
+                extra_body={"modalities": ["image"], "seed": 1})
+            got = []
+            with pytest.raises(openai.APIError) as streamed:
+                async for chunk in stream:
+                    got.append(chunk)
+            assert [c.choices[0].delta.role for c in got] == ["assistant"]
+            assert streamed.value.body["code"] == 500 and FAULT in streamed.value.body["message"]
             served = await client.images.generate(prompt="fine", extra_body={"seed": 1})
     finally:
         await runtime.stop()

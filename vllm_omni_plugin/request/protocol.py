@@ -372,7 +372,13 @@ class ChatImageRequest(GenerationParams):
         '{"type": "image_url", "image_url": {"url": ...}}.')
     modalities: list[Literal["text", "image"]] | None = Field(
         None, description='["image"] for an image answer; omitted: images unless the model also answers text.')
-    stream: Literal[False] | None = Field(None, description="Streaming image answers are not supported.")
+    stream: bool | None = Field(
+        None, description="true: `chat.completion.chunk` server-sent events as vLLM's streaming chat sends them: "
+        "a role chunk, the images as one content chunk, a finish chunk (`finish_reason` stop, `omni`), "
+        "`data: [DONE]`.")
+    stream_options: dict[str, Any] | None = Field(
+        None, description="With `stream: true`: {\"include_usage\": true} adds a last chunk with `usage` "
+        "(zeros: this server does not meter tokens).")
     max_tokens: int | None = Field(None, description="Chat sampling field: accepted, no effect (`omni.ignored`).")
     max_completion_tokens: int | None = Field(
         None, description="Chat sampling field: accepted, no effect (`omni.ignored`).")

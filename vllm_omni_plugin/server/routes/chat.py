@@ -16,7 +16,8 @@ an edit. Generation fields (size, n, seed, num_inference_steps,
 negative_prompt, the model's own knobs ...) come in the body -- with the
 openai client through `extra_body` -- and mean what they mean on
 /v1/images/generations: the same builder reads them. `n` is the number of
-images in the one choice.
+images in the one choice. `stream: true` answers in vLLM's chunk framing
+(server/serving/chat.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fastapi import APIRouter, Request
 
 from ...request import RequestError, check_messages, parse_json_object
 from ...request.protocol import FIELDS, IGNORED_FIELDS, request_body
-from ..serving.chat import serve_chat_images
+from ..serving.chat import serve_chat_images, stream_chat_images
 from .common import check_request, json_body, json_response, omni_route, runtime
 
 router = APIRouter()
@@ -82,7 +83,7 @@ async def _vllm_answers(request: Request) -> bool:
 @omni_route("chat.completions")
 async def _omni_chat(request: Request):
     body = await json_body(request)
-    check_request(request, body)
+    stream = check_request(request, body, streams=True, partials=False)
     check_messages(body.get("messages"))
     if _wants_text(request, body.get("modalities")):
         if request.app.state.omni_text_chat is None or not runtime(request).stages.text:
@@ -96,4 +97,6 @@ async def _omni_chat(request: Request):
         field = _image_only_fields(request, body)[0]
         raise RequestError(f"`{field}` is a field of image answers; this request asks for text. "
                            'Send modalities: ["image"] for an image', field)
+    if stream:
+        return await stream_chat_images(request, body)
     return json_response(await serve_chat_images(request, body))

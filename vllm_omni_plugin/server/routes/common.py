@@ -86,14 +86,16 @@ def streaming_families() -> list[str]:
     return sorted({cls.family for cls in pipeline_classes() if cls.capabilities.partial_images})
 
 
-def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False) -> bool:
+def check_request(request: Request, fields: dict[str, Any], *, streams: bool = False, partials: bool = True) -> bool:
     """Checks every generation route makes: the model name (or a LoRA adapter's) and `stream` (popped from `fields`).
 
     Args:
         request: the HTTP request.
         fields: the body's fields.
-        streams: the route can answer with server-sent events (the image routes): then
-            `stream: true` is taken where the served model can stream partial images.
+        streams: the route can answer with server-sent events (the image routes, chat).
+        partials: what the route streams is partial images (the image routes): then
+            `stream: true` is taken where the served model can stream them. Chat streams the
+            finished images of any model, partial images (`partial_images`) where it can.
 
     Returns:
         whether the answer is to be streamed.
@@ -121,6 +123,12 @@ def check_request(request: Request, fields: dict[str, Any], *, streams: bool = F
             raise RequestError("`partial_images` needs `stream: true` (partial images are streamed)", "partial_images")
         return False
     info = runtime(request).pipeline
+    if not partials:
+        if fields.get("partial_images") not in (None, 0, "0") and not info.capabilities.partial_images:
+            raise RequestError(f"{info.family} cannot stream partial images (it declares no partial-image "
+                               "decoder); its chat stream sends the finished images: omit `partial_images`",
+                               "partial_images")
+        return True
     if not info.capabilities.partial_images:
         raise RequestError(f"{info.family} cannot stream its answers (it declares no partial-image decoder; "
                            f"streaming: {', '.join(streaming_families())}); omit `stream`", "stream")

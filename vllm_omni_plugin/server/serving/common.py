@@ -4,6 +4,7 @@ and the `omni` block of an answer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Awaitable, TypeVar
 
 from fastapi import Request
@@ -11,6 +12,9 @@ from fastapi import Request
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import ResolvedParams
 from ...orchestrator.engine_loop import ProgressFn
+from ..errors import OmniHTTPError, error_body, to_http_error
+
+logger = logging.getLogger("vllm.omni_plugin.server")
 
 T = TypeVar("T")
 
@@ -70,3 +74,15 @@ def resolved_json(params: ResolvedParams, request_id: str | None = None, ignored
     if request_id is not None:
         out["request_id"] = request_id
     return out
+
+
+def streamed_error(exc: BaseException, request_id: str, what: str) -> dict[str, Any]:
+    """The OpenAI error body of a failure after a stream started (its last event); a 5xx is logged
+    with its traceback, under `what` (e.g. "image")."""
+    try:
+        err = to_http_error(exc)
+    except TypeError:
+        err = OmniHTTPError(500, f"internal server error (request {request_id})")
+    if err.status >= 500:
+        logger.error("omni: streamed %s request %s failed", what, request_id, exc_info=exc)
+    return error_body(err.status, err.message, err.param)

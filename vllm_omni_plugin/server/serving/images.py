@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 from typing import Any, AsyncIterator, Sequence
 
@@ -16,10 +15,7 @@ from fastapi.responses import StreamingResponse
 from ...diffusion.output import DiffusionOutput
 from ...request.builder import CanonicalRequest
 from ..encode import b64_images, encode_image
-from ..errors import OmniHTTPError, error_body, to_http_error
-from .common import generate, request_id, resolved_json, runtime
-
-logger = logging.getLogger("vllm.omni_plugin.server")
+from .common import generate, request_id, resolved_json, runtime, streamed_error
 
 
 def images_response(canon: CanonicalRequest, output: DiffusionOutput) -> dict[str, Any]:
@@ -133,13 +129,7 @@ async def _events(canon: CanonicalRequest, work: asyncio.Future, queue: asyncio.
         try:
             output = work.result()
         except Exception as exc:  # noqa: BLE001 -- the stream is open: the error is its last event
-            try:
-                err = to_http_error(exc)
-            except TypeError:
-                err = OmniHTTPError(500, f"internal server error (request {rid})")
-            if err.status >= 500:
-                logger.error("omni: streamed image request %s failed", rid, exc_info=exc)
-            yield f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n".encode()
+            yield f"data: {json.dumps(streamed_error(exc, rid, 'image'))}\n\n".encode()
             return
         # `omni` (an extension field, as on the non-streamed answer): what ran, defaults filled in
         omni = resolved_json(p, output.request_id, canon.ignored)
