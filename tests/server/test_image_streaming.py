@@ -157,7 +157,7 @@ def test_chat_streams_vllm_chunks_with_the_unstreamed_images(omni_server):
     assert all(c.choices[0].delta.content is None and c.choices[0].finish_reason is None for c in chunks[1:3])
     for r in rounds:
         assert len(r["content"]) == 2 and all(p["type"] == "image_url" for p in r["content"])
-        sizes = {_png(p["image_url"]["url"].split(",", 1)[1]).size for p in r["content"]}
+        sizes = {b64_png(p["image_url"]["url"].split(",", 1)[1]).size for p in r["content"]}
         assert sizes == {(64, 48)}
     assert chunks[3].choices[0].delta.content == plain.choices[0].message.content  # the unstreamed bytes
     assert rounds[1]["content"] != plain.choices[0].message.content  # x0 after step 2 of 3: not yet final
