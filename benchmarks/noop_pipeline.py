@@ -23,7 +23,7 @@ class NoopPipeline(StepwisePipeline):
     capabilities = Capabilities(output="image", fields=frozenset({"num_inference_steps", "height", "width"}))
 
     def __init__(self) -> None:
-        super().__init__(SimpleNamespace(scheduler=None), "noop")
+        super().__init__(SimpleNamespace(scheduler=None, dtype=torch.float32), "noop")  # no weights: the dtype it reports
 
     def defaults(self) -> PipelineDefaults:
         return PipelineDefaults(values={"num_inference_steps": 1, "height": 8, "width": 8})
