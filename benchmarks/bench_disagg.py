@@ -29,6 +29,8 @@ from pathlib import Path
 
 import requests
 
+from vllm_omni_plugin.server.spawn import wait_healthy
+
 VLLM = Path(sys.executable).with_name("vllm")
 FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "1024", "--seed", "0",
          "--served-model-name", "tiny-bagel"]
@@ -45,17 +47,10 @@ def start(host, model: str, port: int, extra: list[str], log: Path) -> tuple[sub
 
 
 def wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url} exited:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not healthy in {timeout} s")
+    try:
+        wait_healthy(url, proc, log, timeout)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:

@@ -16,40 +16,16 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from .server.spawn import free_port, wait_healthy
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 OUT = Path(os.environ.get("OMNI_DEMO_DIR", Path(tempfile.gettempdir()) / "vllm-omni-demo"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server did not become healthy in {timeout:.0f} s; see {log}")
 
 
 def served_image() -> Path:
@@ -59,7 +35,7 @@ def served_image() -> Path:
 
     ckpt = make_checkpoint("qwen-image", "tiny", OUT / "qwen-image-tiny", seed=0)
     print(f"checkpoint: {ckpt}", flush=True)
-    port = _free_port()
+    port = free_port()
     vllm = Path(sys.executable).with_name("vllm")
     log = OUT / "server.log"
     cmd = [str(vllm), "serve", str(ckpt), "--omni", "--host", "127.0.0.1", "--port", str(port)]
@@ -68,7 +44,7 @@ def served_image() -> Path:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc, log)
+        wait_healthy(url, proc, log, timeout=300)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         result = client.images.generate(
             prompt="a red cat on a blue sofa",

@@ -63,6 +63,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once `GET url/health` answers 200.
+
+    Raises:
+        RuntimeError: `proc` exited first, or `timeout` s passed; the message holds the log's tail.
+    """
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`{' '.join(map(str, proc.args))}` exited with {proc.returncode}:\n"
+                               f"{Path(log).read_text()[-4000:]}")
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s:\n{Path(log).read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+
+
 @contextmanager
 def spawn_server(model: str | Path, args: list[str] = (), *, log: Path, api_key: str | None = None,
                  timeout: float = 900, env: dict[str, str] | None = None) -> Iterator[SpawnedServer]:
@@ -89,18 +111,7 @@ def spawn_server(model: str | Path, args: list[str] = (), *, log: Path, api_key:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(env or os.environ))
     server = SpawnedServer(proc, port, log, api_key, 0.0)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"the server did not become healthy in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
+        wait_healthy(server.url, proc, log, timeout)
         server.startup_seconds = time.monotonic() - started
         yield server
     finally:
