@@ -7,7 +7,6 @@ class's own `save_lora_weights` writes them, as a diffusers user saves a trained
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,13 +39,17 @@ def make_lora(
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     cls = type(pipe)
-    component = copy.deepcopy(getattr(pipe, cls.transformer_name))
+    model = getattr(pipe, cls.transformer_name)
+    # Only the adapter's key names and shapes are needed: a weightless (meta) twin of the transformer,
+    # not a copy (a full Qwen-Image DiT is 40 GB in bf16).
+    with torch.device("meta"):
+        component = type(model).from_config(model.config)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
                         init_lora_weights=False)
     inject_adapter_in_model(config, component)
     gen = torch.Generator("cpu").manual_seed(seed)
     state = get_peft_model_state_dict(component)
-    state = {k: (torch.randn(v.shape, generator=gen) * magnitude).to(v.dtype) for k, v in state.items()}
+    state = {k: (torch.randn(v.shape, generator=gen) * magnitude).to(model.dtype) for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = None
