@@ -61,7 +61,7 @@ def _worker_facts(worker) -> dict:
 
 
 def _n_tokens(height: int, width: int) -> int:
-    from vllm_omni_plugin.models.glm_image_prompt import target_grids
+    from vllm_omni_plugin.families.glm_image.prompt import target_grids
 
     return sum(h * w for h, w in target_grids(height, width, text_to_image=True).decode_grids) + 1
 
