@@ -93,6 +93,18 @@ def test_auto_attention_mode_pads_similar_lengths_only(pipe):
     assert (mode("t2i"), mode("i2i")) == ("padded", "per_row")
 
 
+def test_auto_attention_mode_on_cuda_never_masks():
+    """On CUDA a mask would leave the flash kernel: rows of unequal contexts go one by one, equal ones
+    stay padded (no mask); the CPU rule is the padding-waste one. Pure rule, synthetic lengths."""
+    from vllm_omni_plugin.families.bagel.pipeline import auto_attention_mode
+
+    t2i_1024 = ([20, 0], 4098)  # prompt vs empty context beside a 1024^2 image's tokens
+    assert auto_attention_mode(*t2i_1024, "cpu") == "padded"
+    assert auto_attention_mode(*t2i_1024, "cuda") == "per_row"
+    assert auto_attention_mode([33, 33, 33], 1026, "cuda") == "padded"
+    assert auto_attention_mode([600, 560, 40], 258, "cpu") == "per_row"
+
+
 def test_cfg_batch_option_and_engine_batches_requests(pipe):
     """dit_options cfg_batch: false selects the per-branch path; both give the same images, and the
     engine runs concurrent requests' rows in the same forward either way."""

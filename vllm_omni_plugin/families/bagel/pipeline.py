@@ -339,9 +339,7 @@ class BagelStepwise(StepwisePipeline):
     def _attention_mode(self, rows: list[BranchKV], n_query: int) -> str:
         if self.attention_mode != "auto":
             return self.attention_mode
-        lengths = [b.num_tokens for b in rows]
-        padded, exact = len(rows) * (max(lengths) + n_query), sum(lengths) + len(rows) * n_query
-        return "per_row" if padded > (1 + PADDING_WASTE) * exact else "padded"
+        return auto_attention_mode([b.num_tokens for b in rows], n_query, torch.device(self.device).type)
 
     def _combine(self, state: DiffusionState, v: dict[str, torch.Tensor]) -> torch.Tensor:
         cond = v["cond"]
@@ -396,6 +394,20 @@ class BagelStepwise(StepwisePipeline):
         if p.output_type == "np":
             return DiffusionOutput(state.request_id, "image", p, images=list(pixels))
         return DiffusionOutput(state.request_id, "image", p, images=_to_pil(pixels))
+
+
+def auto_attention_mode(lengths: list[int], n_query: int, device_type: str) -> str:
+    """attention_mode "auto" for rows with these context lengths (docs/bagel.md, "The DiT step").
+
+    CPU: padded (one masked SDPA) unless padding adds more than PADDING_WASTE to the attended keys.
+    CUDA: padded only when no mask is needed (equal lengths), else row by row: SDPA with a mask
+    leaves the flash kernel, and on an H200 the masked batched text2img step at 1024^2 ran at 0.88x
+    of one forward per branch (docs/benchmarks.md, 2026-12-02).
+    """
+    if device_type == "cuda":
+        return "padded" if len(set(lengths)) == 1 else "per_row"
+    padded, exact = len(lengths) * (max(lengths) + n_query), sum(lengths) + len(lengths) * n_query
+    return "per_row" if padded > (1 + PADDING_WASTE) * exact else "padded"
 
 
 def _to_pil(pixels: Any) -> list[Any]:
