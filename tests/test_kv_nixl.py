@@ -153,3 +153,31 @@ def test_the_servers_producer_acks_a_pull_and_a_late_pull_finds_the_lease_expire
     while json.loads(stats.read_text())["acked"] + json.loads(stats.read_text())["expired"] < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert json.loads(stats.read_text()) == {"published": 2, "held": 0, "acked": 1, "expired": 1}
+
+
+FAILING_CONSUMER = textwrap.dedent("""
+    import json, sys
+    from vllm_omni_plugin.kv.nixl import NixlConsumer, NixlTransferError
+    try:
+        NixlConsumer("dit-host", timeout_s=30).pull(json.loads(sys.stdin.readline()))
+        print(json.dumps({"raised": None}), flush=True)
+    except NixlTransferError as e:
+        print(json.dumps({"raised": str(e)}), flush=True)
+""")
+
+
+def test_a_pull_from_a_producer_that_is_gone_raises_a_transfer_error_naming_it(hosts):
+    """The AR host died between its answer and the pull: NIXL cannot reach the producer; the pull
+    raises NixlTransferError (the DiT server's 503) naming the request and the producer, not
+    nixl's own exception type (which the DiT server would answer with a 500)."""
+    producer = _in(hosts["a"], PRODUCER, "1", "120")
+    try:
+        handle = producer.stdout.readline()
+        assert handle.startswith("{"), handle
+    finally:
+        producer.kill()
+        producer.wait()
+    consumer = _in(hosts["b"], FAILING_CONSUMER, stdin=subprocess.PIPE)
+    out, _ = consumer.communicate(handle, timeout=120)
+    raised = json.loads(out.strip().splitlines()[-1])["raised"]
+    assert raised is not None and "req-7" in raised and "ar-host" in raised and "failed" in raised, raised

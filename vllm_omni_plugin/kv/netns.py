@@ -82,11 +82,14 @@ def veth_hosts(prefix: str = "omni") -> Iterator[tuple[Host, Host]]:
 @contextmanager
 def veth_host(prefix: str = "omni") -> Iterator[tuple[Host, Host]]:
     """One other host: namespace `<prefix>-r-<pid>` joined to this machine's own namespace by a
-    veth pair (10.213.8.1 there <-> 10.213.8.2 here), so this process reaches both hosts'
-    servers (127.0.0.1 stays this host's). Yields (the namespace, this host); deleted at the end."""
+    veth pair (10.213.N.1 there <-> 10.213.N.2 here, N from the pid: two test runs on one
+    machine get two subnets, where one fixed subnet on two links of this namespace sent one run's
+    traffic to the other's namespace), so this process reaches both hosts' servers (127.0.0.1
+    stays this host's). Yields (the namespace, this host); deleted at the end."""
     tag = os.getpid() % 100000
-    remote = Host(f"{prefix}-r-{tag}", f"ovr{tag}", "10.213.8.1")
-    local = Host(None, f"ovl{tag}", "10.213.8.2")
+    subnet = f"10.213.{8 + tag % 240}"
+    remote = Host(f"{prefix}-r-{tag}", f"ovr{tag}", f"{subnet}.1")
+    local = Host(None, f"ovl{tag}", f"{subnet}.2")
     _ip("netns", "add", remote.namespace)
     try:
         _ip("link", "add", local.device, "type", "veth", "peer", "name", remote.device)

@@ -199,9 +199,20 @@ class NixlConsumer:
             (name -> tensor on the host, the handle's metadata).
 
         Raises:
-            NixlTransferError: the READ failed or did not finish within `timeout_s`.
+            NixlTransferError: the READ failed (NIXL's own errors included, e.g. a producer that
+                cannot be reached) or did not finish within `timeout_s`.
         """
         rid, producer = handle["request_id"], handle["agent"]
+        try:
+            return self._pull(handle, rid, producer)
+        except NixlTransferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - nixl's own errors (nixlBackendError, ...): one type, named
+            # e.g. a producer whose host or process is gone: UCX cannot connect ("NIXL_ERR_BACKEND")
+            raise NixlTransferError(f"NIXL READ of request {rid} from {producer} failed: "
+                                    f"{type(e).__name__}: {e}") from e
+
+    def _pull(self, handle: dict[str, Any], rid: str, producer: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         # Always (re)load the producer's metadata: it carries the registrations (remote keys)
         # the producer had when it published, and a cached older copy lacks this buffer's.
         self._remotes[producer] = self.agent.add_remote_agent(base64.b64decode(handle["agent_metadata"]))

@@ -6,7 +6,9 @@ with the same prompt and sampling params, and reads the same `kv_transfer_params
 report. Here that call is
 
     POST {AR}/v1/completions   the prompt's token ids, max_tokens 1, kv_transfer_params
-                               asking for the KV (vLLM's own route on the AR server)
+                               asking for the KV (vLLM's own route on the AR server);
+                               a prompt with image inputs (img2img): POST {AR}/v1/omni/prefill,
+                               the same prompt dict for the AR server's engine client (ar_wire.py)
     <- kv_transfer_params      {"omni_kv": {"status": "published", "nixl": handle}}
     NixlConsumer.pull(handle)  one NIXL READ (kv/nixl.py), off the event loop; its
                                notification frees the producer's buffer (else its lease)
@@ -29,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .ar_wire import PREFILL_ROUTE, encode_prompt
 from .engine_loop import StageUnavailable
 
 logger = logging.getLogger("vllm.omni_plugin.orchestrator")
@@ -127,25 +130,36 @@ class RemoteAR:
                                url, type(e).__name__)
 
     async def generate(self, prompt: Any, params: Any, request_id: str):
-        """The AR prefill of one hand-over on an AR server; yields one output with the pulled KV."""
+        """The AR prefill of one hand-over on an AR server; yields one output with the pulled KV.
+
+        Token ids go to vLLM's /v1/completions; a prompt with image inputs to the AR server's
+        PREFILL_ROUTE (ar_wire.py), which gives its engine client the same prompt dict.
+
+        Raises:
+            ValueError: the AR server refused the prompt itself (HTTP 400 from PREFILL_ROUTE).
+            StageUnavailable: any other failure, naming the AR server.
+        """
         import httpx
 
-        if not isinstance(prompt, dict) or set(prompt) != {"prompt_token_ids"}:
-            raise StageUnavailable("this DiT server (--omni-stage dit) hands over text-only AR prompts; image "
-                                   "inputs (edits) are served by the colocated `vllm serve MODEL --omni` only")
+        sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                    "kv_transfer_params": (params.extra_args or {}).get("kv_transfer_params")}
+        if set(prompt) == {"prompt_token_ids"}:
+            route, body = "/v1/completions", {"prompt": list(prompt["prompt_token_ids"]), **sampling}
+        else:
+            route, body = PREFILL_ROUTE, {**await asyncio.to_thread(encode_prompt, prompt), "sampling": sampling}
+        body["request_id"] = request_id
         url = await self.pick()
         try:
-            name = await self._check(url)
-            body = {"model": name, "prompt": list(prompt["prompt_token_ids"]), "max_tokens": params.max_tokens,
-                    "temperature": params.temperature, "request_id": request_id,
-                    "kv_transfer_params": (params.extra_args or {}).get("kv_transfer_params")}
-            reply = await self.client.post(f"{url}/v1/completions", json=body)
+            body["model"] = await self._check(url)
+            reply = await self.client.post(f"{url}{route}", json=body)
         except httpx.HTTPError as e:
             raise StageUnavailable(f"the AR server {url} did not answer request {request_id}: "
                                    f"{type(e).__name__}: {e}") from e
+        if reply.status_code == 400 and route == PREFILL_ROUTE:
+            raise ValueError(f"the AR server {url} refused request {request_id}: {_message(reply)}")
         if reply.status_code != 200:
             raise StageUnavailable(f"the AR server {url} refused request {request_id} "
-                                   f"(HTTP {reply.status_code}): {reply.text[:500]}")
+                                   f"(HTTP {reply.status_code}): {_message(reply)}")
         report = ((reply.json().get("kv_transfer_params") or {}).get("omni_kv")) or {}
         if report.get("status") != "published":
             raise StageUnavailable(f"the AR server {url} published no KV for request {request_id}: {report}")
@@ -166,3 +180,11 @@ class RemoteAR:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _message(reply: Any) -> str:
+    """An error reply's message (OpenAI format where it is one), else its text."""
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:500]

@@ -6,6 +6,11 @@ are /v1/completions requests with kv_transfer_params). Added here:
 * GET /omni/stage: what this server is (`{"stage": "ar", "model", "served_model_name",
   "fingerprint"}`), which a DiT server checks before its first request
   (orchestrator/remote.py);
+* POST /v1/omni/prefill: an AR prompt with image inputs (img2img), which vLLM's
+  /v1/completions cannot carry (orchestrator/ar_wire.py): the prompt dict goes to vLLM's
+  engine client as the colocated hand-over gives it, vLLM's multimodal processor runs on
+  its images; the reply holds the request output's kv_transfer_params. Counted in vLLM's
+  /load like vLLM's own routes; guarded by --api-key like them;
 * on /metrics, the NIXL producer's leases (`omni_kv_published_total`,
   `omni_kv_freed_total{reason="acked"|"expired"}`, `omni_kv_held`), read from the
   file the engine process's connector keeps (kv/nixl.py: LEASE_STATS).
@@ -19,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from vllm.entrypoints.serve.utils.api_utils import load_aware_call
 
 from ..kv.nixl import LEASE_STATS
+from ..orchestrator.ar_wire import PREFILL_ROUTE, decode_prompt
 from ..orchestrator.remote import STAGE_ROUTE, checkpoint_fingerprint
+from .errors import error_response
 
 router = APIRouter()
 
@@ -35,6 +44,34 @@ async def stage_info(request: Request) -> dict[str, Any]:
     if vllm_config is not None:
         info["dtype"] = str(vllm_config.model_config.dtype).removeprefix("torch.")
     return info
+
+
+@router.post(PREFILL_ROUTE)
+@load_aware_call
+async def prefill(raw_request: Request) -> JSONResponse:
+    """One hand-over's AR prefill of a prompt with image inputs (ar_wire.py has the body)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        body = await raw_request.json()
+        prompt = decode_prompt(body)
+        sampling = body.get("sampling") or {}
+        params = VllmSamplingParams(max_tokens=int(sampling.get("max_tokens") or 1),
+                                    temperature=float(sampling.get("temperature") or 0.0),
+                                    extra_args={"kv_transfer_params": sampling.get("kv_transfer_params")})
+        request_id = str(body["request_id"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return error_response(400, f"not an AR prefill body ({type(e).__name__}: {e})")
+    final = None
+    try:
+        async for out in raw_request.app.state.engine_client.generate(prompt, params, request_id):
+            final = out
+    except EngineDeadError as e:
+        return error_response(503, f"the AR stage's engine died while running request {request_id}: {e}")
+    except ValueError as e:  # vLLM's input checks (modality limits, lengths, the processor's rules)
+        return error_response(400, str(e))
+    return JSONResponse({"request_id": request_id, "kv_transfer_params": final.kv_transfer_params})
 
 
 class _LeaseCollector:

@@ -87,8 +87,10 @@ class BagelOrchestrator(StageOrchestrator):
 
         from .processing import VAE_IMAGE
 
-        # The running engine's own setting (on the server it is vLLM's engine, built from its flags).
-        if not self.ar_engine().vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):
+        # The running engine's own setting (on the server it is vLLM's engine, built from its flags; the AR
+        # stage on other hosts, `--omni-stage dit`, has none here: its engine refuses what it does not take).
+        vllm_config = getattr(self.ar_engine(), "vllm_config", None)
+        if vllm_config is not None and not vllm_config.model_config.multimodal_config.get_limit_per_prompt(VAE_IMAGE):
             raise ValueError(f"img2img needs the AR stage to take {VAE_IMAGE} inputs: set its engine_args "
                              f"limit_mm_per_prompt to include {{{VAE_IMAGE}: 1}} (stage config {self.config.name!r})")
         c = self.bagel_config
