@@ -1,9 +1,18 @@
 """What streaming partial images costs: `stream: true` with `partial_images` 3 vs 0 vs no stream, served.
 
-    python benchmarks/bench_partial_images.py [--size 256] [--steps 20] [--repeat 5] [--threads 1]
+    python benchmarks/bench_partial_images.py [--size 256] [--steps 20] [--repeat 5] [--threads 1] [--preset bench]
+    python benchmarks/bench_partial_images.py --engine --size 256 --steps 20 --repeat 3
     python benchmarks/bench_partial_images.py --engine --preset full --device cuda --size 1024 --steps 50
 
-A real `vllm serve <tiny Qwen-Image> --omni` (spawn_server: a socket, so events arrive as the server
+The DiT (unless --preset full) is a Qwen-Image transformer wider than the tests' tiny one (4 layers,
+8 heads x 64 = 512 wide, as in bench_lora.py), so that the denoising dominates a request as on a real
+model; the text encoder and VAE are the tiny checkpoint's. Even so the tiny VAE's decode is several DiT
+steps on a CPU (torch's CPU conv3d is an im2col fallback, `aten::slow_conv3d_forward`, ~75% of a
+decode), where on the real model on a GPU it is about one step: the ratios here are pessimistic.
+Partial images are half-resolution previews (`partial_downscale` 2, the Qwen-Image default); `--engine`
+also runs them at full resolution (`partial_downscale` 1) in the same rounds, side by side.
+
+A real `vllm serve <that checkpoint> --omni` (spawn_server: a socket, so events arrive as the server
 sends them) and the real openai client. Per round, interleaved: the same request (seed, size, steps)
 without `stream`, with `stream: true, partial_images: 0`, and with `partial_images: 3`. Reports the
 medians of the end-to-end time (request sent -> completed image read), the time to the first partial
@@ -70,6 +79,21 @@ def _engine_run(engine, requests: list[tuple[str, int]], size: int, steps: int) 
     return out
 
 
+def _bench_checkpoint(work: Path, preset: str) -> Path:
+    """The tiny Qwen-Image checkpoint on disk; preset "bench": its transformer replaced by the wider one."""
+    from vllm_omni_plugin.checkpoints import make_checkpoint
+
+    path = make_checkpoint("qwen-image", "tiny", work / "qwen-image", seed=0)
+    if preset == "bench":
+        import torch
+        from diffusers import QwenImageTransformer2DModel
+
+        torch.manual_seed(0)
+        QwenImageTransformer2DModel(num_layers=4, num_attention_heads=8, attention_head_dim=64, joint_attention_dim=128,
+                                    axes_dims_rope=(8, 28, 28)).save_pretrained(Path(path) / "transformer")
+    return Path(path)
+
+
 def engine_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -79,25 +103,39 @@ def engine_main(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    pipe = build_in_memory("qwen-image", args.preset, seed=0, dtype=dtype, device=device)
+    if args.preset == "full":
+        pipe = build_in_memory("qwen-image", args.preset, seed=0, dtype=dtype, device=device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = _bench_checkpoint(Path(tempfile.mkdtemp(prefix="bench-partial-")), args.preset)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    engine = DiffusionEngine(QwenImageStepwise(pipe, model_id=f"qwen-image-{args.preset}"))
+    ours = QwenImageStepwise(pipe, model_id=f"qwen-image-{args.preset}")
+    engine = DiffusionEngine(ours)
     print(f"built {args.preset} on {device} in {time.perf_counter() - t:.0f} s")
     size, steps = args.size, args.steps
     _engine_run(engine, [("warm0", 0)], size, steps)
     _engine_run(engine, [("warm3", 3)], size, steps)
-    rows: dict[str, list[float]] = {k: [] for k in ("k0", "k3", "k3_first", "pair_B_alone", "pair_B_with_A3",
-                                                     "pair_A3", "pair_A3_first")}
+    rows: dict[str, list[float]] = {k: [] for k in ("k0", "k3", "k3_first", "k3_full", "k3_full_first",
+                                                     "pair_B_alone", "pair_B_with_A3", "pair_A3", "pair_A3_first")}
     images = set()
     for r in range(args.repeat):
         one0 = _engine_run(engine, [(f"a{r}", 0)], size, steps)[f"a{r}"]
         one3 = _engine_run(engine, [(f"b{r}", 3)], size, steps)[f"b{r}"]
-        assert one3["partials"] == 3
-        images |= {one0["image"], one3["image"]}
+        ours.partial_downscale = 1
+        full3 = _engine_run(engine, [(f"c{r}", 3)], size, steps)[f"c{r}"]
+        ours.partial_downscale = QwenImageStepwise.partial_downscale
+        assert one3["partials"] == full3["partials"] == 3
+        images |= {one0["image"], one3["image"], full3["image"]}
         rows["k0"].append(one0["e2e"])
         rows["k3"].append(one3["e2e"])
         rows["k3_first"].append(one3["first_partial"])
+        rows["k3_full"].append(full3["e2e"])
+        rows["k3_full_first"].append(full3["first_partial"])
         plain = _engine_run(engine, [(f"pa{r}", 0), (f"pb{r}", 0)], size, steps)
         mixed = _engine_run(engine, [(f"ma{r}", 3), (f"mb{r}", 0)], size, steps)
         rows["pair_B_alone"].append(plain[f"pb{r}"]["e2e"])
@@ -108,8 +146,10 @@ def engine_main(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"Qwen-Image preset {args.preset} on {name}, {size}x{size}, {steps} steps, medians of {args.repeat} "
           f"interleaved rounds; load average {os.getloadavg()[0]:.1f}")
-    print(f"one request: e2e 0 partial {med['k0']:.3f} s, 3 partial {med['k3']:.3f} s "
+    print(f"one request: e2e 0 partial {med['k0']:.3f} s, 3 partial previews {med['k3']:.3f} s "
           f"(x{med['k3'] / med['k0']:.3f}); first partial at {med['k3_first']:.3f} s ({med['k3_first'] / med['k0']:.2f} of e2e)")
+    print(f"             3 partial at full resolution {med['k3_full']:.3f} s (x{med['k3_full'] / med['k0']:.3f}); "
+          f"first partial at {med['k3_full_first']:.3f} s")
     print(f"two requests batched: B (no partials) e2e {med['pair_B_alone']:.3f} s beside A with none, "
           f"{med['pair_B_with_A3']:.3f} s beside A with 3 (x{med['pair_B_with_A3'] / med['pair_B_alone']:.3f}); "
           f"A with 3: e2e {med['pair_A3']:.3f} s, first partial {med['pair_A3_first']:.3f} s")
@@ -128,17 +168,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--engine", action="store_true", help="the engine alone, in this process (see above)")
-    parser.add_argument("--preset", default="tiny", help="--engine: checkpoint preset (tiny, full)")
+    parser.add_argument("--preset", default="bench", choices=("bench", "tiny", "full"),
+                        help="bench: the wider DiT above; tiny: the tests' checkpoint; full (--engine only): real sizes")
     parser.add_argument("--device", default="cpu", help="--engine: cpu or cuda")
     args = parser.parse_args()
     if args.engine:
         return engine_main(args)
+    if args.preset == "full":
+        parser.error("--preset full needs --engine (it is built in memory)")
 
-    from vllm_omni_plugin.checkpoints import make_checkpoint
     from vllm_omni_plugin.server.spawn import spawn_server
 
     work = Path(tempfile.mkdtemp(prefix="bench-partial-"))
-    model = make_checkpoint("qwen-image", "tiny", work / "qwen-image", seed=0)
+    model = _bench_checkpoint(work, args.preset)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     body = dict(prompt="a lighthouse at dusk", size=f"{args.size}x{args.size}",
                 extra_body={"seed": 0, "num_inference_steps": args.steps})
@@ -157,7 +199,7 @@ def main() -> None:
     plain = statistics.median(r["e2e"] for r in runs["plain"])
     result = {"size": args.size, "steps": args.steps, "repeat": args.repeat, "threads": args.threads,
               "load_average_1min": [round(x, 2) for x in loads], "identical_finals": len(finals) == 1, "modes": {}}
-    print(f"tiny Qwen-Image {args.size}x{args.size}, {args.steps} steps, medians of {args.repeat} interleaved rounds; "
+    print(f"Qwen-Image ({args.preset}) {args.size}x{args.size}, {args.steps} steps, medians of {args.repeat} interleaved rounds; "
           f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}")
     print(f"{'mode':<24}{'e2e s':>9}{'x plain':>9}{'first partial s':>17}{'x plain e2e':>13}")
     for mode in modes:

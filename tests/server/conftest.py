@@ -376,9 +376,10 @@ def b64_png(b64: str):
     return img
 
 
-def check_image_stream(events: list, prefix: str, n: int, k: int, size: str) -> tuple[list, list]:
-    """OpenAI's event order and fields: k partial rounds of n images, then n completed. Returns
-    (partial events, completed events)."""
+def check_image_stream(events: list, prefix: str, n: int, k: int, size: str,
+                       background: str = "opaque") -> tuple[list, list]:
+    """OpenAI's event order and fields: k partial rounds of n images (a layered answer's layers
+    count as its images), then n completed. Returns (partial events, completed events)."""
     partial = [e for e in events if e.type == f"{prefix}.partial_image"]
     completed = [e for e in events if e.type == f"{prefix}.completed"]
     assert len(partial) + len(completed) == len(events) and events[-n:] == completed
@@ -386,7 +387,7 @@ def check_image_stream(events: list, prefix: str, n: int, k: int, size: str) -> 
         (i, row) for i in range(k) for row in range(n)]
     assert [e.model_extra["index"] for e in completed] == list(range(n))
     for e in partial + completed:
-        assert (e.size, e.output_format, e.background) == (size, "png", "opaque") and e.created_at > 0
+        assert (e.size, e.output_format, e.background) == (size, "png", background) and e.created_at > 0
         assert b64_png(e.b64_json).size == tuple(int(x) for x in size.split("x"))
     for e in completed:
         assert e.usage.total_tokens == 0  # this server does not meter tokens

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vllm_omni_plugin.diffusion.params import SamplingParams
 
-from .conftest import decoded_md5, first_image_md5, pil_md5, png_bytes, striped_image
+from .conftest import b64_png, check_image_stream, decoded_md5, first_image_md5, pil_md5, png_bytes, striped_image
 from .offline import comparable, offline
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
@@ -67,6 +67,17 @@ def test_layered_transparent_layers_match_offline(omni_server, checkpoint):
     resolved = comparable(off.params.public_dict())
     assert http.model_extra["omni"]["resolved"] == resolved == chat.model_extra["omni"]["resolved"]
     assert resolved["true_cfg_scale"] == 4.0 and resolved["layers"] == 2  # negative prompt given: CFG ran
+
+    # streamed (docs/server.md, "Streaming partial images"): a partial image of a layered request is
+    # one event per layer (`index`: the layer's place in `data`), the completed layers byte for byte
+    # the unstreamed ones; 2 steps give 1 partial image of the 2 asked (OpenAI allows fewer)
+    events = list(client.images.edit(image=("in.png", png, "image/png"), prompt="split it", background="transparent",
+                                     stream=True, partial_images=2,
+                                     extra_body={"seed": 3, "layers": 2, "negative_prompt": " "}))
+    partial, completed = check_image_stream(events, "image_edit", n=2, k=1, size=http.size, background="transparent")
+    assert [e.b64_json for e in completed] == [d.b64_json for d in http.data]
+    assert all(b64_png(e.b64_json).mode == "RGBA" for e in partial)
+    assert [b64_png(e.b64_json).tobytes() for e in partial] != [b64_png(e.b64_json).tobytes() for e in completed]
 
 
 def test_layered_refuses_what_it_does_not_take(omni_server):

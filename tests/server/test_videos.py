@@ -134,7 +134,7 @@ def test_video_delete_and_errors(omni_server):
     assert r.json()["error"]["message"].startswith("wan-t2v cannot stream"), r.text
     # ... and lists the families that do, as their pipelines declare it (the multi-stage DiTs too)
     streaming = streaming_families()
-    assert {"qwen-image", "flux", "bagel", "glm-image"} <= set(streaming) and "wan-t2v" not in streaming
+    assert {"qwen-image", "qwen-image-layered", "flux", "bagel", "glm-image"} <= set(streaming) and "wan-t2v" not in streaming
     assert f"streaming: {', '.join(streaming)})" in r.json()["error"]["message"], r.text
     for body, param in [({"stream": True}, "stream"), ({"partial_images": 1}, "partial_images")]:
         r = requests.post(server.url + "/v1/videos", headers=h, json={"prompt": "x", **body})

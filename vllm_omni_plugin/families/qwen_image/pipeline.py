@@ -27,7 +27,7 @@ import torch
 
 from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
 from ...diffusion import step_cache
-from ...diffusion.interface import StepwisePipeline
+from ...diffusion.interface import StepwisePipeline, preview_latents, resize_previews
 from ...diffusion.parallel import sequence_shard
 from ...diffusion.output import DiffusionOutput
 from ...diffusion.params import PipelineDefaults, ResolvedParams
@@ -339,21 +339,36 @@ class QwenImageStepwise(StepwisePipeline):
         return [outputs[s.request_id] for s in states]
 
     def decode_latents(self, latents: torch.Tensor, params: ResolvedParams, vae: Any = None,
-                       output_type: str | None = None) -> list[Any]:
-        """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent")."""
+                       output_type: str | None = None, downscale: int = 1) -> list[Any]:
+        """Packed latents [rows, tokens, C] of `params`' size -> images (`params.output_type`, not "latent");
+        `downscale` > 1: a preview from latents pooled by it (`preview_latents`; the images are smaller)."""
         vae = vae if vae is not None else self.pipe.vae
         latents = self.pipe._unpack_latents(latents, params.height, params.width, self.pipe.vae_scale_factor)
-        image = vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
+        latents = preview_latents(self._denormalize(latents), downscale)
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
         return list(self.pipe.image_processor.postprocess(image, output_type=output_type or params.output_type))
 
-    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
-        """An x0 estimate -> PIL images, through a private copy of the VAE: Qwen-Image's causal VAE
-        keeps its feature cache in its modules during a decode, so a partial decode on the
-        engine's decode thread must not share the modules the step loop's final decodes use
-        (the copy: the VAE's weights once more, ~250 MB for the full model in bf16)."""
+    # Partial images are previews at half the resolution (`partial_downscale`): the x0 estimate's
+    # latents are average-pooled 2x2 before the VAE and the decoded image resized up to the request's
+    # size. A quarter of the pixels through the decoder (on CPU ~7x cheaper: torch's CPU conv3d is
+    # an im2col fallback, most of a decode) keeps 3 partial images within a few % of a request;
+    # `partial_downscale = 1` decodes them at full resolution. The completed image is not affected.
+    partial_downscale = 2
+
+    def _partial_decoder(self) -> Any:
+        """The VAE of the partial-decode thread: a private copy, since Qwen-Image's causal VAE keeps
+        its feature cache in its modules during a decode, so a partial decode must not share the
+        modules the step loop's final decodes use (the copy: the VAE's weights once more, ~250 MB
+        for the full model in bf16)."""
         if self._partial_vae is None:
             self._partial_vae = copy.deepcopy(self.pipe.vae)
-        return self.decode_latents(latents, params, vae=self._partial_vae, output_type="pil")
+        return self._partial_vae
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> PIL previews of the request's size (see `partial_downscale`)."""
+        images = self.decode_latents(latents, params, vae=self._partial_decoder(), output_type="pil",
+                                     downscale=self.partial_downscale)
+        return resize_previews(images, params.width, params.height)
 
     def _decode_images(self, states: list[DiffusionState]) -> list[DiffusionOutput]:
         p = states[0].params
@@ -476,6 +491,7 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
                "use_en_prompt": Knob(bool, description="Without a prompt, caption the input image in English "
                                                            "(else Chinese).")},
         background="transparent",  # RGBA layers
+        partial_images=True,  # every layer's preview (decode_partial)
     )
 
     def defaults(self) -> PipelineDefaults:
@@ -556,13 +572,26 @@ class QwenImageLayeredStepwise(QwenImageStepwise):
         p = state.params
         if p.output_type == "latent":
             return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
-        latents = self.pipe._unpack_latents(state.latents, p.height, p.width, p.layers, self.pipe.vae_scale_factor)
+        image = self._decode_layers(state.latents, p, self.pipe.vae, p.output_type)
+        per_output = p.layers
+        layers = [list(image[i * per_output : (i + 1) * per_output]) for i in range(len(image) // per_output)]
+        return DiffusionOutput(state.request_id, "layers", p, layers=layers)
+
+    def _decode_layers(self, latents: torch.Tensor, p: ResolvedParams, vae: Any, output_type: str,
+                       downscale: int = 1) -> list[Any]:
+        """Packed latents -> each output's layers, flattened (output 0's layers in order, then
+        output 1's, as the answer's `data` lists them); `downscale`: as in `decode_latents`."""
+        latents = self.pipe._unpack_latents(latents, p.height, p.width, p.layers, self.pipe.vae_scale_factor)
         latents = self._denormalize(latents)
         b, c, f, h, w = latents.shape
         latents = latents[:, :, 1:]  # frame 0 is the composite of the input image
-        latents = latents.permute(0, 2, 1, 3, 4).reshape(-1, c, 1, h, w)
-        image = self.pipe.vae.decode(latents, return_dict=False)[0].squeeze(2)
-        image = self.pipe.image_processor.postprocess(image, output_type=p.output_type)
-        per_output = f - 1
-        layers = [list(image[i * per_output : (i + 1) * per_output]) for i in range(b)]
-        return DiffusionOutput(state.request_id, "layers", p, layers=layers)
+        latents = preview_latents(latents.permute(0, 2, 1, 3, 4).reshape(-1, c, 1, h, w), downscale)
+        image = vae.decode(latents, return_dict=False)[0].squeeze(2)
+        return list(self.pipe.image_processor.postprocess(image, output_type=output_type))
+
+    def decode_partial(self, latents: torch.Tensor, params: ResolvedParams) -> list[Any]:
+        """An x0 estimate -> a preview of every layer (RGBA), flattened as the completed images are:
+        a layered request's partial image k is one `partial_image` event per layer, each with the
+        `index` its layer has in the completed answer (docs/server.md)."""
+        images = self._decode_layers(latents, params, self._partial_decoder(), "pil", self.partial_downscale)
+        return resize_previews(images, params.width, params.height)
