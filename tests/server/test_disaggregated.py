@@ -7,9 +7,6 @@ naming the AR server, and an AR server killed mid-request is a 503 naming its UR
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 
 import pytest
@@ -18,7 +15,8 @@ import requests
 from vllm_omni_plugin.kv import netns
 from vllm_omni_plugin.kv.nixl import nixl_available
 
-from .conftest import BAGEL_STAGE_CONFIG, BODY_LIMIT, start_server
+from .conftest import BAGEL_STAGE_CONFIG, BODY_LIMIT
+from .two_hosts import ar_and_dit, killed_mid_request
 
 if netns.usable() is not None or nixl_available() is not None:
     pytest.skip(netns.usable() or nixl_available(), allow_module_level=True)
@@ -42,20 +40,8 @@ def stages(checkpoint, tmp_path_factory):
     """(the AR server over there, the DiT server here, the veth hosts)."""
     workdir = tmp_path_factory.mktemp("disaggregated")
     model = checkpoint("bagel")
-    with netns.veth_host("omni-stages") as (there, here):
-        ar = start_server("bagel", model, workdir, [*_flags(workdir), "--omni-stage", "ar"], host=there,
-                          env=there.env())
-        try:
-            dit = start_server("bagel", model, workdir, [*_flags(workdir), "--omni-stage", "dit", "--omni-ar-url",
-                                                         ar.url], env=here.env())
-            try:
-                yield ar, dit, there
-            finally:
-                dit.stop()
-        finally:
-            if ar.proc.poll() is None:
-                os.killpg(ar.proc.pid, signal.SIGINT)
-                ar.stop()
+    with ar_and_dit("bagel", model, workdir, _flags(workdir), "omni-stages") as stages:
+        yield stages
 
 
 def _b64(server, req: dict) -> str:
@@ -92,20 +78,7 @@ def test_images_equal_colocated_byte_for_byte_and_each_context_is_acked(stages, 
 
 def test_an_ar_server_killed_mid_request_is_a_503_naming_it(stages):
     ar, dit, _ = stages
-    os.kill(ar.proc.pid, signal.SIGSTOP)  # the AR server takes the request and answers nothing
-    got: dict = {}
-
-    def ask():
-        got["r"] = requests.post(dit.url + "/v1/images/generations", headers=dit.headers(), timeout=120,
-                                 json={"model": "tiny-bagel", "prompt": "a cat", "size": "64x64", "seed": 1})
-
-    asking = threading.Thread(target=ask)
-    asking.start()
-    time.sleep(2)
-    os.killpg(ar.proc.pid, signal.SIGKILL)  # dies mid-request, its engine with it
-    asking.join(60)
-    assert not asking.is_alive(), "the DiT server hung on a dead AR server"
-    r = got["r"]
+    r = killed_mid_request(ar, dit, {"model": "tiny-bagel", "prompt": "a cat", "size": "64x64", "seed": 1})
     assert r.status_code == 503 and ar.url in r.json()["error"]["message"], r.text
     again = requests.post(dit.url + "/v1/images/generations", headers=dit.headers(), timeout=60,
                           json={"model": "tiny-bagel", "prompt": "a cat", "size": "64x64", "seed": 1})
