@@ -14,7 +14,15 @@ report. Here that call is
                                notification frees the producer's buffer (else its lease)
 
 and the report handed back says "pulled", holding the TransferredKV the colocated path
-reads from its store. With several AR servers each request goes to the least loaded one
+reads from its store. A hand-over that asks for no KV -- the AR's generated tokens are what
+the DiT takes (GLM-Image's prior tokens, connector `inline`) -- is instead
+
+    POST {AR}/inference/v1/generate   vLLM's own tokens-in/tokens-out route: the prompt's
+                               token ids, its source images as PNG data URLs (content_parts),
+                               the SamplingParams' set fields (seed included)
+    <- choices[0].token_ids    handed back as `.outputs[0].token_ids`, as vLLM's RequestOutput
+
+so the AR server builds the same engine request the colocated engine client gets. With several AR servers each request goes to the least loaded one
 (vLLM's GET /load) that answers. Each AR server is checked once, on its first request,
 to serve the same checkpoint (GET /omni/stage: the AR stage's fingerprint). Every
 failure (unreachable, died mid-request, lease expired, NIXL READ failed, model mismatch)
@@ -38,6 +46,32 @@ logger = logging.getLogger("vllm.omni_plugin.orchestrator")
 
 #: the AR server's route telling what it serves (server/plugin.py, `--omni-stage ar`)
 STAGE_ROUTE = "/omni/stage"
+
+
+#: vLLM's tokens-in/tokens-out route (`--enable-scale-out`, which `--omni-stage ar` sets for an inline hand-over)
+TOKENS_ROUTE = "/inference/v1/generate"
+
+
+def sampling_fields(params: Any) -> dict[str, Any]:
+    """vLLM SamplingParams as the JSON its /inference/v1/generate parses back: the public fields
+    that differ from SamplingParams()'s, so the AR server builds the same object."""
+    import msgspec
+    from vllm import SamplingParams as VllmSamplingParams
+
+    default = VllmSamplingParams()
+    return {name: msgspec.to_builtins(getattr(params, name)) for name in params.__struct_fields__
+            if not name.startswith("_") and name not in ("extra_args", "output_kind")
+            and getattr(params, name) != getattr(default, name)}
+
+
+def png_data_url(image: Any) -> str:
+    """A PIL image as a `data:image/png;base64,` URL (lossless)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def checkpoint_fingerprint(directory: str | Path) -> str:
@@ -66,6 +100,8 @@ class RemoteAR:
         self.fingerprint = checkpoint_fingerprint(ar_model_dir)
         #: the AR model's dtype as an AR server reports it (GET /omni/stage); None until one answered
         self.dtype: str | None = None
+        #: the AR servers' max_model_len as they report it (GET /omni/stage); None until one answered
+        self.max_model_len: int | None = None
         self.timeout_s = timeout_s
         self._served: dict[str, str] = {}  # AR URL -> the model name its /v1/completions takes (checked)
         self._client: Any = None
@@ -114,6 +150,8 @@ class RemoteAR:
         self._served[url] = info["served_model_name"]
         if info.get("dtype"):
             self.dtype = info["dtype"]
+        if info.get("max_model_len"):  # the smallest of the AR servers checked: what every one holds
+            self.max_model_len = min(self.max_model_len or info["max_model_len"], info["max_model_len"])
         return self._served[url]
 
     async def check_at_start(self) -> None:
@@ -129,41 +167,72 @@ class RemoteAR:
                 logger.warning("omni: AR server %s not reachable at start-up (%s); checked on its first request",
                                url, type(e).__name__)
 
-    async def generate(self, prompt: Any, params: Any, request_id: str):
-        """The AR prefill of one hand-over on an AR server; yields one output with the pulled KV.
-
-        Token ids go to vLLM's /v1/completions; a prompt with image inputs to the AR server's
-        PREFILL_ROUTE (ar_wire.py), which gives its engine client the same prompt dict.
+    async def _post(self, url: str, path: str, body: dict[str, Any], request_id: str, *,
+                    input_errors: bool = False) -> dict[str, Any]:
+        """POST `body` to the AR server `url` (checked first, its model name put in); its JSON answer.
 
         Raises:
-            ValueError: the AR server refused the prompt itself (HTTP 400 from PREFILL_ROUTE).
+            ValueError: with `input_errors`, a 400: the AR server refused the request's input itself
+                (the caller answers 400 too).
             StageUnavailable: any other failure, naming the AR server.
         """
         import httpx
 
+        try:
+            body = {"model": await self._check(url), **body}
+            reply = await self.client.post(f"{url}{path}", json=body)
+        except httpx.HTTPError as e:
+            raise StageUnavailable(f"the AR server {url} did not answer request {request_id}: "
+                                   f"{type(e).__name__}: {e}") from e
+        if reply.status_code == 400 and input_errors:
+            raise ValueError(f"the AR server {url} refused request {request_id}: {_message(reply)}")
+        if reply.status_code != 200:
+            raise StageUnavailable(f"the AR server {url} refused request {request_id} "
+                                   f"(HTTP {reply.status_code}): {_message(reply)}")
+        return reply.json()
+
+    async def generate(self, prompt: Any, params: Any, request_id: str):
+        """One AR request of a hand-over on an AR server: yields one output, holding the pulled KV
+        (a hand-over that asks for the KV) or the generated token ids (one that does not).
+
+        KV hand-overs: token ids go to vLLM's /v1/completions; a prompt with image inputs to the AR
+        server's PREFILL_ROUTE (ar_wire.py), which gives its engine client the same prompt dict.
+        """
+        if "kv_transfer_params" not in (params.extra_args or {}):  # the AR's generated tokens are the hand-over
+            yield await self._generate_tokens(prompt, params, request_id)
+            return
         sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature,
                     "kv_transfer_params": (params.extra_args or {}).get("kv_transfer_params")}
-        if set(prompt) == {"prompt_token_ids"}:
+        if isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
             route, body = "/v1/completions", {"prompt": list(prompt["prompt_token_ids"]), **sampling}
         else:
             route, body = PREFILL_ROUTE, {**await asyncio.to_thread(encode_prompt, prompt), "sampling": sampling}
         body["request_id"] = request_id
         url = await self.pick()
-        try:
-            body["model"] = await self._check(url)
-            reply = await self.client.post(f"{url}{route}", json=body)
-        except httpx.HTTPError as e:
-            raise StageUnavailable(f"the AR server {url} did not answer request {request_id}: "
-                                   f"{type(e).__name__}: {e}") from e
-        if reply.status_code == 400 and route == PREFILL_ROUTE:
-            raise ValueError(f"the AR server {url} refused request {request_id}: {_message(reply)}")
-        if reply.status_code != 200:
-            raise StageUnavailable(f"the AR server {url} refused request {request_id} "
-                                   f"(HTTP {reply.status_code}): {_message(reply)}")
-        report = ((reply.json().get("kv_transfer_params") or {}).get("omni_kv")) or {}
+        reply = await self._post(url, route, body, request_id, input_errors=route == PREFILL_ROUTE)
+        report = ((reply.get("kv_transfer_params") or {}).get("omni_kv")) or {}
         if report.get("status") != "published":
             raise StageUnavailable(f"the AR server {url} published no KV for request {request_id}: {report}")
         yield SimpleNamespace(kv_transfer_params={"omni_kv": await self._pull(url, report)})
+
+    async def _generate_tokens(self, prompt: Any, params: Any, request_id: str) -> Any:
+        """The AR request on vLLM's tokens-in/tokens-out route (`/inference/v1/generate`): the same
+        token ids, source images and SamplingParams the colocated engine client gets; an output
+        shaped like vLLM's RequestOutput (`.outputs[0].token_ids`)."""
+        if not isinstance(prompt, dict) or not set(prompt) <= {"prompt_token_ids", "multi_modal_data"} \
+                or not set(prompt.get("multi_modal_data") or {}) <= {"image"}:
+            raise StageUnavailable(f"this DiT server (--omni-stage dit) hands over token-id prompts with images, "
+                                   f"not {sorted(prompt) if isinstance(prompt, dict) else type(prompt).__name__}")
+        url = await self.pick()
+        body: dict[str, Any] = {"request_id": request_id, "token_ids": list(prompt["prompt_token_ids"]),
+                                "sampling_params": sampling_fields(params), "output_mode": "tokens"}
+        images = (prompt.get("multi_modal_data") or {}).get("image") or []
+        if images:  # each one a lossless PNG data URL, decoded to the same pixels by vLLM's media loader
+            body["content_parts"] = [{"type": "image_url", "url": png_data_url(image)} for image in images]
+        reply = await self._post(url, TOKENS_ROUTE, body, request_id)
+        choice = reply["choices"][0]
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(choice["token_ids"]),
+                                                        finish_reason=choice.get("finish_reason"))])
 
     async def _pull(self, url: str, report: dict[str, Any]) -> dict[str, Any]:
         from ..kv.nixl import NixlTransferError, pull_transferred

@@ -232,6 +232,13 @@ class StageOrchestrator(ABC):
         return {self.ar.id: ar, self.dit.id: self.pipeline.dtype_name}
 
     @property
+    def ar_max_model_len(self) -> int | None:
+        """The AR stage's max_model_len: its engine's, or what the AR servers on other hosts report
+        (orchestrator/remote.py; None before one answered: the AR server then checks it)."""
+        config = getattr(self.llm, "model_config", None)
+        return config.max_model_len if config is not None else getattr(self.llm, "max_model_len", None)
+
+    @property
     def ar_model(self) -> str:
         return ar_model_path(self.model, self.ar)
 

@@ -1,10 +1,11 @@
 """`vllm serve MODEL --omni --omni-stage ar`: what the omni plugin adds to vLLM's server of the AR stage alone.
 
 vLLM's routes answer everything (text as in plain `vllm serve`; a DiT server's hand-overs
-are /v1/completions requests with kv_transfer_params). Added here:
+are /v1/completions requests with kv_transfer_params, or, where the AR's generated tokens are
+the hand-over, vLLM's /inference/v1/generate, on with `--enable-scale-out`). Added here:
 
 * GET /omni/stage: what this server is (`{"stage": "ar", "model", "served_model_name",
-  "fingerprint"}`), which a DiT server checks before its first request
+  "fingerprint", "dtype", "max_model_len"}`), which a DiT server checks before its first request
   (orchestrator/remote.py);
 * POST /v1/omni/prefill: an AR prompt with image inputs (img2img), which vLLM's
   /v1/completions cannot carry (orchestrator/ar_wire.py): the prompt dict goes to vLLM's
@@ -43,6 +44,7 @@ async def stage_info(request: Request) -> dict[str, Any]:
     vllm_config = getattr(request.app.state, "vllm_config", None)
     if vllm_config is not None:
         info["dtype"] = str(vllm_config.model_config.dtype).removeprefix("torch.")
+        info["max_model_len"] = vllm_config.model_config.max_model_len  # what a DiT server checks sizes against
     return info
 
 

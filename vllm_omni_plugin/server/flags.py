@@ -89,8 +89,9 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--omni-stage", choices=["ar", "dit"], default=None,
                        help="Multi-stage models on separate hosts (docs/server.md): `ar` serves the AR stage alone "
                        "(vLLM's OpenAI server; its KV connector publishes each image request's prompt KV over NIXL "
-                       "and returns the handle in kv_transfer_params); `dit` serves the image routes and pulls the "
-                       "KV from the AR servers of --omni-ar-url. Default: both stages in this server.")
+                       "and returns the handle in kv_transfer_params; a token hand-over, GLM-Image's, is answered on vLLM's "
+                       "/inference/v1/generate); `dit` serves the image routes and pulls the KV (or the tokens) from "
+                       "the AR servers of --omni-ar-url. Default: both stages in this server.")
     group.add_argument("--omni-ar-url", default=None,
                        help="--omni-stage dit: the AR servers, comma-separated (http://HOST:PORT,...); each request "
                        "goes to the least loaded (vLLM's /load) that answers.")

@@ -38,6 +38,10 @@ _GENERATION_CONFIG_KEYS = {"repetition_penalty": "repetition_penalty", "presence
                            "frequency_penalty": "frequency_penalty", "temperature": "temperature",
                            "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_tokens": "max_new_tokens"}
 
+# The AR stage's connectors that `--omni-stage` splits across hosts (orchestrator/remote.py): omni_kv
+# (the prompt KV over NIXL) and inline (the AR's generated tokens, in vLLM's HTTP answer).
+_CROSSES_HOSTS = ("omni_kv", "inline")
+
 
 def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[str, Any]:
     """The serve args that make vLLM's engine client the AR stage.
@@ -69,11 +73,14 @@ def ar_stage_args(args: argparse.Namespace, config: OmniServerConfig) -> dict[st
     generation = {_GENERATION_CONFIG_KEYS[k]: v for k, v in defaults.items() if k in _GENERATION_CONFIG_KEYS}
     explicit = config.ar_engine_args.get("override_generation_config") or {}
     out["override_generation_config"] = {**generation, **explicit}
-    if getattr(args, "omni_stage", None) == "ar":  # the AR stage alone: its KV leaves over NIXL
-        kv = dict(out["kv_transfer_config"])
-        kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transport": "nixl",
-                                           "lease_s": float(args.omni_kv_lease)}
-        out["kv_transfer_config"] = kv
+    if getattr(args, "omni_stage", None) == "ar":  # the AR stage alone
+        if stage.connector == "omni_kv":  # its KV leaves over NIXL
+            kv = dict(out["kv_transfer_config"])
+            kv["kv_connector_extra_config"] = {**kv["kv_connector_extra_config"], "transport": "nixl",
+                                               "lease_s": float(args.omni_kv_lease)}
+            out["kv_transfer_config"] = kv
+        else:  # its generated tokens are the hand-over: vLLM's tokens-in/tokens-out route, /inference/v1/generate
+            out["enable_scale_out"] = True
         out["enable_server_load_tracking"] = True  # vLLM's /load: what a DiT server balances on
     return out
 
@@ -84,10 +91,10 @@ async def run_server(args: argparse.Namespace) -> None:
     stage = getattr(args, "omni_stage", None)
     if stage is not None and not config.multi_stage:
         raise ConfigError(f"--omni-stage {stage}: {config.model} has one stage; serve it without --omni-stage")
-    if stage is not None and stage_pair(config.stage_config)[0].connector != "omni_kv":
+    if stage is not None and stage_pair(config.stage_config)[0].connector not in _CROSSES_HOSTS:
         raise ConfigError(f"--omni-stage {stage}: the stages of {config.stage_config.name} hand over through "
-                          f"{stage_pair(config.stage_config)[0].connector!r}, not the KV connector (omni_kv) that "
-                          "crosses hosts; serve it colocated, without --omni-stage")
+                          f"{stage_pair(config.stage_config)[0].connector!r}, not a connector that crosses hosts "
+                          f"({', '.join(_CROSSES_HOSTS)}); serve it colocated, without --omni-stage")
     if stage == "ar" and args.omni_ar_url:
         raise ConfigError("--omni-ar-url is a flag of --omni-stage dit (the AR servers it asks)")
     if stage == "dit":

@@ -69,8 +69,8 @@ class GlmImageOrchestrator(StageOrchestrator):
         prompt, grids = self.ar_prompt(resolved)
         needed = decode_tokens(grids.decode_grids)
         # The AR stage must hold the whole grid; vLLM would stop at max_model_len with a short grid.
-        limit = self.llm.model_config.max_model_len
-        if len(prompt["prompt_token_ids"]) + needed > limit:
+        limit = self.ar_max_model_len
+        if limit is not None and len(prompt["prompt_token_ids"]) + needed > limit:
             raise RequestError(
                 f"{resolved.width}x{resolved.height} needs {needed} generated image tokens after a prompt of "
                 f"~{len(prompt['prompt_token_ids'])}; the AR stage holds {limit} (its max_model_len): ask for a "
