@@ -45,11 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.acceleration import DitOptions, apply_dit_options
-from ..diffusion.engine import DiffusionEngine, EngineConfig
+from ..diffusion.acceleration import DitOptions
+from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
+from ..diffusion.workers import LoaderBuilder
+from ..engine.client import EngineCoreClient
+from ..engine.spec import EngineSpec, PipelineInfo
 from .ar_memory import fit_ar_engine_args, platform_name
 from .stage_dtype import ar_dtype, dtype_name, model_dtype
 from ..engine.handles import PartialFn
@@ -183,9 +186,14 @@ class StageOrchestrator(ABC):
     #: True: the AR stage also answers text requests (its default_sampling_params apply)
     answers_text: bool = True
 
+    #: the DiT stage's loader, "module:function" called as (model, dtype=, device=, **pipeline_kwargs)
+    #: in the process that runs the stage (diffusion.workers.LoaderBuilder)
+    pipeline_loader: str = ""
+    pipeline_kwargs: dict[str, Any] = {}
+
     def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
                  dtype: Any = None, device: Any = None, max_queue: int = 64, *, llm: Any = None,
-                 owns_llm: bool = False) -> None:
+                 owns_llm: bool = False, engine_process: bool = False) -> None:
         self.model = model
         self.config = config
         self.ar, self.dit = stage_pair(config)
@@ -203,13 +211,27 @@ class StageOrchestrator(ABC):
         # the dtype each stage runs in (stage_dtype.py); `stage_dtypes` reports them as loaded
         dit_dtype = model_dtype(dtype, config.dtype, torch.device(device).type)
         self.llm = llm
-        self.pipeline = self.load_pipeline(model, dtype=dit_dtype, device=device)
-        options = DitOptions.from_dict(self.dit.dit_options)
-        if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
-            apply_dit_options(self.pipeline, options)
-        self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
-                                      stage_defaults=self.dit.default_sampling_params or None)
-        self.loop = EngineLoop(self.engine, max_queue)
+        # The DiT stage's engine: what it builds crosses to its process by value (engine/spec.py); the
+        # stage config's dit_options (compile, cfg_batch) are applied by the pipeline where it loads.
+        spec = EngineSpec(LoaderBuilder(self.pipeline_loader, model, dit_dtype, dict(self.pipeline_kwargs)),
+                          device=str(device), options=DitOptions.from_dict(self.dit.dit_options),
+                          engine_config=EngineConfig(max_running=self.dit.max_batch_size),
+                          stage_defaults=self.dit.default_sampling_params or None, stage=self.dit.id)
+        #: True: the DiT stage runs in its own process behind `EngineCoreClient` (the server's);
+        #: False: on a thread of this one (`EngineLoop`; offline `Omni`'s default, notebooks)
+        self.engine_process = engine_process
+        if engine_process:
+            self.client: EngineCoreClient | EngineLoop = EngineCoreClient(spec, max_queue)
+            self.client.start()  # blocking: until the DiT stage's process has loaded its pipeline
+            #: the stage's pipeline and engine (None when they live in the stage's process)
+            self.pipeline = self.engine = None
+            self.info = self.client.info
+        else:
+            self.engine = spec.launch()
+            self.pipeline = self.engine.pipeline
+            self.client = EngineLoop(self.engine, max_queue)
+            #: what callers read about the DiT stage's pipeline wherever it runs (family, declaration, dtype)
+            self.info = PipelineInfo.of(self.engine)
         logger.info("omni: %s stage dtypes: %s", config.name,
                     ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
         self._owns_llm = owns_llm
@@ -229,7 +251,7 @@ class StageOrchestrator(ABC):
             ar = dtype_name(self.llm.vllm_config.model_config.dtype)
         else:  # the AR stage on other hosts (orchestrator/remote.py): what they report, once one has
             ar = getattr(self.llm, "dtype", None) or "unknown (remote AR stage)"
-        return {self.ar.id: ar, self.dit.id: self.pipeline.dtype_name}
+        return {self.ar.id: ar, self.dit.id: self.info.dtype}
 
     @property
     def ar_model(self) -> str:
@@ -241,18 +263,27 @@ class StageOrchestrator(ABC):
         """Offline: start an AsyncLLM for the AR stage (stage config engine args < `ar_engine_args`)."""
         self = cls(model, config, ar_engine_args, owns_llm=True, **kwargs)
         # CPU: a KV cache that fits what is free, unless the user sized it (ar_memory.py).
-        self._ar_args = fit_ar_engine_args(self.ar_model, self._ar_args, self.ar.max_batch_size)
-        self.llm = _new_ar_engine(self.ar_model, self._ar_args, self.ar.devices)
-        self.loop.start()
+        try:
+            self._ar_args = fit_ar_engine_args(self.ar_model, self._ar_args, self.ar.max_batch_size)
+            self.llm = _new_ar_engine(self.ar_model, self._ar_args, self.ar.devices)
+        except BaseException:
+            self.client.stop()  # no DiT process left behind by an AR stage that did not start
+            raise
+        self.start()
         self._supervisor = asyncio.create_task(self._supervise_ar())
         return self
+
+    @property
+    def loop(self) -> "EngineCoreClient | EngineLoop":
+        """The DiT stage's engine client (the name from when it was always an EngineLoop)."""
+        return self.client
 
     @classmethod
     def attach(cls, model: str, config: StageConfig, llm: Any, **kwargs: Any) -> "StageOrchestrator":
         """Around an AR engine client that exists (vLLM's own server's; call inside the running event loop)."""
         check_ar_engine(config, llm.vllm_config)
         self = cls(model, config, llm=llm, owns_llm=False, **kwargs)
-        self.loop.start()
+        self.start()
         return self
 
     @classmethod
@@ -263,8 +294,8 @@ class StageOrchestrator(ABC):
 
     def start(self) -> None:
         """Start the DiT stage's engine loop if it is not running (call inside the running event loop)."""
-        if not self.loop.alive:
-            self.loop.start()
+        if isinstance(self.client, EngineLoop) and not self.client.alive:
+            self.client.start()
 
     # ---- the AR stage's health -------------------------------------------------------
     @property
@@ -273,8 +304,12 @@ class StageOrchestrator(ABC):
 
     def health(self) -> str | None:
         """None while both stages serve; otherwise what is down, for /health."""
-        if not self.loop.alive:
-            return "the DiT stage's diffusion engine is not running"
+        if isinstance(self.client, EngineCoreClient):
+            down = self.client.health()  # its process died (restarting) or could not be restarted
+            if down is not None:
+                return down
+        elif not self.client.alive:
+            return f"the {self.dit.id} stage's diffusion engine is not running"
         if self.ar_alive:
             return None
         if self.ar_status == "failed":
@@ -338,7 +373,7 @@ class StageOrchestrator(ABC):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        await asyncio.to_thread(self.loop.stop)
+        await asyncio.to_thread(self.client.stop)
         llm, self.llm = self.llm, None
         if llm is not None and self._owns_llm:
             llm.shutdown()
@@ -351,9 +386,11 @@ class StageOrchestrator(ABC):
         return f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
 
     # ---- the family's part -----------------------------------------------------------
-    @abstractmethod
-    def load_pipeline(self, model: str, dtype: Any, device: Any) -> StepwisePipeline:
-        """The diffusion stage's pipeline; it requires its stage input (`stage_input_required`)."""
+    @classmethod
+    def load_pipeline(cls, model: str, dtype: Any, device: Any) -> StepwisePipeline:
+        """The diffusion stage's pipeline (`pipeline_loader`), here; it requires its stage input
+        (`stage_input_required`). The stage itself loads it where it runs (`LoaderBuilder`)."""
+        return LoaderBuilder(cls.pipeline_loader, model, dtype, dict(cls.pipeline_kwargs))(device)
 
     @abstractmethod
     async def hand_over(self, resolved: ResolvedParams, request_id: str, timings: StageTimings) -> Any:
@@ -376,6 +413,10 @@ class StageOrchestrator(ABC):
 
     # ---- AR -> diffusion --------------------------------------------------------------
     def resolve(self, params: SamplingParams) -> ResolvedParams:
+        """The request resolved by the DiT stage's pipeline with its stage defaults (a round trip to
+        its process when it runs in one)."""
+        if isinstance(self.client, EngineCoreClient):
+            return self.client.resolve(params)
         return self.pipeline.resolve(params, self.engine.stage_defaults)
 
     async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
@@ -391,15 +432,24 @@ class StageOrchestrator(ABC):
         stage_input = await self.hand_over(resolved, rid, timings)
         timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
         diffusion_started = time.perf_counter()
-        handle = self.loop.submit(resolved, on_progress, request_id=rid, stage_input=stage_input,
-                                  on_partial=on_partial)
         try:
-            output = await self.loop.result(handle)
-        except asyncio.CancelledError:
-            self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
+            handle = self.client.submit(resolved, on_progress, request_id=rid, stage_input=stage_input,
+                                        on_partial=on_partial)
+            try:
+                output = await self.client.result(handle)
+            except asyncio.CancelledError:
+                self.client.abort(rid)  # the caller went away: free the DiT work at the next step
+                raise
+        except BaseException:
+            # what the hand-over left in a store for the DiT stage and it never read (refused,
+            # aborted, its process died): freed here (a no-op for what it read)
+            discard = getattr(stage_input, "discard", None)
+            if discard is not None:
+                discard()
             raise
         timings.diffusion = time.perf_counter() - diffusion_started
         timings.decode = output.timings.get("decode", 0.0)
+        timings.transfer += output.timings.get("context_load", 0.0)  # the DiT stage's read of the hand-over
         output.dtypes = self.stage_dtypes
         timings.total = time.perf_counter() - started
         logger.info("omni request %s: %s", rid, timings.summary())
