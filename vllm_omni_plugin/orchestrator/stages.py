@@ -3,14 +3,18 @@
 The stage config is the topology (stage_config.py): the `llm` stage is a
 vLLM engine built from its engine_args (with the overlay for this platform,
 on the checkpoint's `subfolder`, with its `tokenizer_subfolder`), wired to the
-next stage by its `connector`; the final `diffusion` stage is the diffusion
-engine behind an `EngineLoop` holding at most `max_batch_size` requests; its
+next stage by its `connector`; the final `diffusion` stage is a diffusion
+engine running at most `max_batch_size` requests, in its own process behind
+`EngineCoreClient` (`engine_process=True`: the server's) or on a thread behind
+`EngineLoop` (offline `Omni`'s default), the same calls either way; its
 `input_processor` names the registered family code that turns the AR stage's
 output into the diffusion stage's input (`Family.input_processor`). A family
 supplies exactly that code, as a subclass of `StageOrchestrator` implementing
 
-    load_pipeline(model, dtype, device)        its diffusion stage (one that needs
-                                               its stage input: `stage_input_required`)
+    pipeline_loader, pipeline_kwargs           its diffusion stage's loader, "module:function"
+                                               (one that needs its stage input:
+                                               `stage_input_required`), called where
+                                               the stage runs
     hand_over(resolved, request_id, timings)   run the AR stage for one request and
                                                return the diffusion stage's typed input
                                                (the pipeline's `stage_input_type`), which

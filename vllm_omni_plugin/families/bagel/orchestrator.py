@@ -1,10 +1,12 @@
-"""BAGEL's two stages in one process: the AR stage on vLLM's AsyncLLM, the DiT stage inline.
+"""BAGEL's two stages: the AR stage on vLLM's AsyncLLM, the DiT stage behind its engine client.
 
     text2text / img2text   the AR stage answers; nothing else runs
     text2img               AR prefills the prompt context ([<|im_start|>] prompt
                            [<|im_end|>]) with the OmniKVConnector asking for its KV;
-                           the transfer (K/V per layer + keyed metadata) becomes the
-                           `cond` branch of a BagelContext; the text-CFG branch is
+                           the transfer (K/V per layer + keyed metadata, in the KV
+                           store) becomes the `cond` branch of a BagelContext as a
+                           `BranchRef` (the DiT stage reads it where it runs: its
+                           own process, through the store's shm / CUDA IPC); the text-CFG branch is
                            BAGEL's empty context, or a second AR prefill of the
                            negative prompt; the context is the DiT stage's typed
                            input, submitted with the request
