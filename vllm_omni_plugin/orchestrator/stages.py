@@ -432,6 +432,8 @@ class StageOrchestrator(ABC):
         started = time.perf_counter()
         resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
         rid = request_id or self.new_id(f"{self.config.name}-image")
+        if not self.client.alive:  # the DiT stage is down (its process restarting): no AR work for nothing
+            raise StageUnavailable(self.health() or f"the {self.dit.id} stage is not running")
         ar_started = time.perf_counter()
         stage_input = await self.hand_over(resolved, rid, timings)
         timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
