@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from vllm_omni_plugin.kv.store import KVTransferStore, TransferredKV, take_file
+from vllm_omni_plugin.engine import codec
+from vllm_omni_plugin.kv.store import KVHandle, KVTransferStore, TransferredKV, peek_file, peek_transferred, take_file
 
 
 def _item(rid: str, device: str = "cpu", **metadata) -> TransferredKV:
@@ -35,6 +36,27 @@ def test_a_file_is_taken_by_its_own_request_only(tmp_path):
     path = store.put(_item("req-a"))
     with pytest.raises(KeyError, match="holds request 'req-a', not 'req-b'"):
         take_file(path, "req-b")
+
+
+def test_a_peeked_transfer_stays_in_the_store_until_its_handle_is_taken(tmp_path):
+    """What crosses to the DiT stage's process: the handle (header facts), never the tensors."""
+    store = KVTransferStore(tmp_path)
+    item = _item("req-a", latent_position=5, num_tokens=7)
+    path = store.put(item)
+    report = {"omni_kv": {"status": "saved", "path": str(path), "request_id": "req-a"}}
+    handle = peek_transferred(report)
+    assert isinstance(handle, KVHandle) and path.exists()
+    assert (handle.num_layers, handle.num_tokens, handle.nbytes) == (3, 7, 2 * 3 * 7 * 2 * 64 * 4)
+    assert handle.metadata["latent_position"] == 5
+    frames = codec.encode(handle)
+    assert len(frames) == 1 and len(frames[0]) < 1000  # a few hundred bytes, whatever the context's size
+    got = codec.decode(frames).take()
+    assert not path.exists() and all(torch.equal(a, b) for a, b in zip(got.keys + got.values, item.keys + item.values))
+    handle.discard()  # a no-op once taken
+    with pytest.raises(KeyError, match="holds request 'req-b', not 'req-a'"):
+        peek_file(store.put(_item("req-b")), "req-a")
+    pulled = {"omni_kv": {"status": "pulled", "transferred": item}}  # from another host: in memory already
+    assert peek_transferred(pulled) is item
 
 
 def test_transport_choices_are_checked(tmp_path):

@@ -71,7 +71,7 @@ class Omni:
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     engine_process  False (default): the engine runs in this process; True: in its own
-                    process, as under `vllm serve --omni` (diffusion-only models)
+                    process, as under `vllm serve --omni` (a multi-stage model's DiT stage too)
     loras           {name: path} LoRA adapters to serve (docs/server.md "LoRA adapters"); given
                     (even {}), requests may name adapters in `SamplingParams(lora=[(name, scale)])`
                     and `load_lora` adds more; the caller's paths are trusted
@@ -122,7 +122,7 @@ class Omni:
                                  f"the multi-stage model {model}")
             if options.compile is not None:  # its diffusion stage applies it (StageOrchestrator)
                 config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
-            # Multi-stage: AR stage on vLLM, DiT stage inline; the same
+            # Multi-stage: AR stage on vLLM, DiT stage on a thread (or in its process); the same
             # orchestrator the server awaits, run on a private event loop.
             from .orchestrator import orchestrator_for
             from .orchestrator.offline import BackgroundLoop
@@ -131,10 +131,12 @@ class Omni:
             self._background = BackgroundLoop()
             try:
                 self._stages = self._background.run(orchestrator_cls.create(
-                    model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device))
+                    model, config, ar_engine_args=dict(ar_engine_args or {}), dtype=dtype, device=device,
+                    engine_process=engine_process))
             except BaseException:
                 self._background.close()  # no thread left behind by a start-up that failed
                 raise
+            # (None with engine_process=True: the DiT stage's pipeline lives in its process)
             self.pipeline, self.engine = self._stages.pipeline, self._stages.engine
             _at_main_thread_exit(functools.partial(_shutdown_at_exit, weakref.ref(self)))
             return
@@ -181,7 +183,7 @@ class Omni:
     def capabilities(self) -> Any:
         """What the loaded model makes, takes and reads (its family's `Capabilities`)."""
         if self._stages is not None:
-            return self.pipeline.capabilities
+            return self._stages.info.capabilities
         return self.client.info.capabilities
 
     def generate_text(self, prompts: Any, sampling_params: Any = None) -> list[Any]:

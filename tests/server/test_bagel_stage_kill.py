@@ -1,4 +1,9 @@
-"""Stages fail alone: the BAGEL AR stage's engine process killed mid-request.
+"""Stages fail alone: the BAGEL DiT stage's and AR stage's engine processes killed mid-request.
+
+The DiT stage runs in its own engine process behind the engine client (engine/client.py), as a
+diffusion-only model's engine does: killed mid-request, that request ends with a 503 naming the
+stage, /health and /metrics show it down, the client restarts it and the next request is served
+with the same pixels as before the crash.
 
 On `vllm serve --omni` the AR engine is the engine client of vLLM's own API
 server, so vLLM's rules apply to it: the text request it was serving fails with
@@ -20,6 +25,9 @@ import time
 import psutil
 import pytest
 import requests
+
+from .conftest import first_image_md5
+from .test_engine_process import engine_pids, kill_engine_mid_request, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -61,6 +69,36 @@ def kill_mid_request(server) -> requests.Response:
         assert not running.done(), running.result().text
         core.send_signal(signal.SIGKILL)
         return running.result(timeout=60)
+
+
+def test_dit_engine_process_killed_mid_request_is_a_503_naming_the_stage_then_restarted(omni_server):
+    server = omni_server("bagel")  # (the BAGEL server tests' own)
+    (pid,) = engine_pids(server)
+    assert f"dit stage engine process pid {pid} is ready" in server.log.read_text()
+    client = server.client()
+    probe = dict(prompt="a lighthouse", size="32x32", extra_body={"seed": 11})
+    before_md5 = first_image_md5(client.images.generate(**probe))
+    before = server.metrics()
+    # 8 images with text CFG, 200 steps: running for a long while
+    slow = {"prompt": "slow", "num_inference_steps": 200, "n": 8, "negative_prompt": "fast", "seed": 1}
+    r = kill_engine_mid_request(server, pid, lambda: requests.post(
+        server.url + "/v1/images/generations", headers=server.headers(), timeout=120, json=slow))["result"]
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == 503 and err["type"] == "ServiceUnavailableError", err
+    assert "dit stage's engine process died" in err["message"] and str(pid) in err["message"], err
+
+    health = requests.get(server.url + "/health", timeout=10)
+    if health.status_code == 503:  # (unless the restart already finished)
+        assert "dit stage" in health.json()["error"]["message"] and server.metrics()["omni_engine_alive"] == 0
+    wait_for(lambda: requests.get(server.url + "/health", timeout=10).status_code == 200, 240, "the restart")
+    m = server.metrics()
+    assert m["omni_engine_alive"] == 1 and m["omni_engine_restarts"] == before["omni_engine_restarts"] + 1
+    assert m["omni_engine_requests_failed"] == before["omni_engine_requests_failed"] + 1
+    (new_pid,) = engine_pids(server)
+    assert new_pid != pid
+    assert first_image_md5(client.images.generate(**probe)) == before_md5  # served again, the same pixels
+    assert server.metrics()["omni_engine_requests_in_flight"] == 0
 
 
 def test_ar_engine_killed_mid_request_fails_that_request_and_the_stage_reports_it(omni_server):

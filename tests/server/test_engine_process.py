@@ -45,6 +45,26 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def kill_engine_mid_request(server, pid: int, request) -> dict:
+    """Run `request()` on a thread, SIGKILL engine process `pid` once the request runs in it, and
+    return what the request ended with: {"result": ...} or {"error": the exception}."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = request()
+        except Exception as e:  # noqa: BLE001 -- the caller asserts on it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for(lambda: server.metrics()["omni_engine_requests_running"] >= 1, 60, "the request to run")
+    os.kill(pid, signal.SIGKILL)
+    worker.join(90)
+    assert not worker.is_alive(), "the request in the killed engine did not end"
+    return outcome
+
+
 def test_engine_runs_in_its_own_process(omni_server):
     server = omni_server("qwen-image")
     (pid,) = engine_pids(server)
@@ -67,22 +87,11 @@ def test_killed_engine_is_a_503_naming_the_stage_then_restarted(omni_server):
     (pid,) = engine_pids(server)
     restarts = server.metrics()["omni_engine_restarts"]
 
-    failed: dict = {}
-
-    def slow_request():
-        try:
-            client.images.generate(prompt="a long one", extra_body={"seed": 1, "num_inference_steps": 200})
-        except openai.APIStatusError as e:
-            failed["error"] = e
-
-    worker = threading.Thread(target=slow_request)
-    worker.start()
-    wait_for(lambda: server.metrics()["omni_engine_requests_running"] >= 1, 60, "the request to run")
-    os.kill(pid, signal.SIGKILL)
-    worker.join(60)
-    assert not worker.is_alive(), "the request in the killed engine did not end"
+    failed = kill_engine_mid_request(server, pid, lambda: client.images.generate(
+        prompt="a long one", extra_body={"seed": 1, "num_inference_steps": 200}))
 
     err = failed["error"]
+    assert isinstance(err, openai.APIStatusError), err
     body = err.response.json()["error"]
     assert err.status_code == 503 and body["code"] == 503 and body["type"] == "ServiceUnavailableError"
     assert "diffusion stage's engine process died" in body["message"] and str(pid) in body["message"]

@@ -8,6 +8,11 @@ exactly one function per hand-over (the family orchestrator's `hand_over`).
 There is no side store to put it in and nothing to look up later, so an
 input cannot wait for a request that never comes nor serve another request.
 
+An input may leave its bulk where the stage before put it (BAGEL's context:
+references to the KV store's shared-memory files, read by the DiT stage where
+it runs) and then has `discard()`, which the orchestrator calls for a request
+that ended before the stage read it.
+
 `check_stage_input` is the one check, run when the request is added: a
 missing, mistyped or mis-keyed input is a `StageInputError` naming the stage
 and the request. It is our bug, never the client's (a 500, not a 400).

@@ -45,6 +45,24 @@ class PipelineBuilder:
         return load_pipeline(self.path, dtype=self.dtype, device=device, **dict(self.kwargs or {}))
 
 
+@dataclass(frozen=True)
+class LoaderBuilder:
+    """Picklable `build(device)` of a family's own loader (a multi-stage family's DiT stage):
+    `loader(path, dtype=dtype, device=device, **kwargs)`, `loader` named "module:function"."""
+
+    loader: str
+    path: str
+    dtype: Any = None
+    kwargs: Mapping[str, Any] | None = None
+
+    def __call__(self, device: torch.device) -> Any:
+        import importlib
+
+        module, _, name = self.loader.partition(":")
+        return getattr(importlib.import_module(module), name)(self.path, dtype=self.dtype, device=device,
+                                                              **dict(self.kwargs or {}))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -120,6 +120,9 @@ class KVTransferStore:
             buffer = torch.stack([torch.stack(item.keys), torch.stack(item.values)])
             _, args = reduce_tensor(buffer)
             header[_IPC_KEY] = base64.b64encode(pickle.dumps(args)).decode()
+            # what a reader may know before it opens the buffer (`peek_file`)
+            header["kv_shape"] = json.dumps(list(buffer.shape))
+            header["kv_dtype"] = str(buffer.dtype).removeprefix("torch.")
             final = self._write({}, header, item.request_id)
             self._shared[final] = (buffer, time.monotonic())
             return final
@@ -167,8 +170,9 @@ class KVTransferStore:
         return len(list(self.root.glob("*.safetensors"))) if self.root.is_dir() else 0
 
 
-def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
-    path = Path(path)
+def _read_header(path: Path, request_id: str | None) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """(a transfer file's header, the request id it holds, the producer's metadata); KeyError if it
+    holds another request than `request_id`."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -179,6 +183,12 @@ def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
     metadata = json.loads(header.get("metadata", "{}"))
     if "save_started_unix" in metadata:  # the producer's gather + write, ended when the file was renamed in
         metadata["save_seconds"] = max(0.0, path.stat().st_mtime - metadata["save_started_unix"])
+    return header, stored_id, metadata
+
+
+def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
+    path = Path(path)
+    header, stored_id, metadata = _read_header(path, request_id)
     if _IPC_KEY in header:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
@@ -199,15 +209,85 @@ def take_file(path: str | Path, request_id: str | None = None) -> TransferredKV:
     )
 
 
+@dataclass(frozen=True)
+class KVHandle:
+    """A request's transfer in the store, not read yet: what crosses to the process that reads it.
+
+    The AR stage's file (shared memory under /dev/shm, or the CUDA IPC handle of its GPU buffer)
+    stays where the producer wrote it; the handle is its path and the facts its header holds, a
+    few hundred bytes whichever the context's size. The consuming stage's process calls `take()`
+    (the one read of its tensors, the file freed as it is read); whoever gives up on the request
+    calls `discard()` (a no-op once taken).
+
+    num_layers, num_tokens, nbytes: of the K/V the file holds; metadata: the producer's (as
+    `TransferredKV.metadata`, `save_seconds` included).
+    """
+
+    path: str
+    request_id: str
+    num_layers: int
+    num_tokens: int
+    nbytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def take(self) -> TransferredKV:
+        return take_file(self.path, self.request_id)
+
+    def discard(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+def peek_file(path: str | Path, request_id: str | None = None) -> KVHandle:
+    """A `KVHandle` of a transfer file from its header alone (no tensor is read)."""
+    import math
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    header, stored_id, metadata = _read_header(path, request_id)
+    if _IPC_KEY in header:  # one GPU buffer (2, layers, tokens, kv_heads, head_dim)
+        shape = json.loads(header["kv_shape"])
+        layers, tokens = shape[1], shape[2]
+        nbytes = math.prod(shape) * _itemsize(getattr(torch, header["kv_dtype"]))
+    else:  # k.{i} / v.{i}, each (tokens, kv_heads, head_dim): their shapes from the header
+        with safe_open(path, framework="pt") as f:
+            slices = [f.get_slice(name) for name in f.keys()]
+            layers, tokens = len(slices) // 2, f.get_slice("k.0").get_shape()[0]
+            nbytes = sum(math.prod(s.get_shape()) * _itemsize(_SAFETENSORS_DTYPES[s.get_dtype()]) for s in slices)
+    return KVHandle(str(path), stored_id, layers, tokens, nbytes, metadata)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def peek_transferred(kv_transfer_params: dict[str, Any] | None) -> KVHandle | TransferredKV:
+    """As `take_transferred`, but a saved transfer stays in the store: its `KVHandle` (for the
+    stage that reads it, maybe in another process). A transfer pulled from another host is
+    already in this process's memory: that `TransferredKV` itself."""
+    report = _report(kv_transfer_params)
+    return report["transferred"] if report["status"] == "pulled" else peek_file(report["path"], report["request_id"])
+
+
 def take_transferred(kv_transfer_params: dict[str, Any] | None) -> TransferredKV:
     """The consumer's entry point: read (and free) the transfer a request output's kv_transfer_params report.
 
     The report names the engine's request id (vLLM suffixes the caller's id to
     keep it unique), which is the key the file was written under.
     """
+    report = _report(kv_transfer_params)
+    return report["transferred"] if report["status"] == "pulled" else take_file(report["path"], report["request_id"])
+
+
+def _report(kv_transfer_params: dict[str, Any] | None) -> dict[str, Any]:
+    """The connector's report in a request output's kv_transfer_params: "saved" to the store, or
+    "pulled" from another host over NIXL (`--omni-stage dit`); KeyError for anything else."""
     report = (kv_transfer_params or {}).get(PARAMS_KEY)
-    if report and report.get("status") == "pulled":  # pulled from another host over NIXL (`--omni-stage dit`)
-        return report["transferred"]
-    if not report or report.get("status") != "saved":
+    if not report or report.get("status") not in ("saved", "pulled"):
         raise KeyError(f"no saved KV transfer in kv_transfer_params={kv_transfer_params!r}")
-    return take_file(report["path"], report["request_id"])
+    return report

@@ -3,14 +3,18 @@
 The stage config is the topology (stage_config.py): the `llm` stage is a
 vLLM engine built from its engine_args (with the overlay for this platform,
 on the checkpoint's `subfolder`, with its `tokenizer_subfolder`), wired to the
-next stage by its `connector`; the final `diffusion` stage is the diffusion
-engine behind an `EngineLoop` holding at most `max_batch_size` requests; its
+next stage by its `connector`; the final `diffusion` stage is a diffusion
+engine running at most `max_batch_size` requests, in its own process behind
+`EngineCoreClient` (`engine_process=True`: the server's) or on a thread behind
+`EngineLoop` (offline `Omni`'s default), the same calls either way; its
 `input_processor` names the registered family code that turns the AR stage's
 output into the diffusion stage's input (`Family.input_processor`). A family
 supplies exactly that code, as a subclass of `StageOrchestrator` implementing
 
-    load_pipeline(model, dtype, device)        its diffusion stage (one that needs
-                                               its stage input: `stage_input_required`)
+    pipeline_loader, pipeline_kwargs           its diffusion stage's loader, "module:function"
+                                               (one that needs its stage input:
+                                               `stage_input_required`), called where
+                                               the stage runs
     hand_over(resolved, request_id, timings)   run the AR stage for one request and
                                                return the diffusion stage's typed input
                                                (the pipeline's `stage_input_type`), which
@@ -45,11 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.acceleration import DitOptions, apply_dit_options
-from ..diffusion.engine import DiffusionEngine, EngineConfig
+from ..diffusion.acceleration import DitOptions
+from ..diffusion.engine import EngineConfig
 from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
+from ..diffusion.workers import LoaderBuilder
+from ..engine.client import EngineCoreClient
+from ..engine.spec import EngineSpec, PipelineInfo
 from .ar_memory import fit_ar_engine_args, platform_name
 from .stage_dtype import ar_dtype, dtype_name, model_dtype
 from ..engine.handles import PartialFn
@@ -183,9 +190,14 @@ class StageOrchestrator(ABC):
     #: True: the AR stage also answers text requests (its default_sampling_params apply)
     answers_text: bool = True
 
+    #: the DiT stage's loader, "module:function" called as (model, dtype=, device=, **pipeline_kwargs)
+    #: in the process that runs the stage (diffusion.workers.LoaderBuilder)
+    pipeline_loader: str = ""
+    pipeline_kwargs: dict[str, Any] = {}
+
     def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
                  dtype: Any = None, device: Any = None, max_queue: int = 64, *, llm: Any = None,
-                 owns_llm: bool = False) -> None:
+                 owns_llm: bool = False, engine_process: bool = False) -> None:
         self.model = model
         self.config = config
         self.ar, self.dit = stage_pair(config)
@@ -203,13 +215,27 @@ class StageOrchestrator(ABC):
         # the dtype each stage runs in (stage_dtype.py); `stage_dtypes` reports them as loaded
         dit_dtype = model_dtype(dtype, config.dtype, torch.device(device).type)
         self.llm = llm
-        self.pipeline = self.load_pipeline(model, dtype=dit_dtype, device=device)
-        options = DitOptions.from_dict(self.dit.dit_options)
-        if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
-            apply_dit_options(self.pipeline, options)
-        self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
-                                      stage_defaults=self.dit.default_sampling_params or None)
-        self.loop = EngineLoop(self.engine, max_queue)
+        # The DiT stage's engine: what it builds crosses to its process by value (engine/spec.py); the
+        # stage config's dit_options (compile, cfg_batch) are applied by the pipeline where it loads.
+        spec = EngineSpec(LoaderBuilder(self.pipeline_loader, model, dit_dtype, dict(self.pipeline_kwargs)),
+                          device=str(device), options=DitOptions.from_dict(self.dit.dit_options),
+                          engine_config=EngineConfig(max_running=self.dit.max_batch_size),
+                          stage_defaults=self.dit.default_sampling_params or None, stage=self.dit.id)
+        #: True: the DiT stage runs in its own process behind `EngineCoreClient` (the server's);
+        #: False: on a thread of this one (`EngineLoop`; offline `Omni`'s default, notebooks)
+        self.engine_process = engine_process
+        if engine_process:
+            self.client: EngineCoreClient | EngineLoop = EngineCoreClient(spec, max_queue)
+            self.client.start()  # blocking: until the DiT stage's process has loaded its pipeline
+            #: the stage's pipeline and engine (None when they live in the stage's process)
+            self.pipeline = self.engine = None
+            self.info = self.client.info
+        else:
+            self.engine = spec.launch()
+            self.pipeline = self.engine.pipeline
+            self.client = EngineLoop(self.engine, max_queue)
+            #: what callers read about the DiT stage's pipeline wherever it runs (family, declaration, dtype)
+            self.info = PipelineInfo.of(self.engine)
         logger.info("omni: %s stage dtypes: %s", config.name,
                     ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
         self._owns_llm = owns_llm
@@ -229,7 +255,7 @@ class StageOrchestrator(ABC):
             ar = dtype_name(self.llm.vllm_config.model_config.dtype)
         else:  # the AR stage on other hosts (orchestrator/remote.py): what they report, once one has
             ar = getattr(self.llm, "dtype", None) or "unknown (remote AR stage)"
-        return {self.ar.id: ar, self.dit.id: self.pipeline.dtype_name}
+        return {self.ar.id: ar, self.dit.id: self.info.dtype}
 
     @property
     def ar_max_model_len(self) -> int | None:
@@ -248,18 +274,27 @@ class StageOrchestrator(ABC):
         """Offline: start an AsyncLLM for the AR stage (stage config engine args < `ar_engine_args`)."""
         self = cls(model, config, ar_engine_args, owns_llm=True, **kwargs)
         # CPU: a KV cache that fits what is free, unless the user sized it (ar_memory.py).
-        self._ar_args = fit_ar_engine_args(self.ar_model, self._ar_args, self.ar.max_batch_size)
-        self.llm = _new_ar_engine(self.ar_model, self._ar_args, self.ar.devices)
-        self.loop.start()
+        try:
+            self._ar_args = fit_ar_engine_args(self.ar_model, self._ar_args, self.ar.max_batch_size)
+            self.llm = _new_ar_engine(self.ar_model, self._ar_args, self.ar.devices)
+        except BaseException:
+            self.client.stop()  # no DiT process left behind by an AR stage that did not start
+            raise
+        self.start()
         self._supervisor = asyncio.create_task(self._supervise_ar())
         return self
+
+    @property
+    def loop(self) -> "EngineCoreClient | EngineLoop":
+        """The DiT stage's engine client (the name from when it was always an EngineLoop)."""
+        return self.client
 
     @classmethod
     def attach(cls, model: str, config: StageConfig, llm: Any, **kwargs: Any) -> "StageOrchestrator":
         """Around an AR engine client that exists (vLLM's own server's; call inside the running event loop)."""
         check_ar_engine(config, llm.vllm_config)
         self = cls(model, config, llm=llm, owns_llm=False, **kwargs)
-        self.loop.start()
+        self.start()
         return self
 
     @classmethod
@@ -270,8 +305,8 @@ class StageOrchestrator(ABC):
 
     def start(self) -> None:
         """Start the DiT stage's engine loop if it is not running (call inside the running event loop)."""
-        if not self.loop.alive:
-            self.loop.start()
+        if isinstance(self.client, EngineLoop) and not self.client.alive:
+            self.client.start()
 
     # ---- the AR stage's health -------------------------------------------------------
     @property
@@ -280,8 +315,12 @@ class StageOrchestrator(ABC):
 
     def health(self) -> str | None:
         """None while both stages serve; otherwise what is down, for /health."""
-        if not self.loop.alive:
-            return "the DiT stage's diffusion engine is not running"
+        if isinstance(self.client, EngineCoreClient):
+            down = self.client.health()  # its process died (restarting) or could not be restarted
+            if down is not None:
+                return down
+        elif not self.client.alive:
+            return f"the {self.dit.id} stage's diffusion engine is not running"
         if self.ar_alive:
             return None
         if self.ar_status == "failed":
@@ -345,7 +384,7 @@ class StageOrchestrator(ABC):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        await asyncio.to_thread(self.loop.stop)
+        await asyncio.to_thread(self.client.stop)
         llm, self.llm = self.llm, None
         if llm is not None and self._owns_llm:
             llm.shutdown()
@@ -358,9 +397,11 @@ class StageOrchestrator(ABC):
         return f"{prefix}-{next(self._ids)}-{int(time.time() * 1000)}"
 
     # ---- the family's part -----------------------------------------------------------
-    @abstractmethod
-    def load_pipeline(self, model: str, dtype: Any, device: Any) -> StepwisePipeline:
-        """The diffusion stage's pipeline; it requires its stage input (`stage_input_required`)."""
+    @classmethod
+    def load_pipeline(cls, model: str, dtype: Any, device: Any) -> StepwisePipeline:
+        """The diffusion stage's pipeline (`pipeline_loader`), here; it requires its stage input
+        (`stage_input_required`). The stage itself loads it where it runs (`LoaderBuilder`)."""
+        return LoaderBuilder(cls.pipeline_loader, model, dtype, dict(cls.pipeline_kwargs))(device)
 
     @abstractmethod
     async def hand_over(self, resolved: ResolvedParams, request_id: str, timings: StageTimings) -> Any:
@@ -383,6 +424,10 @@ class StageOrchestrator(ABC):
 
     # ---- AR -> diffusion --------------------------------------------------------------
     def resolve(self, params: SamplingParams) -> ResolvedParams:
+        """The request resolved by the DiT stage's pipeline with its stage defaults (a round trip to
+        its process when it runs in one)."""
+        if isinstance(self.client, EngineCoreClient):
+            return self.client.resolve(params)
         return self.pipeline.resolve(params, self.engine.stage_defaults)
 
     async def generate_image(self, params: SamplingParams | ResolvedParams, on_progress: ProgressFn | None = None,
@@ -394,19 +439,30 @@ class StageOrchestrator(ABC):
         started = time.perf_counter()
         resolved = params if isinstance(params, ResolvedParams) else self.resolve(params)
         rid = request_id or self.new_id(f"{self.config.name}-image")
+        if not self.client.alive:  # the DiT stage is down (its process restarting): no AR work for nothing
+            raise StageUnavailable(self.health() or f"the {self.dit.id} stage is not running")
         ar_started = time.perf_counter()
         stage_input = await self.hand_over(resolved, rid, timings)
         timings.ar_prefill = time.perf_counter() - ar_started - timings.transfer
         diffusion_started = time.perf_counter()
-        handle = self.loop.submit(resolved, on_progress, request_id=rid, stage_input=stage_input,
-                                  on_partial=on_partial)
         try:
-            output = await self.loop.result(handle)
-        except asyncio.CancelledError:
-            self.loop.abort(rid)  # the caller went away: free the DiT work at the next step
+            handle = self.client.submit(resolved, on_progress, request_id=rid, stage_input=stage_input,
+                                        on_partial=on_partial)
+            try:
+                output = await self.client.result(handle)
+            except asyncio.CancelledError:
+                self.client.abort(rid)  # the caller went away: free the DiT work at the next step
+                raise
+        except BaseException:
+            # what the hand-over left in a store for the DiT stage and it never read (refused,
+            # aborted, its process died): freed here (a no-op for what it read)
+            discard = getattr(stage_input, "discard", None)
+            if discard is not None:
+                discard()
             raise
         timings.diffusion = time.perf_counter() - diffusion_started
         timings.decode = output.timings.get("decode", 0.0)
+        timings.transfer += output.timings.get("context_load", 0.0)  # the DiT stage's read of the hand-over
         output.dtypes = self.stage_dtypes
         timings.total = time.perf_counter() - started
         logger.info("omni request %s: %s", rid, timings.summary())

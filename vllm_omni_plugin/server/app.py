@@ -96,8 +96,9 @@ class MultiStage:
     def __init__(self, orchestrator: Any, max_queue: int) -> None:
         self.orchestrator = orchestrator
         #: whether chat answers in text unless images are asked for (the family's declaration)
-        self.text = orchestrator.pipeline.capabilities.text_output
-        self.bridge: EngineLoop = orchestrator.loop
+        self.text = orchestrator.info.capabilities.text_output
+        #: the DiT stage's engine client (its own process, or a thread here with --omni-engine thread)
+        self.bridge: EngineCoreClient | EngineLoop = orchestrator.client
         self.max_queue = max_queue
         self.images_in_flight = 0
         #: called with each finished image request's StageTimings (the omni metrics)
@@ -166,14 +167,14 @@ class OmniRuntime:
         return self.stages.bridge
 
     @classmethod
-    def load(cls, config: OmniServerConfig, *, engine_process: bool = True) -> "OmniRuntime":
+    def load(cls, config: OmniServerConfig, *, engine_process: bool | None = None) -> "OmniRuntime":
         """A diffusion-only runtime (blocking: starts the engine process and waits until it has loaded).
 
         Args:
             config: the server's omni configuration.
             engine_process: False runs the engine on a thread of this process instead (the
                 path before the engine process existed; benchmarks compare the two, and tests
-                that patch the pipeline use it).
+                that patch the pipeline use it); None: the config's (--omni-engine).
         """
         from ..diffusion.workers import PipelineBuilder
 
@@ -185,7 +186,7 @@ class OmniRuntime:
                                        lora=config.lora_policy, loras=config.loras),
             stage_defaults=config.stage_defaults or None,
         )
-        if not engine_process:
+        if not (config.engine_process if engine_process is None else engine_process):
             engine = spec.launch()
             return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
                                  InlineDiffusion(EngineLoop(engine, config.max_queue)), videos)
@@ -205,10 +206,10 @@ class OmniRuntime:
         videos = _open_job_store(config)
         orchestrator_cls = orchestrator_for(config.model, config.stage_config)
         attach = orchestrator_cls.attach_remote if remote else orchestrator_cls.attach
-        orchestrator = attach(config.model, config.stage_config, engine_client,
-                              dtype=config.dtype, max_queue=config.max_queue)
-        engine = orchestrator.engine  # the DiT stage runs in this process (docs/diffusion.md, "Processes")
-        return cls._assemble(config, PipelineInfo.of(engine), engine.pipeline.resolve,
+        # the DiT stage in its own process (--omni-engine process): this blocks until it has loaded
+        orchestrator = attach(config.model, config.stage_config, engine_client, dtype=config.dtype,
+                              max_queue=config.max_queue, engine_process=config.engine_process)
+        return cls._assemble(config, orchestrator.info, _stage_resolver(orchestrator),
                              MultiStage(orchestrator, config.max_queue), videos)
 
     @classmethod
@@ -286,6 +287,14 @@ class OmniRuntime:
                     logger.info("omni: video %s expired and was deleted", video_id)
             except OmniHTTPError as exc:  # the store is unreachable: try again next period
                 logger.error("omni: job store housekeeping failed: %s", exc.message)
+
+
+def _stage_resolver(orchestrator: Any) -> Callable[..., ResolvedParams]:
+    """`resolve(request, stage_defaults)` for the request builder, by the DiT stage (wherever it runs)."""
+    def resolve(request: Any, stage_defaults: Any = None) -> ResolvedParams:
+        return orchestrator.resolve(request)  # (with the stage's own defaults, which the builder passes)
+
+    return resolve
 
 
 def _open_job_store(config: OmniServerConfig) -> JobStore:

@@ -74,6 +74,8 @@ class OmniServerConfig:
     #: per-request LoRA: the operator's policy (None: off) and the --omni-lora adapters
     lora_policy: LoraPolicy | None = None
     loras: tuple[tuple[str, str], ...] = ()
+    #: --omni-engine: the diffusion engine (a multi-stage model's DiT stage) in its own process
+    engine_process: bool = True
 
     @property
     def multi_stage(self) -> bool:
@@ -135,6 +137,7 @@ class OmniServerConfig:
             dit_options=dit,
             lora_policy=lora_policy,
             loras=loras,
+            engine_process=getattr(args, "omni_engine", "process") != "thread",
         )
 
 

@@ -98,6 +98,10 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--omni-kv-lease", type=float, default=60.0,
                        help="--omni-stage ar: seconds a published KV context waits for its DiT server's pull before "
                        "it is freed (freed on the pull's acknowledgement otherwise).")
+    group.add_argument("--omni-engine", choices=["process", "thread"], default="process",
+                       help="Where the diffusion engine (a multi-stage model's DiT stage) runs: in its own process "
+                       "(a crash there is a 503 for its requests and a restart) or on a thread of the server "
+                       "process (benchmarks of the difference, debugging).")
     # choices = acceleration.COMPILE_MODES, not imported: this module stays free of torch
     group.add_argument("--omni-dit-compile", choices=["regional"], default=None,
                        help="regional: torch.compile the DiT's repeated blocks.")

@@ -1,10 +1,12 @@
-"""BAGEL's two stages in one process: the AR stage on vLLM's AsyncLLM, the DiT stage inline.
+"""BAGEL's two stages: the AR stage on vLLM's AsyncLLM, the DiT stage behind its engine client.
 
     text2text / img2text   the AR stage answers; nothing else runs
     text2img               AR prefills the prompt context ([<|im_start|>] prompt
                            [<|im_end|>]) with the OmniKVConnector asking for its KV;
-                           the transfer (K/V per layer + keyed metadata) becomes the
-                           `cond` branch of a BagelContext; the text-CFG branch is
+                           the transfer (K/V per layer + keyed metadata, in the KV
+                           store) becomes the `cond` branch of a BagelContext as a
+                           `BranchRef` (the DiT stage reads it where it runs: its
+                           own process, through the store's shm / CUDA IPC); the text-CFG branch is
                            BAGEL's empty context, or a second AR prefill of the
                            negative prompt; the context is the DiT stage's typed
                            input, submitted with the request
@@ -31,12 +33,11 @@ import asyncio
 import time
 from typing import Any
 
-from .dit.context import BagelContext, BranchKV
+from .dit.context import BagelContext, BranchKV, BranchRef
 from .dit.weights import BagelText, read_bagel_config
 from .dit.encode import BOS, EOI, EOS, SOI, empty_branch, text_block_ids
 from ...diffusion.params import ResolvedParams
-from .pipeline import BagelStepwise, load_bagel_pipeline
-from ...kv.store import request_params, take_transferred
+from ...kv.store import KVHandle, peek_transferred, request_params
 from ...orchestrator.stages import StageOrchestrator, StageTimings
 
 __all__ = ["BagelOrchestrator", "StageTimings"]
@@ -51,8 +52,9 @@ class BagelOrchestrator(StageOrchestrator):
         self.text = BagelText(model)
         super().__init__(model, *args, **kwargs)
 
-    def load_pipeline(self, model: str, dtype: Any, device: Any) -> BagelStepwise:
-        return load_bagel_pipeline(model, dtype=dtype, device=device, stage_input_required=True)
+    # the DiT stage loads only what its forward reads; every request brings its context
+    pipeline_loader = f"{__package__}.pipeline:load_bagel_pipeline"
+    pipeline_kwargs = {"stage_input_required": True}
 
     # ---- AR -> DiT ------------------------------------------------------------------
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
@@ -61,8 +63,10 @@ class BagelOrchestrator(StageOrchestrator):
         return await self._transfer(request_id, {"prompt_token_ids": ids}, len(ids), 0, timings)
 
     async def _transfer(self, request_id: str, prompt: dict[str, Any], num_tokens: int, vae_tokens: int,
-                        timings: StageTimings) -> BranchKV:
-        """Prefill `prompt` on the AR stage and take its transferred KV (checked: length, VAE block)."""
+                        timings: StageTimings) -> BranchRef | BranchKV:
+        """Prefill `prompt` on the AR stage; its transferred KV, checked (length, VAE block) from the
+        store's header and left in the store for the DiT stage to read where it runs (a `BranchRef`;
+        a transfer pulled from another host is in memory already: its `BranchKV`)."""
         from vllm import SamplingParams as VllmSamplingParams
 
         # One token is the least the engine generates; only the prompt's KV is used.
@@ -70,16 +74,28 @@ class BagelOrchestrator(StageOrchestrator):
                                     extra_args={"kv_transfer_params": request_params()})
         final = await self._run_ar(prompt, params, request_id)
         started = time.perf_counter()
-        transferred = take_transferred(final.kv_transfer_params)
-        # Hand-over = the producer's gather + store (inside the AR step) + this read.
+        transferred = peek_transferred(final.kv_transfer_params)
+        # Hand-over = the producer's gather + store (inside the AR step) + this look at its header
+        # (+ the DiT stage's read of it: its output's timings["context_load"], added by the orchestrator).
         timings.transfer += time.perf_counter() - started + transferred.metadata.get("save_seconds", 0.0)
-        timings.transferred_bytes += sum(t.numel() * t.element_size() for t in (*transferred.keys, *transferred.values))
-        if transferred.num_tokens != num_tokens:
-            raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {num_tokens}")
-        got = transferred.metadata.get("vae_latent_tokens") or []
-        if got != ([vae_tokens] if vae_tokens else []):
-            raise RuntimeError(f"{request_id}: the AR stage's VAE blocks hold {got} latent tokens, expected {vae_tokens}")
-        return BranchKV(transferred.keys, transferred.values, transferred.metadata["latent_position"])
+        if isinstance(transferred, KVHandle):
+            timings.transferred_bytes += transferred.nbytes
+            branch: BranchRef | BranchKV = BranchRef(transferred, transferred.metadata["latent_position"])
+        else:
+            timings.transferred_bytes += sum(t.numel() * t.element_size()
+                                             for t in (*transferred.keys, *transferred.values))
+            branch = BranchKV(transferred.keys, transferred.values, transferred.metadata["latent_position"])
+        try:
+            if transferred.num_tokens != num_tokens:
+                raise RuntimeError(f"{request_id}: transferred {transferred.num_tokens} tokens, prompt has {num_tokens}")
+            got = transferred.metadata.get("vae_latent_tokens") or []
+            if got != ([vae_tokens] if vae_tokens else []):
+                raise RuntimeError(f"{request_id}: the AR stage's VAE blocks hold {got} latent tokens, "
+                                   f"expected {vae_tokens}")
+        except RuntimeError:
+            _discard(branch)
+            raise
+        return branch
 
     def _img2img_prefills(self, rid: str, resolved: ResolvedParams, timings: StageTimings) -> list:
         """cond / cfg_text / cfg_img of an img2img request, as AR prefills (coroutines)."""
@@ -118,11 +134,27 @@ class BagelOrchestrator(StageOrchestrator):
     async def hand_over(self, resolved: ResolvedParams, rid: str, timings: StageTimings) -> BagelContext:
         """The one function building the DiT stage's input: AR prefills -> this request's BagelContext."""
         if resolved.images:
-            cond, cfg_text, cfg_img = await asyncio.gather(*self._img2img_prefills(rid, resolved, timings))
+            cond, cfg_text, cfg_img = await _all_branches(self._img2img_prefills(rid, resolved, timings))
         else:
             branches = [self._prefill(f"{rid}:cond", resolved.prompt, timings)]
             if resolved.negative_prompt is not None:
                 branches.append(self._prefill(f"{rid}:cfg_text", resolved.negative_prompt, timings))
-            kvs = await asyncio.gather(*branches)
+            kvs = await _all_branches(branches)
             cond, cfg_text, cfg_img = kvs[0], kvs[1] if len(kvs) > 1 else empty_branch(self.bagel_config), None
         return BagelContext(rid, cond, cfg_text, cfg_img, resolved.height, resolved.width)
+
+
+def _discard(branch: Any) -> None:
+    if isinstance(branch, BranchRef):
+        branch.kv.discard()
+
+
+async def _all_branches(prefills: list) -> list:
+    """The branches' hand-overs; if one fails, the store's copies of the others are freed first."""
+    results = await asyncio.gather(*prefills, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for r in results:
+            _discard(r)
+        raise failed[0]
+    return results

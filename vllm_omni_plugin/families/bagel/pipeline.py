@@ -50,6 +50,7 @@ value back (`.item()`, `nonzero`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -231,7 +232,8 @@ class BagelStepwise(StepwisePipeline):
 
     # ---- prepare --------------------------------------------------------------------
     def context_for(self, params: ResolvedParams, request_id: str, ctx: BagelContext | None) -> BagelContext:
-        """The request's handed-over context, or (standalone only) one prefilled here from the prompt."""
+        """The request's handed-over context (its branches read from the transfer store where the
+        hand-over left them there: `BagelContext.loaded`), or (standalone only) one prefilled here."""
         if ctx is None:
             if self.stage_input_required:  # the engine refuses this at add_request; a direct call too
                 raise StageInputError(f"request {request_id}: the bagel diffusion stage needs a BagelContext "
@@ -242,11 +244,13 @@ class BagelStepwise(StepwisePipeline):
         if (ctx.height, ctx.width) != (params.height, params.width):
             raise ValueError(f"request {request_id}: context is for {ctx.height}x{ctx.width}, "
                              f"the request resolved to {params.height}x{params.width}")
-        return ctx
+        return ctx.loaded()
 
     def prepare(self, params: ResolvedParams, request_id: str, stage_input: BagelContext | None = None) -> DiffusionState:
         with torch.no_grad():
+            started = time.perf_counter()
             ctx = self.context_for(params, request_id, stage_input)
+            context_seconds = time.perf_counter() - started
             cfg = self._cfg(params)
             if ctx.is_img2img != (cfg.img_scale is not None):
                 raise ValueError(f"request {request_id}: the context is {'img2img' if ctx.is_img2img else 'text2img'} "
@@ -269,7 +273,8 @@ class BagelStepwise(StepwisePipeline):
                 cfg=cfg,
                 generator=generator,
                 extras={"branches": branches, "sigmas": sigmas.tolist(), "sigmas_dev": sigmas.to(self.device),
-                        "pos_ids": m.latent_position_ids(params.height, params.width)},
+                        "pos_ids": m.latent_position_ids(params.height, params.width),
+                        "context_seconds": context_seconds},
                 tokens_per_row=n_tok + 2 + max(b.num_tokens for b in branches.values()),
             )
 
@@ -388,12 +393,15 @@ class BagelStepwise(StepwisePipeline):
         self._layouts = [(k, v) for k, v in self._layouts if not any(s is state for s, _, _ in k[1])]
         p = state.params
         if p.output_type == "latent":
-            return DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
-        with torch.no_grad():
-            pixels = self._decode_pixels(state.latents, p)
-        if p.output_type == "np":
-            return DiffusionOutput(state.request_id, "image", p, images=list(pixels))
-        return DiffusionOutput(state.request_id, "image", p, images=_to_pil(pixels))
+            out = DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
+        else:
+            with torch.no_grad():
+                pixels = self._decode_pixels(state.latents, p)
+            images = list(pixels) if p.output_type == "np" else _to_pil(pixels)
+            out = DiffusionOutput(state.request_id, "image", p, images=images)
+        # reading the handed-over context (the KV hand-over's consumer side, in the DiT's process)
+        out.timings["context_load"] = state.extras.get("context_seconds", 0.0)
+        return out
 
 
 def auto_attention_mode(lengths: list[int], n_query: int, device_type: str) -> str:

@@ -22,7 +22,7 @@ import functools
 from typing import Any
 
 from ...diffusion.params import ResolvedParams
-from .pipeline import GlmImagePrior, GlmImageStepwise, load_glm_image_pipeline
+from .pipeline import GlmImagePrior
 from .positions import decode_tokens
 from .prompt import target_grids
 from ...request import RequestError
@@ -35,8 +35,17 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
 class GlmImageOrchestrator(StageOrchestrator):
     answers_text = False  # GLM-Image's AR model only generates image tokens
 
-    def load_pipeline(self, model: str, dtype: Any, device: Any) -> GlmImageStepwise:
-        return load_glm_image_pipeline(model, dtype=dtype, device=device)
+    pipeline_loader = f"{__package__}.pipeline:load_glm_image_pipeline"
+
+    @functools.cached_property
+    def processor(self) -> Any:
+        """The checkpoint's GlmImageProcessor (its `processor` folder): the AR prompt's chat template and
+        tokenizer, read here -- the DiT stage's pipeline may live in another process."""
+        from pathlib import Path
+
+        from transformers.models.glm_image.processing_glm_image import GlmImageProcessor
+
+        return GlmImageProcessor.from_pretrained(str(Path(self.model) / "processor"))
 
     @functools.cached_property
     def ar_sampling(self) -> dict[str, Any]:
@@ -51,7 +60,7 @@ class GlmImageOrchestrator(StageOrchestrator):
 
     def ar_prompt(self, resolved: ResolvedParams) -> tuple[dict[str, Any], Any]:
         """The AR stage's prompt for this request (token ids, source images), and its target grids."""
-        processor = self.pipeline.pipe.processor
+        processor = self.processor
         images = [image.convert("RGB") for image in resolved.images or ()]
         grids = target_grids(resolved.height, resolved.width, text_to_image=not images)
         content = [{"type": "image", "image": image} for image in images]

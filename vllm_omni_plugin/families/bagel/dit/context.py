@@ -20,9 +20,12 @@ request id, never by arrival order (ARCHITECTURE.md, principle 6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Union
 
 import torch
+
+from ....kv.store import KVHandle
 
 
 @dataclass(frozen=True)
@@ -70,17 +73,49 @@ class BranchKV:
 
 
 @dataclass(frozen=True)
+class BranchRef:
+    """A CFG branch's KV still in the AR stage's transfer store (kv/store.py): its `KVHandle`.
+
+    What the hand-over gives the DiT stage so the KV crosses to the stage's process (if it
+    has its own) through the store's shared memory -- a file under /dev/shm on CPU, a CUDA IPC
+    handle on GPU -- and never through the request's message: the DiT stage reads it once,
+    where it runs, when it prepares the request (`BagelContext.loaded`).
+    """
+
+    kv: KVHandle
+    latent_position: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv.num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.num_layers
+
+    def load(self) -> BranchKV:
+        """Read the branch (the store's file is freed as it is read)."""
+        t = self.kv.take()
+        return BranchKV(t.keys, t.values, self.latent_position)
+
+
+Branch = Union[BranchKV, BranchRef]
+
+
+@dataclass(frozen=True)
 class BagelContext:
     """One request's hand-over from the AR stage to the diffusion stage.
 
     height, width: the target image size in pixels (multiples of the latent
-    downsample, 16 for BAGEL). `cfg_img` is None for text2img.
+    downsample, 16 for BAGEL). `cfg_img` is None for text2img. A branch is its KV
+    (`BranchKV`) or a reference to it in the transfer store (`BranchRef`, what the AR
+    hand-over makes), read by `loaded()` in the DiT stage's process.
     """
 
     request_id: str
-    cond: BranchKV
-    cfg_text: BranchKV
-    cfg_img: BranchKV | None
+    cond: Branch
+    cfg_text: Branch
+    cfg_img: Branch | None
     height: int
     width: int
 
@@ -93,7 +128,22 @@ class BagelContext:
     def is_img2img(self) -> bool:
         return self.cfg_img is not None
 
-    def branches(self) -> dict[str, BranchKV]:
+    def loaded(self) -> "BagelContext":
+        """This context with every branch's KV read (from the transfer store: `BranchRef.load`)."""
+        if not any(isinstance(b, BranchRef) for b in self.branches().values()):
+            return self
+        load = lambda b: b.load() if isinstance(b, BranchRef) else b  # noqa: E731
+        return replace(self, cond=load(self.cond), cfg_text=load(self.cfg_text),
+                       cfg_img=None if self.cfg_img is None else load(self.cfg_img))
+
+    def discard(self) -> None:
+        """Free what the store still holds for this context (a request that ended before its DiT
+        stage read it: aborted, refused, its stage's process died); a no-op once read."""
+        for b in self.branches().values():
+            if isinstance(b, BranchRef):
+                b.kv.discard()
+
+    def branches(self) -> dict[str, Branch]:
         out = {"cond": self.cond, "cfg_text": self.cfg_text}
         if self.cfg_img is not None:
             out["cfg_img"] = self.cfg_img
