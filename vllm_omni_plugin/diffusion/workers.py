@@ -87,7 +87,8 @@ def attach_parallel(pipeline: Any, options: DitOptions, device: torch.device) ->
     if not isinstance(pipeline, StepwisePipeline):
         raise ValueError(f"multi-GPU DiT needs a step-wise pipeline; {type(pipeline).__name__} runs whole requests")
     modules = dit_modules(pipeline)
-    group = ParallelGroup(options.parallel, device, modules[0].dtype)
+    dtype = pipeline.prediction_dtype or (modules[0].dtype if modules else pipeline.dtype)
+    group = ParallelGroup(options.parallel, device, dtype)
     for transformer in modules:
         enable_sequence_parallel(transformer, group)
     pipeline.parallel = group

@@ -43,10 +43,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..diffusion.acceleration import DitOptions, apply_dit_options
 from ..diffusion.engine import DiffusionEngine, EngineConfig
+from ..diffusion.workers import launch_engine
 from ..diffusion.interface import StepwisePipeline
 from ..diffusion.output import DiffusionOutput
 from ..diffusion.params import ResolvedParams, SamplingParams
@@ -205,10 +206,16 @@ class StageOrchestrator(ABC):
         self.llm = llm
         self.pipeline = self.load_pipeline(model, dtype=dit_dtype, device=device)
         options = DitOptions.from_dict(self.dit.dit_options)
-        if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
-            apply_dit_options(self.pipeline, options)
-        self.engine = DiffusionEngine(self.pipeline, EngineConfig(max_running=self.dit.max_batch_size),
-                                      stage_defaults=self.dit.default_sampling_params or None)
+        engine_config = EngineConfig(max_running=self.dit.max_batch_size)
+        stage_defaults = self.dit.default_sampling_params or None
+        if options.parallel.world_size > 1:  # cfg_degree: this process is rank 0 of the DiT stage's ranks
+            self.engine = launch_engine(self.pipeline_builder(model, dit_dtype), device=device, options=options,
+                                        engine_config=engine_config, stage_defaults=stage_defaults,
+                                        main_pipeline=self.pipeline)
+        else:
+            if options != DitOptions():  # the stage config's dit_options (compile, cfg_batch): the pipeline applies them
+                apply_dit_options(self.pipeline, options)
+            self.engine = DiffusionEngine(self.pipeline, engine_config, stage_defaults=stage_defaults)
         self.loop = EngineLoop(self.engine, max_queue)
         logger.info("omni: %s stage dtypes: %s", config.name,
                     ", ".join(f"{stage}={name}" for stage, name in self.stage_dtypes.items()))
@@ -339,6 +346,9 @@ class StageOrchestrator(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         await asyncio.to_thread(self.loop.stop)
+        close = getattr(self.engine, "close", None)  # a CFG-parallel DiT's worker ranks
+        if close is not None:
+            await asyncio.to_thread(close)
         llm, self.llm = self.llm, None
         if llm is not None and self._owns_llm:
             llm.shutdown()
@@ -354,6 +364,12 @@ class StageOrchestrator(ABC):
     @abstractmethod
     def load_pipeline(self, model: str, dtype: Any, device: Any) -> StepwisePipeline:
         """The diffusion stage's pipeline; it requires its stage input (`stage_input_required`)."""
+
+    def pipeline_builder(self, model: str, dtype: Any) -> Callable[[Any], StepwisePipeline]:
+        """A picklable `build(device)` of `load_pipeline`'s pipeline: what each worker rank of a
+        multi-rank DiT stage (dit_options cfg_degree > 1) loads on its own device."""
+        raise ValueError(f"the {self.config.name} diffusion stage does not run on several ranks (dit_options "
+                         "cfg_degree / --omni-cfg-parallel-size)")
 
     @abstractmethod
     async def hand_over(self, resolved: ResolvedParams, request_id: str, timings: StageTimings) -> Any:

@@ -28,6 +28,7 @@ The prompts are built from the checkpoint's own tokenizer and config
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -53,6 +54,9 @@ class BagelOrchestrator(StageOrchestrator):
 
     def load_pipeline(self, model: str, dtype: Any, device: Any) -> BagelStepwise:
         return load_bagel_pipeline(model, dtype=dtype, device=device, stage_input_required=True)
+
+    def pipeline_builder(self, model: str, dtype: Any) -> Any:
+        return functools.partial(load_bagel_pipeline, model, dtype, stage_input_required=True)
 
     # ---- AR -> DiT ------------------------------------------------------------------
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
