@@ -140,3 +140,16 @@ def test_unusable_degrees_are_clear_errors(pipe):
         pipe.apply_dit_options(DitOptions(parallel=ParallelConfig(cfg_degree=4)))
     with pytest.raises(ValueError, match="sequence parallelism"):
         pipe.apply_dit_options(DitOptions(parallel=ParallelConfig(ulysses_degree=2)))
+
+
+def test_benchmark_cfg_parallel_smoke(ckpt, capsys, bench_bagel_dit):
+    """benchmarks/bench_bagel_dit.py's cfg-parallel variant at tiny size (img2img, 2 ranks; cfg-parallel-3
+    is the same code with 3, left out for time): it runs, its latents agree with the one-process batched
+    ones, the KV bytes the worker rank was sent are reported, the table comes last."""
+    results = bench_bagel_dit(["--ckpt", str(ckpt), "--runs", "32:3x2", "--img2img", "--variants", "batched",
+                               "cfg-parallel-2", "--reference-steps", "0"])
+    (row,) = results["runs"]
+    assert row["cfg-parallel-2"]["max_abs_latents_vs_first"] <= 1e-4 and row["cfg-parallel-2"]["s_per_step"] > 0
+    assert set(results["kv_bytes_sent_per_rank"]["cfg-parallel-2"]) == {"1"}
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-1].startswith("| 32^2, 3 steps, 2 concurrent") and "cfg-parallel-2 s/step" in table[-3]
