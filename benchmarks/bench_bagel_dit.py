@@ -3,6 +3,8 @@
     python benchmarks/bench_bagel_dit.py                     # CPU smoke: tiny checkpoint, < 1 min
     python benchmarks/bench_bagel_dit.py --preset full --device cuda --ckpt /dev/shm/omni-gpu-ckpt/bagel \\
         --runs 512:20 1024:50 512:20x8                       # the GPU set (SIZE:STEPS[xCONCURRENT])
+    ... --variants batched cfg-parallel-2 [--img2img --variants batched cfg-parallel-2 cfg-parallel-3]
+                                                             # CFG-parallel: 2 (3) GPUs
 
 What one run measures, on one checkpoint (written by the tests' factory when --ckpt is absent,
 or when it lacks config.json):
@@ -10,6 +12,14 @@ or when it lacks config.json):
         per-branch   dit_options cfg_batch: false (one MoT forward per CFG branch)
         batched      the default (every branch of every request in one forward)
         compiled     batched + compile: regional (one warm-up request compiles first)
+        cfg-parallel-2 / cfg-parallel-3
+                     dit_options cfg_degree 2 / 3: the CFG branches on 2 / 3 ranks (spawned
+                     processes under the engine, diffusion/workers.py; gloo on CPU, NCCL on CUDA,
+                     one GPU per rank); the requests go through the engine with their contexts
+                     handed over as the AR stage hands them (each worker rank is sent its own
+                     branches' KV: the bytes are reported), the per-step time is taken between the
+                     engine's step events (CUDA synchronised at each); cfg-parallel-3 needs --img2img
+                     (text2img has two branches)
     seconds per denoising step (prepare, i.e. the context prefill, and the VAE decode are
     outside the timed loop; CUDA is synchronised around it) and the largest difference of
     the final latents from the per-branch ones (same seeds);
@@ -25,6 +35,7 @@ Prints JSON, then a short table last; writes $OUT/bench_bagel_dit.json when OUT 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -35,7 +46,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("per-branch", "batched", "compiled")
+VARIANTS = ("per-branch", "batched", "compiled", "cfg-parallel-2", "cfg-parallel-3")
+PARALLEL = {"cfg-parallel-2": 2, "cfg-parallel-3": 3}
 PROMPTS = ["a red cat on a blue chair", "a lighthouse at dusk, oil painting", "two dogs playing in the snow",
            "a bowl of ramen, top view", "a city street in the rain at night", "an astronaut riding a horse",
            "a watercolor map of an island", "a robot reading a book in a library"]
@@ -61,14 +73,24 @@ def checkpoint(args: argparse.Namespace) -> Path:
     return path
 
 
-def run_variant(pipe, variant: str, size: int, steps: int, n: int, device: str) -> tuple[float, list[torch.Tensor]]:
-    """Seconds per step of n concurrent requests' denoising loop, and their final latents."""
+def request(i: int, size: int, steps: int, img2img: bool):
     from vllm_omni_plugin.diffusion import SamplingParams
 
+    images = None
+    if img2img:
+        from PIL import Image
+
+        pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(100 + i))
+        images = [Image.fromarray(pixels.to(torch.uint8).numpy())]
+    return SamplingParams(prompt=PROMPTS[i % len(PROMPTS)], height=size, width=size, seed=i, images=images,
+                          num_inference_steps=steps, output_type="latent")
+
+
+def run_variant(pipe, variant: str, size: int, steps: int, n: int, device: str,
+                img2img: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """Seconds per step of n concurrent requests' denoising loop, and their final latents."""
     pipe.batch_cfg = variant != "per-branch"
-    states = [pipe.prepare(pipe.resolve(SamplingParams(prompt=PROMPTS[i % len(PROMPTS)], height=size, width=size,
-                                                       seed=i, num_inference_steps=steps, output_type="latent")),
-                           f"{variant}-{size}-{i}") for i in range(n)]
+    states = [pipe.prepare(pipe.resolve(request(i, size, steps, img2img)), f"{variant}-{size}-{i}") for i in range(n)]
     sync(device)
     started = time.perf_counter()
     with torch.no_grad():
@@ -77,6 +99,32 @@ def run_variant(pipe, variant: str, size: int, steps: int, n: int, device: str) 
             pipe.scheduler_step(states, preds)
     sync(device)
     return (time.perf_counter() - started) / (steps - 1), [s.latents.float().cpu() for s in states]
+
+
+def run_parallel(engine, pipe, variant: str, size: int, steps: int, n: int, device: str,
+                 img2img: bool) -> tuple[float, list[torch.Tensor]]:
+    """A CFG-parallel engine's seconds per step (between the first and the last step event of the
+    first request; CUDA synchronised at each) for n concurrent requests, and their final latents.
+    Their contexts are prefilled here and handed over, as the AR stage hands them."""
+    from vllm_omni_plugin.families.bagel.dit.encode import encode_context
+
+    ids = [f"{variant}-{size}-{i}-{time.monotonic_ns()}" for i in range(n)]
+    for i, rid in enumerate(ids):
+        p = pipe.resolve(request(i, size, steps, img2img))
+        engine.add_request(rid, p, encode_context(pipe.model, rid, p.prompt, p.images[0] if p.images else None,
+                                                  p.negative_prompt, p.height, p.width))
+    stamps: list[float] = []
+
+    def on_event(event) -> None:
+        if event.kind == "step" and event.request_id == ids[0]:
+            sync(device)
+            stamps.append(time.perf_counter())
+
+    final = engine.run(on_event)
+    failed = {rid: repr(e.error) for rid, e in final.items() if e.kind != "finished"}
+    if failed:
+        raise RuntimeError(f"{variant}: {failed}")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1), [final[rid].output.latents.float().cpu() for rid in ids]
 
 
 def reference_per_step(ckpt: Path, size: int, device: str, steps: int) -> float:
@@ -165,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--runs", nargs="+", default=["64:6", "64:6x4"], metavar="SIZE:STEPS[xN]")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS[:3]), choices=VARIANTS,
+                    help="default: the one-device ones; cfg-parallel-N spawns N ranks (N GPUs on CUDA)")
+    ap.add_argument("--img2img", action="store_true",
+                    help="img2img requests (three CFG branches; a random input image of the output size)")
     ap.add_argument("--reference-steps", type=int, default=2)
     ap.add_argument("--attention", action="store_true", help="also the masked-attention comparison")
     ap.add_argument("--attention-shape", default="258,40,0", metavar="QUERY,LEN1,LEN2,...",
@@ -192,18 +243,45 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         run_variant(compiled, "compiled", runs[0][0], 3, runs[0][2], args.device)  # compiles (dynamic sizes)
         load["compile_warmup_s"] = round(time.perf_counter() - started, 2)
-    results: dict = {"device": args.device, "dtype": dtype, "preset": args.preset, "machine": load, "runs": []}
-    for size, steps, n in runs:
-        row: dict = {"size": size, "steps": steps, "concurrent": n}
-        base = None
-        for variant in args.variants:
-            pipe = compiled if variant == "compiled" else eager
-            run_variant(pipe, variant, size, 3, n, args.device)  # warm-up at this shape
-            per_step, latents = run_variant(pipe, variant, size, steps, n, args.device)
-            base = latents if base is None else base
-            row[variant] = {"s_per_step": round(per_step, 5), "images_per_s": round(n / (per_step * (steps - 1)), 3),
-                            "max_abs_latents_vs_first": max(float((a - b).abs().max()) for a, b in zip(latents, base))}
-        results["runs"].append(row)
+    if "cfg-parallel-3" in args.variants and not args.img2img:
+        ap.error("cfg-parallel-3 needs --img2img (text2img has two CFG branches: cond, cfg_text)")
+    if any(steps < 3 for _, steps, _ in runs) and set(PARALLEL) & set(args.variants):
+        ap.error("cfg-parallel variants need STEPS >= 3 (two step events to time between)")
+    results: dict = {"device": args.device, "dtype": dtype, "preset": args.preset, "img2img": args.img2img,
+                     "machine": load, "runs": []}
+    rows = [{"size": size, "steps": steps, "concurrent": n} for size, steps, n in runs]
+    for variant in args.variants:
+        engine = None
+        if variant in PARALLEL:  # rank 0 is the eager pipeline (now one rank of the engine), the others spawned
+            from vllm_omni_plugin.diffusion.parallel import ParallelConfig
+            from vllm_omni_plugin.diffusion.workers import launch_engine
+
+            engine = launch_engine(functools.partial(load_bagel_pipeline, str(ckpt), dtype), device=args.device,
+                                   options=DitOptions(parallel=ParallelConfig(cfg_degree=PARALLEL[variant])),
+                                   main_pipeline=eager)
+        try:
+            for row, (size, steps, n) in zip(rows, runs):
+                if engine is not None:
+                    run_parallel(engine, eager, variant, size, 3, n, args.device, args.img2img)  # warm-up
+                    per_step, latents = run_parallel(engine, eager, variant, size, steps, n, args.device,
+                                                     args.img2img)
+                else:
+                    pipe = compiled if variant == "compiled" else eager
+                    run_variant(pipe, variant, size, 3, n, args.device, args.img2img)  # warm-up at this shape
+                    per_step, latents = run_variant(pipe, variant, size, steps, n, args.device, args.img2img)
+                row.setdefault("_latents", latents)
+                row[variant] = {"s_per_step": round(per_step, 5),
+                                "images_per_s": round(n / (per_step * (steps - 1)), 3),
+                                "max_abs_latents_vs_first": max(float((a - b).abs().max())
+                                                                for a, b in zip(latents, row["_latents"]))}
+            if engine is not None:  # the context KV each worker rank was sent (all runs, warm-ups included)
+                results.setdefault("kv_bytes_sent_per_rank", {})[variant] = dict(engine.pipeline.parallel.sent_bytes)
+        finally:
+            if engine is not None:
+                engine.close()
+    for row in rows:
+        row.pop("_latents")
+    results["runs"] = rows
     if args.reference_steps:
         results["reference"] = {"size": runs[0][0],
                                 "s_per_step": round(reference_per_step(ckpt, runs[0][0], args.device, args.reference_steps), 5)}
@@ -215,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_bagel_dit.json").write_text(text)
     print(text)
-    print(f"\n| BAGEL DiT, {args.preset}, {dtype}, {args.device} (load {load['loadavg_start'][0]} -> "
-          f"{load['loadavg_end'][0]}) | " + " | ".join(f"{v} s/step" for v in args.variants) + " | vs per-branch |")
+    task = "img2img" if args.img2img else "text2img"
+    print(f"\n| BAGEL DiT {task}, {args.preset}, {dtype}, {args.device} (load {load['loadavg_start'][0]} -> "
+          f"{load['loadavg_end'][0]}) | " + " | ".join(f"{v} s/step" for v in args.variants) + f" | vs {args.variants[0]} |")
     print("|---|" + "---|" * (len(args.variants) + 1))
     for row in results["runs"]:
         first = row[args.variants[0]]["s_per_step"]

@@ -37,3 +37,29 @@ def checkpoint(tmp_path_factory) -> Callable[..., Path]:
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def bench_bagel_dit(tmp_path, monkeypatch) -> Callable[[list[str]], dict]:
+    """`bench_bagel_dit(argv)` -> the JSON of benchmarks/bench_bagel_dit.py's `main(argv)`, run in this
+    process (it exits 0; torch's CPU thread count, which the script sets, is restored)."""
+    import importlib.util
+    import json
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bagel_dit.py"
+    spec = importlib.util.spec_from_file_location("bench_bagel_dit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+
+    def run(argv: list[str]) -> dict:
+        threads = torch.get_num_threads()
+        try:
+            assert bench.main(argv) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return json.loads((tmp_path / "bench_bagel_dit.json").read_text())
+
+    return run

@@ -202,26 +202,12 @@ def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe):
     assert worst <= 1e-5, worst
 
 
-def test_benchmark_smoke(ckpt, capsys, tmp_path, monkeypatch):
+def test_benchmark_smoke(ckpt, capsys, bench_bagel_dit):
     """benchmarks/bench_bagel_dit.py at tiny size: the batched latents agree with the per-branch ones,
     the reference runs, the table comes last. (The compiled variant and --attention are left out:
     their first compiles cost tens of seconds on this CPU; the compile test above covers the former.)"""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bagel_dit.py"
-    spec = importlib.util.spec_from_file_location("bench_bagel_dit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setenv("OUT", str(tmp_path))
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", "per-branch", "batched",
-                           "--reference-steps", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    results = json.loads((tmp_path / "bench_bagel_dit.json").read_text())
+    results = bench_bagel_dit(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", "per-branch", "batched",
+                               "--reference-steps", "1"])
     assert [(r["size"], r["concurrent"]) for r in results["runs"]] == [(32, 2)]
     for row in results["runs"]:
         assert row["batched"]["max_abs_latents_vs_first"] <= 1e-5 and row["batched"]["s_per_step"] > 0

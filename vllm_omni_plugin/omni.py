@@ -67,7 +67,8 @@ class Omni:
     engine_config   token budget / max running requests of the step batcher
     parallel        multi-GPU DiT: ParallelConfig or {"cfg_degree": 2, "ulysses_degree": 1,
                     "ring_degree": 1}; world size = their product, one GPU per rank
-                    (this process is rank 0; call `shutdown()` to stop the others)
+                    (this process is rank 0; call `shutdown()` to stop the others); multi-stage
+                    BAGEL takes {"cfg_degree": 2 or 3} (its CFG branches on different ranks)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     engine_process  False (default): the engine runs in this process; True: in its own
@@ -117,10 +118,10 @@ class Omni:
         options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
         config = multistage_config(model, stage_config)
         if config is not None:
-            if options.parallel.world_size > 1 or options.quantization is not None:
-                raise ValueError("parallel / quantization apply to diffusers DiT models, not to "
-                                 f"the multi-stage model {model}")
-            if options.compile is not None:  # its diffusion stage applies it (StageOrchestrator)
+            if options.parallel.sp_degree > 1 or options.quantization is not None:
+                raise ValueError("sequence parallelism (ulysses / ring) and quantization apply to diffusers DiT "
+                                 f"models, not to the multi-stage model {model} (its DiT stage takes cfg_degree)")
+            if options.multi_stage_values():  # its diffusion stage applies them (StageOrchestrator)
                 config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
             # Multi-stage: AR stage on vLLM, DiT stage on a thread (or in its process); the same
             # orchestrator the server awaits, run on a private event loop.

@@ -47,8 +47,8 @@ def test_flags_override_the_stage_config(checkpoint, tmp_path):
 
 
 def test_multistage_diffusion_stage_takes_compile_and_cfg_batch(checkpoint, tmp_path):
-    """BAGEL's DiT stage: --omni-dit-compile and the stage config's cfg_batch reach its dit_options
-    (StageOrchestrator applies them to the pipeline); parallelism / fp8 stay refused."""
+    """BAGEL's DiT stage: --omni-dit-compile, --omni-cfg-parallel-size and the stage config's cfg_batch
+    reach its dit_options (StageOrchestrator applies them); sequence parallelism / fp8 stay refused."""
     from pathlib import Path
 
     import vllm_omni_plugin.families.bagel as family
@@ -66,7 +66,10 @@ def test_multistage_diffusion_stage_takes_compile_and_cfg_batch(checkpoint, tmp_
     config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path), "--omni-dit-compile",
                                                     "regional"]))
     assert config.stage_config.final_stage.dit_options == {"cfg_batch": False, "compile": "regional"}
-    with pytest.raises(ConfigError, match="--omni-dit-quantization.*not multi-stage.*takes cfg_batch, compile"):
+    config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path),
+                                                    "--omni-cfg-parallel-size", "2"]))
+    assert config.stage_config.final_stage.dit_options == {"cfg_batch": False, "cfg_degree": 2}
+    with pytest.raises(ConfigError, match="--omni-dit-quantization.*not multi-stage.*takes cfg_batch, cfg_degree, compile"):
         OmniServerConfig.from_args(parse_args([bagel, "--omni-dit-quantization", "fp8"]))
 
 

@@ -23,7 +23,7 @@ QUANTIZATIONS = ("fp8",)
 COMPILE_MODES = ("regional",)
 #: the options a multi-stage model's diffusion stage takes (its own pipeline applies them:
 #: `apply_dit_options` hands them to a pipeline's `apply_dit_options`)
-MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch"})
+MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch", "cfg_degree"})
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,14 @@ class DitOptions:
 
     def multi_stage_values(self) -> dict[str, Any]:
         """The MULTI_STAGE_OPTIONS that differ from the defaults, as stage-config `dit_options`."""
-        default = DitOptions()
-        return {k: getattr(self, k) for k in sorted(MULTI_STAGE_OPTIONS) if getattr(self, k) != getattr(default, k)}
+        values, default = self.to_dict(), DitOptions().to_dict()
+        return {k: values[k] for k in sorted(MULTI_STAGE_OPTIONS) if values[k] != default[k]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The inverse of `from_dict` (every key)."""
+        p = self.parallel
+        return {"cfg_degree": p.cfg_degree, "ulysses_degree": p.ulysses_degree, "ring_degree": p.ring_degree,
+                "quantization": self.quantization, "compile": self.compile, "cfg_batch": self.cfg_batch}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "DitOptions":

@@ -310,21 +310,42 @@ class DiffusionEngine:
         dropped, admitted = self._take_plan()
         group = self._group
         if group is not None:  # multi-GPU: every rank applies rank 0's plan (parallel.py)
+            # Stage inputs do not ride the broadcast: each rank is sent the shard of each one it
+            # needs (StepwisePipeline.stage_input_shard: BAGEL's context KV of its own CFG branches).
+            sharded = any(r.stage_input is not None for r in admitted)
             group.broadcast_plan(
                 ([r.request_id for r in dropped],
-                 [(r.request_id, r.params, r.arrival, r.stage_input) for r in admitted])
+                 [(r.request_id, r.params, r.arrival, None) for r in admitted], sharded)
             )
+            if sharded:
+                self._send_stage_inputs(group, admitted)
         return self._apply_plan(dropped, admitted)
+
+    def _send_stage_inputs(self, group: Any, admitted: list[_Request]) -> None:
+        """Rank 0: each worker rank gets its shards of the admitted requests' stage inputs; rank 0 keeps its own."""
+        shard = self.pipeline.stage_input_shard
+        degree = group.config.cfg_degree
+        for rank in range(1, group.config.world_size):
+            cfg_rank = group.cfg_rank_of(rank)
+            group.send_object([None if r.stage_input is None else shard(r.stage_input, r.params, cfg_rank, degree)
+                               for r in admitted], rank)
+        for r in admitted:
+            if r.stage_input is not None:
+                r.stage_input = shard(r.stage_input, r.params, group.cfg_rank, degree)
 
     def follow(self) -> None:
         """Worker ranks: apply rank 0's plan each step until rank 0 sends the stop plan (None)."""
         group = self._group
         while (plan := group.broadcast_plan(None)) is not None:
-            dropped_ids, admitted = plan
+            dropped_ids, admitted, sharded = plan
+            requests = [_Request(*entry) for entry in admitted]
+            if sharded:  # this rank's shards of the stage inputs (_send_stage_inputs)
+                for req, stage_input in zip(requests, group.recv_object(0)):
+                    req.stage_input = stage_input
             with self._lock:
                 dropped = [self._running.pop(r) for r in dropped_ids if r in self._running]
             with sdpa_kernel(SDPA_BACKENDS, set_priority=True):  # the same kernels as rank 0
-                self._apply_plan(dropped, [_Request(*entry) for entry in admitted])
+                self._apply_plan(dropped, requests)
 
     def stop_followers(self) -> None:
         """Rank 0: release the worker ranks from `follow()`."""

@@ -192,6 +192,17 @@ class StepwisePipeline(DiffusionPipelineBase):
     partial_downscale: int = 1
     #: this rank's multi-GPU DiT group (parallel.py, set by workers.attach_parallel); None on one device
     parallel: ParallelGroup | None = None
+    #: the dtype of a forward's outputs that CFG ranks all-gather; None: the DiT module's dtype
+    prediction_dtype: torch.dtype | None = None
+
+    def stage_input_shard(self, stage_input: Any, params: ResolvedParams, cfg_rank: int, cfg_degree: int) -> Any:
+        """What of a request's stage input the rank at "cfg" coordinate `cfg_rank` needs (multi-rank DiT).
+
+        Rank 0 sends each worker rank its shard (DiffusionEngine._send_stage_inputs). The default is
+        the whole input; a pipeline whose CFG branches read different parts of it (BAGEL: one context
+        KV per branch) returns only the parts of the branches that rank runs.
+        """
+        return stage_input
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id)

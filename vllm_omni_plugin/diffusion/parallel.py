@@ -32,6 +32,7 @@ batching and scheduler steps are deterministic, so the ranks stay in lockstep.
 from __future__ import annotations
 
 import datetime
+import pickle
 from dataclasses import dataclass
 from typing import Any, Mapping
 from unittest import mock
@@ -123,6 +124,8 @@ class ParallelGroup:
         self.object_group = (
             dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if device.type != "cpu" else dist.group.WORLD
         )
+        #: rank 0: bytes `send_object` sent to each rank so far (what the stage-input shards cost)
+        self.sent_bytes: dict[int, int] = {}
 
     def _gloo_cfg_group(self) -> Any:
         # new_group is collective over all ranks: every rank creates every CFG group, keeps its own.
@@ -137,6 +140,30 @@ class ParallelGroup:
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
+
+    def cfg_rank_of(self, rank: int) -> int:
+        """The "cfg" mesh coordinate of global rank `rank`."""
+        return int((self.mesh.mesh == rank).nonzero()[0][0])
+
+    def send_object(self, obj: Any, dst: int) -> int:
+        """Rank 0: pickle `obj` and send it to rank `dst` alone over the CPU group; returns the bytes sent.
+
+        Point to point, not a broadcast: each rank gets its own payload (a multi-stage DiT's
+        context KV of the CFG branches that rank runs, StepwisePipeline.stage_input_shard).
+        """
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        dist.send(torch.tensor([payload.numel()], dtype=torch.int64), dst, group=self.object_group)
+        dist.send(payload, dst, group=self.object_group)
+        self.sent_bytes[dst] = self.sent_bytes.get(dst, 0) + payload.numel()
+        return payload.numel()
+
+    def recv_object(self, src: int = 0) -> Any:
+        """The object `send_object` sent this rank."""
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=self.object_group)
+        payload = torch.empty(int(size[0]), dtype=torch.uint8)
+        dist.recv(payload, src, group=self.object_group)
+        return pickle.loads(payload.numpy().tobytes())
 
     def broadcast_plan(self, plan: Any) -> Any:
         """Rank 0's `plan` on every rank."""

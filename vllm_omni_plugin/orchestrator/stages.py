@@ -194,6 +194,8 @@ class StageOrchestrator(ABC):
     #: in the process that runs the stage (diffusion.workers.LoaderBuilder)
     pipeline_loader: str = ""
     pipeline_kwargs: dict[str, Any] = {}
+    #: True where the family's DiT stage runs on several ranks (dit_options cfg_degree > 1: BAGEL)
+    dit_parallel: bool = False
 
     def __init__(self, model: str, config: StageConfig, ar_engine_args: dict[str, Any] | None = None,
                  dtype: Any = None, device: Any = None, max_queue: int = 64, *, llm: Any = None,
@@ -217,8 +219,12 @@ class StageOrchestrator(ABC):
         self.llm = llm
         # The DiT stage's engine: what it builds crosses to its process by value (engine/spec.py); the
         # stage config's dit_options (compile, cfg_batch) are applied by the pipeline where it loads.
+        options = DitOptions.from_dict(self.dit.dit_options)
+        if options.parallel.world_size > 1 and not self.dit_parallel:
+            raise ValueError(f"the {config.name} diffusion stage does not run on several ranks (dit_options "
+                             "cfg_degree / --omni-cfg-parallel-size)")
         spec = EngineSpec(LoaderBuilder(self.pipeline_loader, model, dit_dtype, dict(self.pipeline_kwargs)),
-                          device=str(device), options=DitOptions.from_dict(self.dit.dit_options),
+                          device=str(device), options=options,
                           engine_config=EngineConfig(max_running=self.dit.max_batch_size),
                           stage_defaults=self.dit.default_sampling_params or None, stage=self.dit.id)
         #: True: the DiT stage runs in its own process behind `EngineCoreClient` (the server's);

@@ -157,7 +157,7 @@ def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_sta
     unsupported = [k for k in values if k not in MULTI_STAGE_OPTIONS]
     if unsupported and multi_stage:
         given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" if k in _DIT_FLAGS else k for k in unsupported)
-        raise ConfigError(f"{given}: DiT parallelism / fp8 apply to diffusers checkpoints, not multi-stage ones "
+        raise ConfigError(f"{given}: sequence parallelism / fp8 apply to diffusers checkpoints, not multi-stage ones "
                           f"(their diffusion stage takes {', '.join(sorted(MULTI_STAGE_OPTIONS))})")
     try:
         return DitOptions.from_dict(values)

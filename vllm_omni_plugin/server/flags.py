@@ -80,7 +80,8 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--omni-cfg-parallel-size", type=int, default=None,
                        help="DiT CFG / batch split degree (2: cond and uncond on two GPUs; more: concurrent requests "
-                       "are dealt out too). Overrides the stage config's dit_options; world size = cfg x ulysses x "
+                       "are dealt out too; BAGEL: 2 or 3, its cond / cfg_text / cfg_img branches on different "
+                       "ranks, docs/bagel.md). Overrides the stage config's dit_options; world size = cfg x ulysses x "
                        "ring, one GPU per rank.")
     group.add_argument("--omni-ulysses-degree", type=int, default=None, help="DiT Ulysses sequence-parallel degree.")
     group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")

@@ -56,6 +56,8 @@ class BagelOrchestrator(StageOrchestrator):
     pipeline_loader = f"{__package__}.pipeline:load_bagel_pipeline"
     pipeline_kwargs = {"stage_input_required": True}
 
+    dit_parallel = True  # CFG-parallel over dit_options cfg_degree 2|3 (pipeline.BRANCH_RANKS)
+
     # ---- AR -> DiT ------------------------------------------------------------------
     async def _prefill(self, request_id: str, text: str, timings: StageTimings) -> BranchKV:
         """A text-only context: [<|im_start|>] text [<|im_end|>]."""

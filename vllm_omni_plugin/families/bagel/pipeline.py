@@ -58,7 +58,7 @@ from typing import Any, Mapping
 import torch
 
 from .dit.autoencoder import FluxAutoEncoder, to_uint8
-from .dit.context import BagelContext, BranchKV
+from .dit.context import BagelContext, BagelContextShard, BranchKV
 from .dit.encode import check_size, default_size, encode_context
 from .dit.mot import MoTDecoder, Route
 from .dit.weights import BagelModel, load_bagel_model
@@ -85,6 +85,14 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 #: rows attend one by one instead (measured on CPU: docs/bagel.md, "The DiT step")
 PADDING_WASTE = 0.25
 MAX_LAYOUTS = 3  # batch layouts kept (BagelStepwise._batch_layout)
+#: CFG-parallel (dit_options cfg_degree): the "cfg" rank each branch runs on, per degree. Over two
+#: ranks the companions share rank 1: cond's context is as long as cfg_text's and cfg_img's together
+#: (img2img: image + text vs image, text), so both ranks receive about the same KV bytes.
+BRANCH_RANKS: Mapping[int, Mapping[str, int]] = {
+    1: {"cond": 0, "cfg_text": 0, "cfg_img": 0},
+    2: {"cond": 0, "cfg_text": 1, "cfg_img": 1},
+    3: {"cond": 0, "cfg_text": 1, "cfg_img": 2},
+}
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,14 @@ class BagelCfg(CfgLayout):
     @property
     def branches(self) -> int:
         # The most forwards one step can need (for the engine's token budget).
-        return 1 + (self.text_scale > 1) + (self.text_scale > 1 and self.img_scale is not None and self.img_scale > 1)
+        return len(self.branch_names)
+
+    @property
+    def branch_names(self) -> list[str]:
+        """The branches some step of the request runs."""
+        if not self.text_scale > 1:
+            return ["cond"]
+        return ["cond", "cfg_text"] + (["cfg_img"] if self.img_scale is not None and self.img_scale > 1 else [])
 
     def scales_at(self, t: float) -> tuple[float, float]:
         """(text, image) scales at flow time t; (1, 1) outside the interval."""
@@ -146,6 +161,7 @@ class BagelStepwise(StepwisePipeline):
     )
 
     stage_input_type = BagelContext
+    prediction_dtype = torch.float32  # the velocities (latent_out(...).float()) the CFG ranks gather
 
     def __init__(self, model: BagelModel, model_id: str = "", batch_cfg: bool = True,
                  stage_input_required: bool = False) -> None:
@@ -174,13 +190,19 @@ class BagelStepwise(StepwisePipeline):
         return self.model.device
 
     def apply_dit_options(self, options: Any) -> None:
-        """The DiT options that apply to BAGEL (diffusion/acceleration.py `DitOptions`): `cfg_batch`, `compile`.
+        """The DiT options that apply to BAGEL (diffusion/acceleration.py `DitOptions`): `cfg_batch`,
+        `compile`, `cfg_degree`.
 
         compile="regional": one torch.compile'd MoT decoder layer, shared by every layer.
+        cfg_degree 2 or 3: CFG-parallel (BRANCH_RANKS; the ranks are workers.launch_engine's).
         """
-        if options.quantization is not None or options.parallel.world_size > 1:
-            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch and compile; "
-                             "quantization and CFG / sequence parallelism are not implemented for it")
+        par = options.parallel
+        if options.quantization is not None or par.sp_degree > 1:
+            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch, compile and cfg_degree; "
+                             "quantization and sequence parallelism (Ulysses, ring) are not implemented for it")
+        if par.cfg_degree not in BRANCH_RANKS:
+            raise ValueError(f"BAGEL's DiT has at most 3 CFG branches (cond, cfg_text, cfg_img): cfg_degree "
+                             f"(--omni-cfg-parallel-size) must be 1, 2 or 3, got {par.cfg_degree}")
         self.batch_cfg = options.cfg_batch
         if options.compile is not None:
             # Dynamic token counts from the start: the rows (CFG on / off, concurrent requests) and
@@ -218,7 +240,28 @@ class BagelStepwise(StepwisePipeline):
         }
         if not float(v["cfg_text_scale"]) > 1:  # no text CFG: the negative prompt's context is never used
             out["negative_prompt"] = None
+        degree = self.cfg_degree
+        if degree > 1:
+            names = BagelCfg(text_scale=float(v["cfg_text_scale"]), img_scale=out["cfg_img_scale"]).branch_names
+            if len(names) < degree:
+                what = "img2img" if image is not None else "text2img"
+                raise InvalidParams(
+                    f"this BAGEL DiT stage runs CFG-parallel over {degree} ranks (--omni-cfg-parallel-size "
+                    f"{degree}), one CFG branch or more each; this {what} request has {len(names)} "
+                    f"({', '.join(names)}): send a request with cfg_text_scale > 1"
+                    + (" and cfg_img_scale > 1 with one input image" if degree == 3 else "")
+                    + f", or serve with --omni-cfg-parallel-size {max(len(names), 1)}",
+                    "cfg_text_scale" if len(names) == 1 else ("image" if image is None else "cfg_img_scale"))
         return out
+
+    @property
+    def cfg_degree(self) -> int:
+        return 1 if self.parallel is None else self.parallel.config.cfg_degree
+
+    def stage_input_shard(self, stage_input: Any, params: ResolvedParams, cfg_rank: int, cfg_degree: int) -> Any:
+        """The context KV of the branches of this request that run on `cfg_rank` (BRANCH_RANKS)."""
+        ranks = BRANCH_RANKS[cfg_degree]
+        return stage_input.shard([n for n in self._cfg(params).branch_names if ranks[n] == cfg_rank])
 
     def _cfg(self, params: ResolvedParams) -> BagelCfg:
         x = params.extra
@@ -231,9 +274,11 @@ class BagelStepwise(StepwisePipeline):
         )
 
     # ---- prepare --------------------------------------------------------------------
-    def context_for(self, params: ResolvedParams, request_id: str, ctx: BagelContext | None) -> BagelContext:
+    def context_for(self, params: ResolvedParams, request_id: str,
+                    ctx: BagelContext | BagelContextShard | None) -> BagelContext | BagelContextShard:
         """The request's handed-over context (its branches read from the transfer store where the
-        hand-over left them there: `BagelContext.loaded`), or (standalone only) one prefilled here."""
+        hand-over left them there: `BagelContext.loaded`; a CFG-parallel rank's shard arrives read),
+        or (standalone only) one prefilled here."""
         if ctx is None:
             if self.stage_input_required:  # the engine refuses this at add_request; a direct call too
                 raise StageInputError(f"request {request_id}: the bagel diffusion stage needs a BagelContext "
@@ -246,7 +291,9 @@ class BagelStepwise(StepwisePipeline):
                              f"the request resolved to {params.height}x{params.width}")
         return ctx.loaded()
 
-    def prepare(self, params: ResolvedParams, request_id: str, stage_input: BagelContext | None = None) -> DiffusionState:
+    def prepare(self, params: ResolvedParams, request_id: str,
+                stage_input: BagelContext | BagelContextShard | None = None) -> DiffusionState:
+        """stage_input: the request's context; on a CFG-parallel rank its shard (stage_input_shard)."""
         with torch.no_grad():
             started = time.perf_counter()
             ctx = self.context_for(params, request_id, stage_input)
@@ -255,6 +302,8 @@ class BagelStepwise(StepwisePipeline):
             if ctx.is_img2img != (cfg.img_scale is not None):
                 raise ValueError(f"request {request_id}: the context is {'img2img' if ctx.is_img2img else 'text2img'} "
                                  f"but the request has {'an' if params.images else 'no'} input image")
+            if self.parallel is not None and isinstance(ctx, BagelContext):  # prefilled here: keep this rank's
+                ctx = self.stage_input_shard(ctx, params, self.parallel.cfg_rank, self.cfg_degree)
             m, c = self.model, self.model.config
             branches = {k: b.to(self.device, m.dtype) for k, b in ctx.branches().items()}
             generator = params.generator()
@@ -275,7 +324,8 @@ class BagelStepwise(StepwisePipeline):
                 extras={"branches": branches, "sigmas": sigmas.tolist(), "sigmas_dev": sigmas.to(self.device),
                         "pos_ids": m.latent_position_ids(params.height, params.width),
                         "context_seconds": context_seconds},
-                tokens_per_row=n_tok + 2 + max(b.num_tokens for b in branches.values()),
+                # from every branch's length, not this rank's: all CFG ranks batch alike
+                tokens_per_row=n_tok + 2 + max(ctx.token_counts().values()),
             )
 
     # ---- denoise --------------------------------------------------------------------
@@ -296,14 +346,27 @@ class BagelStepwise(StepwisePipeline):
     def denoise_step(self, states: list[DiffusionState]) -> list[torch.Tensor]:
         with torch.no_grad():
             blocks = [(s, name) for s in states for name in self._needed(s)]
-            if self.batch_cfg:
-                outs = self._forward(blocks)
-            else:  # one forward per branch, in block order
-                names = list(dict.fromkeys(n for _, n in blocks))
-                per = {n: iter(self._forward([b for b in blocks if b[1] == n])) for n in names}
-                outs = [next(per[n]) for _, n in blocks]
-            by_block = dict(zip([(id(s), n) for s, n in blocks], outs))
+            degree = self.cfg_degree
+            if degree == 1:
+                by_block = dict(zip([(id(s), n) for s, n in blocks], self._run_blocks(blocks)))
+            else:  # CFG-parallel: this rank runs its branches' blocks, the velocities are all-gathered
+                ranks = BRANCH_RANKS[degree]
+                owned = [[b for b in blocks if ranks[b[1]] == r] for r in range(degree)]
+                mine = owned[self.parallel.cfg_rank]
+                gathered = self.parallel.gather_blocks(self._run_blocks(mine), [len(o) for o in owned])
+                by_block = {(id(s), n): v for rank_blocks, vs in zip(owned, gathered)
+                            for (s, n), v in zip(rank_blocks, vs)}
             return [self._combine(s, {n: by_block[(id(s), n)] for n in self._needed(s)}) for s in states]
+
+    def _run_blocks(self, blocks: list[tuple[DiffusionState, str]]) -> list[torch.Tensor]:
+        """Velocities of (state, branch) blocks, in block order: one forward, or one per branch."""
+        if not blocks:
+            return []
+        if self.batch_cfg:
+            return self._forward(blocks)
+        names = list(dict.fromkeys(n for _, n in blocks))
+        per = {n: iter(self._forward([b for b in blocks if b[1] == n])) for n in names}
+        return [next(per[n]) for _, n in blocks]
 
     def _forward(self, blocks: list[tuple[DiffusionState, str]]) -> list[torch.Tensor]:
         """One MoT forward over every row of every (state, branch) block; velocities per block."""

@@ -148,3 +148,52 @@ class BagelContext:
         if self.cfg_img is not None:
             out["cfg_img"] = self.cfg_img
         return out
+
+    def token_counts(self) -> dict[str, int]:
+        """Each branch's context length."""
+        return {name: b.num_tokens for name, b in self.branches().items()}
+
+    def shard(self, names: list[str]) -> "BagelContextShard":
+        """The part one CFG-parallel rank of the DiT stage receives: the KV of the branches `names`.
+
+        A branch still in the transfer store is read here (once: each branch runs on one rank), so
+        the shard sent to a worker rank holds tensors, and rank 0 reads only its own branches."""
+        branches = self.branches()
+        load = lambda b: b.load() if isinstance(b, BranchRef) else b  # noqa: E731
+        return BagelContextShard(self.request_id, {n: load(branches[n]) for n in names}, self.token_counts(),
+                                 self.height, self.width, self.is_img2img)
+
+
+@dataclass(frozen=True)
+class BagelContextShard:
+    """A BagelContext as one rank of a CFG-parallel DiT stage holds it (docs/bagel.md, "CFG-parallel").
+
+    kv: the context KV of the branches this rank runs, by name; counts: every branch's context
+    length (all ranks size a request's forwards alike, and so batch alike).
+    """
+
+    request_id: str
+    kv: dict[str, BranchKV]
+    counts: dict[str, int]
+    height: int
+    width: int
+    is_img2img: bool
+
+    def branches(self) -> dict[str, BranchKV]:
+        return dict(self.kv)
+
+    def loaded(self) -> "BagelContextShard":
+        return self  # read when it was cut (BagelContext.shard)
+
+    def discard(self) -> None:
+        """Nothing held in the store: a shard's KV was read when it was cut."""
+
+    def token_counts(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def shard(self, names: list[str]) -> "BagelContextShard":
+        missing = set(names) - set(self.kv)
+        if missing:
+            raise ValueError(f"request {self.request_id}: this rank holds no KV of branch(es) {sorted(missing)}")
+        return BagelContextShard(self.request_id, {n: self.kv[n] for n in names}, self.counts, self.height,
+                                 self.width, self.is_img2img)
