@@ -30,7 +30,7 @@ PREFILL_ROUTE = "/v1/omni/prefill"
 _MODES = ("RGB", "RGBA", "L")
 
 
-def _png(image: Any) -> str:
+def png_base64(image: Any) -> str:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
@@ -57,7 +57,7 @@ def encode_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"an AR prompt crosses hosts without {sorted(unknown)}")
     out = {k: (list(v) if k == "prompt_token_ids" else v) for k, v in prompt.items() if k != "multi_modal_data"}
     mm = prompt.get("multi_modal_data") or {}
-    out["multi_modal_data"] = {m: ([_png(i) for i in v] if isinstance(v, (list, tuple)) else _png(v))
+    out["multi_modal_data"] = {m: ([png_base64(i) for i in v] if isinstance(v, (list, tuple)) else png_base64(v))
                                for m, v in mm.items()}
     return out
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .ar_wire import PREFILL_ROUTE, encode_prompt
+from .ar_wire import PREFILL_ROUTE, encode_prompt, png_base64
 from .engine_loop import StageUnavailable
 
 logger = logging.getLogger("vllm.omni_plugin.orchestrator")
@@ -65,13 +65,8 @@ def sampling_fields(params: Any) -> dict[str, Any]:
 
 
 def png_data_url(image: Any) -> str:
-    """A PIL image as a `data:image/png;base64,` URL (lossless)."""
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    """A PIL image as a `data:image/png;base64,` URL (lossless; ar_wire's one PNG encoding)."""
+    return "data:image/png;base64," + png_base64(image)
 
 
 def checkpoint_fingerprint(directory: str | Path) -> str:
