@@ -73,13 +73,20 @@ def test_positions_equal_transformers_get_rope_index(glm_image_checkpoint, heigh
     table.register(n, 7, [(3, 5)])  # another request in another slot
     delta = table.register(n, start, grids)
     steps = ref_decode.shape[1] + 3  # past the end marker: it repeats
-    codes = torch.arange(n + delta, n + delta + steps).expand(3, -1)
+    codes = torch.arange(n + delta, n + delta + steps).repeat(3, 1)
     assert int(codes.max()) < 2**31  # vLLM's position buffer is int32 on the CPU runner
-    ours = table.positions(codes)
-    assert torch.equal(ours[:, : ref_decode.shape[1]], ref_decode)
-    assert torch.equal(ours[:, -3:], ref_decode[:, -1:].expand(3, 3))
     # Prompt columns (mixed into the same batch) pass through unchanged.
     mixed = torch.cat([positions, codes[:, :5]], dim=1)
+    # The conversion writes into the caller's buffer (piecewise CUDA graphs read their inputs
+    # at the captured addresses): here a [3, N] view of a wider buffer, as vLLM's GPU runner
+    # hands it (its buffer has one extra column, so the view is not contiguous).
+    buffer = torch.zeros(3, steps + 1, dtype=torch.long)
+    view = buffer[:, :steps]
+    view.copy_(codes)
+    ours = table.positions(view)
+    assert ours.data_ptr() == buffer.data_ptr() and ours.stride() == view.stride()
+    assert torch.equal(buffer[:, : ref_decode.shape[1]], ref_decode)
+    assert torch.equal(buffer[:, steps - 3 : steps], ref_decode[:, -1:].expand(3, 3))
     assert torch.equal(table.positions(mixed)[:, :n], positions)
 
 
@@ -105,6 +112,23 @@ def test_greedy_tokens_equal_transformers(glm_image_checkpoint, glm_ar_llm, heig
     # Only image tokens can come out of GLM-Image's vision-vocabulary head.
     assert max(got) < glm_ar_llm.llm_engine.model_config.hf_config.text_config.vision_vocab_size
     assert got == expected
+
+
+def test_two_sizes_decoding_in_one_batch_equal_transformers(glm_image_checkpoint, glm_ar_llm):
+    """Two target sizes generated in one batch: each request decodes from its own slot of the
+    grid table (the H200 run of 2026-12-02 disagreed with transformers only when batched)."""
+    from vllm import SamplingParams
+
+    sizes = [(256, 256), (256, 448)]
+    prompts, params, expected = [], [], []
+    for height, width in sizes:
+        grids = target_grids(height, width, text_to_image=True)
+        n = sum(h * w for h, w in grids.decode_grids) + 1
+        expected.append(_greedy_transformers(glm_image_checkpoint, height, width, n))
+        prompts.append({"prompt_token_ids": _our_prompt_ids(glm_image_checkpoint, height, width)})
+        params.append(SamplingParams(temperature=0.0, max_tokens=n))
+    outs = glm_ar_llm.generate(prompts, params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
 
 
 def test_sampling_defaults_come_from_generation_config(glm_image_checkpoint, glm_ar_llm):

@@ -101,10 +101,17 @@ class DecodeGridTable:
         return CODE_BASE + slot * SLOT_TOKENS - num_prompt_tokens
 
     def positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """[3, N] positions with generated-token codes replaced by their real 3-D positions.
+        """Replace generated-token codes in the [3, N] `positions` by their real 3-D positions, IN PLACE.
 
         Codes carry the same value on all three rows (vLLM writes them so); other
-        columns are returned unchanged.
+        columns are left unchanged. Returns `positions` itself.
+
+        In place because the tensor handed on to the compiled language model must be
+        the runner's own position buffer: vLLM's piecewise CUDA graphs (prefill and
+        mixed batches) replay their kernels on the input addresses seen at capture and
+        copy no inputs (`CUDAGraphWrapper`'s contract). A fresh tensor here made every
+        replay read freed memory: wrong positions, and at times an illegal memory access
+        (H200, 2026-12-02; eager decoding was right).
         """
         # No early exit on "no codes in this batch": that would sync the device every
         # step and cannot be captured in a CUDA graph; the lookup is a few small kernels.
@@ -123,4 +130,4 @@ class DecodeGridTable:
         t = torch.where(in1, start, torch.where(in2, start2, end))
         hh = torch.where(in1, start + step // w1, torch.where(in2, start2 + s2 // w2, end))
         ww = torch.where(in1, start + step % w1, torch.where(in2, start2 + s2 % w2, end))
-        return torch.where(is_code.unsqueeze(0), torch.stack([t, hh, ww]), positions)
+        return positions.copy_(torch.where(is_code.unsqueeze(0), torch.stack([t, hh, ww]), positions))
