@@ -137,6 +137,26 @@ def test_varlen_packing_and_kernel_choice(pipe):
     assert varlen_kernel(torch.device("cpu"), torch.bfloat16) is segment_attention
 
 
+def test_flash_varlen_call_on_the_meta_device():
+    """The CUDA kernel's call as the packed path makes it, traced through torch's own fake kernel of
+    varlen_attn on the meta device (BAGEL's 28 / 4 heads, d 128, bf16): the wrapper's argument checks
+    pass (grouped-query heads need enable_gqa in this torch) and the unpacked output has the rows'
+    shape. The numbers themselves only the GPU computes (benchmarks/README.md, --attention)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from vllm_omni_plugin.families.bagel.dit.attention import flash_varlen_attention, pack_context
+    from vllm_omni_plugin.families.bagel.dit.context import BranchKV
+
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    rows = [BranchKV((torch.empty(n, 4, 128, **meta),), (torch.empty(n, 4, 128, **meta),), n) for n in (40, 0, 7)]
+    packed = pack_context(rows, 10, 1, flash_varlen_attention)
+    q, k = torch.empty(3, 10, 28, 128, **meta), torch.empty(3, 10, 4, 128, **meta)
+    out = packed.attend(0, q, k, k)
+    assert (out.shape, out.device.type, out.dtype) == ((3, 10, 28 * 128), "meta", torch.bfloat16)
+    with pytest.raises(ValueError, match="enable_gqa"):  # the check enable_gqa answers is live
+        varlen_attn(q.flatten(0, 1), packed.keys[0], packed.values[0], packed.cu_q, packed.cu_k, 10, 50)
+
+
 def test_cfg_batch_option_and_engine_batches_requests(pipe):
     """dit_options cfg_batch: false selects the per-branch path; both give the same images, and the
     engine runs concurrent requests' rows in the same forward either way."""
