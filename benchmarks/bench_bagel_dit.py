@@ -10,7 +10,10 @@ What one run measures, on one checkpoint (written by the tests' factory when --c
 or when it lacks config.json):
   * for each run SIZE:STEPS[xN] (N concurrent text2img requests, default 1) and each variant
         per-branch   dit_options cfg_batch: false (one MoT forward per CFG branch)
-        batched      the default (every branch of every request in one forward)
+        batched      the default (every branch of every request in one forward; attention_mode auto)
+        batched-padded / batched-per-row / batched-varlen
+                     batched with dit_options attention_mode padded / per_row / varlen (the rows'
+                     contexts right-padded + masked, one SDPA per row, packed for a varlen kernel)
         compiled     batched + compile: regional (one warm-up request compiles first)
         cfg-parallel-2 / cfg-parallel-3
                      dit_options cfg_degree 2 / 3: the CFG branches on 2 / 3 ranks (spawned
@@ -26,8 +29,9 @@ or when it lacks config.json):
   * the plain-PyTorch reference (tests/reference/bagel_generation.py: full sequence per branch,
     no KV cache) at the first run's size: seconds per text2img CFG step (its two forwards, median
     of --reference-steps), for scale (0 skips);
-  * --attention: the median time of --repeat calls of one batched step's attention, three ways (SDPA with a boolean mask
-    over right-padded contexts, FlexAttention with a block mask, one SDPA per row) at BAGEL's
+  * --attention: the median time of --repeat calls of one batched step's attention, four ways (SDPA with a boolean mask
+    over right-padded contexts, FlexAttention with a block mask, one SDPA per row, the rows packed
+    back to back through the DiT's varlen path: dit/attention.py, torch's varlen_attn on CUDA) at BAGEL's
     head layout (28 query heads, 4 KV heads, d 128) and --attention-shape.
 Prints JSON, then a short table last; writes $OUT/bench_bagel_dit.json when OUT is set.
 """
@@ -46,7 +50,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("per-branch", "batched", "compiled", "cfg-parallel-2", "cfg-parallel-3")
+VARIANTS = ("per-branch", "batched", "compiled", "batched-padded", "batched-per-row", "batched-varlen",
+            "cfg-parallel-2", "cfg-parallel-3")
+#: batched variants with a fixed attention_mode ("batched" and the others: "auto")
+ATTENTION = {"batched-padded": "padded", "batched-per-row": "per_row", "batched-varlen": "varlen"}
 PARALLEL = {"cfg-parallel-2": 2, "cfg-parallel-3": 3}
 PROMPTS = ["a red cat on a blue chair", "a lighthouse at dusk, oil painting", "two dogs playing in the snow",
            "a bowl of ramen, top view", "a city street in the rain at night", "an astronaut riding a horse",
@@ -90,6 +97,7 @@ def run_variant(pipe, variant: str, size: int, steps: int, n: int, device: str,
                 img2img: bool = False) -> tuple[float, list[torch.Tensor]]:
     """Seconds per step of n concurrent requests' denoising loop, and their final latents."""
     pipe.batch_cfg = variant != "per-branch"
+    pipe.attention_mode = ATTENTION.get(variant, "auto")
     states = [pipe.prepare(pipe.resolve(request(i, size, steps, img2img)), f"{variant}-{size}-{i}") for i in range(n)]
     sync(device)
     started = time.perf_counter()
@@ -187,9 +195,23 @@ def attention_bench(shape: str, device: str, dtype: torch.dtype, repeat: int) ->
     def flexed():
         return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
-    out = {}
+    # attention_mode "varlen" as the DiT runs it: the contexts packed once, the image tokens' own K/V
+    # written into their slots, then the kernel of this device / dtype (torch's varlen_attn on CUDA)
+    from vllm_omni_plugin.families.bagel.dit.attention import pack_context, varlen_kernel
+    from vllm_omni_plugin.families.bagel.dit.context import BranchKV
+
+    to_rows = lambda t: t.transpose(1, 2)  # noqa: E731  (rows, heads, tokens, d) -> (rows, tokens, heads, d)
+    contexts = [BranchKV((to_rows(k)[r, :n],), (to_rows(v)[r, :n],), n) for r, n in enumerate(lengths)]
+    packed = pack_context(contexts, n_query, 1, varlen_kernel(torch.device(device), dtype))
+    q_rows, k_own, v_own = to_rows(q), to_rows(k)[:, longest:], to_rows(v)[:, longest:]
+
+    def varlen():
+        return packed.attend(0, q_rows, k_own, v_own).unflatten(-1, (heads, d)).transpose(1, 2)
+
+    out = {"varlen_kernel": packed.kernel.__name__}
     oracle = per_row()
-    for name, fn in (("sdpa_bool_mask", masked), ("flex_block_mask", flexed), ("per_row_loop", per_row)):
+    for name, fn in (("sdpa_bool_mask", masked), ("flex_block_mask", flexed), ("per_row_loop", per_row),
+                     ("varlen_packed", varlen)):
         started = time.perf_counter()
         result = fn()  # warm-up (flex: compiles)
         sync(device)
@@ -308,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in results:
         a = results["attention"]
         print(f"| attention {a['shape']['query_tokens']} query x contexts {a['shape']['context_lengths']} (ms) | "
-              + ", ".join(f"{k} {a[k]['ms']}" for k in ("sdpa_bool_mask", "flex_block_mask", "per_row_loop")) + " |")
+              + ", ".join(f"{k} {a[k]['ms']}" for k in ("sdpa_bool_mask", "flex_block_mask", "per_row_loop", "varlen_packed"))
+              + f" ({a['varlen_kernel']}) |")
     return 0
 
 

@@ -52,7 +52,7 @@ REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["padded", "per_row"])
+@pytest.mark.parametrize("mode", ["padded", "per_row", "varlen"])
 @pytest.mark.parametrize("case", list(REQUESTS))
 def test_batched_branches_equal_one_forward_per_branch(pipe, case, mode):
     """Every step's velocity of the one batched forward == one forward per (request, branch) block,
@@ -67,8 +67,10 @@ def test_batched_branches_equal_one_forward_per_branch(pipe, case, mode):
     for _ in range(STEPS - 1):
         pipe.batch_cfg = True
         batched = pipe.denoise_step(states)
-        with torch.no_grad():  # the oracle: each block alone, no padding, no mask
+        with torch.no_grad():  # the oracle: each block alone, no padding, no mask, no packing (one SDPA)
+            pipe.attention_mode = "padded"
             alone = {(id(s), n): pipe._forward([(s, n)])[0] for s in states for n in pipe._needed(s)}
+            pipe.attention_mode = mode
         pipe.batch_cfg = False
         per_branch = pipe.denoise_step(states)
         for s, v, w in zip(states, batched, per_branch):
@@ -94,15 +96,65 @@ def test_auto_attention_mode_pads_similar_lengths_only(pipe):
 
 
 def test_auto_attention_mode_on_cuda_never_masks():
-    """On CUDA a mask would leave the flash kernel: rows of unequal contexts go one by one, equal ones
-    stay padded (no mask); the CPU rule is the padding-waste one. Pure rule, synthetic lengths."""
+    """On CUDA a mask would leave the flash kernel: rows of unequal contexts are packed for torch's
+    varlen kernel, equal ones stay padded (no mask); the CPU rule is the padding-waste one. Pure rule,
+    synthetic lengths."""
     from vllm_omni_plugin.families.bagel.pipeline import auto_attention_mode
 
     t2i_1024 = ([20, 0], 4098)  # prompt vs empty context beside a 1024^2 image's tokens
     assert auto_attention_mode(*t2i_1024, "cpu") == "padded"
-    assert auto_attention_mode(*t2i_1024, "cuda") == "per_row"
+    assert auto_attention_mode(*t2i_1024, "cuda") == "varlen"
     assert auto_attention_mode([33, 33, 33], 1026, "cuda") == "padded"
     assert auto_attention_mode([600, 560, 40], 258, "cpu") == "per_row"
+    assert auto_attention_mode([600, 560, 40], 258, "cuda") == "varlen"
+
+
+def test_varlen_packing_and_kernel_choice(pipe):
+    """The packed layout the CUDA kernel reads: cu_seqlens (device) == the host offsets the CPU kernel
+    slices by, each row's context at its offset followed by its image tokens' slots (written by the
+    step), and the kernel torch's varlen_attn on CUDA half precision only."""
+    from vllm_omni_plugin.families.bagel.dit.attention import (flash_varlen_attention, has_flash_varlen,
+                                                               pack_context, segment_attention, varlen_kernel)
+
+    states = _states(pipe, REQUESTS["i2i"])
+    rows = [b for s in states for b in s.extras["branches"].values()]
+    n_query = states[0].latents.shape[1] + 2
+    packed = pack_context(rows, n_query, pipe.model.config.layers, segment_attention)
+    lengths = [b.num_tokens + n_query for b in rows]
+    assert packed.cu_k.dtype == packed.cu_q.dtype == torch.int32
+    assert packed.cu_k.tolist() == list(packed.offsets_k) == [0, *np.cumsum(lengths).tolist()]
+    assert packed.cu_q.tolist() == list(packed.offsets_q) == [n_query * r for r in range(len(rows) + 1)]
+    assert (packed.max_q, packed.max_k) == (n_query, max(lengths))
+    for r, b in enumerate(rows):
+        start = packed.offsets_k[r]
+        assert torch.equal(packed.keys[1][start:start + b.num_tokens], b.keys[1])
+        assert torch.equal(packed.values[0][start:start + b.num_tokens], b.values[0])
+        assert packed.slots[r * n_query:(r + 1) * n_query].tolist() == list(range(start + b.num_tokens,
+                                                                                   packed.offsets_k[r + 1]))
+    assert has_flash_varlen()  # torch >= 2.10 (the GPU box's 2.11 too)
+    assert varlen_kernel(torch.device("cuda"), torch.bfloat16) is flash_varlen_attention
+    assert varlen_kernel(torch.device("cuda"), torch.float32) is segment_attention  # flash: half precision only
+    assert varlen_kernel(torch.device("cpu"), torch.bfloat16) is segment_attention
+
+
+def test_flash_varlen_call_on_the_meta_device():
+    """The CUDA kernel's call as the packed path makes it, traced through torch's own fake kernel of
+    varlen_attn on the meta device (BAGEL's 28 / 4 heads, d 128, bf16): the wrapper's argument checks
+    pass (grouped-query heads need enable_gqa in this torch) and the unpacked output has the rows'
+    shape. The numbers themselves only the GPU computes (benchmarks/README.md, --attention)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from vllm_omni_plugin.families.bagel.dit.attention import flash_varlen_attention, pack_context
+    from vllm_omni_plugin.families.bagel.dit.context import BranchKV
+
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    rows = [BranchKV((torch.empty(n, 4, 128, **meta),), (torch.empty(n, 4, 128, **meta),), n) for n in (40, 0, 7)]
+    packed = pack_context(rows, 10, 1, flash_varlen_attention)
+    q, k = torch.empty(3, 10, 28, 128, **meta), torch.empty(3, 10, 4, 128, **meta)
+    out = packed.attend(0, q, k, k)
+    assert (out.shape, out.device.type, out.dtype) == ((3, 10, 28 * 128), "meta", torch.bfloat16)
+    with pytest.raises(ValueError, match="enable_gqa"):  # the check enable_gqa answers is live
+        varlen_attn(q.flatten(0, 1), packed.keys[0], packed.values[0], packed.cu_q, packed.cu_k, 10, 50)
 
 
 def test_cfg_batch_option_and_engine_batches_requests(pipe):
@@ -125,6 +177,29 @@ def test_cfg_batch_option_and_engine_batches_requests(pipe):
         DitOptions.from_dict({"cfg_batch": "no"})
 
 
+def test_attention_mode_option(pipe):
+    """dit_options attention_mode reaches the pipeline; unknown modes are refused; the engine's images
+    are the same in every mode."""
+    out = {}
+    try:
+        for mode in ("padded", "per_row", "varlen"):
+            apply_dit_options(pipe, DitOptions.from_dict({"attention_mode": mode}))
+            assert pipe.attention_mode == mode
+            engine = DiffusionEngine(pipe)
+            for rid, p in REQUESTS["i2i"].items():
+                engine.add_request(rid, dataclasses.replace(p, num_inference_steps=STEPS, output_type="latent"))
+            final = engine.run()
+            out[mode] = {rid: final[rid].output.latents for rid in REQUESTS["i2i"]}
+    finally:
+        apply_dit_options(pipe, DitOptions())
+    assert pipe.attention_mode == "auto"
+    for rid in REQUESTS["i2i"]:
+        for mode in ("per_row", "varlen"):
+            assert (out[mode][rid] - out["padded"][rid]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="attention_mode"):
+        DitOptions.from_dict({"attention_mode": "masked"})
+
+
 # Ops that make the host wait for a device value (or whose output size depends on one).
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.masked_select", "aten.equal",
             "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor", "aten.item")
@@ -142,14 +217,18 @@ class _SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("batch_cfg", [True, False])
-def test_no_host_sync_inside_a_step(pipe, batch_cfg):
-    """denoise_step + scheduler_step of text2img and img2img requests read no device value back."""
-    pipe.batch_cfg = batch_cfg
+@pytest.mark.parametrize("batch_cfg,mode", [(True, "auto"), (False, "auto"), (True, "padded"), (True, "per_row"),
+                                            (True, "varlen")])
+def test_no_host_sync_inside_a_step(pipe, batch_cfg, mode):
+    """denoise_step + scheduler_step of text2img and img2img requests read no device value back, in
+    every attention mode (varlen: cu_seqlens and the slots built with the batch layout, from host
+    lengths)."""
+    pipe.batch_cfg, pipe.attention_mode = batch_cfg, mode
     try:
         states = _states(pipe, {"a": SamplingParams(prompt="a red cat", height=32, width=32, seed=1,
                                                      num_inference_steps=4, extra={"cfg_interval": (0.0, 1.0)}),
-                                "b": SamplingParams(prompt="a blue dog", height=32, width=32, seed=2, num_inference_steps=4,
+                                "b": SamplingParams(prompt="a much longer prompt about a blue dog", height=32,
+                                                    width=32, seed=2, num_inference_steps=4,
                                                     extra={"timestep_shift": 1.0})})
         for step in range(3):  # the first step builds the batch layout, the last runs without CFG for "b"
             with _SyncRecorder() as rec:
@@ -161,17 +240,20 @@ def test_no_host_sync_inside_a_step(pipe, batch_cfg):
             states[0].latents.sum().item()
         assert rec.seen == ["aten._local_scalar_dense.default"]
     finally:
-        pipe.batch_cfg = True
+        pipe.batch_cfg, pipe.attention_mode = True, "auto"
 
 
-def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe):
+@pytest.mark.parametrize("mode", ["auto", "varlen"])
+def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe, mode):
     """compile="regional": the two token-wise regions of the MoT layer compile in the first step
     (one graph per region and expert weight layout) and nothing recompiles after it -- not when CFG
-    turns off (1 row instead of 2), nor for a second request of another prompt length and image size."""
+    turns off (1 row instead of 2), nor for a second request of another prompt length and image size;
+    with the rows packed for the varlen kernel (attention stays eager between the regions) too."""
     from torch._dynamo.utils import counters
 
     compiled = load_bagel_pipeline(ckpt, dtype=torch.float32, device="cpu")
-    apply_dit_options(compiled, DitOptions(compile="regional"))
+    apply_dit_options(compiled, DitOptions(compile="regional", attention_mode=mode))
+    assert compiled.attention_mode == mode
     assert compiled.decoder.compiled and not pipe.decoder.compiled
     torch._dynamo.reset()
     counters.clear()
@@ -203,14 +285,17 @@ def test_regional_compile_matches_eager_and_does_not_recompile(ckpt, pipe):
 
 
 def test_benchmark_smoke(ckpt, capsys, bench_bagel_dit):
-    """benchmarks/bench_bagel_dit.py at tiny size: the batched latents agree with the per-branch ones,
-    the reference runs, the table comes last. (The compiled variant and --attention are left out:
-    their first compiles cost tens of seconds on this CPU; the compile test above covers the former.)"""
-    results = bench_bagel_dit(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", "per-branch", "batched",
+    """benchmarks/bench_bagel_dit.py at tiny size: the batched latents (attention_mode auto, and forced
+    to varlen) agree with the per-branch ones, the reference runs, the table comes last. (The compiled
+    variant and --attention are left out: their first compiles cost tens of seconds on this CPU; the
+    compile test above covers the former.)"""
+    variants = ["per-branch", "batched", "batched-varlen"]
+    results = bench_bagel_dit(["--ckpt", str(ckpt), "--runs", "32:3x2", "--variants", *variants,
                                "--reference-steps", "1"])
     assert [(r["size"], r["concurrent"]) for r in results["runs"]] == [(32, 2)]
     for row in results["runs"]:
-        assert row["batched"]["max_abs_latents_vs_first"] <= 1e-5 and row["batched"]["s_per_step"] > 0
+        for variant in variants[1:]:
+            assert row[variant]["max_abs_latents_vs_first"] <= 1e-5 and row[variant]["s_per_step"] > 0
     assert results["reference"]["s_per_step"] > 0
     table = capsys.readouterr().out.rstrip().splitlines()
     assert table[-2].startswith("| 32^2, 3 steps, 2 concurrent") and table[-1].startswith("| reference")

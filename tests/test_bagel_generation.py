@@ -85,8 +85,11 @@ def test_negative_prompt_companion_matches_reference(pipe, ref):
     _close(ours, ref.generate("a red cat", negative_prompt="blurry", height=32, width=32, seed=3, steps=STEPS))
 
 
-def test_batched_equals_single(pipe):
-    """Two requests (different prompt lengths -> padded, masked contexts) in one denoise step."""
+@pytest.mark.parametrize("mode", ["auto", "varlen"])
+def test_batched_equals_single(pipe, mode):
+    """Two requests (different prompt lengths -> padded, masked contexts; or packed for the varlen
+    kernel) in one denoise step."""
+    pipe.attention_mode = mode
     requests = {
         "a": SamplingParams(prompt="a red cat", height=32, width=48, num_inference_steps=STEPS, seed=4),
         "b": SamplingParams(prompt="a much longer prompt about a blue dog on a chair", height=32, width=48,
@@ -97,6 +100,7 @@ def test_batched_equals_single(pipe):
     for rid, p in requests.items():
         engine.add_request(rid, p)
     final = engine.run()
+    pipe.attention_mode = "auto"
     assert set(engine.stats.batch_sizes) == {2}  # every step ran both requests in one forward
     for rid in requests:
         assert final[rid].kind == "finished"

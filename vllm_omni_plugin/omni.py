@@ -71,6 +71,8 @@ class Omni:
                     BAGEL takes {"cfg_degree": 2 or 3} (its CFG branches on different ranks)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
+    attention_mode  multi-stage BAGEL: how its batched CFG rows attend ("auto", "padded", "per_row",
+                    "varlen"; docs/bagel.md "The DiT step")
     engine_process  False (default): the engine runs in this process; True: in its own
                     process, as under `vllm serve --omni` (a multi-stage model's DiT stage too)
     loras           {name: path} LoRA adapters to serve (docs/server.md "LoRA adapters"); given
@@ -95,6 +97,7 @@ class Omni:
         parallel: ParallelConfig | Mapping[str, int] | None = None,
         quantization: str | None = None,
         compile: str | None = None,
+        attention_mode: str = "auto",
         engine_process: bool = False,
         loras: Mapping[str, str] | None = None,
         max_loras: int = 4,
@@ -115,7 +118,8 @@ class Omni:
 
         if not isinstance(parallel, ParallelConfig):
             parallel = ParallelConfig.from_dict(parallel)
-        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
+        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile,
+                             attention_mode=attention_mode)
         config = multistage_config(model, stage_config)
         if config is not None:
             if options.parallel.sp_degree > 1 or options.quantization is not None:

@@ -44,11 +44,13 @@ def test_flags_override_the_stage_config(checkpoint, tmp_path):
         parse_args([model, "--omni-dit-compile", "cudagraphs"])
     with pytest.raises(ConfigError, match="not multi-stage"):
         OmniServerConfig.from_args(parse_args([str(checkpoint("bagel")), "--omni-ring-degree", "2"]))
+    with pytest.raises(ConfigError, match="only BAGEL's DiT stage takes it"):
+        OmniServerConfig.from_args(parse_args([model, "--omni-dit-attention-mode", "varlen"]))
 
 
 def test_multistage_diffusion_stage_takes_compile_and_cfg_batch(checkpoint, tmp_path):
-    """BAGEL's DiT stage: --omni-dit-compile, --omni-cfg-parallel-size and the stage config's cfg_batch
-    reach its dit_options (StageOrchestrator applies them); sequence parallelism / fp8 stay refused."""
+    """BAGEL's DiT stage: --omni-dit-compile, --omni-cfg-parallel-size, --omni-dit-attention-mode and the
+    stage config's cfg_batch / attention_mode reach its dit_options (StageOrchestrator applies them); sequence parallelism / fp8 stay refused."""
     from pathlib import Path
 
     import vllm_omni_plugin.families.bagel as family
@@ -69,7 +71,18 @@ def test_multistage_diffusion_stage_takes_compile_and_cfg_batch(checkpoint, tmp_
     config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path),
                                                     "--omni-cfg-parallel-size", "2"]))
     assert config.stage_config.final_stage.dit_options == {"cfg_batch": False, "cfg_degree": 2}
-    with pytest.raises(ConfigError, match="--omni-dit-quantization.*not multi-stage.*takes cfg_batch, cfg_degree, compile"):
+    config = OmniServerConfig.from_args(parse_args([bagel, "--omni-dit-attention-mode", "varlen"]))
+    assert config.stage_config.final_stage.dit_options == {"attention_mode": "varlen"}
+    path.write_text(text.replace("    final_output: true", "    final_output: true\n    dit_options: {attention_mode: per_row}"))
+    config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path)]))
+    assert config.stage_config.final_stage.dit_options == {"attention_mode": "per_row"}
+    config = OmniServerConfig.from_args(parse_args([bagel, "--stage-configs-path", str(path),
+                                                    "--omni-dit-attention-mode", "padded"]))  # the flag wins
+    assert config.stage_config.final_stage.dit_options == {"attention_mode": "padded"}
+    with pytest.raises(SystemExit):
+        parse_args([bagel, "--omni-dit-attention-mode", "masked"])
+    with pytest.raises(ConfigError, match="--omni-dit-quantization.*not multi-stage.*takes attention_mode, cfg_batch, "
+                       "cfg_degree, compile"):
         OmniServerConfig.from_args(parse_args([bagel, "--omni-dit-quantization", "fp8"]))
 
 

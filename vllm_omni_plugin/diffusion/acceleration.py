@@ -21,9 +21,13 @@ QUANTIZATIONS = ("fp8",)
 #: trees overwrite one block's output with the next block's replay (all blocks
 #: are one compiled function), so the first step failed (docs/benchmarks.md).
 COMPILE_MODES = ("regional",)
+#: how batched rows attend to contexts of different lengths (BAGEL's DiT: docs/bagel.md, "The DiT
+#: step"): "auto" picks per batch, "padded" (right-padded + mask), "per_row" (one SDPA per row),
+#: "varlen" (packed back to back, a variable-length kernel)
+ATTENTION_MODES = ("auto", "padded", "per_row", "varlen")
 #: the options a multi-stage model's diffusion stage takes (its own pipeline applies them:
 #: `apply_dit_options` hands them to a pipeline's `apply_dit_options`)
-MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch", "cfg_degree"})
+MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch", "cfg_degree", "attention_mode"})
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,13 @@ class DitOptions:
     """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8";
     compile: None (eager) or "regional" (see COMPILE_MODES); cfg_batch: True (default) runs
     a step's CFG branches in one forward, False one forward per branch (the pipeline's
-    `batch_cfg`)."""
+    `batch_cfg`); attention_mode: ATTENTION_MODES (a multi-stage model's DiT only: BAGEL's)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: str | None = None
     compile: str | None = None
     cfg_batch: bool = True
+    attention_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -45,6 +50,8 @@ class DitOptions:
             raise ValueError(f"compile must be one of {COMPILE_MODES} or unset, got {self.compile!r}")
         if not isinstance(self.cfg_batch, bool):
             raise ValueError(f"cfg_batch must be true or false, got {self.cfg_batch!r}")
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
 
     def multi_stage_values(self) -> dict[str, Any]:
         """The MULTI_STAGE_OPTIONS that differ from the defaults, as stage-config `dit_options`."""
@@ -55,18 +62,20 @@ class DitOptions:
         """The inverse of `from_dict` (every key)."""
         p = self.parallel
         return {"cfg_degree": p.cfg_degree, "ulysses_degree": p.ulysses_degree, "ring_degree": p.ring_degree,
-                "quantization": self.quantization, "compile": self.compile, "cfg_batch": self.cfg_batch}
+                "quantization": self.quantization, "compile": self.compile, "cfg_batch": self.cfg_batch,
+                "attention_mode": self.attention_mode}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "DitOptions":
         """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8", "compile": "regional",
-        "cfg_batch": true}."""
+        "cfg_batch": true, "attention_mode": "varlen"}."""
         values = dict(values or {})
         quantization = values.pop("quantization", None)
         compile_mode = values.pop("compile", None)
         cfg_batch = values.pop("cfg_batch", True)
+        attention_mode = values.pop("attention_mode", "auto")
         return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization, compile=compile_mode,
-                   cfg_batch=cfg_batch)
+                   cfg_batch=cfg_batch, attention_mode=attention_mode)
 
 
 def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -173,6 +182,9 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
         return
     if not options.cfg_batch and hasattr(pipeline, "batch_cfg"):
         pipeline.batch_cfg = False
+    if options.attention_mode != "auto":  # diffusers' DiTs attend through diffusers' processors
+        raise ValueError(f"attention_mode {options.attention_mode!r}: only BAGEL's DiT stage takes attention_mode; "
+                         f"{type(pipeline.pipe).__name__} attends through diffusers")
     if options.quantization is None and options.compile is None:
         return
     if not dit_modules(pipeline):

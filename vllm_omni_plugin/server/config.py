@@ -147,6 +147,7 @@ _DIT_FLAGS = {
     "ring_degree": "omni_ring_degree",
     "quantization": "omni_dit_quantization",
     "compile": "omni_dit_compile",
+    "attention_mode": "omni_dit_attention_mode",
 }
 
 
@@ -155,6 +156,9 @@ def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_sta
     flags = {key: getattr(args, dest, None) for key, dest in _DIT_FLAGS.items()}
     values = {**from_stage, **{k: v for k, v in flags.items() if v is not None}}
     unsupported = [k for k in values if k not in MULTI_STAGE_OPTIONS]
+    if not multi_stage and values.get("attention_mode", "auto") != "auto":
+        raise ConfigError("--omni-dit-attention-mode / attention_mode: only BAGEL's DiT stage takes it; a diffusers "
+                          "checkpoint attends through diffusers")
     if unsupported and multi_stage:
         given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" if k in _DIT_FLAGS else k for k in unsupported)
         raise ConfigError(f"{given}: sequence parallelism / fp8 apply to diffusers checkpoints, not multi-stage ones "

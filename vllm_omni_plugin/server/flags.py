@@ -106,6 +106,11 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # choices = acceleration.COMPILE_MODES, not imported: this module stays free of torch
     group.add_argument("--omni-dit-compile", choices=["regional"], default=None,
                        help="regional: torch.compile the DiT's repeated blocks.")
+    # choices = acceleration.ATTENTION_MODES
+    group.add_argument("--omni-dit-attention-mode", choices=["auto", "padded", "per_row", "varlen"], default=None,
+                       help="BAGEL's DiT: how the batched CFG rows attend to contexts of different lengths "
+                       "(auto: per batch; padded: right-padded + mask; per_row: one SDPA per row; varlen: packed, "
+                       "torch's varlen_attn on CUDA). docs/bagel.md, \"The DiT step\".")
     group.add_argument(
         "--omni-lora", action="append", default=[], metavar="NAME=PATH",
         help="A LoRA adapter (diffusers-format .safetensors, as pipeline.load_lora_weights reads it) served under "

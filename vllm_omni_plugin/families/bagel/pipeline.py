@@ -40,7 +40,8 @@ README's text2img settings use cfg_img_scale=1.0, which is what we do.)
 
 Batching: rows of any number of requests and CFG branches with the same image
 size share one forward; contexts of different lengths are right-padded and
-masked (docs/bagel.md, "The DiT step"). `batch_cfg=False` (dit_options
+masked, attended row by row, or packed for a variable-length kernel
+(`attention_mode`; dit/attention.py, docs/bagel.md "The DiT step"). `batch_cfg=False` (dit_options
 `cfg_batch: false`) runs one forward per CFG branch instead (the requests of a
 branch still share it). The step itself keeps the host out of the loop: flow
 times live as Python floats and on the device, the marker embeddings and the
@@ -58,6 +59,7 @@ from typing import Any, Mapping
 import torch
 
 from .dit.autoencoder import FluxAutoEncoder, to_uint8
+from .dit.attention import pack_context, varlen_kernel
 from .dit.context import BagelContext, BagelContextShard, BranchKV
 from .dit.encode import check_size, default_size, encode_context
 from .dit.mot import MoTDecoder, Route
@@ -178,9 +180,10 @@ class BagelStepwise(StepwisePipeline):
         #: the laid-out contexts of the last batch layouts (reused while the batch stays the same;
         #: one per forward of a step: up to three with batch_cfg=False)
         self._layouts: list[tuple[Any, tuple[Any, ...]]] = []
-        #: how a batched forward attends to contexts of different lengths: "padded" (right-padded +
-        #: boolean mask, one SDPA), "per_row" (one SDPA per row over its own context), or "auto":
-        #: padded unless padding adds more than PADDING_WASTE to the attended keys (docs/bagel.md)
+        #: how a batched forward attends to contexts of different lengths (ATTENTION_MODES, dit_options
+        #: attention_mode): "padded" (right-padded + boolean mask, one SDPA), "per_row" (one SDPA per row
+        #: over its own context), "varlen" (rows packed back to back, a variable-length kernel:
+        #: dit/attention.py), or "auto" (`auto_attention_mode`)
         self.attention_mode = "auto"
         #: behind the AR stage every request brings its BagelContext; standalone, one is prefilled here
         self.stage_input_required = stage_input_required
@@ -191,19 +194,20 @@ class BagelStepwise(StepwisePipeline):
 
     def apply_dit_options(self, options: Any) -> None:
         """The DiT options that apply to BAGEL (diffusion/acceleration.py `DitOptions`): `cfg_batch`,
-        `compile`, `cfg_degree`.
+        `compile`, `cfg_degree`, `attention_mode`.
 
         compile="regional": one torch.compile'd MoT decoder layer, shared by every layer.
         cfg_degree 2 or 3: CFG-parallel (BRANCH_RANKS; the ranks are workers.launch_engine's).
         """
         par = options.parallel
         if options.quantization is not None or par.sp_degree > 1:
-            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch, compile and cfg_degree; "
+            raise ValueError("BAGEL's DiT stage takes dit_options cfg_batch, compile, cfg_degree and attention_mode; "
                              "quantization and sequence parallelism (Ulysses, ring) are not implemented for it")
         if par.cfg_degree not in BRANCH_RANKS:
             raise ValueError(f"BAGEL's DiT has at most 3 CFG branches (cond, cfg_text, cfg_img): cfg_degree "
                              f"(--omni-cfg-parallel-size) must be 1, 2 or 3, got {par.cfg_degree}")
         self.batch_cfg = options.cfg_batch
+        self.attention_mode = options.attention_mode
         if options.compile is not None:
             # Dynamic token counts from the start: the rows (CFG on / off, concurrent requests) and
             # the image size change between steps and requests without recompiling (MoTDecoder).
@@ -389,16 +393,19 @@ class BagelStepwise(StepwisePipeline):
         Built on the host once per batch layout (which requests, which branches) and reused by the
         following steps while it stays the same: restacking every layer's context KV each step would
         copy all of it again."""
-        key = (n_lat, [(s, name, s.rows) for s, name in blocks])  # the states themselves: by identity
+        # the states themselves: by identity; the mode too (a layout is padded, per row or packed)
+        key = (n_lat, self.attention_mode, [(s, name, s.rows) for s, name in blocks])
         for known, layout in self._layouts:
             if _same_layout(known, key):
                 return layout
         del self._layouts[MAX_LAYOUTS - 1:]  # the oldest layout's copy is freed before this one is built
         rows = [s.extras["branches"][name] for s, name in blocks for _ in range(s.rows)]
         positions = torch.tensor([b.latent_position for b in rows], device=self.device)[:, None].expand(len(rows), n_lat + 2)
-        layers = self.model.config.layers
-        if self._attention_mode(rows, n_lat + 2) == "per_row":  # each row's own KV: nothing copied
+        layers, mode = self.model.config.layers, self._attention_mode(rows, n_lat + 2)
+        if mode == "per_row":  # each row's own KV: nothing copied
             past, mask = [[(b.keys[i], b.values[i]) for b in rows] for i in range(layers)], None
+        elif mode == "varlen":  # packed back to back once; each step writes only the image tokens' K/V
+            past, mask = pack_context(rows, n_lat + 2, layers, varlen_kernel(self.device, self.model.dtype)), None
         else:
             past, mask = _stack_context(rows, n_lat + 2, layers)
         self._layouts.insert(0, (key, (Route.vae_block(), positions, past, mask)))
@@ -453,7 +460,7 @@ class BagelStepwise(StepwisePipeline):
     # ---- decode ---------------------------------------------------------------------
     def decode(self, state: DiffusionState) -> DiffusionOutput:
         # a finished request's context is not kept alive by the layout cache
-        self._layouts = [(k, v) for k, v in self._layouts if not any(s is state for s, _, _ in k[1])]
+        self._layouts = [(k, v) for k, v in self._layouts if not any(s is state for s, _, _ in k[2])]
         p = state.params
         if p.output_type == "latent":
             out = DiffusionOutput(state.request_id, "latent", p, latents=state.latents)
@@ -470,13 +477,16 @@ class BagelStepwise(StepwisePipeline):
 def auto_attention_mode(lengths: list[int], n_query: int, device_type: str) -> str:
     """attention_mode "auto" for rows with these context lengths (docs/bagel.md, "The DiT step").
 
-    CPU: padded (one masked SDPA) unless padding adds more than PADDING_WASTE to the attended keys.
-    CUDA: padded only when no mask is needed (equal lengths), else row by row: SDPA with a mask
-    leaves the flash kernel, and on an H200 the masked batched text2img step at 1024^2 ran at 0.88x
-    of one forward per branch (docs/benchmarks.md, 2026-12-02).
+    CPU: padded (one masked SDPA) unless padding adds more than PADDING_WASTE to the attended keys,
+    then per_row: torch has no CPU varlen kernel, so varlen there is the same SDPA per row over
+    packed buffers, measured no faster (0.9-1.0x of per_row) and holding a packed copy of every
+    context. CUDA: padded only when no mask is needed (equal lengths: one flash SDPA), else varlen
+    (torch's flash varlen_attn over the packed rows, one call per layer): SDPA with a mask leaves the
+    flash kernel (on an H200 the masked batched text2img step at 1024^2 ran at 0.88x of one forward
+    per branch, docs/benchmarks.md, 2026-12-02), and per_row is a launch per row and layer.
     """
     if device_type == "cuda":
-        return "padded" if len(set(lengths)) == 1 else "per_row"
+        return "padded" if len(set(lengths)) == 1 else "varlen"
     padded, exact = len(lengths) * (max(lengths) + n_query), sum(lengths) + len(lengths) * n_query
     return "per_row" if padded > (1 + PADDING_WASTE) * exact else "padded"
 
@@ -487,9 +497,9 @@ def _to_pil(pixels: Any) -> list[Any]:
     return [Image.fromarray(a) for a in pixels]
 
 
-def _same_layout(a: tuple[int, list], b: tuple[int, list]) -> bool:
-    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
-        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
+def _same_layout(a: tuple[int, str, list], b: tuple[int, str, list]) -> bool:
+    return a[:2] == b[:2] and len(a[2]) == len(b[2]) and all(
+        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[2], b[2]))
 
 
 def _renorm_scale(cond: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...], minimum: float) -> torch.Tensor:

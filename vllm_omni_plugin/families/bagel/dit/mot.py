@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .attention import PackedContext, attention, attention_per_row
 from .weights import BagelModel
 
 UND, GEN = "", "_moe_gen"  # weight-name suffix of each expert
@@ -148,7 +149,7 @@ class MoTDecoder:
         x: torch.Tensor,
         route: Route,
         positions: torch.Tensor,
-        past: list[Any] | None = None,
+        past: list[Any] | PackedContext | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run query tokens x (B, N, hidden) through every layer.
@@ -157,7 +158,8 @@ class MoTDecoder:
         context, either (K, V) each (B, T, kv_heads, head_dim) -- rows padded to
         one length, attn_mask hiding the padding -- or a list of B per-row
         (K_r, V_r), each (T_r, kv_heads, head_dim): one attention per row over
-        its own context, no padding (`attention_per_row`). attn_mask: bool
+        its own context, no padding (`attention_per_row`) -- or one `PackedContext` for all
+        layers: the rows packed back to back, a variable-length kernel. attn_mask: bool
         (B, 1, N, T+N), True = may attend; None = every query token sees everything.
         Returns the final-normed hidden states and each layer's new (K, V) of
         the query tokens (post-norm, post-RoPE: the cache layout).
@@ -185,6 +187,8 @@ class MoTDecoder:
             new_kv.append((k, v))
             if past is None:
                 attn = attention(q, k, v, attn_mask)
+            elif isinstance(past, PackedContext):
+                attn = past.attend(i, q, k, v)
             elif isinstance(past[i], list):
                 attn = attention_per_row(q, k, v, past[i])
             else:
@@ -233,22 +237,3 @@ def post_attention(w: Mapping[str, torch.Tensor | None], x: torch.Tensor, attn: 
     """One expert's residual stream x (M, hidden) and attention output (M, heads*d) -> the layer's output."""
     x = x + _linear(w, "o_proj", attn)
     return x + _mlp_block(w, x, eps)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q (B, N, heads, d), k/v (B, S, kv_heads, d) -> (B, N, heads*d). Grouped-query: kv head j serves
-    the consecutive query heads j*g .. j*g+g-1 (Qwen2's repeat_kv)."""
-    group = q.shape[2] // k.shape[2]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
-
-
-def attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Row r's queries q[r] attend to its own context past[r] (T_r, kv_heads, d) then to k[r] / v[r]:
-    no padding, no mask (the CPU / SDPA stand-in for a varlen kernel)."""
-    rows = [attention(q[r:r + 1], torch.cat([pk, k[r]])[None], torch.cat([pv, v[r]])[None], None)
-            for r, (pk, pv) in enumerate(past)]
-    return torch.cat(rows)
