@@ -7,10 +7,12 @@ each sized to finish within ~9 minutes on 2x H200 (README_gpu_perf.txt):
 
   single    one GPU: 1024x1024 50 steps ours vs diffusers + compile (the same
             compiled transformer); 8 concurrent 512x512 (20 steps): ours vs diffusers
-            one by one and diffusers' batched prompt-list call; fp8 (torchao, per-row)
-            DiT step time and the 50-step result's deviation from bf16 (max latent
-            error, PSNR of decoded images; a second DiT with the same seeded weights
-            is quantized); step caching at --cache-thresholds (speed, skipped
+            one by one and diffusers' batched prompt-list call; fp8 in two forms
+            (torchao dynamic per-row "fp8", calibrated static per-tensor "fp8_static"):
+            DiT step time, ratio to bf16 and the N-step result's deviation from bf16 (max
+            latent error, PSNR of decoded images; a second DiT with the same seeded weights
+            is quantized; each form under --fp8-limit-s, printing every phase and DiT
+            forward; "fp8" is skipped on CPU, "fp8_static" runs there); step caching at --cache-thresholds (speed, skipped
             branch-forwards, deviation); host overhead of one 512x512 step
   multi     two GPUs: CFG-parallel 1024x1024 50 steps against one GPU in the same
             launch (rank 0's pipeline doubles as the 1-GPU pipeline) and 8x512x512
@@ -56,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qwen_image import CFG, NEGATIVE, PROMPTS  # noqa: E402
 from vllm_omni_plugin.families.qwen_image.checkpoint import build_in_memory  # noqa: E402
 from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams, step_cache  # noqa: E402
-from vllm_omni_plugin.diffusion.acceleration import DitOptions, compile_dit, quantize_fp8  # noqa: E402
+from vllm_omni_plugin.diffusion.acceleration import DitOptions, compile_dit  # noqa: E402
+from vllm_omni_plugin.diffusion.fp8 import calibrate_and_quantize_fp8_static, quantize_fp8  # noqa: E402
 from vllm_omni_plugin.diffusion.parallel import ParallelConfig  # noqa: E402
 from vllm_omni_plugin.families.qwen_image.pipeline import QwenImageStepwise  # noqa: E402
 from vllm_omni_plugin.diffusion.workers import launch_engine  # noqa: E402
@@ -78,6 +81,20 @@ class BenchBuilder:
         if self.compiled:
             compile_dit(pipe.transformer, "regional")
         return QwenImageStepwise(pipe, model_id=f"qwen-image-{self.preset}")
+
+
+class Progress:
+    """Prints a variant's phases and every DiT forward (one per CFG step) with the seconds since it began."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.t0, self.forwards = name, time.perf_counter(), 0
+
+    def __call__(self, what: str) -> None:
+        print(f"    [{self.name} +{time.perf_counter() - self.t0:.1f} s] {what}", flush=True)
+
+    def forward(self) -> None:
+        self.forwards += 1
+        self(f"DiT forward {self.forwards}")
 
 
 class VariantTimeout(Exception):
@@ -297,34 +314,57 @@ class Suite:
         self.record(f"{a.concurrency}x512px, diffusers batched prompt list", f"{a.concurrency / t:.3f} img/s",
                     f"{t:.2f} s")
 
-    def part_fp8(self) -> None:
-        """bf16 vs fp8 on the same weights: a second, seeded-identical DiT is built and quantized."""
+    def part_fp8(self, form: str) -> None:
+        """bf16 vs one fp8 form (`form`: "fp8" dynamic row-wise, "fp8_static" calibrated per-tensor) on the
+        same weights: a second, seeded-identical DiT is built, quantized (fp8_static: calibrated first, on
+        the product's calibration request) and compiled; per-step progress is printed throughout, so a
+        stall shows which phase it is in."""
         from vllm_omni_plugin.checkpoints.weights import random_model
         from vllm_omni_plugin.families.qwen_image.checkpoint import TRANSFORMER
         from diffusers import QwenImageTransformer2DModel
 
         a = self.args
+        if form == "fp8" and (self.device.type != "cuda" or torch.cuda.get_device_capability() < (8, 9)):
+            self.record(form, "SKIPPED", "dynamic row-wise fp8 needs a CUDA GPU with compute capability >= 8.9")
+            return
+        if form == "fp8_static" and self.device.type != "cuda":
+            print("    (fp8_static on CPU: torch's CPU float8 GEMM; the speed is meaningless, the path is checked)")
         ours = self.pipeline()
-        bf16_ms = self.step_ms(a.size)
-        self.record(f"{a.size}px DiT step (CFG), bf16", f"{bf16_ms:.1f} ms")
+        bf16 = ours.pipe.transformer
+        if "bf16_ms" not in self.t1:
+            self.t1["bf16_ms"] = self.step_ms(a.size)
+            self.record(f"{a.size}px DiT step (CFG), bf16", f"{self.t1['bf16_ms']:.1f} ms")
         if "1gpu" not in self.reference:
             self.part_1024()
-        bf16 = ours.pipe.transformer
+        phase = Progress(form)
+        phase("building a second seeded DiT")
         dit = random_model(lambda: QwenImageTransformer2DModel(**TRANSFORMER[a.preset]), seed=0,
                            component="transformer", dtype=bf16.dtype, device=bf16.device)
-        n = quantize_fp8(dit)
-        if not a.eager:
-            compile_dit(dit, "regional")
+        hook = dit.register_forward_pre_hook(lambda m, args: phase.forward())
         ours.pipe.transformer = dit
         try:
+            if form == "fp8_static":
+                phase("calibrating (the product's calibration request, eager)")
+                (n,) = calibrate_and_quantize_fp8_static(ours, [dit])
+            else:
+                phase("quantizing")
+                n = quantize_fp8(dit)
+            if not a.eager:
+                phase("compiling (on the next forward)")
+                compile_dit(dit, "regional")
+            phase("step timing")
             ms = self.step_ms(a.size)
-            self.record(f"{a.size}px DiT step (CFG), fp8", f"{ms:.1f} ms", f"{bf16_ms / ms:.2f}x vs bf16; {n} linears")
-            t = self.e2e_1gpu(a.size, a.steps, "fp8")
-            dev = self.deviation(self.reference["fp8"], self.reference["1gpu"], a.size)
+            self.record(f"{a.size}px DiT step (CFG), {form}", f"{ms:.1f} ms",
+                        f"{self.t1['bf16_ms'] / ms:.2f}x vs bf16; {n} linears", step_ms=ms,
+                        ratio_vs_bf16=round(self.t1["bf16_ms"] / ms, 3))
+            phase(f"{a.steps}-step request")
+            t = self.e2e_1gpu(a.size, a.steps, form)
+            dev = self.deviation(self.reference[form], self.reference["1gpu"], a.size)
             speed = f"{self.t1['ours'] / t:.2f}x vs bf16; " if "ours" in self.t1 else ""
-            self.record(f"{a.size}px {a.steps} steps, fp8, 1 GPU", f"{t:.2f} s",
+            self.record(f"{a.size}px {a.steps} steps, {form}, 1 GPU", f"{t:.2f} s",
                         f"{speed}max latent err {dev['max_latent_err']:.3g}, PSNR {dev['psnr_db']} dB vs bf16", **dev)
         finally:
+            hook.remove()
             ours.pipe.transformer = bf16
             del dit
 
@@ -445,7 +485,8 @@ class Suite:
         self.variant("diffusers 1024", self.part_diffusers_1024)
         self.variant("1 GPU 8x512", self.part_batch_1gpu)
         self.variant("diffusers 8x512", self.part_batch_diffusers)
-        self.variant("fp8", self.part_fp8, limit=max(self.args.variant_limit_s, 240))
+        for form in ("fp8", "fp8_static"):  # each under its own time limit: one stall cannot eat the lease
+            self.variant(form, lambda f=form: self.part_fp8(f), limit=self.args.fp8_limit_s)
         for threshold in self.args.cache_thresholds:
             self.variant(f"cache {threshold}", lambda t=threshold: self.part_cache(t))
         self.suite_overhead()
@@ -552,6 +593,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=480, help="whole-suite budget; later variants are skipped")
     ap.add_argument("--variant-limit-s", type=float, default=180)
     ap.add_argument("--launch-limit-s", type=float, default=240)
+    ap.add_argument("--fp8-limit-s", type=float, default=240,
+                    help="time limit of each fp8 variant (build + quantize/calibrate + compile + timing)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="run only these variants of the suite (names as in `variant(...)`, e.g. 'fp8' 'cache 0.12')")

@@ -69,7 +69,9 @@ class Omni:
                     "ring_degree": 1}; world size = their product, one GPU per rank
                     (this process is rank 0; call `shutdown()` to stop the others); multi-stage
                     BAGEL takes {"cfg_degree": 2 or 3} (its CFG branches on different ranks)
-    quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
+    quantization    None (model dtype), "fp8" (torchao float8 DiT linears, dynamic row-wise
+                    activation scales) or "fp8_static" (per-layer activation scales calibrated at
+                    load on a fixed seeded request; docs/diffusion.md "fp8")
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     attention_mode  multi-stage BAGEL: how its batched CFG rows attend ("auto", "padded", "per_row",
                     "varlen"; docs/bagel.md "The DiT step")

@@ -51,11 +51,14 @@ def launch(checkpoint, compile=None, **degrees):
     return launch_engine(build, device="cpu", options=DitOptions(parallel=ParallelConfig(**degrees), compile=compile))
 
 
-def max_errors_against_one_process(checkpoint, one_process, **launch_kw):
-    """Run REQUESTS on a multi-rank engine; per request, max |latent difference| to the one-process run."""
+def max_errors_against_one_process(checkpoint, one_process, before_run=None, **launch_kw):
+    """Run REQUESTS on a multi-rank engine; per request, max |latent difference| to the one-process run.
+    `before_run(pipeline)`: called with rank 0's pipeline (this process) before the first request."""
     engine = launch(checkpoint, **launch_kw)
     try:
         assert engine.pipeline.parallel.cfg_rank == 0
+        if before_run is not None:
+            before_run(engine.pipeline)
         latents, batches = run(engine)
     finally:
         engine.close()
@@ -73,9 +76,88 @@ def test_cfg_parallel_two_ranks_equals_one_process_bit_for_bit(checkpoint, one_p
 def test_ulysses_two_ranks_matches_one_process(checkpoint, one_process, compile):
     """Eager and with regionally compiled blocks: diffusers' Ulysses attention hands a process group
     to a collective dynamo can neither trace nor fake, so under SP the attention stays eager (the
-    first compiled request failed on 2x H200 before)."""
-    errors = max_errors_against_one_process(checkpoint, one_process, compile=compile, ulysses_degree=2)
+    first compiled request failed on 2x H200 before).
+
+    Compiled: probes on rank 0 show that dynamo really traced the blocks (a hook on each block's MLP ran
+    while compiling) and never the attention (a hook on its q projection, called inside the attention's
+    forward, never ran while compiling), and that the compiled graphs exist (dynamo's counters)."""
+    seen: dict[str, set[bool]] = {"mlp": set(), "attn": set()}
+
+    def probe(pipeline):
+        from vllm_omni_plugin.diffusion.acceleration import _attention_modules
+
+        torch._dynamo.utils.counters.clear()
+        dit = pipeline.pipe.transformer
+        attention = _attention_modules(dit)
+        assert attention and all(getattr(m.forward, "_torchdynamo_disable", False) == (compile is not None)
+                                 for m in attention)
+        for block in dit.transformer_blocks:
+            block.img_mlp.register_forward_pre_hook(lambda m, a: seen["mlp"].add(torch.compiler.is_compiling()))
+            block.attn.to_q.register_forward_pre_hook(lambda m, a: seen["attn"].add(torch.compiler.is_compiling()))
+
+    errors = max_errors_against_one_process(checkpoint, one_process, before_run=probe, compile=compile,
+                                            ulysses_degree=2)
     assert all(e < 1e-4 for e in errors.values()), errors
+    assert seen["attn"] == {False}  # attention eager, compiled or not
+    if compile is None:
+        assert seen["mlp"] == {False}
+    else:
+        assert True in seen["mlp"] and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+def _twin_group_rank(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from vllm_omni_plugin.diffusion.parallel import ParallelGroup
+    from vllm_omni_plugin.diffusion.workers import init_rank
+
+    init_rank(rank, world, port, torch.device("cpu"))
+    try:
+        group = ParallelGroup(ParallelConfig(cfg_degree=2, ulysses_degree=2), torch.device("cpu"), torch.float32)
+        twin = group._gloo_cfg_group()
+        # the two CFG ranks' blocks differ in text length (cond prompt vs negative) and in number
+        text = 7 if group.cfg_rank == 0 else 3
+        counts = [2, 1]
+        local = [torch.full((1, text + 16, 4), float(rank)), torch.full((2, text, 4), rank + 0.5)][:counts[group.cfg_rank]]
+        via_mesh = group.gather_blocks(local, counts)
+        group.cfg_object_group = twin
+        via_twin = group.gather_blocks(local, counts)
+        out.put((rank, dist.get_process_group_ranks(twin), dist.get_process_group_ranks(group.cfg_group),
+                 [[t.tolist() for t in per] for per in via_mesh], [[t.tolist() for t in per] for per in via_twin]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_twin_cfg_group_matches_the_mesh_cfg_group():
+    """ParallelGroup._gloo_cfg_group (the host-side shape exchange's group when the mesh is NCCL) on 4 gloo
+    ranks (cfg 2 x ulysses 2): each rank's twin holds the same ranks as its mesh CFG group, and the shape
+    exchange over it gathers blocks of other text lengths and counts exactly as over the mesh group.
+    Not runnable here: choosing the twin for a CUDA mesh, the NCCL payload gather beside it, and
+    diffusers' Ulysses length exchange taking the gloo half of a `cpu:gloo,cuda:nccl` group."""
+    import torch.multiprocessing as mp
+
+    from vllm_omni_plugin.diffusion.workers import free_port
+
+    ctx, world, port = mp.get_context("spawn"), 4, free_port()
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_twin_group_rank, args=(r, world, port, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(world):
+        rank, twin, cfg, via_mesh, via_twin = out.get(timeout=180)
+        results[rank] = (twin, cfg, via_mesh, via_twin)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, (twin, cfg, via_mesh, via_twin) in results.items():
+        assert twin == cfg and rank in twin and len(twin) == 2, (rank, twin, cfg)
+        assert via_twin == via_mesh
+        other = [r for r in twin if r != rank][0]
+        theirs = via_twin[1 - (twin.index(rank))]
+        text = 7 if twin.index(other) == 0 else 3
+        expected = [torch.full((1, text + 16, 4), float(other)), torch.full((2, text, 4), other + 0.5)]
+        assert theirs == [t.tolist() for t in expected[:[2, 1][twin.index(other)]]]
 
 
 def test_omni_with_cfg_parallel_matches_single_device(checkpoint):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams, load_pipeline, step_cache
-from vllm_omni_plugin.diffusion.acceleration import DitOptions, _fp8_linear, move_biases_after_gemm, quantize_fp8
+from vllm_omni_plugin.diffusion.acceleration import DitOptions
+from vllm_omni_plugin.diffusion.fp8 import fp8_linear, move_biases_after_gemm, quantize_fp8
 from vllm_omni_plugin.diffusion.workers import PipelineBuilder, launch_engine
 from vllm_omni_plugin.request import RequestError, build_sampling_params
 
@@ -105,7 +106,7 @@ def test_fp8_bias_moved_after_the_gemm_keeps_the_transformer_output(checkpoint):
     pipe = load_pipeline(checkpoint("qwen-image"), dtype=torch.float32, device="cpu")
     plain = pipe.generate(req(steps=2)).latents
     dit = pipe.pipe.transformer
-    names = [name for name, m in dit.named_modules() if _fp8_linear(m, name)]
+    names = [name for name, m in dit.named_modules() if fp8_linear(m, name)]
     with_bias = [n for n in names if dit.get_submodule(n).bias is not None]
     assert with_bias  # the block linears of Qwen-Image carry biases
     move_biases_after_gemm(dit, names)

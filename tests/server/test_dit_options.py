@@ -91,3 +91,24 @@ def test_stage_config_dit_options_are_validated():
         parse_stage_config(STAGES.replace("cfg_degree: 2", "cfg_degre: 2"), "s.yaml")
     with pytest.raises(StageConfigError, match="diffusion stages only"):
         parse_stage_config(STAGES.replace("type: diffusion", "type: llm"), "s.yaml")
+
+
+def test_fp8_static_on_every_entry_point(checkpoint, tmp_path):
+    """quantization="fp8_static" from the flag, from the stage config and into Omni's options (the engine
+    applying it, with calibration at load, is tests/diffusion/test_fp8_static.py)."""
+    from vllm_omni_plugin import Omni
+    from vllm_omni_plugin.diffusion.acceleration import QUANTIZATIONS
+    from vllm_omni_plugin.server.config import OmniServerConfig
+    from vllm_omni_plugin.server.flags import make_parser, parse_args
+
+    model = str(checkpoint("qwen-image"))
+    flag = next(a for a in make_parser()._actions if "--omni-dit-quantization" in a.option_strings)
+    assert tuple(flag.choices) == QUANTIZATIONS  # the flag offers exactly what DitOptions takes
+    config = OmniServerConfig.from_args(parse_args([model, "--omni-dit-quantization", "fp8_static"]))
+    assert config.dit_options == DitOptions(quantization="fp8_static")
+    path = tmp_path / "stages.yaml"
+    path.write_text(STAGES.replace("quantization: fp8", "quantization: fp8_static"))
+    config = OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(path)]))
+    assert config.dit_options == DitOptions(parallel=ParallelConfig(cfg_degree=2), quantization="fp8_static")
+    with pytest.raises(ValueError, match="quantization apply to diffusers DiT models, not to the multi-stage"):
+        Omni(str(checkpoint("bagel")), quantization="fp8_static")

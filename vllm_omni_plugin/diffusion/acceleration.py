@@ -1,4 +1,4 @@
-"""DiT acceleration options of one engine: multi-GPU layout and fp8 linears.
+"""DiT acceleration options of one engine: multi-GPU layout, fp8 linears (fp8.py), compile.
 
 These are deployment settings (same for every request), so they live here and in
 the stage config / `Omni(...)` / `vllm serve --omni` flags. Step caching is a
@@ -12,9 +12,12 @@ from typing import Any, Mapping
 
 import torch
 
+from .fp8 import calibrate_and_quantize_fp8_static, quantize_fp8
 from .parallel import ParallelConfig
 
-QUANTIZATIONS = ("fp8",)
+#: "fp8": torchao float8 Linears, activations scaled per row at run time; "fp8_static": one
+#: activation scale per Linear, calibrated at load on a fixed seeded request (fp8.py says how)
+QUANTIZATIONS = ("fp8", "fp8_static")
 #: "regional": torch.compile of the repeated transformer blocks (diffusers'
 #: `compile_repeated_blocks`). A "cudagraphs" mode (the same with
 #: mode="reduce-overhead") was removed after its H200 run: torch's CUDA-graph
@@ -32,7 +35,7 @@ MULTI_STAGE_OPTIONS = frozenset({"compile", "cfg_batch", "cfg_degree", "attentio
 
 @dataclass(frozen=True)
 class DitOptions:
-    """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or "fp8";
+    """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or one of QUANTIZATIONS;
     compile: None (eager) or "regional" (see COMPILE_MODES); cfg_batch: True (default) runs
     a step's CFG branches in one forward, False one forward per branch (the pipeline's
     `batch_cfg`); attention_mode: ATTENTION_MODES (a multi-stage model's DiT only: BAGEL's)."""
@@ -78,69 +81,6 @@ class DitOptions:
                    cfg_batch=cfg_batch, attention_mode=attention_mode)
 
 
-def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
-    # Only the transformer blocks' big projections: embedders, norms' modulation
-    # inputs of tiny size and the final projection stay in the model dtype. fp8
-    # GEMMs need both dims multiples of 16.
-    return (
-        isinstance(module, torch.nn.Linear)
-        and (".blocks." in f".{fqn}" or "transformer_blocks." in fqn)
-        and module.in_features % 16 == 0
-        and module.out_features % 16 == 0
-    )
-
-
-def quantize_fp8(transformer: torch.nn.Module) -> int:
-    """Swap the DiT blocks' Linear layers for torchao float8 (dynamic per-row activations, per-row weights).
-
-    torchao's `Float8DynamicActivationFloat8WeightConfig` is the maintained path
-    (the one diffusers documents); it runs on CUDA devices with fp8 tensor cores
-    (compute capability >= 8.9: Ada, Hopper, Blackwell).
-
-    Returns:
-        the number of Linear layers converted.
-    """
-    device = next(transformer.parameters()).device
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"quantization='fp8' needs a CUDA GPU with compute capability >= 8.9; the DiT is on {device}")
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError as exc:
-        raise ValueError(f"quantization='fp8' needs an importable torchao matching this torch ({exc})") from exc
-    chosen = [name for name, m in transformer.named_modules() if _fp8_linear(m, name)]
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_linear)
-    move_biases_after_gemm(transformer, chosen)
-    return len(chosen)
-
-
-def move_biases_after_gemm(transformer: torch.nn.Module, names: list[str]) -> None:
-    """Wrap each named Linear that has a bias in `_BiasAfterGemm` (see there for why)."""
-    for name in names:
-        parent, _, attr = name.rpartition(".")
-        linear = transformer.get_submodule(name)
-        if linear.bias is not None:
-            setattr(transformer.get_submodule(parent) if parent else transformer, attr, _BiasAfterGemm(linear))
-
-
-class _BiasAfterGemm(torch.nn.Module):
-    """An fp8 Linear whose bias is added after the GEMM, in the model dtype.
-
-    Row-wise scaled fp8 GEMMs with a fused bias are not supported by cuBLASLt in
-    torch 2.10-2.11 + CUDA 13 (`CUBLAS_STATUS_NOT_SUPPORTED`, measured on an
-    H200; pytorch PR 190538); without the bias they take the CUTLASS kernel.
-    Under torch.compile the add fuses into the next elementwise kernel.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.bias = linear.bias
-        linear.bias = None
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.bias
-
-
 def compile_dit(transformer: torch.nn.Module, mode: str, sequence_parallel: bool = False) -> None:
     """Regional torch.compile of the DiT's repeated blocks (`mode` from COMPILE_MODES).
 
@@ -171,7 +111,7 @@ def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
-    """Apply the model-level options to a loaded pipeline's transformer(s): fp8, then compile.
+    """Apply the model-level options to a loaded pipeline's transformer(s): fp8 (either form), then compile.
 
     A pipeline with its own `apply_dit_options(options)` (a DiT that is not a diffusers
     `transformer`, e.g. a functional MoT) applies them itself.
@@ -189,6 +129,10 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
         return
     if not dit_modules(pipeline):
         raise ValueError(f"{type(pipeline.pipe).__name__} has no DiT (`transformer`) for quantization / compile")
+    if options.quantization == "fp8_static":
+        # before compile (calibration runs the eager bf16 DiT) and before the ranks join (each
+        # rank calibrates alone on the same request: fp8.py)
+        calibrate_and_quantize_fp8_static(pipeline, dit_modules(pipeline))
     for transformer in dit_modules(pipeline):
         if options.quantization == "fp8":
             quantize_fp8(transformer)

@@ -85,8 +85,10 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        "ring, one GPU per rank.")
     group.add_argument("--omni-ulysses-degree", type=int, default=None, help="DiT Ulysses sequence-parallel degree.")
     group.add_argument("--omni-ring-degree", type=int, default=None, help="DiT ring-attention sequence-parallel degree.")
-    group.add_argument("--omni-dit-quantization", choices=["fp8"], default=None,
-                       help="fp8: torchao float8 DiT linear layers (CUDA, compute capability >= 8.9).")
+    group.add_argument("--omni-dit-quantization", choices=["fp8", "fp8_static"], default=None,
+                       help="fp8: torchao float8 DiT linear layers, activations scaled per row at run time (CUDA, "
+                       "compute capability >= 8.9). fp8_static: one activation scale per layer, calibrated while "
+                       "the server loads on a fixed seeded request (same GPUs; also runs on CPU); docs/diffusion.md.")
     group.add_argument("--omni-stage", choices=["ar", "dit"], default=None,
                        help="Multi-stage models on separate hosts (docs/server.md): `ar` serves the AR stage alone "
                        "(vLLM's OpenAI server; its KV connector publishes each image request's prompt KV over NIXL "
