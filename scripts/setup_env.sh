@@ -27,5 +27,10 @@ pip install -q -e '.[cpu,test]' ||
 # which fail to load beside the CPU torch and break `import transformers` and
 # vLLM start-up. Nothing here needs them (transformers falls back to PIL).
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# torchao (quantization="fp8_static" on CPU: tests/diffusion/test_fp8_static.py) goes beside the
+# venv, not into it: once importable, transformers imports it in every process (~1 s per engine or
+# server start, and "Failed to load ...so" lines on stderr), and only those tests use it. They put
+# this folder on sys.path themselves. The GPU box's version.
+pip install -q --no-deps --upgrade --target "$VENV/torchao-site" torchao==0.18.0
 "$VENV/bin/python" -c "import vllm, diffusers, transformers, vllm_omni_plugin; print('setup ok: vllm', vllm.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 echo "$want" > "$STAMP"

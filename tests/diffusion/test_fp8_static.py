@@ -9,6 +9,9 @@ real dims, the Triton kernels inductor generates around them (benchmarks/bench_d
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +23,14 @@ from vllm_omni_plugin.diffusion.fp8 import (CALIBRATION_MARGIN, CALIBRATION_STEP
                                             quantize_fp8_static, static_fp8_linear, static_scales)
 from vllm_omni_plugin.diffusion.workers import PipelineBuilder, launch_engine
 
-torchao = pytest.importorskip("torchao", reason="fp8_static is torchao's static float8 config")
+# scripts/setup_env.sh installs torchao beside the venv (it says why); where that folder exists the
+# import must work (no silent skip in CI).
+TORCHAO_SITE = Path(sys.prefix) / "torchao-site"
+if TORCHAO_SITE.is_dir():
+    sys.path.insert(0, str(TORCHAO_SITE))
+    import torchao  # noqa: E402
+else:
+    torchao = pytest.importorskip("torchao", reason="fp8_static is torchao's static float8 config")
 
 
 def small_calibration(seed: int = 0) -> SamplingParams:
