@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .diffusion.acceleration import DitOptions
+from .diffusion.cuda_graphs import DEFAULT_MAX_GRAPHS
 from .diffusion.engine import EngineConfig, EngineEvent
 from .diffusion.lora import LoraPolicy
 from .diffusion.parallel import ParallelConfig
@@ -71,6 +72,8 @@ class Omni:
                     BAGEL takes {"cfg_degree": 2 or 3} (its CFG branches on different ranks)
     quantization    None (model dtype) or "fp8" (torchao float8 DiT linears)
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
+    cuda_graphs     True: the whole DiT forward replayed as one CUDA graph per shape bucket, at most
+                    `cuda_graph_max` at once (docs/diffusion.md; CUDA GPUs, Qwen-Image family DiTs)
     engine_process  False (default): the engine runs in this process; True: in its own
                     process, as under `vllm serve --omni` (a multi-stage model's DiT stage too)
     loras           {name: path} LoRA adapters to serve (docs/server.md "LoRA adapters"); given
@@ -95,6 +98,8 @@ class Omni:
         parallel: ParallelConfig | Mapping[str, int] | None = None,
         quantization: str | None = None,
         compile: str | None = None,
+        cuda_graphs: bool = False,
+        cuda_graph_max: int = DEFAULT_MAX_GRAPHS,
         engine_process: bool = False,
         loras: Mapping[str, str] | None = None,
         max_loras: int = 4,
@@ -115,12 +120,14 @@ class Omni:
 
         if not isinstance(parallel, ParallelConfig):
             parallel = ParallelConfig.from_dict(parallel)
-        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile)
+        options = DitOptions(parallel=parallel, quantization=quantization, compile=compile, cuda_graphs=cuda_graphs,
+                             cuda_graph_max=cuda_graph_max)
         config = multistage_config(model, stage_config)
         if config is not None:
-            if options.parallel.sp_degree > 1 or options.quantization is not None:
-                raise ValueError("sequence parallelism (ulysses / ring) and quantization apply to diffusers DiT "
-                                 f"models, not to the multi-stage model {model} (its DiT stage takes cfg_degree)")
+            if options.parallel.sp_degree > 1 or options.quantization is not None or options.cuda_graphs:
+                raise ValueError("sequence parallelism (ulysses / ring), quantization and cuda_graphs apply to "
+                                 f"diffusers DiT models, not to the multi-stage model {model} (its DiT stage takes "
+                                 "cfg_degree and compile)")
             if options.multi_stage_values():  # its diffusion stage applies them (StageOrchestrator)
                 config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
             # Multi-stage: AR stage on vLLM, DiT stage on a thread (or in its process); the same
