@@ -51,6 +51,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -213,6 +214,7 @@ class Bench:
             engine.add_request(f"r{i}", self.params(size, steps, prompt=0 if same_prompt else i, seed=i))
         final = engine.run()
         assert all(e.kind == "finished" for e in final.values()), final
+        self.last_images = [np.asarray(final[f"r{i}"].output.images[0], dtype=np.int16) for i in range(n)]
         return engine
 
     def part_throughput(self, mode: str) -> None:
@@ -302,13 +304,19 @@ class Bench:
             print(f"{mode}:graphs: the CUDA-graph variant is skipped: CUDA graphs need a CUDA GPU "
                   f"(this run is on {self.device})", flush=True)
         transformer = self.pipe.transformer
+        without: list = []
         for graphs in variants:
             if graphs:
                 graph_dit(self.ours, self.args.cuda_graph_max)
             try:
                 self.engine_run(n, 3, size=size)  # step 1: first use of the bucket (compiles); step 2 captures
                 t = self.timed(lambda: self.engine_run(n, steps, size=size), repeats=min(3, self.args.repeats))
-                extra = {"graphs": cuda_graphs.stats([transformer])} if graphs else {}
+                extra = {}
+                if graphs:  # same seeds and prompts: how far the graphed images are from the ungraphed ones
+                    diff = max(int(np.abs(a - b).max()) for a, b in zip(self.last_images, without))
+                    extra = {"graphs": cuda_graphs.stats([transformer]), "max_pixel_diff_vs_no_graphs": diff}
+                else:
+                    without = self.last_images
                 self.record(f"{mode}:graphs:{n}:ours{' + CUDA graphs' if graphs else ''}", img_s=round(n / t, 3),
                             s=round(t, 2), **extra)
             finally:
@@ -326,7 +334,8 @@ class Bench:
             mode, _, n, label = key.split(":", 3)
             base = self.results.get(f"{mode}:graphs:{n}:diffusers one-by-one", {}).get("img_s")
             g = r.get("graphs")
-            graphs = f"{g['captured']} / {g['replays']} / {sum(g['fallbacks'].values())}" if g else "-"
+            graphs = (f"{g['captured']} / {g['replays']} / {sum(g['fallbacks'].values())}; max pixel diff vs no "
+                      f"graphs {r['max_pixel_diff_vs_no_graphs']}" if g else "-")
             ratio = f"{r['img_s'] / base:.2f}x" if base else "-"
             print(f"| {mode}: {label} | {r['img_s']} | {r['s']} | {ratio} | {graphs} |")
 

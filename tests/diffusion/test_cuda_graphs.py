@@ -235,3 +235,26 @@ def test_benchmark_smoke(tmp_path):
     assert {"eager:graphs:2:diffusers one-by-one", "eager:graphs:2:ours"} <= set(results)
     assert all(r["img_s"] > 0 for r in results.values())
     assert run.stdout.strip().splitlines()[-1].startswith("| eager: ours |")
+
+
+def test_forwards_with_lora_rows_run_without_graphs(checkpoint, tmp_path):
+    """A batch with an adapter row runs the plain forward (the adapters' row plan is host data, per
+    forward, and a graph would replay the plan of its capture); the same requests equal the ungraphed run."""
+    from vllm_omni_plugin.checkpoints.lora import make_lora
+    from vllm_omni_plugin.diffusion.lora import LoraPolicy
+
+    pipelines = [load_pipeline(checkpoint("qwen-image"), dtype=torch.float32, device="cpu") for _ in range(2)]
+    path = make_lora(pipelines[0].pipe, tmp_path / "a", rank=4, alpha=8, seed=1, magnitude=0.1)
+    for p in pipelines:
+        p.enable_lora(LoraPolicy(allowed_dirs=(str(tmp_path),))).register("a", str(path))
+    plain, graphed = pipelines
+    graph_dit(graphed, max_graphs=2, capture=cuda_graphs.replay_by_call)
+    requests = {"a": req(1, "a red cat", lora=[("a", 1.0)]), "b": req(2, "a blue dog")}
+    ref, out = _engine_latents(plain, requests), _engine_latents(graphed, requests)
+    for rid in requests:
+        assert (out[rid] - ref[rid]).abs().max().item() <= 1e-5, rid
+    stats = cuda_graphs.stats([graphed.pipe.transformer])
+    assert stats["fallbacks"] == {"lora": 4} and stats["captured"] == 0, stats
+    without = _engine_latents(graphed, {"b": req(2, "a blue dog")})  # no adapter row: graphs again
+    assert cuda_graphs.stats([graphed.pipe.transformer])["replays"] == 3
+    assert (without["b"] - _engine_latents(plain, {"b": req(2, "a blue dog")})["b"]).abs().max().item() <= 1e-5
