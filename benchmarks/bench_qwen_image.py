@@ -24,12 +24,19 @@ Measured (median of timed repeats after warm-up, CUDA-synchronized):
               all (`prepare_many`) vs one `prepare` per request
   profile     (compiled) ms per engine step of N concurrent requests, same vs
               distinct prompts, and the top CUDA kernels of one step
+  graphs      --graph-concurrency (8) concurrent 512x512 distinct-prompt requests
+              (20 steps) through our engine with and without whole-transformer
+              CUDA graphs (dit_options cuda_graphs), next to diffusers one
+              request at a time, in each mode (eager / regional compile); a
+              table of these is printed last. On CPU the graph variants are
+              skipped with the reason printed (the rest runs as a smoke test).
 Each part runs eager, then again after `transformer.compile_repeated_blocks`
 (regional torch.compile, shared by diffusers and our engine: same module).
 `--parts` takes part names (every mode) or MODE:PART (that mode only).
 
     python benchmarks/bench_qwen_image.py --out results.json
     python benchmarks/bench_qwen_image.py --preset tiny --device cpu   # smoke test
+    python benchmarks/bench_qwen_image.py --parts graphs --out graphs.json  # 8 x 512^2: graphs vs not
 
 A table is printed last; results go to --out as JSON after every measurement.
 """
@@ -44,11 +51,14 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_omni_plugin.families.qwen_image.checkpoint import build_in_memory  # noqa: E402
+from vllm_omni_plugin.diffusion import cuda_graphs  # noqa: E402
+from vllm_omni_plugin.diffusion.acceleration import graph_dit  # noqa: E402
 from vllm_omni_plugin.diffusion import DiffusionEngine, EngineConfig, SamplingParams  # noqa: E402
 from vllm_omni_plugin.families.qwen_image.pipeline import QwenImageStepwise  # noqa: E402
 
@@ -197,13 +207,14 @@ class Bench:
             t = self.timed(ours)
             self.record(f"{mode}:e2e:{size}:ours", s=round(t, 2), steps=steps)
 
-    def engine_run(self, n: int, steps: int, same_prompt: bool = False) -> DiffusionEngine:
+    def engine_run(self, n: int, steps: int, same_prompt: bool = False, size: int = 512) -> DiffusionEngine:
         self.ours.clear_prompt_cache()  # a timed run encodes its prompts, as diffusers does
         engine = DiffusionEngine(self.ours, EngineConfig(max_batch_tokens=1 << 20))
         for i in range(n):
-            engine.add_request(f"r{i}", self.params(512, steps, prompt=0 if same_prompt else i, seed=i))
+            engine.add_request(f"r{i}", self.params(size, steps, prompt=0 if same_prompt else i, seed=i))
         final = engine.run()
         assert all(e.kind == "finished" for e in final.values()), final
+        self.last_images = [np.asarray(final[f"r{i}"].output.images[0], dtype=np.int16) for i in range(n)]
         return engine
 
     def part_throughput(self, mode: str) -> None:
@@ -280,6 +291,54 @@ class Bench:
                         gpu_busy_ms=round(total / 1e3, 1), top_kernels_pct=kernels)
             engine.run()
 
+    def part_graphs(self, mode: str) -> None:
+        """N concurrent requests of --graph-size (512): our engine without / with CUDA graphs, diffusers one by one."""
+        n, steps, size = self.args.graph_concurrency, self.args.tp_steps, self.args.graph_size
+        self.diffusers_call(size, 2)  # compiles / initialises diffusers' shapes (not timed)
+        single = self.timed(lambda: self.diffusers_call(size, steps))
+        self.record(f"{mode}:graphs:{n}:diffusers one-by-one", img_s=round(1 / single, 3), s=round(single * n, 2))
+        variants = [False]
+        if self.device.type == "cuda":
+            variants.append(True)
+        else:
+            print(f"{mode}:graphs: the CUDA-graph variant is skipped: CUDA graphs need a CUDA GPU "
+                  f"(this run is on {self.device})", flush=True)
+        transformer = self.pipe.transformer
+        without: list = []
+        for graphs in variants:
+            if graphs:
+                graph_dit(self.ours, self.args.cuda_graph_max)
+            try:
+                self.engine_run(n, 3, size=size)  # step 1: first use of the bucket (compiles); step 2 captures
+                t = self.timed(lambda: self.engine_run(n, steps, size=size), repeats=min(3, self.args.repeats))
+                extra = {}
+                if graphs:  # same seeds and prompts: how far the graphed images are from the ungraphed ones
+                    diff = max(int(np.abs(a - b).max()) for a, b in zip(self.last_images, without))
+                    extra = {"graphs": cuda_graphs.stats([transformer]), "max_pixel_diff_vs_no_graphs": diff}
+                else:
+                    without = self.last_images
+                self.record(f"{mode}:graphs:{n}:ours{' + CUDA graphs' if graphs else ''}", img_s=round(n / t, 3),
+                            s=round(t, 2), **extra)
+            finally:
+                cuda_graphs.uninstall(transformer)
+
+    def graphs_table(self) -> None:
+        rows = {k: r for k, r in self.results.items() if ":graphs:" in k and not k.endswith("error")}
+        if not rows:
+            return
+        size = self.args.graph_size
+        print(f"\n| {self.args.graph_concurrency} x {size}x{size}, {self.args.tp_steps} steps | img/s | s | "
+              "vs diffusers one-by-one (same mode) | graphs captured / replays / fallbacks |")
+        print("|---|---|---|---|---|")
+        for key, r in rows.items():
+            mode, _, n, label = key.split(":", 3)
+            base = self.results.get(f"{mode}:graphs:{n}:diffusers one-by-one", {}).get("img_s")
+            g = r.get("graphs")
+            graphs = (f"{g['captured']} / {g['replays']} / {sum(g['fallbacks'].values())}; max pixel diff vs no "
+                      f"graphs {r['max_pixel_diff_vs_no_graphs']}" if g else "-")
+            ratio = f"{r['img_s'] / base:.2f}x" if base else "-"
+            print(f"| {mode}: {label} | {r['img_s']} | {r['s']} | {ratio} | {graphs} |")
+
     def wants(self, mode: str, part: str) -> bool:
         return part in self.args.parts or f"{mode}:{part}" in self.args.parts
 
@@ -294,12 +353,14 @@ class Bench:
                 self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
                 self.record("compiled:setup", s=round(time.perf_counter() - t0, 1))
             for part, fn in (("throughput", self.part_throughput), ("prep", self.part_prep),
-                             ("e2e", self.part_e2e), ("step", self.part_step), ("profile", self.part_profile)):
+                             ("e2e", self.part_e2e), ("step", self.part_step), ("profile", self.part_profile),
+                             ("graphs", self.part_graphs)):
                 if self.wants(mode, part):
                     self.guarded(f"{mode}:{part}", lambda: fn(mode))
         if self.device.type == "cuda":
             self.meta["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         self.table()
+        self.graphs_table()
 
     def table(self) -> None:
         print("\n| measurement | eager | compiled |")
@@ -325,7 +386,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--parts", nargs="+", default=["throughput", "prep", "e2e", "step", "compiled:profile"],
-                    help="PART or MODE:PART; parts: throughput prep e2e step profile")
+                    help="PART or MODE:PART; parts: throughput prep e2e step profile graphs")
     ap.add_argument("--step-sizes", nargs="+", type=int, default=[512, 1024])
     ap.add_argument("--e2e-sizes", nargs="+", type=int, default=[1024])
     ap.add_argument("--e2e-steps", type=int, default=50)
@@ -334,6 +395,10 @@ def main() -> None:
     ap.add_argument("--list-concurrency", nargs="*", type=int, default=[8],
                     help="concurrency levels at which diffusers' distinct-prompt list call is measured")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--graph-concurrency", type=int, default=8, help="the graphs part: concurrent requests")
+    ap.add_argument("--graph-size", type=int, default=512, help="the graphs part: image size (CPU smoke: 64)")
+    ap.add_argument("--cuda-graph-max", type=int, default=cuda_graphs.DEFAULT_MAX_GRAPHS,
+                    help="the graphs part: dit_options cuda_graph_max")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining parts after this many seconds")
     ap.add_argument("--out", default=None)
     Bench(ap.parse_args()).run()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from host_sync import SyncRecorder
 
 from vllm_omni_plugin.diffusion import DiffusionEngine, SamplingParams
 from vllm_omni_plugin.diffusion.acceleration import DitOptions, apply_dit_options
@@ -200,23 +201,6 @@ def test_attention_mode_option(pipe):
         DitOptions.from_dict({"attention_mode": "masked"})
 
 
-# Ops that make the host wait for a device value (or whose output size depends on one).
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.masked_select", "aten.equal",
-            "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor", "aten.item")
-
-
-class _SyncRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith(SYNC_OPS):
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("batch_cfg,mode", [(True, "auto"), (False, "auto"), (True, "padded"), (True, "per_row"),
                                             (True, "varlen")])
 def test_no_host_sync_inside_a_step(pipe, batch_cfg, mode):
@@ -231,12 +215,12 @@ def test_no_host_sync_inside_a_step(pipe, batch_cfg, mode):
                                                     width=32, seed=2, num_inference_steps=4,
                                                     extra={"timestep_shift": 1.0})})
         for step in range(3):  # the first step builds the batch layout, the last runs without CFG for "b"
-            with _SyncRecorder() as rec:
+            with SyncRecorder() as rec:
                 preds = pipe.denoise_step(states)
                 pipe.scheduler_step(states, preds)
             assert rec.seen == [], (step, rec.seen)
         # the recorder sees what it should: one .item() is one _local_scalar_dense
-        with _SyncRecorder() as rec:
+        with SyncRecorder() as rec:
             states[0].latents.sum().item()
         assert rec.seen == ["aten._local_scalar_dense.default"]
     finally:

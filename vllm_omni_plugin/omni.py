@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .diffusion.acceleration import DitOptions
+from .diffusion.cuda_graphs import DEFAULT_MAX_GRAPHS
 from .diffusion.engine import EngineConfig, EngineEvent
 from .diffusion.lora import LoraPolicy
 from .diffusion.parallel import ParallelConfig
@@ -75,6 +76,8 @@ class Omni:
     compile         None or "regional" (torch.compile of the DiT blocks; multi-stage BAGEL: its MoT layer)
     attention_mode  multi-stage BAGEL: how its batched CFG rows attend ("auto", "padded", "per_row",
                     "varlen"; docs/bagel.md "The DiT step")
+    cuda_graphs     True: the whole DiT forward replayed as one CUDA graph per shape bucket, at most
+                    `cuda_graph_max` at once (docs/diffusion.md; CUDA GPUs, Qwen-Image family DiTs)
     engine_process  False (default): the engine runs in this process; True: in its own
                     process, as under `vllm serve --omni` (a multi-stage model's DiT stage too)
     loras           {name: path} LoRA adapters to serve (docs/server.md "LoRA adapters"); given
@@ -100,6 +103,8 @@ class Omni:
         quantization: str | None = None,
         compile: str | None = None,
         attention_mode: str = "auto",
+        cuda_graphs: bool = False,
+        cuda_graph_max: int = DEFAULT_MAX_GRAPHS,
         engine_process: bool = False,
         loras: Mapping[str, str] | None = None,
         max_loras: int = 4,
@@ -121,12 +126,13 @@ class Omni:
         if not isinstance(parallel, ParallelConfig):
             parallel = ParallelConfig.from_dict(parallel)
         options = DitOptions(parallel=parallel, quantization=quantization, compile=compile,
-                             attention_mode=attention_mode)
+                             attention_mode=attention_mode, cuda_graphs=cuda_graphs, cuda_graph_max=cuda_graph_max)
         config = multistage_config(model, stage_config)
         if config is not None:
-            if options.parallel.sp_degree > 1 or options.quantization is not None:
-                raise ValueError("sequence parallelism (ulysses / ring) and quantization apply to diffusers DiT "
-                                 f"models, not to the multi-stage model {model} (its DiT stage takes cfg_degree)")
+            if options.parallel.sp_degree > 1 or options.quantization is not None or options.cuda_graphs:
+                raise ValueError("sequence parallelism (ulysses / ring), quantization and cuda_graphs apply to "
+                                 f"diffusers DiT models, not to the multi-stage model {model} (its DiT stage takes "
+                                 "cfg_degree and compile)")
             if options.multi_stage_values():  # its diffusion stage applies them (StageOrchestrator)
                 config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
             # Multi-stage: AR stage on vLLM, DiT stage on a thread (or in its process); the same

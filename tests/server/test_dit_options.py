@@ -112,3 +112,30 @@ def test_fp8_static_on_every_entry_point(checkpoint, tmp_path):
     assert config.dit_options == DitOptions(parallel=ParallelConfig(cfg_degree=2), quantization="fp8_static")
     with pytest.raises(ValueError, match="quantization apply to diffusers DiT models, not to the multi-stage"):
         Omni(str(checkpoint("bagel")), quantization="fp8_static")
+
+
+def test_cuda_graph_options_on_every_entry_point(checkpoint, tmp_path):
+    """--omni-dit-cuda-graphs / --omni-dit-cuda-graph-max over the stage config's dit_options; Omni(...) on
+    CPU refuses them with a ValueError naming the device; multi-stage models refuse them."""
+    from vllm_omni_plugin import Omni
+    from vllm_omni_plugin.server.flags import parse_args
+    from vllm_omni_plugin.server.config import ConfigError, OmniServerConfig
+
+    model = str(checkpoint("qwen-image"))
+    path = tmp_path / "stages.yaml"
+    path.write_text(STAGES.replace("{cfg_degree: 2, quantization: fp8}", "{cuda_graphs: true, cuda_graph_max: 3}"))
+    config = OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(path)]))
+    assert config.dit_options == DitOptions(cuda_graphs=True, cuda_graph_max=3)
+    config = OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(path),
+                                                    "--omni-dit-cuda-graph-max", "5"]))
+    assert config.dit_options == DitOptions(cuda_graphs=True, cuda_graph_max=5)
+    config = OmniServerConfig.from_args(parse_args([model, "--omni-dit-cuda-graphs"]))
+    assert config.dit_options == DitOptions(cuda_graphs=True)
+    with pytest.raises(ConfigError, match="--omni-dit-cuda-graph-max.*cuda_graph_max must be a positive integer"):
+        OmniServerConfig.from_args(parse_args([model, "--omni-dit-cuda-graphs", "--omni-dit-cuda-graph-max", "0"]))
+    with pytest.raises(ConfigError, match="--omni-dit-cuda-graphs.*not multi-stage"):
+        OmniServerConfig.from_args(parse_args([str(checkpoint("bagel")), "--omni-dit-cuda-graphs"]))
+    with pytest.raises(ValueError, match="cuda_graphs needs the DiT on a CUDA GPU; it is on cpu"):
+        Omni(model, dtype="float32", device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs apply to diffusers DiT models"):
+        Omni(str(checkpoint("bagel")), device="cpu", cuda_graphs=True)

@@ -1,4 +1,4 @@
-"""DiT acceleration options of one engine: multi-GPU layout, fp8 linears (fp8.py), compile.
+"""DiT acceleration options of one engine: multi-GPU layout, fp8 linears (fp8.py), compile, CUDA graphs.
 
 These are deployment settings (same for every request), so they live here and in
 the stage config / `Omni(...)` / `vllm serve --omni` flags. Step caching is a
@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
+from . import cuda_graphs
+from .cuda_graphs import DEFAULT_MAX_GRAPHS
 from .fp8 import calibrate_and_quantize_fp8_static, quantize_fp8
 from .parallel import ParallelConfig
 
@@ -22,7 +24,8 @@ QUANTIZATIONS = ("fp8", "fp8_static")
 #: `compile_repeated_blocks`). A "cudagraphs" mode (the same with
 #: mode="reduce-overhead") was removed after its H200 run: torch's CUDA-graph
 #: trees overwrite one block's output with the next block's replay (all blocks
-#: are one compiled function), so the first step failed (docs/benchmarks.md).
+#: are one compiled function), so the first step failed (docs/benchmarks.md). Its
+#: successor is the `cuda_graphs` option: one graph of the whole forward (cuda_graphs.py).
 COMPILE_MODES = ("regional",)
 #: how batched rows attend to contexts of different lengths (BAGEL's DiT: docs/bagel.md, "The DiT
 #: step"): "auto" picks per batch, "padded" (right-padded + mask), "per_row" (one SDPA per row),
@@ -38,13 +41,17 @@ class DitOptions:
     """parallel: CFG / Ulysses / ring degrees; quantization: None (model dtype) or one of QUANTIZATIONS;
     compile: None (eager) or "regional" (see COMPILE_MODES); cfg_batch: True (default) runs
     a step's CFG branches in one forward, False one forward per branch (the pipeline's
-    `batch_cfg`); attention_mode: ATTENTION_MODES (a multi-stage model's DiT only: BAGEL's)."""
+    `batch_cfg`); attention_mode: ATTENTION_MODES (a multi-stage model's DiT only: BAGEL's);
+    cuda_graphs: replay the whole transformer forward as one CUDA graph per shape bucket, at
+    most `cuda_graph_max` graphs at once (diffusion/cuda_graphs.py)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: str | None = None
     compile: str | None = None
     cfg_batch: bool = True
     attention_mode: str = "auto"
+    cuda_graphs: bool = False
+    cuda_graph_max: int = DEFAULT_MAX_GRAPHS
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -55,6 +62,14 @@ class DitOptions:
             raise ValueError(f"cfg_batch must be true or false, got {self.cfg_batch!r}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        max_graphs = self.cuda_graph_max
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f"cuda_graph_max must be a positive integer, got {max_graphs!r}")
+        if self.cuda_graphs and self.parallel.sp_degree > 1:
+            raise ValueError("cuda_graphs cannot be combined with sequence parallelism (ulysses / ring): "
+                             "diffusers' all-to-all exchanges sequence lengths on the host inside the forward")
 
     def multi_stage_values(self) -> dict[str, Any]:
         """The MULTI_STAGE_OPTIONS that differ from the defaults, as stage-config `dit_options`."""
@@ -66,19 +81,22 @@ class DitOptions:
         p = self.parallel
         return {"cfg_degree": p.cfg_degree, "ulysses_degree": p.ulysses_degree, "ring_degree": p.ring_degree,
                 "quantization": self.quantization, "compile": self.compile, "cfg_batch": self.cfg_batch,
-                "attention_mode": self.attention_mode}
+                "attention_mode": self.attention_mode, "cuda_graphs": self.cuda_graphs,
+                "cuda_graph_max": self.cuda_graph_max}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "DitOptions":
         """{"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1, "quantization": "fp8", "compile": "regional",
-        "cfg_batch": true, "attention_mode": "varlen"}."""
+        "cfg_batch": true, "attention_mode": "varlen", "cuda_graphs": true, "cuda_graph_max": 8}."""
         values = dict(values or {})
         quantization = values.pop("quantization", None)
         compile_mode = values.pop("compile", None)
         cfg_batch = values.pop("cfg_batch", True)
         attention_mode = values.pop("attention_mode", "auto")
+        graphs = values.pop("cuda_graphs", False)
+        max_graphs = values.pop("cuda_graph_max", DEFAULT_MAX_GRAPHS)
         return cls(parallel=ParallelConfig.from_dict(values), quantization=quantization, compile=compile_mode,
-                   cfg_batch=cfg_batch, attention_mode=attention_mode)
+                   cfg_batch=cfg_batch, attention_mode=attention_mode, cuda_graphs=graphs, cuda_graph_max=max_graphs)
 
 
 def compile_dit(transformer: torch.nn.Module, mode: str, sequence_parallel: bool = False) -> None:
@@ -111,7 +129,8 @@ def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
-    """Apply the model-level options to a loaded pipeline's transformer(s): fp8 (either form), then compile.
+    """Apply the model-level options to a loaded pipeline's transformer(s): fp8 (either form), compile,
+    then CUDA graphs.
 
     A pipeline with its own `apply_dit_options(options)` (a DiT that is not a diffusers
     `transformer`, e.g. a functional MoT) applies them itself.
@@ -125,10 +144,15 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
     if options.attention_mode != "auto":  # diffusers' DiTs attend through diffusers' processors
         raise ValueError(f"attention_mode {options.attention_mode!r}: only BAGEL's DiT stage takes attention_mode; "
                          f"{type(pipeline.pipe).__name__} attends through diffusers")
-    if options.quantization is None and options.compile is None:
+    if options.quantization is None and options.compile is None and not options.cuda_graphs:
         return
     if not dit_modules(pipeline):
-        raise ValueError(f"{type(pipeline.pipe).__name__} has no DiT (`transformer`) for quantization / compile")
+        raise ValueError(f"{type(pipeline.pipe).__name__} has no DiT (`transformer`) for quantization / compile / "
+                         "cuda_graphs")
+    if options.cuda_graphs:  # refused before anything is changed (fp8_static's calibration included)
+        devices = {next(m.parameters()).device for m in dit_modules(pipeline)}
+        if any(d.type != "cuda" for d in devices):
+            raise ValueError(f"cuda_graphs needs the DiT on a CUDA GPU; it is on {', '.join(map(str, devices))}")
     if options.quantization == "fp8_static":
         # before compile (calibration runs the eager bf16 DiT) and before the ranks join (each
         # rank calibrates alone on the same request: fp8.py)
@@ -138,6 +162,24 @@ def apply_dit_options(pipeline: Any, options: DitOptions) -> None:
             quantize_fp8(transformer)
         if options.compile is not None:
             compile_dit(transformer, options.compile, sequence_parallel=options.parallel.sp_degree > 1)
+    if options.cuda_graphs:
+        graph_dit(pipeline, options.cuda_graph_max)
+
+
+def graph_dit(pipeline: Any, max_graphs: int, capture: cuda_graphs.Capture = cuda_graphs.capture_cuda_graph) -> None:
+    """Route the pipeline's DiT forward(s) through CUDA graphs (`cuda_graphs.install`).
+
+    Only pipelines that declare `supports_cuda_graphs` (their forward was checked for host
+    data and syncs; `check_capturable(transformer)` refuses or fixes what a capture cannot take).
+    `capture` is the one thing the CPU tests change (cuda_graphs.replay_by_call).
+    """
+    if not getattr(pipeline, "supports_cuda_graphs", False):
+        raise ValueError(f"cuda_graphs is not supported by {getattr(pipeline, 'family', type(pipeline).__name__)} "
+                         "(its DiT forward has not been checked for host syncs)")
+    for transformer in dit_modules(pipeline):
+        pipeline.check_capturable(transformer)
+    for transformer in dit_modules(pipeline):
+        cuda_graphs.install(transformer, max_graphs, capture)
 
 
 def dit_modules(pipeline: Any) -> list[torch.nn.Module]:

@@ -13,6 +13,7 @@ loop: the engine runs the same three calls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import uuid
@@ -21,6 +22,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
+from . import cuda_graphs
 from .capabilities import Capabilities, InvalidParams, UnsupportedField
 from .lora import LoraError, LoraPolicy, LoraSet, normalise_request
 from .output import DiffusionOutput
@@ -358,8 +360,10 @@ class StepwisePipeline(DiffusionPipelineBase):
         for group in self.group_blocks(mine):
             if self.loras is None:
                 result = forward(group)
-            else:  # which rows use which adapters (a request's CFG rows use its adapters, as in diffusers)
-                with self.loras.rows([(s.params.lora, s.rows) for s, _ in group]):
+            else:  # which rows use which adapters (a request's CFG rows use its adapters, as in diffusers);
+                # CUDA graphs off while any row has one: the adapters' row plan is host data, per forward
+                graphs = cuda_graphs.off("lora") if any(s.params.lora for s, _ in group) else contextlib.nullcontext()
+                with graphs, self.loras.rows([(s.params.lora, s.rows) for s, _ in group]):
                     result = forward(group)
             for (s, b), chunk in zip(group, result.split([s.rows for s, _ in group])):
                 outs[(id(s), b)] = chunk

@@ -148,6 +148,8 @@ _DIT_FLAGS = {
     "quantization": "omni_dit_quantization",
     "compile": "omni_dit_compile",
     "attention_mode": "omni_dit_attention_mode",
+    "cuda_graphs": "omni_dit_cuda_graphs",
+    "cuda_graph_max": "omni_dit_cuda_graph_max",
 }
 
 
@@ -161,8 +163,8 @@ def _dit_options(args: argparse.Namespace, from_stage: dict[str, Any], multi_sta
                           "checkpoint attends through diffusers")
     if unsupported and multi_stage:
         given = ", ".join(f"--{_DIT_FLAGS[k].replace('_', '-')}" if k in _DIT_FLAGS else k for k in unsupported)
-        raise ConfigError(f"{given}: sequence parallelism / fp8 apply to diffusers checkpoints, not multi-stage ones "
-                          f"(their diffusion stage takes {', '.join(sorted(MULTI_STAGE_OPTIONS))})")
+        raise ConfigError(f"{given}: sequence parallelism / fp8 / CUDA graphs apply to diffusers checkpoints, "
+                          f"not multi-stage ones (their diffusion stage takes {', '.join(sorted(MULTI_STAGE_OPTIONS))})")
     try:
         return DitOptions.from_dict(values)
     except ValueError as e:

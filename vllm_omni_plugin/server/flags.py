@@ -113,6 +113,13 @@ def add_omni_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="BAGEL's DiT: how the batched CFG rows attend to contexts of different lengths "
                        "(auto: per batch; padded: right-padded + mask; per_row: one SDPA per row; varlen: packed, "
                        "torch's varlen_attn on CUDA). docs/bagel.md, \"The DiT step\".")
+    group.add_argument("--omni-dit-cuda-graphs", action="store_true", default=None,
+                       help="Replay the whole DiT forward as one CUDA graph per (rows, tokens) bucket (small "
+                       "requests are launch-bound); captured on a bucket's second use. CUDA GPUs, diffusers "
+                       "Qwen-Image DiTs.")
+    group.add_argument("--omni-dit-cuda-graph-max", type=int, default=None, metavar="N",
+                       help="--omni-dit-cuda-graphs: most graphs kept at once (the least recently used one is "
+                       "released). Default: 8.")
     group.add_argument(
         "--omni-lora", action="append", default=[], metavar="NAME=PATH",
         help="A LoRA adapter (diffusers-format .safetensors, as pipeline.load_lora_weights reads it) served under "

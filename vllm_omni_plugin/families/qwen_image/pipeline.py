@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...diffusion.capabilities import Capabilities, InvalidParams, Knob
-from ...diffusion import step_cache
+from ...diffusion import cuda_graphs, step_cache
 from ...diffusion.interface import StepwisePipeline, preview_latents, resize_previews
 from ...diffusion.parallel import sequence_shard
 from ...diffusion.output import DiffusionOutput
@@ -74,6 +74,8 @@ class QwenImageStepwise(StepwisePipeline):
     family = "qwen-image"
     capabilities = Capabilities(output="image", fields=QWEN_FIELDS, partial_images=True)
     supports_step_cache = True
+    #: dit_options cuda_graphs: the forward was checked for host data and syncs (graphs.py)
+    supports_cuda_graphs = True
 
     def __init__(self, pipe: Any, model_id: str = "", batch_cfg: bool = True) -> None:
         super().__init__(pipe, model_id, batch_cfg)
@@ -289,8 +291,15 @@ class QwenImageStepwise(StepwisePipeline):
                 **({"additional_t_cond": torch.cat(t_cond)} if t_cond else {}),
             )[0]
 
+    def check_capturable(self, transformer: Any) -> None:
+        """Refuse a DiT whose forward a CUDA graph cannot capture; fix what can be fixed (graphs.py)."""
+        from .graphs import check_capturable
+
+        check_capturable(transformer)
+
     def _step_cache(self, blocks: list[tuple[DiffusionState, int]]) -> Any:
-        """A context that switches step caching on for this forward when one of its requests asked for it."""
+        """A context that switches step caching on for this forward when one of its requests asked for it
+        (and CUDA graphs off: a cached forward's row plan is decided on the host, per forward)."""
         if all(s.params.cache_threshold is None for s, _ in blocks):
             return contextlib.nullcontext()
         cached = step_cache.install(self.pipe.transformer)
@@ -308,7 +317,10 @@ class QwenImageStepwise(StepwisePipeline):
             agree=self.parallel.all_agree if sp else None,
             shard=functools.partial(sequence_shard, transformer) if sp else None,
         )
-        return step_cache.active(cached, ctx)
+        stack = contextlib.ExitStack()
+        stack.enter_context(cuda_graphs.off("step cache"))
+        stack.enter_context(step_cache.active(cached, ctx))
+        return stack
 
     # ---- decode -------------------------------------------------------------------
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
