@@ -2,8 +2,8 @@
 
 At most one server runs at a time (2 CPU cores): `omni_server(family)`
 returns the running server when it serves that family, otherwise stops it
-and starts the one asked for. Test files are ordered so that each family
-starts once per session (edits, then qwen-image, then videos).
+and starts the one asked for. The test files run in an order that starts each
+configuration as few times as possible (order.py; pytest_collection_modifyitems below).
 """
 
 from __future__ import annotations
@@ -185,6 +185,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
             pass
         time.sleep(0.3)
     return False
+
+
+def pytest_collection_modifyitems(config, items):
+    from .order import reorder
+
+    reorder(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")
