@@ -2,15 +2,14 @@
 
 At most one server runs at a time (2 CPU cores): `omni_server(family)`
 returns the running server when it serves that family, otherwise stops it
-and starts the one asked for. Test files are ordered so that each family
-starts once per session (edits, then qwen-image, then videos).
+and starts the one asked for. The test files run in an order that starts each
+configuration as few times as possible (order.py; pytest_collection_modifyitems below).
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -130,14 +129,39 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        """Kill the server and every process under it (its engines, their workers). A graceful
+        SIGINT shutdown costs each process its interpreter teardown (~5 s of CPU per server, 10-15 s
+        on a loaded box) and no test looks at it: the tests of a server's or an engine's end make
+        it happen themselves (test_bagel_stage_kill.py, test_engine_process.py, test_omni_lifecycle.py)."""
+        import psutil
 
+        if self.proc.poll() is not None:
+            return
+        try:  # the whole tree first: killed, the server's children would be re-parented out of reach
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:  # the server first: it starts no new engine after this
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
+        deadline = time.monotonic() + 30  # (not psutil.wait_procs: it waits for an orphan zombie to be reaped)
+        while any(_running(p) for p in tree[1:]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+
+def _running(p) -> bool:
+    """`p` (a psutil.Process) runs: it exists and is not a zombie."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def start_server(family: str, model: Path | str, workdir: Path, extra_args: list[str], use_omni_cli: bool = False,
@@ -185,6 +209,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
             pass
         time.sleep(0.3)
     return False
+
+
+def pytest_collection_modifyitems(config, items):
+    from .order import reorder
+
+    reorder(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ to the AR server) equal the colocated `vllm serve --omni` server's images byte f
 server of another checkpoint is refused naming both; an AR server killed mid-request is a 503
 naming its URL and the DiT server keeps serving.
 
-Named to run just before test_glm_image_server.py: both use the session's colocated GLM-Image
-server (the deterministic-AR checkpoint), started once."""
+This file and test_glm_image_server.py use the session's colocated GLM-Image server (the
+deterministic-AR checkpoint), started once: order.py runs the files of one server one after the other."""
 
 from __future__ import annotations
 
