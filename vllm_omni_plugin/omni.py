@@ -130,9 +130,9 @@ class Omni:
         config = multistage_config(model, stage_config)
         if config is not None:
             if options.parallel.sp_degree > 1 or options.quantization is not None or options.cuda_graphs:
-                raise ValueError("sequence parallelism (ulysses / ring), quantization and cuda_graphs apply to "
-                                 f"diffusers DiT models, not to the multi-stage model {model} (its DiT stage takes "
-                                 "cfg_degree and compile)")
+                raise ValueError("sequence parallelism (ulysses / ring), quantization and cuda_graphs: these "
+                                 f"apply to diffusers DiT models, not to the multi-stage model {model} (its DiT stage "
+                                 "takes cfg_degree, compile, cfg_batch and attention_mode)")
             if options.multi_stage_values():  # its diffusion stage applies them (StageOrchestrator)
                 config = with_dit_options(config, {**config.final_stage.dit_options, **options.multi_stage_values()})
             # Multi-stage: AR stage on vLLM, DiT stage on a thread (or in its process); the same

@@ -110,7 +110,7 @@ def test_fp8_static_on_every_entry_point(checkpoint, tmp_path):
     path.write_text(STAGES.replace("quantization: fp8", "quantization: fp8_static"))
     config = OmniServerConfig.from_args(parse_args([model, "--stage-configs-path", str(path)]))
     assert config.dit_options == DitOptions(parallel=ParallelConfig(cfg_degree=2), quantization="fp8_static")
-    with pytest.raises(ValueError, match="quantization apply to diffusers DiT models, not to the multi-stage"):
+    with pytest.raises(ValueError, match="cuda_graphs: these apply to diffusers DiT models, not to the multi-stage"):
         Omni(str(checkpoint("bagel")), quantization="fp8_static")
 
 
@@ -137,5 +137,5 @@ def test_cuda_graph_options_on_every_entry_point(checkpoint, tmp_path):
         OmniServerConfig.from_args(parse_args([str(checkpoint("bagel")), "--omni-dit-cuda-graphs"]))
     with pytest.raises(ValueError, match="cuda_graphs needs the DiT on a CUDA GPU; it is on cpu"):
         Omni(model, dtype="float32", device="cpu", cuda_graphs=True)
-    with pytest.raises(ValueError, match="cuda_graphs apply to diffusers DiT models"):
+    with pytest.raises(ValueError, match="quantization and cuda_graphs: these apply to diffusers DiT models"):
         Omni(str(checkpoint("bagel")), device="cpu", cuda_graphs=True)
