@@ -161,3 +161,29 @@ def test_engine_option_calibrates_at_load_and_is_reproducible(checkpoint):
     first = engine.pipeline.generate(req()).latents
     engine.pipeline.generate(req(seed=9, steps=2))
     assert torch.equal(engine.pipeline.generate(req()).latents, first)
+
+
+def test_benchmark_smoke(tmp_path):
+    """bench_dit_scaling.py's fp8 forms on CPU (the GPU command is in benchmarks/README.md): dynamic fp8 is
+    skipped with its reason, fp8_static runs and reports its step ratio, max latent error and PSNR next to
+    bf16 on the same seed, and the table comes last."""
+    import json
+    import os
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dit_scaling.py"
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(TORCHAO_SITE), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(bench), "--suite", "single", "--preset", "tiny", "--device", "cpu",
+                          "--eager", "--size", "64", "--steps", "2", "--only", "fp8", "fp8_static", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["fp8"]["result"] == "SKIPPED" and "CUDA GPU" in results["fp8"]["note"]
+    assert not any(r["result"] == "FAILED" for r in results.values()), results
+    step = results["64px DiT step (CFG), fp8_static"]
+    request = results["64px 2 steps, fp8_static, 1 GPU"]
+    assert step["ratio_vs_bf16"] > 0 and step["step_ms"] > 0
+    # float8 weights and activations on the tiny DiT: close to bf16, not equal to it
+    assert 0 < request["max_latent_err"] < 1 and 30 < request["psnr_db"] < 100
+    assert run.stdout.strip().splitlines()[-1].startswith("| 64px 2 steps, fp8_static")
