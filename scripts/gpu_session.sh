@@ -16,6 +16,7 @@
 # possible (host memory: loading is not disk-bound, and files survive between calls while the
 # machine stays warm), else /tmp. Logs and JSON reports go to $OUT when the device tool sets it.
 set -uo pipefail
+CALLER_DIR=$PWD  # `piece` paths are relative to where the device tool runs the call, not to this checkout
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omni-out}
 mkdir -p "$OUT"
@@ -40,7 +41,7 @@ wait_early() {
 
 case "${1:-}" in
   piece)
-    shift; mkdir -p /tmp/gpu-pieces && mv "$@" /tmp/gpu-pieces/ && ls /tmp/gpu-pieces | wc -l ;;
+    shift; mkdir -p /tmp/gpu-pieces && (cd "$CALLER_DIR" && mv "$@" /tmp/gpu-pieces/) && ls /tmp/gpu-pieces | wc -l ;;
   early-ckpt)
     # diffusers (pure python, in the first piece: the tar holds the smallest wheels first) beside the
     # box's own torch/transformers is all `vllm_omni_plugin.checkpoints` needs (it never imports vLLM).
